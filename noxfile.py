@@ -1,0 +1,69 @@
+"""peftlab's sessions. `nox -s tests` is what CI runs; `nox -s sweep` is the main job.
+
+Torch is installed first, by an environment switch, so that pip never pulls a CUDA build of
+several GB onto a CPU machine:
+    PEFTLAB_TORCH=cpu   (default) torch==2.13.0, taken from the local CPU wheel where the machine
+                        has one; elsewhere add PEFTLAB_TORCH_INDEX=https://download.pytorch.org/whl/cpu
+    PEFTLAB_TORCH=cuda  torch==2.13.0 from PyPI (a CUDA build on Linux), or from PEFTLAB_TORCH_INDEX
+    PEFTLAB_TORCH=skip  use the torch already installed in the environment (with --no-venv)
+"""
+
+import os
+
+import nox
+
+nox.options.sessions = ["tests"]
+nox.options.reuse_venv = "yes"
+
+TORCH_VERSION = "2.13.0"
+EXAMPLE_PLUGIN = "tests/fixtures/peftlab-example-plugin"
+
+
+def install_torch(session: nox.Session) -> None:
+    mode = os.environ.get("PEFTLAB_TORCH", "cpu")
+    index = os.environ.get("PEFTLAB_TORCH_INDEX")
+    args = [f"torch=={TORCH_VERSION}"] + (["--index-url", index] if index else [])
+    if mode == "cpu":
+        session.install(*args)
+    elif mode == "cuda":
+        # ignore machine-wide pip config (a local CPU wheel folder) so the CUDA build is chosen
+        session.install(*args, env={"PIP_CONFIG_FILE": os.devnull})
+    elif mode != "skip":
+        session.error(f"PEFTLAB_TORCH={mode!r} is not allowed: cpu, cuda or skip")
+
+
+def install(session: nox.Session, extras: str = "test") -> None:
+    install_torch(session)
+    session.install(f".[{extras}]")
+
+
+@nox.session
+def tests(session: nox.Session) -> None:
+    """Run the test suite (with the example third-party plugin installed)."""
+    install(session)
+    session.install(EXAMPLE_PLUGIN)
+    session.run("pytest", "-q", "-p", "no:cacheprovider", *session.posargs,
+                env={"PEFTLAB_EXPECT_EXAMPLE_PLUGIN": "1"})
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    """Check style and common bugs with ruff."""
+    session.install("ruff>=0.5")
+    session.run("ruff", "check", "peftlab", "plugins", "tests", "noxfile.py")
+
+
+@nox.session(default=False)
+def bench(session: nox.Session) -> None:
+    """Benchmarks against their peers (bitsandbytes), printing throughput tables and ratios."""
+    install(session)
+    session.run("pytest", "tests/bench", "-q", "-p", "no:cacheprovider", "--benchmark-only",
+                "--benchmark-columns=min,median,rounds", "-m", "bench", *session.posargs)
+
+
+@nox.session(default=False)
+def sweep(session: nox.Session) -> None:
+    """The main job: today, the quantizer comparison into results/quantizers/."""
+    install(session)
+    args = session.posargs or ["--rows", "4096", "--cols", "4096"]
+    session.run("peftlab", "quantizers", "--report", "--out", "results/quantizers", *args)

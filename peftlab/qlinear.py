@@ -1,0 +1,180 @@
+"""QuantizedLinear and the one verb that puts it in a model: ``quantize(model, quantizer, filter)``."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from peftlab.errors import ValidationError
+from peftlab.quantization import QuantizedWeight, Quantizer
+
+_PREFIX = "qweight_"
+
+
+class _DequantMatmul(torch.autograd.Function):
+    """y = x @ deq(W).T. The dequantized weight is never saved for backward: it is rebuilt
+    from the packed buffers there (as bitsandbytes' 4-bit matmul does), so training memory
+    holds only the packed weight."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, module: QuantizedLinear) -> torch.Tensor:
+        ctx.module = module
+        return F.linear(x, module.dequantized_weight(x.dtype))
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        if not ctx.needs_input_grad[0]:
+            return None, None
+        return grad_out @ ctx.module.dequantized_weight(grad_out.dtype), None
+
+
+class QuantizedLinear(nn.Module):
+    """A frozen linear layer whose weight lives as packed buffers, dequantized on the fly to the
+    compute dtype (bf16 by default) in forward and again in backward. Input gradients flow (so
+    adapters on top of it train); the weight itself never gets a gradient."""
+
+    def __init__(self, qweight: QuantizedWeight, quantizer: Quantizer, bias: torch.Tensor | None = None,
+                 compute_dtype: torch.dtype = torch.bfloat16):
+        super().__init__()
+        if len(qweight.shape) != 2:
+            raise ValidationError("qweight.shape", qweight.shape, "a 2-D (out_features, in_features) weight")
+        self.out_features, self.in_features = qweight.shape
+        self.quantizer = quantizer
+        self.compute_dtype = compute_dtype
+        self._q = (qweight.method, qweight.shape, qweight.dtype, dict(qweight.meta))
+        for name, t in qweight.tensors.items():
+            self.register_buffer(_PREFIX + name, t)
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+
+    @classmethod
+    def from_linear(cls, layer: nn.Module, quantizer: Quantizer, compute_dtype: torch.dtype = torch.bfloat16) -> QuantizedLinear:
+        """Build from ``nn.Linear`` (weight (out, in)) or GPT-2's ``Conv1D`` (weight (in, out))."""
+        if isinstance(layer, nn.Linear):
+            w = layer.weight
+        elif is_conv1d(layer):
+            w = layer.weight.t()
+        else:
+            raise ValidationError("layer", type(layer).__name__, "nn.Linear or transformers' Conv1D")
+        return cls(quantizer.quantize(w.detach().contiguous()), quantizer, layer.bias, compute_dtype)
+
+    @property
+    def qweight(self) -> QuantizedWeight:
+        method, shape, dtype, meta = self._q
+        tensors = {n[len(_PREFIX):]: b for n, b in self.named_buffers(recurse=False) if n.startswith(_PREFIX)}
+        return QuantizedWeight(method, shape, dtype, tensors, meta)
+
+    def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        with torch.no_grad():
+            return self.quantizer.dequantize(self.qweight, dtype or self.compute_dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        in_dtype = x.dtype
+        out = _DequantMatmul.apply(x.to(self.compute_dtype), self)
+        if self.bias is not None:
+            out = out + self.bias.to(out.dtype)
+        return out.to(in_dtype)
+
+    def extra_repr(self) -> str:
+        q = self.qweight
+        return (f"in_features={self.in_features}, out_features={self.out_features}, method={q.method}, "
+                f"bits_per_param={q.bits_per_param:.3f}, compute_dtype={self.compute_dtype}")
+
+
+def is_conv1d(m: nn.Module) -> bool:
+    """GPT-2's ``transformers.pytorch_utils.Conv1D`` (checked by shape, to avoid importing transformers)."""
+    return type(m).__name__ == "Conv1D" and hasattr(m, "nf") and getattr(m, "weight", None) is not None \
+        and m.weight.dim() == 2
+
+
+def is_linear_like(m: nn.Module) -> bool:
+    return isinstance(m, nn.Linear) or is_conv1d(m)
+
+
+def logical_parameter_count(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameters, counting each quantized weight by its logical elements."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    total += sum(m.qweight.numel for m in model.modules() if isinstance(m, QuantizedLinear))
+    return trainable, total
+
+
+@dataclass
+class QuantizeReport:
+    """What :func:`quantize` did: which layers, and the weight bytes before and after."""
+
+    quantizer: str
+    layers: list[str] = field(default_factory=list)
+    params: int = 0
+    bytes_before: int = 0
+    bytes_after: int = 0
+
+    @property
+    def ratio(self) -> float:
+        return self.bytes_before / self.bytes_after if self.bytes_after else float("nan")
+
+    def __str__(self) -> str:
+        return (f"quantized {len(self.layers)} layers ({self.params:,} weights) with {self.quantizer}: "
+                f"{self.bytes_before:,} -> {self.bytes_after:,} bytes ({self.ratio:.2f}x smaller)")
+
+
+Filter = Callable[[str, nn.Module], bool] | str | Iterable[str] | None
+
+
+def _matcher(filter: Filter) -> Callable[[str, nn.Module], bool]:
+    if filter is None:
+        return lambda name, m: not name.split(".")[-1] == "lm_head"
+    if callable(filter):
+        return filter
+    patterns = [filter] if isinstance(filter, str) else list(filter)
+    if not patterns or not all(isinstance(p, str) for p in patterns):
+        raise ValidationError("filter", filter, "None, a callable(name, module), or regular expressions matched against layer names")
+    compiled = []
+    for p in patterns:
+        try:
+            compiled.append(re.compile(p))
+        except re.error as exc:
+            raise ValidationError("filter", p, f"a valid regular expression ({exc})") from None
+    return lambda name, m: any(c.search(name) for c in compiled)
+
+
+def quantize(model: nn.Module, quantizer: Quantizer | str, filter: Filter = None, *,
+             compute_dtype: torch.dtype = torch.bfloat16, **quantizer_params) -> QuantizeReport:
+    """Replace the linear layers of ``model`` selected by ``filter`` with :class:`QuantizedLinear`.
+
+    ``quantizer`` is a :class:`Quantizer` or a registered name (``"nf4-dq"``; extra keyword
+    arguments override its preset). ``filter`` is ``None`` (every ``nn.Linear``/``Conv1D`` but
+    ``lm_head``), a callable ``(name, module) -> bool``, or regular expressions searched in the
+    layer names. A filter that selects nothing is an error listing the candidate names.
+    """
+    if isinstance(quantizer, str):
+        from peftlab.plugins import get_host
+
+        name = quantizer
+        quantizer = get_host().quantizers.build(name, **quantizer_params)
+    elif isinstance(quantizer, Quantizer):
+        name = type(quantizer).__name__
+        if quantizer_params:
+            raise ValidationError("quantizer_params", quantizer_params, "only with a quantizer given by name")
+    else:
+        raise ValidationError("quantizer", quantizer, "a peftlab.Quantizer or a registered quantizer name")
+    match = _matcher(filter)
+    candidates = [(n, m) for n, m in model.named_modules() if n and is_linear_like(m)]
+    chosen = [(n, m) for n, m in candidates if match(n, m)]
+    if not chosen:
+        names = ", ".join(n for n, _ in candidates) or "(the model has no nn.Linear or Conv1D layer)"
+        raise ValidationError("filter", filter, f"a selection of at least one layer; candidate layers: {names}")
+    report = QuantizeReport(name)
+    for full_name, layer in chosen:
+        new = QuantizedLinear.from_linear(layer, quantizer, compute_dtype)
+        parent_name, _, child = full_name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+        report.layers.append(full_name)
+        report.params += layer.weight.numel()
+        report.bytes_before += layer.weight.numel() * layer.weight.element_size()
+        report.bytes_after += new.qweight.storage_bytes
+    return report

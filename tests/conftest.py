@@ -1,0 +1,17 @@
+import pytest
+import torch
+
+from peftlab.plugins import PluginHost, get_host
+
+
+@pytest.fixture(scope="session")
+def host() -> PluginHost:
+    """Every installed entry point, loaded the way the CLI loads them."""
+    return get_host()
+
+
+@pytest.fixture
+def gen() -> torch.Generator:
+    """A fresh, seeded generator per test (pytest-randomly style seeds are not needed: each
+    test draws its own random inputs from it)."""
+    return torch.Generator().manual_seed(torch.seed() % 2**31)
