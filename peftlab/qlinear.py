@@ -22,15 +22,18 @@ class _DequantMatmul(torch.autograd.Function):
     holds only the packed weight."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, module: QuantizedLinear) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, module: QuantizedLinear, bias: torch.Tensor | None) -> torch.Tensor:
         ctx.module = module
-        return F.linear(x, module.dequantized_weight(x.dtype))
+        return F.linear(x, module.dequantized_weight(x.dtype), bias)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
-        if not ctx.needs_input_grad[0]:
-            return None, None
-        return grad_out @ ctx.module.dequantized_weight(grad_out.dtype), None
+        grad_x = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grad_out @ ctx.module.dequantized_weight(grad_out.dtype)
+        if ctx.needs_input_grad[2]:
+            grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
+        return grad_x, None, grad_bias
 
 
 class QuantizedLinear(nn.Module):
@@ -73,11 +76,8 @@ class QuantizedLinear(nn.Module):
             return self.quantizer.dequantize(self.qweight, dtype or self.compute_dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        in_dtype = x.dtype
-        out = _DequantMatmul.apply(x.to(self.compute_dtype), self)
-        if self.bias is not None:
-            out = out + self.bias.to(out.dtype)
-        return out.to(in_dtype)
+        bias = None if self.bias is None else self.bias.to(self.compute_dtype)
+        return _DequantMatmul.apply(x.to(self.compute_dtype), self, bias).to(x.dtype)
 
     def extra_repr(self) -> str:
         q = self.qweight
