@@ -75,7 +75,10 @@ def check_weight(w: object, name: str = "weight") -> torch.Tensor:
         raise ValidationError(f"{name}.dtype", w.dtype, "a floating dtype (float32, bfloat16, float16, float64)")
     if w.numel() == 0:
         raise ValidationError(f"{name}.shape", tuple(w.shape), "a tensor with at least one element")
-    if not bool(torch.isfinite(w).all()):
+    # one cheap reduction first: a NaN/inf anywhere makes the sum non-finite (a finite sum can
+    # still overflow, in which case the exact check below finds nothing and we go on)
+    total = w.sum(dtype=torch.float64) if w.dtype != torch.float64 else w.sum()
+    if not bool(torch.isfinite(total)) and not bool(torch.isfinite(w).all()):
         bad = ~torch.isfinite(w)
         count = int(bad.sum())
         first = tuple(int(i) for i in bad.nonzero()[0])
