@@ -7,7 +7,7 @@ The engine knows no quantizer or adapter by name: every component arrives throug
 from peftlab.errors import PeftlabError, PluginError, UnknownNameError, ValidationError
 from peftlab.hookspecs import hookimpl
 from peftlab.qlinear import QuantizedLinear, QuantizeReport, quantize
-from peftlab.quantization import Quantizer, QuantizedWeight
+from peftlab.quantization import QuantizedWeight, Quantizer
 from peftlab.registry import ComponentSpec
 
 __version__ = "0.1.0"

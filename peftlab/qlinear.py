@@ -127,7 +127,7 @@ Filter = Callable[[str, nn.Module], bool] | str | Iterable[str] | None
 
 def _matcher(filter: Filter) -> Callable[[str, nn.Module], bool]:
     if filter is None:
-        return lambda name, m: not name.split(".")[-1] == "lm_head"
+        return lambda name, m: name.split(".")[-1] != "lm_head"
     if callable(filter):
         return filter
     patterns = [filter] if isinstance(filter, str) else list(filter)

@@ -2,11 +2,11 @@
 
 import pytest
 import torch
-
-from peftlab import ValidationError, quantize
 from peftlab_plugins.absmax import AbsmaxQuantizer
 from peftlab_plugins.fourbit import FourBitQuantizer
 from peftlab_plugins.quantile import QuantileQuantizer
+
+from peftlab import ValidationError, quantize
 
 
 @pytest.mark.parametrize("make,needle", [

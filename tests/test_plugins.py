@@ -8,11 +8,11 @@ import sys
 from importlib.metadata import EntryPoint
 
 import pytest
+from peftlab_plugins.absmax import AbsmaxQuantizer
 
 import peftlab.plugins as plugins_mod
 from peftlab import ComponentSpec, PluginError, UnknownNameError, hookimpl
 from peftlab.plugins import PluginHost
-from peftlab_plugins.absmax import AbsmaxQuantizer
 
 BUILTINS = {"absmax", "fourbit", "quantile"}
 

@@ -3,11 +3,11 @@ logical parameter counts, and parity with bitsandbytes' Linear4bit."""
 
 import pytest
 import torch
+from peftlab_plugins.fourbit import FourBitQuantizer
 from torch import nn
 
 from peftlab import QuantizedLinear, quantize
 from peftlab.qlinear import logical_parameter_count
-from peftlab_plugins.fourbit import FourBitQuantizer
 
 transformers = pytest.importorskip("transformers")
 

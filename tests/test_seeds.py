@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-
 from peftlab_plugins.absmax import AbsmaxQuantizer
 from peftlab_plugins.fourbit import NF4, FourBitQuantizer
 

@@ -6,9 +6,9 @@ QuantizedLinear forward+backward within 1.1x of Linear4bit (bf16, 1024 tokens, 2
 
 import pytest
 import torch
+from peftlab_plugins.fourbit import FourBitQuantizer
 
 from peftlab import QuantizedLinear
-from peftlab_plugins.fourbit import FourBitQuantizer
 
 bnb = pytest.importorskip("bitsandbytes")
 bnbF = bnb.functional
