@@ -48,7 +48,7 @@ def _cmd_quantizers(args: argparse.Namespace) -> int:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         write_text_atomic(out / "quantizers.csv", df.to_csv(index=False))
-        cmd = "peftlab quantizers --report " + " ".join(sys.argv[3:]) if len(sys.argv) > 3 else "peftlab quantizers --report"
+        cmd = " ".join(["peftlab", *args.argv])
         write_text_atomic(out / "report.md", _quantizer_report_md(df, args, cmd))
         print(f"wrote {out / 'report.md'} and {out / 'quantizers.csv'}", file=sys.stderr)
     return 0
@@ -99,7 +99,9 @@ def _positive(text: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv
     try:
         return args.func(args)
     except PeftlabError as exc:
