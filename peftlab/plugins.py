@@ -117,7 +117,7 @@ class PluginHost:
                     record.components.setdefault(kind, []).append(spec.name)
         except Exception as exc:
             for kind, name in added:  # all or nothing for one plugin
-                self.registries[kind]._entries.pop(name, None)
+                self.registries[kind].unregister(name)
             record.components = {}
             self.pm.unregister(name=record.name)
             return self._fail(record, exc)

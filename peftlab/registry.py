@@ -17,8 +17,7 @@ class ComponentSpec:
     """One named component a plugin provides.
 
     ``factory(**params)`` builds it; ``params`` are the preset's defaults, and callers may
-    override any of them by keyword. ``base`` is the class every built object must be an
-    instance of (checked at build time, so a wrong base class is refused with a clear error).
+    override any of them by keyword (so ``nf4`` and ``nf4-dq`` are two specs of one class).
     """
 
     kind: str
@@ -70,6 +69,9 @@ class Registry:
                 f"duplicate {self.kind} name {spec.name!r}: provided by plugin {other!r} and by plugin {provider!r}"
             )
         self._entries[spec.name] = Entry(spec, provider)
+
+    def unregister(self, name: str) -> None:
+        self._entries.pop(name, None)
 
     def get(self, name: str) -> ComponentSpec:
         try:
