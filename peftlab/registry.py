@@ -84,7 +84,14 @@ class Registry:
         return self._entries[name].provider
 
     def build(self, name: str, **overrides: Any) -> Any:
-        return self.get(name).build(**overrides)
+        obj = self.get(name).build(**overrides)
+        base = _base_class(self.kind)
+        if base is not None and not isinstance(obj, base):
+            raise PluginError(
+                f"{self.kind} {name!r} from plugin {self.provider(name)!r} built a {type(obj).__name__}, "
+                f"not a {base.__module__}.{base.__name__}"
+            )
+        return obj
 
     def names(self) -> list[str]:
         return sorted(self._entries)
@@ -97,3 +104,12 @@ class Registry:
 
     def __len__(self) -> int:
         return len(self._entries)
+
+
+def _base_class(kind: str) -> type | None:
+    """The class every built component of ``kind`` must derive from (None: not yet fixed)."""
+    if kind == "quantizer":
+        from peftlab.quantization import Quantizer
+
+        return Quantizer
+    return None

@@ -177,3 +177,28 @@ def test_example_third_party_plugin_is_installed():
     assert table["ternary"]["status"] == "ok"
     assert table["ternary"]["distribution"] == "peftlab-example-plugin"
     assert table["ternary"]["components"] == {"quantizer": ["ternary"]}
+
+
+def test_wrong_base_class_is_refused_at_build():
+    class NotAQuantizer:
+        def __init__(self, **kw):
+            pass
+
+    class Wrong:
+        @hookimpl
+        def peftlab_quantizers(self):
+            return [ComponentSpec("quantizer", "wrong", NotAQuantizer)]
+
+    h = PluginHost(strict=False, disabled=set())
+    h.register(Wrong(), "wrongplugin")
+    with pytest.raises(PluginError, match="'wrong' from plugin 'wrongplugin' built a NotAQuantizer"):
+        h.quantizers.build("wrong")
+
+
+def test_spec_validation():
+    from peftlab import ValidationError
+
+    with pytest.raises(ValidationError, match="ComponentSpec.kind='tokenizer'"):
+        ComponentSpec("tokenizer", "x", AbsmaxQuantizer)
+    with pytest.raises(ValidationError, match="ComponentSpec.name"):
+        ComponentSpec("quantizer", " x", AbsmaxQuantizer)
