@@ -83,7 +83,7 @@ def blockwise_4bit_quantize(w: torch.Tensor, code: torch.Tensor, block: int) -> 
         torch.amax(torch.abs(x, out=s), 1, out=a)
         torch.mul(x, (1.0 / a.clamp(min=1e-38)).unsqueeze(1), out=s).clamp_(-1, 1)
         codes = _count_above(sbuf[:size], bounds, acc[:size], tmp[:size])
-        if size % 2 or stop == nfull and nfull < n:  # odd or followed by the partial block
+        if size % 2:  # an odd last segment shares its final byte with what follows
             tail_codes.append(codes.clone())
             break
         pack_nibbles(codes, out=packed[start // 2:stop // 2])

@@ -77,8 +77,7 @@ def check_weight(w: object, name: str = "weight") -> torch.Tensor:
         raise ValidationError(f"{name}.shape", tuple(w.shape), "a tensor with at least one element")
     # one cheap reduction first: a NaN/inf anywhere makes the sum non-finite (a finite sum can
     # still overflow, in which case the exact check below finds nothing and we go on)
-    total = w.sum(dtype=torch.float64) if w.dtype != torch.float64 else w.sum()
-    if not bool(torch.isfinite(total)) and not bool(torch.isfinite(w).all()):
+    if not bool(torch.isfinite(w.sum(dtype=torch.float64))) and not bool(torch.isfinite(w).all()):
         bad = ~torch.isfinite(w)
         count = int(bad.sum())
         first = tuple(int(i) for i in bad.nonzero()[0])
