@@ -107,9 +107,17 @@ class Registry:
 
 
 def _base_class(kind: str) -> type | None:
-    """The class every built component of ``kind`` must derive from (None: not yet fixed)."""
+    """The class every built component of ``kind`` must derive from."""
     if kind == "quantizer":
         from peftlab.quantization import Quantizer
 
         return Quantizer
+    if kind == "adapter":
+        from peftlab.adapters import Adapter
+
+        return Adapter
+    if kind == "metric":
+        from peftlab.metrics import Metric
+
+        return Metric
     return None

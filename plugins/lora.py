@@ -1,0 +1,166 @@
+"""LoRA: h = W0·x + (alpha/r)·B·A·x with W0 frozen, B = 0 and A random at the start.
+
+Works over ``nn.Linear``, GPT-2's ``Conv1D`` and peftlab's ``QuantizedLinear`` (LoRA over an
+NF4-DQ base is QLoRA). The adapter matrices live in their own dtype (fp32 by default) whatever
+the base's dtype; the input is cast to it and the sum back to the base output's dtype, as peft
+does, so given the same A and B a layer's output equals peft's.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from peftlab.adapters import Adapter, match_modules
+from peftlab.errors import ValidationError
+from peftlab.hookspecs import hookimpl
+from peftlab.qlinear import QuantizedLinear, is_conv1d, is_linear_like
+
+#: Default targets by ``config.model_type`` when none are given (the attention projections,
+#: as in the LoRA paper's GPT-2 and GPT-3 runs).
+DEFAULT_TARGETS = {
+    "gpt2": ["c_attn"],
+    "llama": ["q_proj", "v_proj"],
+    "mistral": ["q_proj", "v_proj"],
+    "qwen2": ["q_proj", "v_proj"],
+    "opt": ["q_proj", "v_proj"],
+    "gpt_neox": ["query_key_value"],
+}
+INITS = ("gaussian", "kaiming")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def dims(layer: nn.Module) -> tuple[int, int]:
+    """(in_features, out_features) of a linear-like layer."""
+    if isinstance(layer, (nn.Linear, QuantizedLinear)):
+        return layer.in_features, layer.out_features
+    if is_conv1d(layer):
+        return layer.weight.shape[0], layer.weight.shape[1]
+    raise ValidationError("layer", type(layer).__name__, "nn.Linear, Conv1D or QuantizedLinear")
+
+
+class LoraLayer(nn.Module):
+    """A frozen ``base_layer`` plus the trainable low-rank path ``lora_B(lora_A(dropout(x)))``."""
+
+    def __init__(self, base_layer: nn.Module, r: int, alpha: float, dropout: float = 0.0,
+                 init: str = "gaussian", dtype: torch.dtype = torch.float32):
+        super().__init__()
+        in_f, out_f = dims(base_layer)
+        self.base_layer = base_layer
+        device = next(base_layer.buffers(), next(base_layer.parameters(), torch.empty(0))).device
+        self.lora_A = nn.Linear(in_f, r, bias=False, dtype=dtype, device=device)
+        self.lora_B = nn.Linear(r, out_f, bias=False, dtype=dtype, device=device)
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.r, self.scaling = r, alpha / r
+        self.merged = False
+        with torch.no_grad():
+            if init == "gaussian":  # the LoRA paper's (and the lecture's) A ~ N(0, sigma^2)
+                nn.init.normal_(self.lora_A.weight, std=1 / r)
+            else:  # nn.Linear's own init, peft's default
+                nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+            nn.init.zeros_(self.lora_B.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        result = self.base_layer(x)
+        if self.merged:
+            return result
+        out_dtype = result.dtype
+        delta = self.lora_B(self.lora_A(self.lora_dropout(x.to(self.lora_A.weight.dtype))))
+        return (result + delta * self.scaling).to(out_dtype)
+
+    def delta_weight(self) -> torch.Tensor:
+        """(alpha/r)·B·A as an (out, in) matrix."""
+        return (self.lora_B.weight @ self.lora_A.weight) * self.scaling
+
+    def _apply_delta(self, sign: int) -> None:
+        if isinstance(self.base_layer, QuantizedLinear):
+            raise ValidationError("base_layer", "QuantizedLinear",
+                                  "a float base to merge into (a quantized base cannot absorb B·A without requantizing)")
+        w = self.base_layer.weight
+        delta = self.delta_weight().to(w.dtype)
+        with torch.no_grad():
+            w += sign * (delta.t() if is_conv1d(self.base_layer) else delta)
+
+    def merge(self) -> None:
+        if not self.merged:
+            self._apply_delta(+1)
+            self.merged = True
+
+    def unmerge(self) -> None:
+        if self.merged:
+            self._apply_delta(-1)
+            self.merged = False
+
+
+class Lora(Adapter):
+    """LoRA over the layers matched by ``target_modules`` (module-name globs; ``"all-linear"``
+    means every linear layer but the output head; ``None`` the model type's default)."""
+
+    def __init__(self, r: int = 8, alpha: float = 16, dropout: float = 0.0,
+                 target_modules: list[str] | str | None = None, init: str = "gaussian",
+                 dtype: str = "float32"):
+        if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
+            raise ValidationError("r", r, "a positive integer rank")
+        if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not alpha > 0:
+            raise ValidationError("alpha", alpha, "a positive number (the update is scaled by alpha/r)")
+        if not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+            raise ValidationError("dropout", dropout, "a probability in [0, 1)")
+        if init not in INITS:
+            raise ValidationError("init", init, f"one of {', '.join(INITS)}")
+        if dtype not in DTYPES:
+            raise ValidationError("dtype", dtype, f"one of {', '.join(DTYPES)}")
+        self.r, self.alpha, self.dropout, self.init, self.dtype = r, alpha, float(dropout), init, dtype
+        self.target_modules = target_modules
+
+    @property
+    def family(self) -> str:
+        return "lora"
+
+    def settings(self) -> dict[str, Any]:
+        return {"r": self.r, "alpha": self.alpha, "dropout": self.dropout, "init": self.init,
+                "dtype": self.dtype, "target_modules": self.target_modules}
+
+    def _targets(self, model: nn.Module) -> dict[str, nn.Module]:
+        candidates = {n: m for n, m in model.named_modules()
+                      if n and (is_linear_like(m) or isinstance(m, QuantizedLinear))}
+        patterns = self.target_modules
+        if patterns == "all-linear":
+            return {n: m for n, m in candidates.items() if n.rsplit(".", 1)[-1] not in ("lm_head", "score")}
+        if patterns is None:
+            model_type = getattr(getattr(model, "config", None), "model_type", None)
+            if model_type not in DEFAULT_TARGETS:
+                raise ValidationError("target_modules", None, f"explicit patterns: no default for model type {model_type!r} "
+                                      f"(defaults exist for {', '.join(DEFAULT_TARGETS)})")
+            patterns = DEFAULT_TARGETS[model_type]
+        return match_modules(model, patterns, candidates)
+
+    def _attach(self, model: nn.Module) -> list[str]:
+        targets = self._targets(model)
+        for name, layer in targets.items():  # validate every layer before changing any
+            if self.r > min(dims(layer)):
+                raise ValidationError("r", self.r, f"a rank of at most {min(dims(layer))}, the smaller dimension "
+                                      f"of target layer {name} ({'x'.join(map(str, dims(layer)))})")
+        for name, layer in targets.items():
+            new = LoraLayer(layer, self.r, self.alpha, self.dropout, self.init, DTYPES[self.dtype])
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, new)
+        return list(targets)
+
+
+def lora_layers(model: nn.Module) -> list[LoraLayer]:
+    return [m for m in model.modules() if isinstance(m, LoraLayer)]
+
+
+@hookimpl
+def peftlab_adapters() -> list:
+    from peftlab.registry import ComponentSpec
+
+    return [
+        ComponentSpec("adapter", "lora", Lora, {"r": 8, "alpha": 16},
+                      "LoRA, rank 8, alpha 16, on the model type's attention projections (q/v for Llama)"),
+        ComponentSpec("adapter", "lora-all", Lora, {"r": 8, "alpha": 16, "target_modules": "all-linear"},
+                      "LoRA on every linear layer but the output head (the QLoRA paper's choice)"),
+    ]
