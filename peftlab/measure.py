@@ -1,0 +1,125 @@
+"""Peak memory, versions and device facts for one cell's record.
+
+On CUDA the peak is the allocator's peak allocated and reserved bytes since the counters were
+reset. On CPU there is no allocator counter, so the peak is the process's peak resident set
+(``VmHWM`` in ``/proc/self/status``) minus the resident set before the model was built: it is
+labelled ``cpu_peak_rss_delta`` and includes everything the process touched meanwhile (Python
+objects, the data), not only tensors. Linux lets a process reset its own VmHWM (``clear_refs``);
+peftlab resets it (and CUDA's counters) when training starts, so the recorded peak is the
+training peak, model included, and not a loading transient (GGUF dequantization briefly holds
+several copies of the weights).
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+from dataclasses import dataclass
+from importlib import metadata
+
+import torch
+
+
+def _status_kib(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def _trim_heap() -> None:
+    """Hand freed heap memory back to the OS (glibc), so the resident set counts live data only;
+    a quantized model's freed float weights would otherwise stay resident and hide the saving."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _reset_rss_peak() -> bool:
+    _trim_heap()
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+@dataclass
+class PeakMemory:
+    """Call :meth:`start` before building the model and :meth:`read` at the end."""
+
+    device: torch.device
+    baseline_rss: int = 0
+    reset: bool = False
+
+    def start(self) -> PeakMemory:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        self.reset = _reset_rss_peak()
+        self.baseline_rss = (_status_kib("VmRSS") or 0) * 1024
+        return self
+
+    def reset_peak(self) -> None:
+        """Forget the peak so far (keeping the baseline): the next :meth:`read` covers only what
+        follows."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        self.reset = _reset_rss_peak()
+
+    def read(self) -> dict[str, object]:
+        hwm = (_status_kib("VmHWM") or 0) * 1024
+        out: dict[str, object] = {
+            "mem.cpu_peak_rss_delta_bytes": max(0, hwm - self.baseline_rss) if hwm else None,
+            "mem.cpu_peak_rss_bytes": hwm or None,
+            "mem.cpu_peak_reset": self.reset,
+        }
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            out["mem.cuda_peak_allocated_bytes"] = torch.cuda.max_memory_allocated(self.device)
+            out["mem.cuda_peak_reserved_bytes"] = torch.cuda.max_memory_reserved(self.device)
+            out["mem.peak_bytes"], out["mem.peak_kind"] = out["mem.cuda_peak_allocated_bytes"], "cuda_peak_allocated"
+        else:
+            out["mem.peak_bytes"], out["mem.peak_kind"] = out["mem.cpu_peak_rss_delta_bytes"], "cpu_peak_rss_delta"
+        return out
+
+
+def versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for dist in ("peftlab", "torch", "transformers", "bitsandbytes", "datasets", "sacrebleu", "rouge-score"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            out[dist] = ""
+    return out
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    cpu = platform.processor() or "cpu"
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return f"{cpu} ({len(os.sched_getaffinity(0))} cores, {torch.get_num_threads()} threads)"
+
+
+def base_weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the model's weights as stored: float parameters plus quantized buffers. Call it
+    before an adapter is attached, so the adapter's own parameters are not counted."""
+    from peftlab.qlinear import QuantizedLinear
+
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    total += sum(m.qweight.storage_bytes for m in model.modules() if isinstance(m, QuantizedLinear))
+    return total
