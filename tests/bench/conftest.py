@@ -1,4 +1,5 @@
-"""Prints, after the benchmarks, each group's peftlab-vs-peer ratio and GB/s of fp32 input."""
+"""Prints, after the benchmarks, each group's peftlab-vs-peer ratio, its throughput (GB/s of fp32
+input, or tokens/s) and, where measured, peak memory."""
 
 import pytest
 
@@ -14,16 +15,26 @@ def pytest_terminal_summary(terminalreporter, config):
     ceiling = copy.extra_info["bytes"] / copy.stats.median / 1e9 if copy else None
     tr = terminalreporter
     tr.section("peftlab vs peers (median times; ratio = peer time / peftlab time, >1 means peftlab is faster)")
-    tr.write_line(f"{'group':44} {'peftlab ms':>11} {'peer ms':>9} {'ratio':>6} {'GB/s':>7} {'of copy':>8}")
+    tr.write_line(f"{'group':58} {'peftlab ms':>11} {'peer ms':>9} {'ratio':>6} {'throughput':>14} "
+                  f"{'peak MB (ours/peer)':>20}")
     for group, impls in sorted(groups.items()):
-        ours, peer = impls.get("peftlab"), impls.get("bitsandbytes")
+        ours = impls.get("peftlab")
+        peer = next((b for k, b in impls.items() if k not in ("peftlab", "copy")), None)
         if ours is None:
             continue
-        gbps = ours.extra_info.get("bytes", 0) / ours.stats.median / 1e9
         ratio = f"{peer.stats.median / ours.stats.median:6.2f}" if peer else "     -"
         peer_ms = f"{peer.stats.median * 1e3:9.2f}" if peer else "        -"
-        frac = f"{gbps / ceiling:7.1%}" if ceiling and gbps else "       -"
-        tr.write_line(f"{group:44} {ours.stats.median * 1e3:11.2f} {peer_ms} {ratio} {gbps:7.2f} {frac}")
+        if "tokens" in ours.extra_info:
+            thr = f"{ours.extra_info['tokens'] / ours.stats.median:8.0f} tok/s"
+        else:
+            gbps = ours.extra_info.get("bytes", 0) / ours.stats.median / 1e9
+            frac = f" ({gbps / ceiling:.1%})" if ceiling and gbps else ""
+            thr = f"{gbps:.2f} GB/s{frac}"
+        mem = "-"
+        if "peak_rss" in ours.extra_info:
+            theirs = peer.extra_info.get("peak_rss") if peer else None
+            mem = f"{ours.extra_info['peak_rss'] / 2**20:.0f}" + (f" / {theirs / 2**20:.0f}" if theirs else "")
+        tr.write_line(f"{group:58} {ours.stats.median * 1e3:11.2f} {peer_ms} {ratio} {thr:>14} {mem:>20}")
     if ceiling:
         tr.write_line(f"copy ceiling (torch copy_ into a reused buffer): {ceiling:.1f} GB/s")
 
