@@ -162,3 +162,24 @@ def test_cli_run_reads_a_toml_config(tmp_path, capsys):
     cfg.write_text('adapter = "full"\nquantizer = "nf4-dq"\n[model]\nname = "tiny-llama"\n')
     assert main(["run", "--config", str(cfg), "--no-progress"]) == 0
     assert "skipped" in capsys.readouterr().out
+
+
+def test_beam_search_and_greedy_both_generate():
+    from peftlab.data import DataConfig, load_splits
+    from peftlab.generation import EvalConfig, generate
+
+    loaded = load(ModelConfig("tiny-llama"))
+    items = load_splits(DataConfig(eval_limit=3, train_limit=1))[1]
+    cpu = loaded.device
+    greedy = generate(loaded.model, loaded.tokenizer, items, EvalConfig(max_new_tokens=5, batch_size=2), device=cpu,
+                      progress=False)
+    beam = generate(loaded.model, loaded.tokenizer, items, EvalConfig(max_new_tokens=5, num_beams=3, batch_size=2),
+                    device=cpu, progress=False)
+    assert len(greedy.texts) == len(beam.texts) == 3
+    assert 0 < greedy.new_tokens <= 15 and 0 < beam.new_tokens <= 15
+    # batching must not change a greedy answer: left padding keeps each prompt's positions
+    alone = generate(loaded.model, loaded.tokenizer, items[1:2], EvalConfig(max_new_tokens=5), device=cpu,
+                     progress=False, precision="fp32")
+    batched = generate(loaded.model, loaded.tokenizer, items, EvalConfig(max_new_tokens=5), device=cpu,
+                       progress=False, precision="fp32")
+    assert alone.texts[0] == batched.texts[1]
