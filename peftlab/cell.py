@@ -34,6 +34,13 @@ class CellConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    memory_mode: str = "rss"  # CPU peak memory: rss (fast) or rss-strict (exact-er, slower); see peftlab.measure
+
+    def __post_init__(self) -> None:
+        from peftlab.measure import MEMORY_MODES
+
+        if self.memory_mode not in MEMORY_MODES:
+            raise ValidationError("memory_mode", self.memory_mode, f"one of {', '.join(MEMORY_MODES)}")
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> CellConfig:
@@ -98,7 +105,7 @@ def base_record(cfg: CellConfig) -> dict[str, Any]:
                            "train.optimizer": cfg.train.optimizer, "train.precision": cfg.train.precision,
                            "train.grad_checkpointing": cfg.train.grad_checkpointing,
                            "train.batch_size": cfg.train.batch_size, "train.grad_accum": cfg.train.grad_accum,
-                           "train.lr": cfg.train.lr, "train.seed": cfg.train.seed}
+                           "train.lr": cfg.train.lr, "train.seed": cfg.train.seed, "memory_mode": cfg.memory_mode}
     rec.update({f"version.{k}": v for k, v in versions().items()})
     return rec
 
@@ -124,7 +131,7 @@ def run_cell(cfg: CellConfig, *, progress: bool = True, host=None) -> dict[str, 
         return rec
     train_rows, eval_items = load_splits(cfg.data)
     device = cfg.model.resolved_device()
-    peak = PeakMemory(device).start()
+    peak = PeakMemory(device, cfg.memory_mode).start()
     torch.manual_seed(cfg.train.seed)
     loaded = load(cfg.model, seed=cfg.train.seed)
     model, tok = loaded.model, loaded.tokenizer

@@ -183,3 +183,11 @@ def test_beam_search_and_greedy_both_generate():
     batched = generate(loaded.model, loaded.tokenizer, items, EvalConfig(max_new_tokens=5), device=cpu,
                        progress=False, precision="fp32")
     assert alone.texts[0] == batched.texts[1]
+
+
+def test_strict_memory_mode_is_recorded_and_bad_modes_are_refused():
+    rec = run_cell(cell(memory_mode="rss-strict"), progress=False)
+    assert rec["memory_mode"] == "rss-strict"
+    assert rec["mem.peak_kind"] == ("cpu_peak_rss_delta_strict" if rec["mem.cpu_strict_heap"] else "cpu_peak_rss_delta")
+    with pytest.raises(ValidationError, match="memory_mode='exact'.*rss, rss-strict"):
+        cell(memory_mode="exact")
