@@ -67,7 +67,7 @@ def bench(session: nox.Session) -> None:
 
 @nox.session(default=False)
 def sweep(session: nox.Session) -> None:
-    """The main job: today, the quantizer comparison into results/quantizers/."""
+    """The main job: run an experiment grid (default experiments/quickstart.toml) into results/."""
     install(session)
-    args = session.posargs or ["--rows", "4096", "--cols", "4096"]
-    session.run("peftlab", "quantizers", "--report", "--out", "results/quantizers", *args)
+    args = session.posargs or ["experiments/quickstart.toml"]
+    session.run("peftlab", "sweep", *args)

@@ -99,8 +99,10 @@ def build_parser() -> argparse.ArgumentParser:
         sk = sub.add_parser(kind, help=f"list the registered {kind}")
         sk.set_defaults(func=_cmd_list, kind=kind)
     from peftlab.cli_run import add_parser
+    from peftlab.cli_sweep import add_parsers
 
     add_parser(sub)
+    add_parsers(sub)
     return p
 
 

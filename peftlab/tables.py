@@ -1,0 +1,88 @@
+"""Records -> pandas tables with a fixed column -> dtype schema, and seeds -> mean and 95% interval.
+
+Fixed columns always exist, in this order and with these dtypes, whatever the records hold;
+columns a plugin adds (``metric.*``, ``adapter.*`` settings) follow, typed by their prefix or
+their values. Reports are pure functions of these tables.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import pandas as pd
+
+#: the fixed schema: column -> pandas dtype
+COLUMNS: dict[str, str] = {
+    "cell_id": "string", "label": "string", "group": "string", "status": "string", "reason": "string",
+    "model": "string", "adapter": "string", "quantizer": "string", "data": "string",
+    "adapter.r": "Int64", "train.seed": "Int64", "train.steps": "Int64", "train.optimizer": "string",
+    "train.grad_checkpointing": "boolean",
+    "params.trainable": "Int64", "params.total": "Int64", "params.trainable_pct": "float64",
+    "base.weight_bytes": "Int64", "mem.peak_bytes": "Int64", "mem.peak_kind": "string",
+    "train.tokens_per_s": "float64", "gen.tokens_per_s": "float64", "loss.final": "float64", "loss.mean": "float64",
+    "time.wall_s": "float64", "device": "string",
+}
+PREFIX_DTYPES = [("metric.settings", "string"), ("metric.", "float64"), ("before.metric.", "float64"),
+                 ("mem.", "float64"), ("version.", "string"), ("sample.", "string"), ("quant.", "Int64")]
+#: columns that say what a cell was (everything else is what it measured)
+KEYS = ("group", "model", "adapter", "quantizer", "data", "adapter.r")
+#: two-sided 95% Student t quantiles by degrees of freedom (1..30); larger samples use 1.96
+T95 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
+       2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048,
+       2.045, 2.042]
+
+
+def dtype_for(column: str, values: pd.Series) -> str:
+    if column in COLUMNS:
+        return COLUMNS[column]
+    for prefix, dtype in PREFIX_DTYPES:
+        if column.startswith(prefix):
+            return dtype
+    present = values.dropna()
+    if len(present) and present.map(lambda v: isinstance(v, bool)).all():
+        return "boolean"
+    if len(present) and present.map(lambda v: isinstance(v, int) and not isinstance(v, bool)).all():
+        return "Int64"
+    if len(present) and present.map(lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)).all():
+        return "float64"
+    return "string"
+
+
+def to_frame(records: list[dict[str, Any]]) -> pd.DataFrame:
+    """One row per cell, fixed columns first, then the rest sorted by name."""
+    raw = pd.DataFrame.from_records(records) if records else pd.DataFrame()
+    extra = sorted(c for c in raw.columns if c not in COLUMNS)
+    out = pd.DataFrame(index=range(len(raw)))
+    for col in [*COLUMNS, *extra]:
+        values = raw[col] if col in raw else pd.Series([None] * len(raw), dtype="object")
+        dtype = dtype_for(col, values)
+        if dtype == "string":
+            values = values.map(lambda v: None if v is None or (isinstance(v, float) and math.isnan(v)) else str(v))
+        out[col] = values.astype(dtype) if len(values) else pd.Series(dtype=dtype)
+    return out.sort_values(["group", "train.seed"], kind="stable", na_position="last").reset_index(drop=True)
+
+
+def t95(n: int) -> float:
+    return T95[n - 2] if 2 <= n <= 31 else (1.96 if n > 31 else float("nan"))
+
+
+def aggregate(df: pd.DataFrame) -> pd.DataFrame:
+    """Seeds -> one row per group: ``<col>`` is the mean over finished cells, ``<col>.ci95`` the
+    half-width of its 95% Student t interval (NaN with one seed), ``seeds`` the count."""
+    ok = df[df["status"] == "ok"]
+    measured = [c for c in df.columns if c not in KEYS and c not in ("train.seed",)
+                and pd.api.types.is_numeric_dtype(df[c]) and not pd.api.types.is_bool_dtype(df[c])]
+    rows = []
+    for group, part in df.groupby("group", sort=False, dropna=False):
+        good = ok[ok["group"] == group]
+        row: dict[str, Any] = {k: part[k].iloc[0] for k in KEYS if k in part}
+        row["status"] = "ok" if len(good) else part["status"].iloc[0]
+        row["reason"] = "" if len(good) else (part["reason"].iloc[0] or "")
+        row["seeds"] = len(good)
+        for c in measured:
+            vals = good[c].dropna().astype(float)
+            row[c] = vals.mean() if len(vals) else float("nan")
+            row[f"{c}.ci95"] = t95(len(vals)) * vals.std(ddof=1) / math.sqrt(len(vals)) if len(vals) > 1 else float("nan")
+        rows.append(row)
+    return pd.DataFrame(rows)
