@@ -64,6 +64,8 @@ class CellConfig:
                     raise ValidationError(f"{key}.{bad[0]}", value[bad[0]], f"a key among {', '.join(sorted(allowed))}")
                 if key == "eval" and "metrics" in value:
                     value = {**value, "metrics": tuple(value["metrics"])}
+                if key == "train" and value.get("epochs") is not None and "steps" not in value:
+                    value = {**value, "steps": None}  # epochs given (TOML has no null to unset steps)
                 kwargs[key] = sub(**value)
             else:
                 kwargs[key] = value

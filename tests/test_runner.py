@@ -160,3 +160,23 @@ def test_the_schema_is_fixed_even_for_failed_only_tables():
     df = to_frame([{"cell_id": "1", "label": "a", "group": "a", "status": "failed", "reason": "boom"}])
     assert list(df.columns[: len(COLUMNS)]) == list(COLUMNS)
     assert str(df["params.trainable"].dtype) == "Int64" and str(df["status"].dtype) == "string"
+
+
+def test_the_gpu_scale_lora_paper_experiment_loads_and_plans():
+    """It cannot run here (GPU, hub); it must still parse, validate and plan."""
+    path = Path(__file__).parents[1] / "experiments" / "lora_paper_e2e_gpt2m_gpu.toml"
+    exp = load_experiment(path)
+    cells = exp.cells()
+    assert len(cells) == 3 and not any(c.skip_reason for c in cells)
+    cfg = cells[0].config
+    assert (cfg.adapter, cfg.adapter_params["r"], cfg.adapter_params["alpha"]) == ("lora", 4, 32)
+    assert (cfg.train.epochs, cfg.train.steps, cfg.train.lr, cfg.train.batch_size) == (5, None, 2e-4, 8)
+    assert cfg.eval.num_beams == 10 and cfg.model.name == "openai-community/gpt2-medium"
+    assert path.read_text().startswith("# The LoRA paper's E2E NLG setup")
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).parents[1] / "experiments").glob("*.toml")), ids=lambda p: p.name)
+def test_every_experiment_file_says_what_it_reproduces_and_how_to_run_it(path):
+    text = path.read_text()
+    assert text.startswith("# ") and "Run:" in text.split("\n[")[0]
+    load_experiment(path).cells()
