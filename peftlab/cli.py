@@ -49,7 +49,12 @@ def _cmd_quantizers(args: argparse.Namespace) -> int:
     from peftlab.quantizer_report import quantizer_table, to_markdown
     from peftlab.results import write_text_atomic
 
-    df = quantizer_table(host, rows=args.rows, cols=args.cols, repeats=args.repeats)
+    real = None
+    if args.model:
+        from peftlab.quantizer_report import model_weights
+
+        real = model_weights(args.model)
+    df = quantizer_table(host, rows=args.rows, cols=args.cols, repeats=args.repeats, real=real)
     if args.json:
         print(df.to_json(orient="records", indent=2))
     else:
@@ -75,7 +80,10 @@ def _quantizer_report_md(df, args, cmd: str) -> str:
         f"Python {platform.python_version()}, torch {torch.__version__}.\n\n"
         f"Weight: {args.rows}x{args.cols}, N(0, 0.02); the outlier variant scales 0.1% of its entries by 20. "
         "`rel_error` is ||W - deq(q(W))|| / ||W||; throughput is GB/s of fp32 input, best of "
-        f"{args.repeats}.\n\n" + to_markdown(df) + "\n"
+        f"{args.repeats}."
+        + (f" `rel_error_model` is over every linear weight of `{args.model}` but the output head, each "
+           "matrix quantized on its own." if args.model else "")
+        + "\n\n" + to_markdown(df) + "\n"
     )
 
 
@@ -94,15 +102,18 @@ def build_parser() -> argparse.ArgumentParser:
     sq.add_argument("--cols", type=_positive, default=1024)
     sq.add_argument("--repeats", type=_positive, default=3)
     sq.add_argument("--out", help="also write report.md and quantizers.csv into this folder")
+    sq.add_argument("--model", help="also measure the error on this model's linear weights (e.g. smollm2-135m)")
     sq.set_defaults(func=_cmd_quantizers)
     for kind in ("adapters", "metrics"):
         sk = sub.add_parser(kind, help=f"list the registered {kind}")
         sk.set_defaults(func=_cmd_list, kind=kind)
     from peftlab.cli_run import add_parser
     from peftlab.cli_sweep import add_parsers
+    from peftlab.cli_tools import add_parsers as add_tool_parsers
 
     add_parser(sub)
     add_parsers(sub)
+    add_tool_parsers(sub)
     return p
 
 
