@@ -21,6 +21,7 @@ COLUMNS = {
     "fp32_bytes": "int64",
     "rel_error_normal": "float64",
     "rel_error_outliers": "float64",
+    "rel_error_model": "float64",
     "quantize_gbps": "float64",
     "dequantize_gbps": "float64",
 }
@@ -50,8 +51,32 @@ def rel_error(w: torch.Tensor, approx: torch.Tensor) -> float:
     return float((w.float() - approx.float()).norm() / w.float().norm())
 
 
+def model_weights(name: str) -> dict[str, torch.Tensor]:
+    """The linear-layer weights of a model (what ``quantize`` would pack: every nn.Linear or
+    Conv1D but the output head), in fp32."""
+    from peftlab.models import ModelConfig, load
+    from peftlab.qlinear import is_conv1d, is_linear_like
+
+    model = load(ModelConfig(name, device="cpu", dtype="float32")).model
+    return {n: (m.weight.t() if is_conv1d(m) else m.weight).detach().float().contiguous()
+            for n, m in model.named_modules() if n and is_linear_like(m) and n.rsplit(".", 1)[-1] != "lm_head"}
+
+
+def rel_error_many(qz, weights: dict[str, torch.Tensor]) -> float:
+    """sqrt(sum of squared errors / sum of squares) over all the weights: one relative error for
+    the whole model, each matrix quantized on its own."""
+    err = norm = 0.0
+    for w in weights.values():
+        err += float((w - qz.dequantize(qz.quantize(w))).pow(2).sum())
+        norm += float(w.pow(2).sum())
+    return (err / norm) ** 0.5
+
+
 def quantizer_table(host: PluginHost | None = None, names: Iterable[str] | None = None, rows: int = 1024,
-                    cols: int = 1024, repeats: int = 3, seed: int = 0) -> pd.DataFrame:
+                    cols: int = 1024, repeats: int = 3, seed: int = 0,
+                    real: dict[str, torch.Tensor] | None = None) -> pd.DataFrame:
+    """``real``: a model's weights (see :func:`model_weights`) for the ``rel_error_model``
+    column; NaN without."""
     host = host or get_host()
     weights = test_weights(rows, cols, seed)
     w = weights["normal"]
@@ -69,6 +94,7 @@ def quantizer_table(host: PluginHost | None = None, names: Iterable[str] | None 
             "fp32_bytes": w.numel() * 4,
             "rel_error_normal": rel_error(w, qz.dequantize(q)),
             "rel_error_outliers": rel_error(weights["outliers"], qz.dequantize(qz.quantize(weights["outliers"]))),
+            "rel_error_model": rel_error_many(qz, real) if real else float("nan"),
             "quantize_gbps": gb / _best_time(lambda: qz.quantize(w), repeats),  # noqa: B023
             "dequantize_gbps": gb / _best_time(lambda: qz.dequantize(q), repeats),  # noqa: B023
         })
@@ -79,7 +105,7 @@ def to_markdown(df: pd.DataFrame) -> str:
     """A plain markdown table (no extra dependency)."""
     fmt = {
         "bits_per_param": "{:.4f}", "nominal_bits": "{:.4f}", "storage_bytes": "{:,}", "fp32_bytes": "{:,}",
-        "rel_error_normal": "{:.4f}", "rel_error_outliers": "{:.4f}", "quantize_gbps": "{:.2f}",
+        "rel_error_normal": "{:.4f}", "rel_error_outliers": "{:.4f}", "rel_error_model": "{:.4f}", "quantize_gbps": "{:.2f}",
         "dequantize_gbps": "{:.2f}",
     }
     cols = list(df.columns)

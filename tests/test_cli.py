@@ -48,3 +48,17 @@ def test_bad_numbers(argv, capsys):
         main(argv)
     assert info.value.code == 2
     assert "is not allowed: a positive integer" in capsys.readouterr().err
+
+
+def test_report_measures_error_on_a_models_real_weights(host, tmp_path):
+    from peftlab.quantizer_report import model_weights, rel_error, rel_error_many
+
+    weights = model_weights("tiny-gpt2")
+    assert len(weights) == 8 and "lm_head" not in " ".join(weights)  # 4 Conv1D per block, 2 blocks
+    qz = host.quantizers.build("nf4")
+    one = {"w": next(iter(weights.values()))}
+    assert rel_error_many(qz, one) == pytest.approx(rel_error(one["w"], qz.dequantize(qz.quantize(one["w"]))))
+    assert main(["quantizers", "--report", "--rows", "32", "--cols", "64", "--repeats", "1", "--model", "tiny-gpt2",
+                 "--out", str(tmp_path)]) == 0
+    df = pd.read_csv(tmp_path / "quantizers.csv").set_index("quantizer")
+    assert df["rel_error_model"].notna().all() and df.loc["nf4", "rel_error_model"] < df.loc["int4", "rel_error_model"]
