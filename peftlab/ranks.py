@@ -8,6 +8,7 @@ device (no weights, no download) and counts what LoRA adds for a set of target m
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -61,7 +62,15 @@ TARGETS = {
 
 
 def meta_model(name: str):
-    """The architecture with no weights (meta device): its shapes, for counting."""
+    """The architecture with no weights (meta device): its shapes, for counting. Built once per
+    name and deep-copied (a copy of meta tensors costs nothing; building a 180B one does)."""
+    import copy
+
+    return copy.deepcopy(_meta_model(name))
+
+
+@functools.cache
+def _meta_model(name: str):
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 

@@ -92,11 +92,18 @@ def plots(df: pd.DataFrame, summary: pd.DataFrame, folder: Path) -> list[tuple[s
     metrics = _metric_columns(ok)
     if metrics and len(ok):
         m = metrics[0]
-        fig, ax = plt.subplots(figsize=(6.5, 4.5))
-        ax.errorbar(ok["params.trainable"], ok[m], yerr=ok.get(f"{m}.ci95"), fmt="o", capsize=3)
-        for _, r in ok.iterrows():
-            ax.annotate(str(r["group"]), (r["params.trainable"], r[m]), fontsize=7, xytext=(4, 3),
-                        textcoords="offset points")
+        fig, ax = plt.subplots(figsize=(7, 4.8))
+        colours = {a: f"C{i}" for i, a in enumerate(sorted(ok["adapter"].dropna().unique()))}
+        for i, (_, r) in enumerate(ok.iterrows()):
+            quantized = str(r.get("quantizer")) not in ("none", "<NA>", "nan")
+            ax.errorbar(r["params.trainable"], r[m], yerr=r.get(f"{m}.ci95"), fmt="s" if quantized else "o",
+                        color=colours.get(r["adapter"], "C0"), capsize=3, mfc="white" if quantized else None)
+            ax.annotate(str(r["group"]), (r["params.trainable"], r[m]), fontsize=7,
+                        xytext=(5, 6 if i % 2 == 0 else -10), textcoords="offset points")
+        for adapter, colour in colours.items():
+            ax.plot([], [], "o", color=colour, label=adapter)
+        ax.plot([], [], "s", color="grey", mfc="white", label="quantized base")
+        ax.legend(fontsize=8, loc="best")
         ax.set(xscale="log", xlabel="trainable parameters (log)", ylabel=m.removeprefix("metric."),
                title=f"Quality vs trainable parameters ({m.removeprefix('metric.')}, mean ± 95% CI)")
         ax.grid(True, alpha=0.3)

@@ -35,3 +35,14 @@ def test_activations_are_a_separate_term():
 def test_bad_input(kw, match):
     with pytest.raises(ValidationError, match=match):
         estimate(10e9, **kw)
+
+
+def test_estimate_cli_prints_the_three_methods(capsys):
+    import json
+
+    from peftlab.cli import main
+
+    assert main(["estimate", "--json"]) == 0
+    rows = {r["method"]: r for r in json.loads(capsys.readouterr().out)}
+    assert rows["full"]["total"] == 120e9
+    assert rows["qlora"]["total"] < rows["lora"]["total"] < rows["full"]["total"]

@@ -48,3 +48,13 @@ def test_gpt2_medium_and_large_at_rank_4_against_the_lora_paper():
     # fused c_attn: r * (d + 3d) per block == the paper's separate q and v: 2 * r * (d + d)
     assert m == 24 * 4 * (1024 + 3072) == 24 * 2 * 4 * 2048 == 393_216
     assert large == 36 * 4 * (1280 + 3840) == 737_280
+
+
+def test_ranks_report_writes_the_three_tables(tmp_path):
+    from peftlab.cli import main
+
+    assert main(["ranks", "--no-peft", "--out", str(tmp_path)]) == 0
+    text = (tmp_path / "report.md").read_text()
+    assert "| 1 | 167K | 228K | 529K | 849K |" in text and "Made by `peftlab ranks --no-peft" in text
+    assert "| GPT-2-Medium | 393,216 (0.39M) | 0.35M |" in text
+    assert "Falcon-180B" in (tmp_path / "ranks.csv").read_text()
