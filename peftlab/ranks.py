@@ -49,9 +49,23 @@ ARCHITECTURES: dict[str, tuple[str, dict[str, Any]]] = {
     "Falcon-180B": ("falcon", {"hidden_size": 14848, "num_hidden_layers": 80, "num_attention_heads": 232,
                                "num_kv_heads": 8, "new_decoder_architecture": True, "vocab_size": 65024,
                                "parallel_attn": True, "bias": False}),
+    # the embedded default (SmolLM2-135M-Instruct); 134,515,008 parameters, as the GGUF file loads
+    "SmolLM2-135M": ("llama", {"hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,
+                               "num_attention_heads": 9, "num_key_value_heads": 3, "vocab_size": 49152,
+                               "tie_word_embeddings": True}),
     "GPT-2-Medium": ("gpt2", {"n_embd": 1024, "n_layer": 24, "n_head": 16, "vocab_size": 50257}),
     "GPT-2-Large": ("gpt2", {"n_embd": 1280, "n_layer": 36, "n_head": 20, "vocab_size": 50257}),
 }
+#: peftlab's short model names with a configuration above
+ALIASES = {"smollm2-135m": "SmolLM2-135M"}
+
+
+def shape(name: str) -> tuple[int, int]:
+    """(hidden size, number of blocks) of an architecture above, for the activation term."""
+    _, kw = ARCHITECTURES[ALIASES.get(name, name)]
+    return kw.get("hidden_size", kw.get("n_embd")), kw.get("num_hidden_layers", kw.get("n_layer"))
+
+
 #: LoRA targets per architecture: "q/v" (the LoRA paper's choice) and every linear layer
 TARGETS = {
     "llama": {"q/v": ["q_proj", "v_proj"], "all-linear": "all-linear"},
