@@ -77,7 +77,9 @@ def _memory_report(args: argparse.Namespace) -> int:
         if not (f / "cells").is_dir():
             raise ValidationError("check", str(f), "a sweep's results folder (one with a cells/ folder)")
     text, rows = memory_report(folders, seq=args.seq or 512, batch=args.batch, rank=args.rank)
-    text = text.replace("\n", f"\n\nMade by `peftlab {' '.join(args.argv)}`.\n", 1)
+    from peftlab.reports import this_machine
+
+    text = text.replace("\n", f"\n\nMade by `peftlab {' '.join(args.argv)}`.\n\n{this_machine()}", 1)
     if not args.out:
         print(text)
         return 0
@@ -168,11 +170,13 @@ def run_ranks(args: argparse.Namespace) -> int:
     if args.out:
         import pandas as pd
 
+        from peftlab.reports import this_machine
         from peftlab.results import write_text_atomic
 
         out = Path(args.out)
         write_text_atomic(out / "report.md", text.replace("# Rank versus trainable parameters\n",
-                          "# Rank versus trainable parameters\n\nMade by `peftlab " + " ".join(args.argv) + "`.\n", 1))
+                          "# Rank versus trainable parameters\n\nMade by `peftlab " + " ".join(args.argv) + "`.\n\n"
+                          + this_machine(), 1))
         write_text_atomic(out / "ranks.csv", pd.DataFrame(rows).to_csv(index=False))
         print(f"wrote {out / 'report.md'}", file=sys.stderr)
     else:

@@ -139,7 +139,8 @@ def check_section(folder: Path) -> tuple[list[str], list[dict[str, Any]]]:
     df["gap"] = df["measured"] - df["est.total"]
     kinds = ", ".join(sorted(df["kind"].unique()))
     lines = [f"## 3. Estimate against measurement: `{folder}`\n",
-             f"Measured: the cells' peak memory ({kinds}; mean over seeds). Estimated: the terms above from each "
+             f"Measured on {', '.join(sorted({str(r.get('device', '?')) for r in recs}))}: the cells' peak memory "
+             f"({kinds}; mean over seeds). Estimated: the terms above from each "
              "cell's record (base bytes as stored, fp32 adapters and gradients, AdamW states, bf16 weight copies "
              "saved by autocast, activations at the run's tokens per step). MB = 10^6 bytes.\n",
              "| cell | weights | grads + optimizer | autocast copies | activations | estimate | measured | gap | "

@@ -50,7 +50,7 @@ def _fmt(v: Any, ci: Any = None, digits: int = 1) -> str:
 
 def summary_markdown(summary: pd.DataFrame) -> str:
     metrics = _metric_columns(summary)
-    head = ["cell", "status", "seeds", "trainable", "% of total", "base MB", "peak MB", "train tok/s", "gen tok/s",
+    head = ["cell", "status", "seeds", "trainable", "% of total", "base MiB", "peak MiB", "train tok/s", "gen tok/s",
             "final loss", *[m.removeprefix("metric.") for m in metrics]]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for _, r in summary.iterrows():
@@ -114,7 +114,7 @@ def plots(df: pd.DataFrame, summary: pd.DataFrame, folder: Path) -> list[tuple[s
     if len(ok):
         fig, axes = plt.subplots(1, 2, figsize=(10, 0.45 * len(ok) + 1.6))
         labels = ok["group"].astype(str).tolist()
-        for ax, col, scale, xlabel in ((axes[0], "mem.peak_bytes", 2**20, "peak memory, MB"),
+        for ax, col, scale, xlabel in ((axes[0], "mem.peak_bytes", 2**20, "peak memory, MiB"),
                                        (axes[1], "train.tokens_per_s", 1, "training tokens/s")):
             err = ok.get(f"{col}.ci95")
             ax.barh(labels, ok[col] / scale, xerr=None if err is None else err / scale, capsize=3)
@@ -133,18 +133,34 @@ def plots(df: pd.DataFrame, summary: pd.DataFrame, folder: Path) -> list[tuple[s
 def environment(df: pd.DataFrame) -> str:
     versions = {c.removeprefix("version."): df[c].dropna().unique().tolist() for c in df.columns if c.startswith("version.")}
     devices = df["device"].dropna().unique().tolist()
+    return (f"- device: {', '.join(devices) or 'n/a'}\n"
+            f"- versions: " + ", ".join(f"{k} {'/'.join(map(str, v))}" for k, v in versions.items() if v) + "\n"
+            f"- peftlab commit: {git_commit()}\n"
+            f"- rendered: {datetime.now(UTC).strftime('%Y-%m-%d %H:%M UTC')}")
+
+
+def git_commit() -> str:
+    """The working tree's short commit, marked when tracked files have uncommitted changes."""
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                                 check=True).stdout.strip()
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
                                text=True).stdout.strip()
-        commit += " (with uncommitted changes)" if dirty else ""
+        return commit + (" (with uncommitted changes)" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
-        commit = "unknown"
-    return (f"- device: {', '.join(devices) or 'n/a'}\n"
-            f"- versions: " + ", ".join(f"{k} {'/'.join(map(str, v))}" for k, v in versions.items() if v) + "\n"
-            f"- peftlab commit: {commit}\n"
-            f"- rendered: {datetime.now(UTC).strftime('%Y-%m-%d %H:%M UTC')}")
+        return "unknown"
+
+
+def this_machine() -> str:
+    """Provenance of a report computed in this process: device, versions, commit, time."""
+    import torch
+
+    from peftlab.measure import device_name, versions
+
+    return (f"- machine: {device_name(torch.device('cpu'))}\n"
+            f"- versions: " + ", ".join(f"{k} {v}" for k, v in versions().items() if v) + "\n"
+            f"- peftlab commit: {git_commit()}\n"
+            f"- rendered: {datetime.now(UTC).strftime('%Y-%m-%d %H:%M UTC')}\n")
 
 
 def render(folder: str | Path, command: str | None = None) -> Path:
@@ -172,13 +188,17 @@ def render(folder: str | Path, command: str | None = None) -> Path:
         f"Made by `{manifest.get('command', 'peftlab sweep ' + str(manifest.get('file', '?')))}` from "
         f"`{manifest.get('file', '?')}`; re-render with `peftlab report {folder}`.\n",
         environment(df) + "\n",
+        *(["What these numbers say, next to the papers': [NOTES.md](NOTES.md).\n"]
+          if (folder / "NOTES.md").exists() else []),
         f"## Results ({len(df)} cells, {int((df['status'] == 'ok').sum())} ok)\n",
         "Mean over seeds, ± the half-width of a 95% Student t interval where there are several. "
-        "Parameters are logical (a packed 4-bit weight counts as its elements); base MB is the base "
+        "Parameters are logical (a packed 4-bit weight counts as its elements); base MiB is the base "
         "model's weights as stored; peak memory is "
         + ("the CUDA allocator's peak during training" if "cuda" in " ".join(map(str, df["mem.peak_kind"].dropna()))
            else "the process's peak resident set during training minus its resident set before the model was "
-                "loaded (CPU; it includes everything the process holds)") + ".\n",
+                "loaded (CPU; it includes everything the process holds"
+                + ("; `rss-strict` mode, which returns freed memory to the system" if any(
+                    str(k).endswith("_strict") for k in df["mem.peak_kind"].dropna()) else "") + ")") + ".\n",
         summary_markdown(summary) + "\n",
     ]
     if len(not_ok):
