@@ -77,7 +77,12 @@ class QuantizedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(self.compute_dtype)
-        return _DequantMatmul.apply(x.to(self.compute_dtype), self, bias).to(x.dtype)
+        y = _DequantMatmul.apply(x.to(self.compute_dtype), self, bias)
+        # Under autocast, nn.Linear returns the autocast dtype; so does this layer, so the
+        # activations after it are stored at that width (not the fp32 residual stream's).
+        if torch.is_autocast_enabled(x.device.type) and y.dtype == torch.get_autocast_dtype(x.device.type):
+            return y
+        return y.to(x.dtype)
 
     def extra_repr(self) -> str:
         q = self.qweight

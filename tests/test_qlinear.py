@@ -114,3 +114,17 @@ def test_unfrozen_bias_gets_its_gradient(gen):
     x = torch.randn(3, 5, 16, generator=gen)
     ql(x).sum().backward()
     torch.testing.assert_close(ql.bias.grad, torch.full((8,), 15.0))
+
+
+def test_output_dtype_follows_autocast_like_nn_linear(gen):
+    lin = nn.Linear(64, 32)
+    ql = QuantizedLinear.from_linear(lin, FourBitQuantizer("nf4"))  # bf16 compute
+    x = torch.randn(4, 64, generator=gen, requires_grad=True)
+    assert ql(x).dtype == torch.float32  # outside autocast: the input's dtype
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = ql(x)
+        assert y.dtype == lin(x).dtype == torch.bfloat16  # what nn.Linear returns under autocast
+        y.float().sum().backward()
+    assert x.grad is not None and x.grad.dtype == torch.float32
+    with torch.autocast("cpu", dtype=torch.float16):  # autocast casts the matmul itself, as for nn.Linear
+        assert ql(x).dtype == lin(x).dtype == torch.float16
