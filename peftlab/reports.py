@@ -94,12 +94,17 @@ def plots(df: pd.DataFrame, summary: pd.DataFrame, folder: Path) -> list[tuple[s
         m = metrics[0]
         fig, ax = plt.subplots(figsize=(7, 4.8))
         colours = {a: f"C{i}" for i, a in enumerate(sorted(ok["adapter"].dropna().unique()))}
-        for i, (_, r) in enumerate(ok.iterrows()):
+        # cells sharing a parameter count (LoRA over several bases) get their labels stacked
+        same_x = ok.groupby("params.trainable")[m]
+        stack, size = same_x.rank(ascending=False, method="first") - 1, same_x.transform("size")
+        for i, (idx, r) in enumerate(ok.iterrows()):
             quantized = str(r.get("quantizer")) not in ("none", "<NA>", "nan")
             ax.errorbar(r["params.trainable"], r[m], yerr=r.get(f"{m}.ci95"), fmt="s" if quantized else "o",
                         color=colours.get(r["adapter"], "C0"), capsize=3, mfc="white" if quantized else None)
-            ax.annotate(str(r["group"]), (r["params.trainable"], r[m]), fontsize=7,
-                        xytext=(5, 6 if i % 2 == 0 else -10), textcoords="offset points")
+            dy = 6 - 11 * stack[idx] if size[idx] > 1 else (6 if i % 2 == 0 else -10)
+            right = r["params.trainable"] == ok["params.trainable"].max() and ok["params.trainable"].nunique() > 1
+            ax.annotate(str(r["group"]), (r["params.trainable"], r[m]), fontsize=7, ha="right" if right else "left",
+                        xytext=(-5 if right else 5, dy), textcoords="offset points")
         for adapter, colour in colours.items():
             ax.plot([], [], "o", color=colour, label=adapter)
         ax.plot([], [], "s", color="grey", mfc="white", label="quantized base")
