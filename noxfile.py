@@ -9,6 +9,7 @@ several GB onto a CPU machine:
 """
 
 import os
+import subprocess
 
 import nox
 
@@ -65,9 +66,22 @@ def bench(session: nox.Session) -> None:
                 "--benchmark-columns=min,median,rounds", *session.posargs, env={"PEFTLAB_BENCH": "1"})
 
 
+def source_commit() -> str:
+    """This checkout's commit, for the records: the installed copy in the session's venv cannot
+    see the git history it came from."""
+    def git(*args):
+        return subprocess.run(["git", *args], capture_output=True, text=True, check=True).stdout.strip()
+
+    try:
+        return git("rev-parse", "--short", "HEAD") + (
+            " (with uncommitted changes)" if git("status", "--porcelain", "--untracked-files=no") else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "not a git checkout"
+
+
 @nox.session(default=False)
 def sweep(session: nox.Session) -> None:
     """The main job: run an experiment grid (default experiments/quickstart.toml) into results/."""
     install(session)
     args = session.posargs or ["experiments/quickstart.toml"]
-    session.run("peftlab", "sweep", *args)
+    session.run("peftlab", "sweep", *args, env={"PEFTLAB_COMMIT": source_commit()})

@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import os
 import platform
+import subprocess
 from dataclasses import dataclass
 from importlib import metadata
+from pathlib import Path
 
 import torch
 
@@ -129,6 +131,27 @@ def versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             out[dist] = ""
     return out
+
+
+def git_commit() -> str:
+    """The short commit of the git checkout this peftlab runs from, marked when tracked files
+    have uncommitted changes; "not a git checkout" for an installed copy, unless the environment
+    names the commit it was installed from (``PEFTLAB_COMMIT``, set by ``nox -s sweep``)."""
+    if os.environ.get("PEFTLAB_COMMIT"):
+        return os.environ["PEFTLAB_COMMIT"]
+    here = Path(__file__).resolve().parent.parent
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(here), *args], capture_output=True, text=True, check=True,
+                              timeout=10).stdout.strip()
+
+    try:
+        if Path(git("rev-parse", "--show-toplevel")).resolve() != here:
+            return "not a git checkout"
+        dirty = git("status", "--porcelain", "--untracked-files=no")
+        return git("rev-parse", "--short", "HEAD") + (" (with uncommitted changes)" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "not a git checkout"
 
 
 def device_name(device: torch.device) -> str:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
@@ -136,31 +135,21 @@ def plots(df: pd.DataFrame, summary: pd.DataFrame, folder: Path) -> list[tuple[s
 
 
 def environment(df: pd.DataFrame) -> str:
+    from peftlab.measure import git_commit
+
     versions = {c.removeprefix("version."): df[c].dropna().unique().tolist() for c in df.columns if c.startswith("version.")}
     devices = df["device"].dropna().unique().tolist()
     return (f"- device: {', '.join(devices) or 'n/a'}\n"
             f"- versions: " + ", ".join(f"{k} {'/'.join(map(str, v))}" for k, v in versions.items() if v) + "\n"
-            f"- peftlab commit: {git_commit()}\n"
+            f"- peftlab commit (rendering): {git_commit()}\n"
             f"- rendered: {datetime.now(UTC).strftime('%Y-%m-%d %H:%M UTC')}")
-
-
-def git_commit() -> str:
-    """The working tree's short commit, marked when tracked files have uncommitted changes."""
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                               text=True).stdout.strip()
-        return commit + (" (with uncommitted changes)" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def this_machine() -> str:
     """Provenance of a report computed in this process: device, versions, commit, time."""
     import torch
 
-    from peftlab.measure import device_name, versions
+    from peftlab.measure import device_name, git_commit, versions
 
     return (f"- machine: {device_name(torch.device('cpu'))}\n"
             f"- versions: " + ", ".join(f"{k} {v}" for k, v in versions().items() if v) + "\n"

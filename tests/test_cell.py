@@ -191,3 +191,14 @@ def test_strict_memory_mode_is_recorded_and_bad_modes_are_refused():
     assert rec["mem.peak_kind"] == ("cpu_peak_rss_delta_strict" if rec["mem.cpu_strict_heap"] else "cpu_peak_rss_delta")
     with pytest.raises(ValidationError, match="memory_mode='exact'.*rss, rss-strict"):
         cell(memory_mode="exact")
+
+
+def test_records_name_the_commit_they_ran_from(monkeypatch):
+    import re
+
+    from peftlab.measure import git_commit
+
+    monkeypatch.setenv("PEFTLAB_COMMIT", "0123abc")  # what nox -s sweep passes to its installed copy
+    assert git_commit() == "0123abc"
+    monkeypatch.delenv("PEFTLAB_COMMIT")
+    assert re.fullmatch(r"[0-9a-f]{7,}( \(with uncommitted changes\))?|not a git checkout", git_commit())
