@@ -156,10 +156,9 @@ def check_section(folder: Path) -> tuple[list[str], list[dict[str, Any]]]:
     lines.append(
         "\nWhat the estimator leaves out and a CPU process holds: the logits and log-softmax at the response "
         "positions (49,152-entry vocabulary), the tokenized dataset, the model loader's scratch (the GGUF file "
-        "is dequantized on load), the allocator's fragmentation and the torch runtime itself. A quantized base "
-        "also holds each layer's dequantized weight while it runs, and `QuantizedLinear` returns its output "
-        "in the input's dtype (fp32 on this path), so the elementwise activations after it are saved in fp32 "
-        "rather than bf16: the likeliest sources of the QLoRA cells' larger gap. On a GPU the allocator's own "
+        "is dequantized on load), the allocator's fragmentation and the torch runtime itself. A quantized "
+        "base also holds each layer's dequantized weight while that layer runs, forward and backward. "
+        "On a GPU the allocator's own "
         "peak would leave out the runtime and the data; no GPU was available for this report.\n")
     return lines, df.to_dict("records")
 
