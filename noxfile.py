@@ -74,7 +74,8 @@ def source_commit() -> str:
 
     try:
         return git("rev-parse", "--short", "HEAD") + (
-            " (with uncommitted changes)" if git("status", "--porcelain", "--untracked-files=no") else "")
+            " (with uncommitted changes)" if git("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)results")
+            else "")
     except (OSError, subprocess.CalledProcessError):
         return "not a git checkout"
 

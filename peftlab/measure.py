@@ -135,7 +135,7 @@ def versions() -> dict[str, str]:
 
 def git_commit() -> str:
     """The short commit of the git checkout this peftlab runs from, marked when tracked files
-    have uncommitted changes; "not a git checkout" for an installed copy, unless the environment
+    outside ``results/`` have uncommitted changes (a sweep rewriting its own folder does not count); "not a git checkout" for an installed copy, unless the environment
     names the commit it was installed from (``PEFTLAB_COMMIT``, set by ``nox -s sweep``)."""
     if os.environ.get("PEFTLAB_COMMIT"):
         return os.environ["PEFTLAB_COMMIT"]
@@ -148,7 +148,7 @@ def git_commit() -> str:
     try:
         if Path(git("rev-parse", "--show-toplevel")).resolve() != here:
             return "not a git checkout"
-        dirty = git("status", "--porcelain", "--untracked-files=no")
+        dirty = git("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)results")
         return git("rev-parse", "--short", "HEAD") + (" (with uncommitted changes)" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         return "not a git checkout"
