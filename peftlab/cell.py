@@ -99,7 +99,7 @@ def _preflight(cfg: CellConfig, host) -> tuple[Any, Any, dict[str, Any], str | N
 
 
 def base_record(cfg: CellConfig) -> dict[str, Any]:
-    from peftlab.measure import git_commit, versions
+    from peftlab.measure import git_commit, machine_id, versions
 
     rec: dict[str, Any] = {"status": "ok", "reason": "", "model": cfg.model.name, "adapter": cfg.adapter,
                            "quantizer": cfg.quantizer if cfg.quantizer not in NO_QUANTIZER else "none",
@@ -110,6 +110,7 @@ def base_record(cfg: CellConfig) -> dict[str, Any]:
                            "train.lr": cfg.train.lr, "train.seed": cfg.train.seed, "memory_mode": cfg.memory_mode}
     rec.update({f"version.{k}": v for k, v in versions().items()})
     rec["version.commit"] = git_commit()  # of the working tree the cell ran from
+    rec["machine.id"] = machine_id()
     return rec
 
 

@@ -14,6 +14,8 @@ def add_parsers(sub) -> None:
                    help="train.steps=20, model.name=tiny-llama, grid.train.seed=0,1, name=...")
     p.add_argument("--out", help="results folder (default results/<experiment name>)")
     p.add_argument("--force", action="store_true", help="re-run cells that already have a record")
+    p.add_argument("--reuse-foreign", action="store_true",
+                   help="count finished records made on another host or with other versions as done")
     p.add_argument("--plan", action="store_true", help="validate and list the cells; run nothing")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run_sweep)
@@ -37,7 +39,7 @@ def run_sweep(args: argparse.Namespace) -> int:
         print(f"{len(cells)} cells", file=sys.stderr)
         return 0
     out = Path(args.out or Path("results") / exp.name)
-    records = sweep(exp, out, force=args.force, progress=not args.no_progress, host=host)
+    records = sweep(exp, out, force=args.force, reuse_foreign=args.reuse_foreign, progress=not args.no_progress, host=host)
     report = render(out, command=" ".join(["peftlab", *args.argv]))
     failed = sum(r.get("status") == "failed" for r in records)
     print(f"wrote {report} ({len(records)} cells, {failed} failed)", file=sys.stderr)

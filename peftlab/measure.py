@@ -154,6 +154,14 @@ def git_commit() -> str:
         return "not a git checkout"
 
 
+def machine_id() -> str:
+    """A short hash of this host's name: records say which host made them without naming it."""
+    import hashlib
+    import socket
+
+    return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:12]
+
+
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)

@@ -8,7 +8,9 @@ implements the same method, or ``run_all`` to run cells in parallel; nothing els
 Layout of ``results/<experiment>/``: ``manifest.json`` (schema version), ``cells/<id>.json`` (one
 record per finished cell, written atomically), ``.lock`` (held while a sweep writes), and the
 tables and report made from the records. Re-running a sweep skips cells whose record says ``ok``
-or ``skipped``; failed or missing cells run again; ``force`` re-runs everything.
+or ``skipped`` and was made here (this host, the same torch, transformers, bitsandbytes and
+peftlab); failed or missing cells run again, and so do records from elsewhere (committed reference
+results in a fresh clone) unless ``reuse_foreign``; ``force`` re-runs everything.
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ from peftlab.results import write_text_atomic
 
 SCHEMA = 1
 DONE = ("ok", "skipped")
+#: what must match for a finished record to count as done on resume
+SAME_PLACE = ("machine.id", "version.torch", "version.transformers", "version.bitsandbytes", "version.peftlab")
 
 
 class Executor(ABC):
@@ -148,9 +152,19 @@ def load_records(folder: Path) -> list[dict[str, Any]]:
         if cells.is_dir() else []
 
 
+def here() -> dict[str, str]:
+    from peftlab.measure import machine_id, versions
+
+    v = versions()
+    return {"machine.id": machine_id(), **{k: v.get(k.removeprefix("version."), "") for k in SAME_PLACE[1:]}}
+
+
 def sweep(exp: Experiment, out: Path, *, executor: Executor | None = None, force: bool = False,
-          progress: bool = True, host=None, log: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
-    """Plan, validate and run every cell of ``exp`` into ``out``; returns all records (old and new)."""
+          reuse_foreign: bool = False, progress: bool = True, host=None,
+          log: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
+    """Plan, validate and run every cell of ``exp`` into ``out``; returns all records (old and new).
+    A finished record made on another host or with other versions is run again here, unless
+    ``reuse_foreign``; it stays in place until its replacement is written."""
     from tqdm.auto import tqdm
 
     from peftlab.plugins import get_host
@@ -162,17 +176,23 @@ def sweep(exp: Experiment, out: Path, *, executor: Executor | None = None, force
     with locked(out):
         check_manifest(out, exp)
         path = lambda c: out / "cells" / f"{c.cell_id}.json"  # noqa: E731
-        todo, done = [], 0
+        todo, done, foreign, place = [], 0, 0, here()
         for c in cells:
             prior = _read(path(c))
-            if prior and prior.get("status") in DONE and not force:
+            finished = prior is not None and prior.get("status") in DONE and not force
+            if finished and (reuse_foreign or prior.get("status") == "skipped"
+                             or all(prior.get(k) == v for k, v in place.items())):
                 done += 1
             elif c.skip_reason:
                 _finish(host, path(c), stamp({**_skipped(c)}, c))
                 done += 1
             else:
+                foreign += finished
                 todo.append(c)
         log(header(exp, host, len(cells), done, len(todo)))
+        if foreign:
+            log(f"  {foreign} finished cell(s) were made on another host or with other versions (committed "
+                "results, for one); running them here. --reuse-foreign keeps them instead.")
         bar = tqdm(total=len(todo), desc=f"sweep {exp.name}", unit="cell", disable=not progress or not todo,
                    dynamic_ncols=True, position=0)
 

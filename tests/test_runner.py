@@ -15,7 +15,7 @@ from peftlab.cell import run_cell
 from peftlab.experiment import load_experiment
 from peftlab.reports import render
 from peftlab.results import write_text_atomic
-from peftlab.runner import Executor, LocalProcessExecutor, locked, sweep
+from peftlab.runner import Executor, LocalProcessExecutor, here, locked, sweep
 from peftlab.tables import COLUMNS, aggregate, t95, to_frame
 
 TINY = Path(__file__).parent / "fixtures" / "tiny_grid.toml"
@@ -89,6 +89,28 @@ def test_a_killed_cell_fails_alone_and_only_it_runs_again(tmp_path):
     records = sweep(exp, tmp_path, executor=rerun, progress=False, log=lambda s: None)
     assert rerun.ran == ["lora(r=4) seed=0"]
     assert {r["status"] for r in records} == {"ok"} and len(to_frame(records)) == 2
+
+
+def test_records_from_another_host_or_versions_run_again_here(tmp_path):
+    exp = load_experiment(TINY, ["grid.train.seed=0"])
+    sweep(exp, tmp_path, executor=InProcess(), progress=False, log=lambda s: None)
+    files = sorted((tmp_path / "cells").glob("*[!l].json"))  # records, not the .cell.json inputs
+    assert len(files) == 2
+    moved = json.loads(files[0].read_text())
+    write_text_atomic(files[0], json.dumps({**moved, "machine.id": "elsewhere"}))  # e.g. committed results
+    older = json.loads(files[1].read_text())
+    write_text_atomic(files[1], json.dumps({**older, "version.torch": "1.0"}))
+    kept = InProcess()
+    sweep(exp, tmp_path, executor=kept, reuse_foreign=True, progress=False, log=lambda s: None)
+    assert kept.ran == []
+    rerun, said = InProcess(), []
+    records = sweep(exp, tmp_path, executor=rerun, progress=False, log=said.append)
+    assert sorted(rerun.ran) == ["lora(r=2) seed=0", "lora(r=4) seed=0"]
+    assert "2 finished cell(s) were made on another host or with other versions" in "\n".join(said)
+    assert [r["machine.id"] for r in records] == [here()["machine.id"]] * 2
+    again = InProcess()
+    sweep(exp, tmp_path, executor=again, progress=False, log=lambda s: None)
+    assert again.ran == []
 
 
 def test_vetoed_cells_are_kept_as_skipped_rows(tmp_path):
