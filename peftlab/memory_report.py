@@ -12,7 +12,6 @@ Three parts, each a markdown section of ``peftlab estimate --report``:
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -115,16 +114,17 @@ def architecture_section(seq: int, batch: int, rank: int) -> list[str]:
     return lines
 
 
-def load_records(folder: Path) -> list[dict[str, Any]]:
-    recs = [json.loads(p.read_text()) for p in sorted((folder / "cells").glob("*.json"))
-            if not p.name.endswith(".cell.json")]
-    return [r for r in recs if r.get("status") == "ok" and "mem.peak_bytes" in r]
+def measured_records(folder: Path) -> list[dict[str, Any]]:
+    """A sweep's finished cells that carry a peak-memory reading."""
+    from peftlab.runner import load_records
+
+    return [r for r in load_records(folder) if r.get("status") == "ok" and "mem.peak_bytes" in r]
 
 
 def check_section(folder: Path) -> tuple[list[str], list[dict[str, Any]]]:
     import pandas as pd
 
-    recs = load_records(folder)
+    recs = measured_records(folder)
     if not recs:
         return [f"## 3. Measured: no finished cells with a memory reading in `{folder}`\n"], []
     rows = []
