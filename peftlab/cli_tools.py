@@ -77,6 +77,12 @@ def _memory_report(args: argparse.Namespace) -> int:
         if not (f / "cells").is_dir():
             raise ValidationError("check", str(f), "a sweep's results folder (one with a cells/ folder)")
     text, rows = memory_report(folders, seq=args.seq or 512, batch=args.batch, rank=args.rank)
+    return _write_report(args, text, rows, "memory.csv")
+
+
+def _write_report(args: argparse.Namespace, text: str, rows: list[dict], csv_name: str) -> int:
+    """Stamp a computed report under its title with the command that made it and this machine;
+    print it, or with ``--out`` write it next to its rows as CSV (both atomically)."""
     from peftlab.reports import this_machine
 
     text = text.replace("\n", f"\n\nMade by `peftlab {' '.join(args.argv)}`.\n\n{this_machine()}", 1)
@@ -89,7 +95,7 @@ def _memory_report(args: argparse.Namespace) -> int:
 
     out = Path(args.out)
     write_text_atomic(out / "report.md", text)
-    write_text_atomic(out / "memory.csv", pd.DataFrame(rows).to_csv(index=False))
+    write_text_atomic(out / csv_name, pd.DataFrame(rows).to_csv(index=False))
     print(f"wrote {out / 'report.md'}", file=sys.stderr)
     return 0
 
@@ -167,18 +173,4 @@ def ranks_report(check_peft: bool = True) -> tuple[str, list[dict]]:
 
 def run_ranks(args: argparse.Namespace) -> int:
     text, rows = ranks_report(check_peft=not args.no_peft)
-    if args.out:
-        import pandas as pd
-
-        from peftlab.reports import this_machine
-        from peftlab.results import write_text_atomic
-
-        out = Path(args.out)
-        write_text_atomic(out / "report.md", text.replace("# Rank versus trainable parameters\n",
-                          "# Rank versus trainable parameters\n\nMade by `peftlab " + " ".join(args.argv) + "`.\n\n"
-                          + this_machine(), 1))
-        write_text_atomic(out / "ranks.csv", pd.DataFrame(rows).to_csv(index=False))
-        print(f"wrote {out / 'report.md'}", file=sys.stderr)
-    else:
-        print(text)
-    return 0
+    return _write_report(args, text, rows, "ranks.csv")
