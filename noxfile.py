@@ -8,8 +8,9 @@ several GB onto a CPU machine:
     PEFTLAB_TORCH=skip  use the torch already installed in the environment (with --no-venv)
 """
 
+import importlib.util
 import os
-import subprocess
+from pathlib import Path
 
 import nox
 
@@ -68,16 +69,11 @@ def bench(session: nox.Session) -> None:
 
 def source_commit() -> str:
     """This checkout's commit, for the records: the installed copy in the session's venv cannot
-    see the git history it came from."""
-    def git(*args):
-        return subprocess.run(["git", *args], capture_output=True, text=True, check=True).stdout.strip()
-
-    try:
-        return git("rev-parse", "--short", "HEAD") + (
-            " (with uncommitted changes)" if git("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)results")
-            else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "not a git checkout"
+    see the git history it came from. peftlab/gitinfo.py is loaded as a lone file (no torch here)."""
+    spec = importlib.util.spec_from_file_location("peftlab_gitinfo", Path(__file__).parent / "peftlab" / "gitinfo.py")
+    gitinfo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gitinfo)
+    return gitinfo.checkout_commit(Path(__file__).parent)
 
 
 @nox.session(default=False)

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import os
 import platform
-import subprocess
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -134,24 +133,12 @@ def versions() -> dict[str, str]:
 
 
 def git_commit() -> str:
-    """The short commit of the git checkout this peftlab runs from, marked when tracked files
-    outside ``results/`` have uncommitted changes (a sweep rewriting its own folder does not count); "not a git checkout" for an installed copy, unless the environment
-    names the commit it was installed from (``PEFTLAB_COMMIT``, set by ``nox -s sweep``)."""
-    if os.environ.get("PEFTLAB_COMMIT"):
-        return os.environ["PEFTLAB_COMMIT"]
-    here = Path(__file__).resolve().parent.parent
+    """The commit this peftlab runs from (:func:`peftlab.gitinfo.checkout_commit` of its checkout);
+    an installed copy reads it from ``PEFTLAB_COMMIT`` (set by ``nox -s sweep``), else it is
+    "not a git checkout"."""
+    from peftlab.gitinfo import checkout_commit
 
-    def git(*args: str) -> str:
-        return subprocess.run(["git", "-C", str(here), *args], capture_output=True, text=True, check=True,
-                              timeout=10).stdout.strip()
-
-    try:
-        if Path(git("rev-parse", "--show-toplevel")).resolve() != here:
-            return "not a git checkout"
-        dirty = git("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)results")
-        return git("rev-parse", "--short", "HEAD") + (" (with uncommitted changes)" if dirty else "")
-    except (OSError, subprocess.SubprocessError):
-        return "not a git checkout"
+    return os.environ.get("PEFTLAB_COMMIT") or checkout_commit(Path(__file__).resolve().parent.parent)
 
 
 def machine_id() -> str:
