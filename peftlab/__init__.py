@@ -1,27 +1,17 @@
 """peftlab: a pluggable lab for parameter-efficient fine-tuning.
 
-The engine knows no quantizer or adapter by name: every component arrives through the
-``peftlab`` entry-point group (see :mod:`peftlab.hookspecs`), the built-ins included.
+The engine knows no quantizer, adapter or metric by name: every component arrives through the
+``peftlab`` entry-point group, the built-ins included. ``import peftlab`` gives a plugin author the
+whole public API (:mod:`peftlab.plugin`), plus the verbs that apply components to a model
+(:func:`quantize_`, :func:`attach`) and the host that builds them by name (:func:`load_host`).
 """
 
-from peftlab.errors import PeftlabError, PluginError, UnknownNameError, ValidationError
-from peftlab.hookspecs import hookimpl
-from peftlab.qlinear import QuantizedLinear, QuantizeReport, quantize
-from peftlab.quantization import QuantizedWeight, Quantizer
-from peftlab.registry import ComponentSpec
+from peftlab.adapt.attach import attach
+from peftlab.host import HostSettings, PluginHost, load_host
+from peftlab.plugin import *  # noqa: F403 - the author API, listed in peftlab.plugin.__all__
+from peftlab.plugin import __all__ as _plugin_api
+from peftlab.quantize.apply import QuantizeReport, quantize_
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "ComponentSpec",
-    "PeftlabError",
-    "PluginError",
-    "QuantizeReport",
-    "QuantizedLinear",
-    "QuantizedWeight",
-    "Quantizer",
-    "UnknownNameError",
-    "ValidationError",
-    "hookimpl",
-    "quantize",
-]
+__all__ = [*_plugin_api, "HostSettings", "PluginHost", "QuantizeReport", "attach", "load_host", "quantize_"]

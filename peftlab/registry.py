@@ -3,39 +3,16 @@ answered with the list of known ones."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
-from peftlab.errors import PluginError, UnknownNameError, ValidationError
-
-KINDS = ("quantizer", "adapter", "metric")
-
-
-@dataclass(frozen=True)
-class ComponentSpec:
-    """One named component a plugin provides.
-
-    ``factory(**params)`` builds it; ``params`` are the preset's defaults, and callers may
-    override any of them by keyword (so ``nf4`` and ``nf4-dq`` are two specs of one class).
-    """
-
-    kind: str
-    name: str
-    factory: Callable[..., Any]
-    params: dict[str, Any] = field(default_factory=dict)
-    summary: str = ""
-
-    def __post_init__(self) -> None:
-        if self.kind not in KINDS:
-            raise ValidationError("ComponentSpec.kind", self.kind, f"one of {', '.join(KINDS)}")
-        if not isinstance(self.name, str) or not self.name or self.name != self.name.strip():
-            raise ValidationError("ComponentSpec.name", self.name, "a non-empty name without surrounding spaces")
-        if not callable(self.factory):
-            raise ValidationError("ComponentSpec.factory", self.factory, "a callable")
-
-    def build(self, **overrides: Any) -> Any:
-        return self.factory(**{**self.params, **overrides})
+from peftlab.plugin.adapter import Adapter
+from peftlab.plugin.errors import PluginError, UnknownNameError, ValidationError
+from peftlab.plugin.metric import Metric
+from peftlab.plugin.quantizer import Quantizer
+from peftlab.plugin.spec import KINDS, ComponentSpec
 
 
 @dataclass
@@ -85,12 +62,14 @@ class Registry:
 
     def build(self, name: str, **overrides: Any) -> Any:
         obj = self.get(name).build(**overrides)
-        base = _base_class(self.kind)
-        if base is not None and not isinstance(obj, base):
+        base = BASE_CLASSES[self.kind]
+        if not isinstance(obj, base):
             raise PluginError(
                 f"{self.kind} {name!r} from plugin {self.provider(name)!r} built a {type(obj).__name__}, "
                 f"not a {base.__module__}.{base.__name__}"
             )
+        with contextlib.suppress(AttributeError):  # a read-only name of the plugin's own
+            obj.name = name
         return obj
 
     def names(self) -> list[str]:
@@ -106,18 +85,5 @@ class Registry:
         return len(self._entries)
 
 
-def _base_class(kind: str) -> type | None:
-    """The class every built component of ``kind`` must derive from."""
-    if kind == "quantizer":
-        from peftlab.quantization import Quantizer
-
-        return Quantizer
-    if kind == "adapter":
-        from peftlab.adapters import Adapter
-
-        return Adapter
-    if kind == "metric":
-        from peftlab.metrics import Metric
-
-        return Metric
-    return None
+#: the class every built component of a kind must derive from
+BASE_CLASSES: dict[str, type] = {"quantizer": Quantizer, "adapter": Adapter, "metric": Metric}

@@ -10,9 +10,15 @@ from __future__ import annotations
 
 import torch
 
-from peftlab import ComponentSpec, QuantizedWeight, Quantizer, ValidationError, hookimpl
-from peftlab.kernels import pack_nibbles, scale_blocks, unpack_nibbles
-from peftlab.quantization import check_block_size
+from peftlab import (
+    ComponentSpec,
+    QuantizedWeight,
+    Quantizer,
+    ValidationError,
+    check_block_size,
+    hookimpl,
+    kernels,
+)
 
 DQ_BLOCK = 256
 
@@ -30,7 +36,7 @@ def absmax_quantize(x: torch.Tensor, levels: int, block: int) -> tuple[torch.Ten
 
 
 def absmax_dequantize(codes: torch.Tensor, absmax: torch.Tensor, levels: int, block: int) -> torch.Tensor:
-    return scale_blocks(codes.reshape(-1).float(), absmax / levels, block)
+    return kernels.scale_blocks(codes.reshape(-1).float(), absmax / levels, block)
 
 
 class AbsmaxQuantizer(Quantizer):
@@ -68,7 +74,7 @@ class AbsmaxQuantizer(Quantizer):
     def dequantize(self, q: QuantizedWeight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         codes = q.tensors["codes"]
         if q.meta["bits"] == 4:
-            codes = unpack_nibbles(codes, q.numel).to(torch.int8) - 8
+            codes = kernels.unpack_nibbles(codes, q.numel).to(torch.int8) - 8
         return absmax_dequantize(codes, self.absmax(q), 2 ** (q.meta["bits"] - 1) - 1, q.meta["block"]).to(dtype).reshape(q.shape)
 
     def nominal_bits(self) -> float:
@@ -80,7 +86,7 @@ class AbsmaxQuantizer(Quantizer):
 
 def _pack4(codes: torch.Tensor) -> torch.Tensor:
     u = (codes.to(torch.int16) + 8).to(torch.uint8)  # -7..7 -> 1..15
-    return pack_nibbles(torch.cat([u, u.new_full((u.numel() % 2,), 8)]))
+    return kernels.pack_nibbles(torch.cat([u, u.new_full((u.numel() % 2,), 8)]))
 
 
 @hookimpl

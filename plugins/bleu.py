@@ -12,9 +12,7 @@ import contextlib
 import re
 from typing import Any
 
-from peftlab.hookspecs import hookimpl
-from peftlab.metrics import Metric
-from peftlab.registry import ComponentSpec
+from peftlab import ComponentSpec, Metric, hookimpl
 
 
 def reference_streams(references: list[list[str]]) -> list[list[str | None]]:

@@ -1,7 +1,7 @@
 """FT-Top-k: fine-tune only the last k transformer blocks (the LoRA paper's FT-Top2 row).
 
-Everything else stays frozen. The blocks' own weights train, so a quantized base is vetoed
-with a reason, as for full fine-tuning.
+Everything else stays frozen. The blocks' own weights train (``trains_base = True``), so a
+quantized base is skipped with a reason, as for full fine-tuning.
 """
 
 from __future__ import annotations
@@ -10,25 +10,19 @@ from typing import Any
 
 from torch import nn
 
-from peftlab.adapters import Adapter, transformer_blocks
-from peftlab.errors import ValidationError
-from peftlab.hookspecs import hookimpl
-from peftlab.registry import ComponentSpec
+from peftlab import Adapter, ComponentSpec, ValidationError, hookimpl, transformer_blocks
 
 
 class FineTuneTop(Adapter):
     """Unfreeze the last ``k`` blocks of the model's block stack."""
 
     trains_base = True
+    size_setting = "k"  # blocks trained
 
     def __init__(self, k: int = 2):
         if isinstance(k, bool) or not isinstance(k, int) or k <= 0:
             raise ValidationError("k", k, "a positive number of top blocks to train")
         self.k = k
-
-    @property
-    def family(self) -> str:
-        return "ft-top"
 
     def settings(self) -> dict[str, Any]:
         return {"k": self.k}
@@ -48,11 +42,3 @@ class FineTuneTop(Adapter):
 def peftlab_adapters() -> list[ComponentSpec]:
     return [ComponentSpec("adapter", "ft-top", FineTuneTop, {"k": 2},
                           "fine-tune only the last k=2 transformer blocks (the LoRA paper's FT-Top2)")]
-
-
-@hookimpl
-def peftlab_skip_reason(cell: dict[str, Any]) -> str | None:
-    if cell.get("adapter") == "ft-top" and cell.get("quantizer") not in (None, "", "none"):
-        return (f"ft-top trains the top blocks' own weights, but quantizer {cell['quantizer']!r} "
-                "leaves them frozen packed buffers")
-    return None

@@ -10,10 +10,7 @@ from __future__ import annotations
 from numbers import Real
 from typing import Any
 
-from peftlab.errors import ValidationError
-from peftlab.hookspecs import hookimpl
-from peftlab.metrics import Metric
-from peftlab.registry import ComponentSpec
+from peftlab import ComponentSpec, Metric, ValidationError, hookimpl
 
 
 class EvaluateMetric(Metric):

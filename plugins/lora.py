@@ -14,10 +14,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from peftlab.adapters import Adapter, match_modules
-from peftlab.errors import ValidationError
-from peftlab.hookspecs import hookimpl
-from peftlab.qlinear import QuantizedLinear, is_conv1d, is_linear_like
+from peftlab import (
+    Adapter,
+    ComponentSpec,
+    QuantizedLinear,
+    ValidationError,
+    hookimpl,
+    is_conv1d,
+    is_linear_like,
+    linear_dims,
+    match_modules,
+)
 
 #: Default targets by ``config.model_type`` when none are given (the attention projections,
 #: as in the LoRA paper's GPT-2 and GPT-3 runs).
@@ -33,22 +40,13 @@ INITS = ("gaussian", "kaiming")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def dims(layer: nn.Module) -> tuple[int, int]:
-    """(in_features, out_features) of a linear-like layer."""
-    if isinstance(layer, (nn.Linear, QuantizedLinear)):
-        return layer.in_features, layer.out_features
-    if is_conv1d(layer):
-        return layer.weight.shape[0], layer.weight.shape[1]
-    raise ValidationError("layer", type(layer).__name__, "nn.Linear, Conv1D or QuantizedLinear")
-
-
 class LoraLayer(nn.Module):
     """A frozen ``base_layer`` plus the trainable low-rank path ``lora_B(lora_A(dropout(x)))``."""
 
     def __init__(self, base_layer: nn.Module, r: int, alpha: float, dropout: float = 0.0,
                  init: str = "gaussian", dtype: torch.dtype = torch.float32):
         super().__init__()
-        in_f, out_f = dims(base_layer)
+        in_f, out_f = linear_dims(base_layer)
         self.base_layer = base_layer
         device = next(base_layer.buffers(), next(base_layer.parameters(), torch.empty(0))).device
         self.lora_A = nn.Linear(in_f, r, bias=False, dtype=dtype, device=device)
@@ -99,6 +97,8 @@ class Lora(Adapter):
     """LoRA over the layers matched by ``target_modules`` (module-name globs; ``"all-linear"``
     means every linear layer but the output head; ``None`` the model type's default)."""
 
+    size_setting = "r"  # reports plot trainable parameters against the rank
+
     def __init__(self, r: int = 8, alpha: float = 16, dropout: float = 0.0,
                  target_modules: list[str] | str | None = None, init: str = "gaussian",
                  dtype: str = "float32"):
@@ -114,10 +114,6 @@ class Lora(Adapter):
             raise ValidationError("dtype", dtype, f"one of {', '.join(DTYPES)}")
         self.r, self.alpha, self.dropout, self.init, self.dtype = r, alpha, float(dropout), init, dtype
         self.target_modules = target_modules
-
-    @property
-    def family(self) -> str:
-        return "lora"
 
     def settings(self) -> dict[str, Any]:
         return {"r": self.r, "alpha": self.alpha, "dropout": self.dropout, "init": self.init,
@@ -140,9 +136,9 @@ class Lora(Adapter):
     def _attach(self, model: nn.Module) -> list[str]:
         targets = self._targets(model)
         for name, layer in targets.items():  # validate every layer before changing any
-            if self.r > min(dims(layer)):
-                raise ValidationError("r", self.r, f"a rank of at most {min(dims(layer))}, the smaller dimension "
-                                      f"of target layer {name} ({'x'.join(map(str, dims(layer)))})")
+            if self.r > min(linear_dims(layer)):
+                raise ValidationError("r", self.r, f"a rank of at most {min(linear_dims(layer))}, the smaller dimension "
+                                      f"of target layer {name} ({'x'.join(map(str, linear_dims(layer)))})")
         for name, layer in targets.items():
             new = LoraLayer(layer, self.r, self.alpha, self.dropout, self.init, DTYPES[self.dtype])
             parent, _, child = name.rpartition(".")
@@ -156,7 +152,6 @@ def lora_layers(model: nn.Module) -> list[LoraLayer]:
 
 @hookimpl
 def peftlab_adapters() -> list:
-    from peftlab.registry import ComponentSpec
 
     return [
         ComponentSpec("adapter", "lora", Lora, {"r": 8, "alpha": 16},

@@ -14,9 +14,15 @@ from __future__ import annotations
 
 import torch
 
-from peftlab import ComponentSpec, QuantizedWeight, Quantizer, ValidationError, hookimpl
-from peftlab.kernels import pack_bits, unpack_bits
-from peftlab.quantization import check_block_size
+from peftlab import (
+    ComponentSpec,
+    QuantizedWeight,
+    Quantizer,
+    ValidationError,
+    check_block_size,
+    hookimpl,
+    kernels,
+)
 
 
 def quantile_blocks(xb: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -58,12 +64,12 @@ class QuantileQuantizer(Quantizer):
             c, b = quantile_blocks(flat[nfull:].view(1, -1), self.bits)
             codes.append(c.reshape(-1))
             books.append(b)
-        tensors = {"codes": pack_bits(torch.cat(codes), self.bits), "codebook": torch.cat(books)}
+        tensors = {"codes": kernels.pack_bits(torch.cat(codes), self.bits), "codebook": torch.cat(books)}
         return QuantizedWeight(self.family, tuple(w.shape), w.dtype, tensors, {"bits": self.bits, "block": block})
 
     def dequantize(self, q: QuantizedWeight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         bits, block, n = q.meta["bits"], q.meta["block"], q.numel
-        codes = unpack_bits(q.tensors["codes"], bits, n)
+        codes = kernels.unpack_bits(q.tensors["codes"], bits, n)
         row = torch.arange(n, device=codes.device) // block
         vals = q.tensors["codebook"].reshape(-1)[row * 2**bits + codes]
         return vals.to(dtype).reshape(q.shape)

@@ -13,9 +13,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from peftlab.hookspecs import hookimpl
-from peftlab.metrics import Metric
-from peftlab.registry import ComponentSpec
+from peftlab import ComponentSpec, Metric, ValidationError, hookimpl
 
 _WORD = re.compile(r"[^\W_]+(?:['.-][^\W_]+)*")  # words (any script), keeping it's, 20-25, 3.5
 
@@ -51,7 +49,6 @@ def coco_rouge_l(candidate: list[str], references: list[list[str]], beta: float 
 
 class RougeL(Metric):
     def __init__(self, variant: str = "rouge-score", beta: float = 1.2, use_stemmer: bool = False):
-        from peftlab.errors import ValidationError
 
         if variant not in ("rouge-score", "coco"):
             raise ValidationError("variant", variant, "one of rouge-score, coco")

@@ -1,13 +1,13 @@
 import pytest
 import torch
 
-from peftlab.plugins import PluginHost, get_host
+from peftlab.host import PluginHost, load_host
 
 
 @pytest.fixture(scope="session")
 def host() -> PluginHost:
     """Every installed entry point, loaded the way the CLI loads them."""
-    return get_host()
+    return load_host()
 
 
 @pytest.fixture

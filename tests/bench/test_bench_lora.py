@@ -20,6 +20,10 @@ import sys
 import pytest
 import torch
 
+from peftlab import load_host, quantize_
+
+HOST = load_host()  # every installed plugin
+
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 
@@ -31,10 +35,9 @@ VARIANTS = ["peftlab-lora", "peft-lora", "peftlab-qlora", "peft-qlora"]
 
 def build(variant: str, tmpdir: str):
     """(model, step function) for one variant, deterministic from seed 0."""
-    from peftlab import quantize
-    from peftlab.adapters import attach
-    from peftlab.models import build_from_config
-    from peftlab.train import response_loss
+    from peftlab.adapt.attach import attach
+    from peftlab.cell.models import build_from_config
+    from peftlab.cell.train import response_loss
 
     torch.manual_seed(0)
     base, _ = build_from_config("llama-512x6", max_positions=SEQ)
@@ -45,7 +48,7 @@ def build(variant: str, tmpdir: str):
         base = transformers.AutoModelForCausalLM.from_pretrained(tmpdir, quantization_config=bnb_cfg, device_map="cpu",
                                                                  dtype=torch.bfloat16)
     elif variant == "peftlab-qlora":
-        quantize(base, "nf4-dq", compute_dtype=torch.bfloat16)
+        quantize_(base, HOST.quantizers.build("nf4-dq"), compute_dtype=torch.bfloat16)
         base.to(torch.bfloat16)
     else:
         base.to(torch.bfloat16)
@@ -53,7 +56,7 @@ def build(variant: str, tmpdir: str):
         model = peft.get_peft_model(base, peft.LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]))
         loss_fn = lambda batch: model(**batch).loss  # noqa: E731
     else:
-        attach(base, "lora", r=8, alpha=16)
+        attach(base, HOST.adapters.build("lora", r=8, alpha=16))
         model = base
         loss_fn = lambda batch: response_loss(model, batch)  # noqa: E731
     model.train()
@@ -97,8 +100,8 @@ def _status_kib(field: str) -> int:
 
 if __name__ == "__main__":  # the memory probe: one variant, fresh process
     variant, tmpdir = sys.argv[1], sys.argv[2]
-    import peftlab.adapters  # noqa: F401  (imports are not the model's memory)
-    import peftlab.train  # noqa: F401
+    import peftlab.cell.train  # noqa: F401
+    import peftlab.plugin.adapter  # noqa: F401  (imports are not the model's memory)
 
     base = _status_kib("VmRSS")
     _, step = build(variant, tmpdir)

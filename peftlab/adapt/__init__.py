@@ -1,0 +1,1 @@
+"""Put an adapter on a model in place: ``attach(model, adapter)``."""

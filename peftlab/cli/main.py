@@ -1,0 +1,117 @@
+"""The ``peftlab`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from peftlab.cli.common import host_for
+from peftlab.plugin.errors import PeftlabError
+
+
+def _cmd_plugins(args: argparse.Namespace) -> int:
+    table = host_for(args).table()
+    if args.json:
+        print(json.dumps(table, indent=2))
+        return 0
+    print(f"{'name':12} {'status':8} {'distribution':24} components")
+    for r in table:
+        dist = f"{r['distribution'] or '-'} {r['version'] or ''}".strip()
+        comps = "; ".join(f"{k}: {', '.join(v)}" for k, v in r["components"].items()) or "-"
+        status = r["status"] if r["status"] != "error" else f"error: {r['error']}"
+        print(f"{r['name']:12} {status:8} {dist:24} {comps}")
+    return 0
+
+
+def _cmd_list(args: argparse.Namespace) -> int:
+    registry = getattr(host_for(args), args.kind)
+    for spec in registry:
+        params = ", ".join(f"{k}={v}" for k, v in spec.params.items())
+        print(f"{spec.name:14} {spec.summary}" + (f"  [{params}]" if params else ""))
+    return 0
+
+
+def _cmd_quantizers(args: argparse.Namespace) -> int:
+    host = host_for(args)
+    if not args.report:
+        for spec in host.quantizers:
+            print(f"{spec.name:20} {spec.summary}")
+        return 0
+    from peftlab.atomic import write_text_atomic
+    from peftlab.report.quantizers import quantizer_table, report_markdown, to_markdown
+
+    real = None
+    if args.model:
+        from peftlab.report.quantizers import model_weights
+
+        real = model_weights(args.model)
+    df = quantizer_table(host, rows=args.rows, cols=args.cols, repeats=args.repeats, real=real)
+    if args.json:
+        print(df.to_json(orient="records", indent=2))
+    else:
+        print(to_markdown(df))
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(out / "quantizers.csv", df.to_csv(index=False))
+        cmd = " ".join(["peftlab", *args.argv])
+        write_text_atomic(out / "report.md", report_markdown(df, rows=args.rows, cols=args.cols, repeats=args.repeats, model=args.model, command=cmd))
+        print(f"wrote {out / 'report.md'} and {out / 'quantizers.csv'}", file=sys.stderr)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="peftlab", description=__doc__)
+    p.add_argument("--strict-plugins", action="store_true",
+                   help="fail when any plugin fails to load (same as PEFTLAB_STRICT_PLUGINS=1)")
+    sub = p.add_subparsers(dest="command", required=True)
+    sp = sub.add_parser("plugins", help="list loaded plugins and what they provide")
+    sp.add_argument("--json", action="store_true")
+    sp.set_defaults(func=_cmd_plugins)
+    sq = sub.add_parser("quantizers", help="list quantizers, or compare them with --report")
+    sq.add_argument("--report", action="store_true", help="measure bits, storage, error and throughput")
+    sq.add_argument("--json", action="store_true")
+    sq.add_argument("--rows", type=_positive, default=1024)
+    sq.add_argument("--cols", type=_positive, default=1024)
+    sq.add_argument("--repeats", type=_positive, default=3)
+    sq.add_argument("--out", help="also write report.md and quantizers.csv into this folder")
+    sq.add_argument("--model", help="also measure the error on this model's linear weights (e.g. smollm2-135m)")
+    sq.set_defaults(func=_cmd_quantizers)
+    for kind in ("adapters", "metrics"):
+        sk = sub.add_parser(kind, help=f"list the registered {kind}")
+        sk.set_defaults(func=_cmd_list, kind=kind)
+    from peftlab.cli.run import add_parser
+    from peftlab.cli.sweep import add_parsers
+    from peftlab.cli.tools import add_parsers as add_tool_parsers
+
+    add_parser(sub)
+    add_parsers(sub)
+    add_tool_parsers(sub)
+    return p
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not allowed: a positive integer")
+    return value
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser().parse_args(argv)
+    args.argv = argv
+    try:
+        return args.func(args)
+    except PeftlabError as exc:
+        print(f"peftlab: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

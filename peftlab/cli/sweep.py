@@ -1,0 +1,54 @@
+"""``peftlab sweep`` (run an experiment's grid) and ``peftlab report`` (re-render from records)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def add_parsers(sub) -> None:
+    p = sub.add_parser("sweep", help="run an experiment file's grid into results/<name>/ (resumable)")
+    p.add_argument("experiment", help="an experiment TOML file (see experiments/)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="train.steps=20, model.name=tiny-llama, grid.train.seed=0,1, name=...")
+    p.add_argument("--out", help="results folder (default results/<experiment name>)")
+    p.add_argument("--force", action="store_true", help="re-run cells that already have a record")
+    p.add_argument("--reuse-foreign", action="store_true",
+                   help="count finished records made on another host or with other versions as done")
+    p.add_argument("--plan", action="store_true", help="validate and list the cells; run nothing")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=run_sweep)
+    r = sub.add_parser("report", help="re-render report.md, tables and plots of a results folder")
+    r.add_argument("folder")
+    r.set_defaults(func=run_report)
+
+
+def run_sweep(args: argparse.Namespace) -> int:
+    from peftlab.cli.common import host_for
+    from peftlab.report.sweep_report import render
+    from peftlab.sweep.experiment import load_experiment
+    from peftlab.sweep.runner import sweep
+
+    host = host_for(args)
+    exp = load_experiment(args.experiment, args.overrides)
+    if args.plan:
+        cells = exp.cells(host)
+        for c in cells:
+            print(f"{c.cell_id}  {c.label}" + (f"  [skipped: {c.skip_reason}]" if c.skip_reason else ""))
+        print(f"{len(cells)} cells", file=sys.stderr)
+        return 0
+    out = Path(args.out or Path("results") / exp.name)
+    records = sweep(exp, out, host=host, force=args.force, reuse_foreign=args.reuse_foreign,
+                    progress=not args.no_progress)
+    report = render(out, command=" ".join(["peftlab", *args.argv]))
+    failed = sum(r.get("status") == "failed" for r in records)
+    print(f"wrote {report} ({len(records)} cells, {failed} failed)", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def run_report(args: argparse.Namespace) -> int:
+    from peftlab.report.sweep_report import render
+
+    print(f"wrote {render(args.folder)}", file=sys.stderr)
+    return 0

@@ -1,0 +1,114 @@
+"""``peftlab ranks`` (rank vs trainable parameters) and ``peftlab estimate`` (training memory)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from peftlab.cli.common import host_for
+
+#: the adapter `ranks` and `estimate --model` count by default: a setting, not engine code
+DEFAULT_ADAPTER = "lora"
+
+
+def add_parsers(sub) -> None:
+    r = sub.add_parser("ranks", help="rank vs trainable parameters: the lecture's table and real architectures")
+    r.add_argument("--out", help="write report.md and ranks.csv into this folder")
+    r.add_argument("--adapter", default=DEFAULT_ADAPTER, help=f"a registered adapter (default {DEFAULT_ADAPTER})")
+    r.add_argument("--no-peft", action="store_true", help="skip the cross-check against a peer (peft for LoRA)")
+    r.set_defaults(func=run_ranks)
+    e = sub.add_parser("estimate", help="estimate training memory: weights, gradients, optimizer states")
+    e.add_argument("--params", type=float, default=10e9, help="model parameters (default 10e9, the lecture's)")
+    e.add_argument("--trainable", type=float, help="adapter parameters for lora/qlora (default 0.2%% of params)")
+    e.add_argument("--model", help="count exactly for an architecture: " + ", ".join(_architectures()))
+    e.add_argument("--adapter", default=DEFAULT_ADAPTER, help=f"a registered adapter with --model (default {DEFAULT_ADAPTER})")
+    e.add_argument("--rank", type=int, default=8, help="the adapter's size setting with --model (LoRA's rank; default 8)")
+    e.add_argument("--targets", default="q/v", choices=("q/v", "all-linear"), help="LoRA targets with --model")
+    e.add_argument("--seq", type=int, default=0, help="tokens per sequence for the activation term (without --model: a 10B shape, h=4096, 48 blocks)")
+    e.add_argument("--batch", type=int, default=1, help="sequences per step for the activation term")
+    e.add_argument("--checkpointing", action="store_true", help="activations with full gradient checkpointing")
+    e.add_argument("--optimizer", default="adamw", help="adamw, adamw8bit, sgd")
+    e.add_argument("--report", action="store_true", help="the memory report: the lecture's 10B, real models, "
+                   "and the estimate against the peaks measured by the sweeps given with --check")
+    e.add_argument("--check", action="append", default=[], metavar="DIR", help="a sweep's results folder")
+    e.add_argument("--out", help="with --report: write report.md and memory.csv into this folder")
+    e.add_argument("--json", action="store_true")
+    e.set_defaults(func=run_estimate)
+
+
+def _architectures() -> list[str]:
+    from peftlab.report.ranks import ALIASES, ARCHITECTURES
+
+    return [*ARCHITECTURES, *ALIASES]
+
+
+def run_estimate(args: argparse.Namespace) -> int:
+    from peftlab.plugin.errors import ValidationError
+    from peftlab.report.estimate import activation_bytes, estimate
+
+    if args.report:
+        return _memory_report(args)
+    if args.model is not None:
+        if args.model not in _architectures():
+            raise ValidationError("model", args.model, "one of " + ", ".join(_architectures()))
+        from peftlab.report.memory import model_estimates
+
+        rows = model_estimates(args.model, host_for(args), adapter=args.adapter, rank=args.rank, targets=args.targets, seq=args.seq, batch=args.batch,
+                               checkpointing=args.checkpointing, optimizer=args.optimizer)
+    else:
+        trainable = args.trainable or args.params * 0.002
+        act = 0.0 if not args.seq else activation_bytes(args.seq, args.batch, 4096, 48, args.checkpointing)
+        rows = [estimate(args.params, method="full", optimizer=args.optimizer, activations=act),
+                estimate(args.params, method="lora", trainable=trainable, optimizer=args.optimizer, activations=act),
+                estimate(args.params, method="qlora", trainable=trainable, adapter_dtype="bf16", grad_dtype="bf16",
+                         optimizer=args.optimizer, activations=act)]
+    if args.json:
+        print(json.dumps([r.to_dict() for r in rows], indent=2))
+        return 0
+    print(f"{'method':7} {'trainable':>14} {'weights GB':>11} {'grads GB':>9} {'optim GB':>9} {'activ. GB':>10} "
+          f"{'total GB':>9}")
+    for r in rows:
+        print(f"{r.method:7} {r.trainable:14,.0f} {r.weights / 1e9:11.2f} {r.gradients / 1e9:9.2f} "
+              f"{r.optimizer / 1e9:9.2f} {r.activations / 1e9:10.2f} {r.total / 1e9:9.2f}")
+    return 0
+
+
+def _memory_report(args: argparse.Namespace) -> int:
+    from peftlab.plugin.errors import ValidationError
+    from peftlab.report.memory import memory_report
+
+    folders = [Path(c) for c in args.check]
+    for f in folders:
+        if not (f / "cells").is_dir():
+            raise ValidationError("check", str(f), "a sweep's results folder (one with a cells/ folder)")
+    text, rows = memory_report(host_for(args), folders, seq=args.seq or 512, batch=args.batch, rank=args.rank)
+    return _write_report(args, text, rows, "memory.csv")
+
+
+def _write_report(args: argparse.Namespace, text: str, rows: list[dict], csv_name: str) -> int:
+    """Stamp a computed report under its title with the command that made it and this machine;
+    print it, or with ``--out`` write it next to its rows as CSV (both atomically)."""
+    from peftlab.report.sweep_report import this_machine
+
+    text = text.replace("\n", f"\n\nMade by `peftlab {' '.join(args.argv)}`.\n\n{this_machine()}", 1)
+    if not args.out:
+        print(text)
+        return 0
+    import pandas as pd
+
+    from peftlab.atomic import write_text_atomic
+
+    out = Path(args.out)
+    write_text_atomic(out / "report.md", text)
+    write_text_atomic(out / csv_name, pd.DataFrame(rows).to_csv(index=False))
+    print(f"wrote {out / 'report.md'}", file=sys.stderr)
+    return 0
+
+
+def run_ranks(args: argparse.Namespace) -> int:
+    from peftlab.report.ranks import ranks_report
+
+    text, rows = ranks_report(host_for(args), adapter=args.adapter, check_peer=not args.no_peft)
+    return _write_report(args, text, rows, "ranks.csv")

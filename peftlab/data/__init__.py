@@ -1,0 +1,2 @@
+"""Instruction data: sources (local files, the hub, the synthetic E2E-style default), column presets,
+prompts and label masking."""

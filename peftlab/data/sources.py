@@ -1,0 +1,172 @@
+"""Instruction data: load it through ``datasets`` and map its columns onto the lecture's
+instruction / context / response table.
+
+Sources: the embedded synthetic E2E-style data (``e2e-synth``), a local JSON/JSONL/CSV/Parquet
+file or folder, or a hub dataset name (for users with hub access). Presets name the columns of
+common datasets; ``columns`` overrides any of them. Rows with the same prompt are grouped for
+evaluation, so an E2E input is scored against all of its references.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from dataclasses import dataclass, field
+from typing import Any
+
+from peftlab.plugin.errors import ValidationError
+
+FIELDS = ("instruction", "context", "response")
+#: column names per preset; a tuple lists alternatives (the first one present is used)
+PRESETS: dict[str, dict[str, Any]] = {
+    "alpaca": {"instruction": "instruction", "context": "input", "response": "output"},
+    "dolly": {"instruction": "instruction", "context": "context", "response": "response"},
+    "e2e": {"instruction": None, "context": ("mr", "meaning_representation"), "response": ("ref", "human_reference")},
+}
+BUILTIN = {"e2e-synth": "e2e"}
+LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    source: str = "e2e-synth"
+    preset: str | None = None
+    columns: dict[str, str] = field(default_factory=dict)
+    instruction: str | None = None  # a fixed instruction where the data has no instruction column
+    train_split: str = "train"
+    eval_split: str = "test"
+    max_length: int = 256
+    train_limit: int | None = None  # rows
+    eval_limit: int | None = 100  # grouped inputs
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.preset is not None and self.preset not in PRESETS:
+            raise ValidationError("data.preset", self.preset, f"one of {', '.join(PRESETS)} (or none)")
+        bad = set(self.columns) - set(FIELDS)
+        if bad:
+            raise ValidationError("data.columns", sorted(bad), f"keys among {', '.join(FIELDS)}")
+        if not isinstance(self.max_length, int) or self.max_length < 8:
+            raise ValidationError("data.max_length", self.max_length, "an integer of at least 8 tokens")
+        for name in ("train_limit", "eval_limit"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, int) or v <= 0):
+                raise ValidationError(f"data.{name}", v, "a positive integer or none")
+
+
+@dataclass(frozen=True)
+class Row:
+    instruction: str
+    context: str
+    response: str
+
+
+@dataclass(frozen=True)
+class EvalItem:
+    instruction: str
+    context: str
+    references: tuple[str, ...]
+
+
+def load_raw(cfg: DataConfig):
+    """The source as a ``datasets.DatasetDict`` (the real ``load_dataset`` path for files and hub names)."""
+    import datasets
+
+    if cfg.source in BUILTIN:
+        from peftlab.data.e2e_synth import generate
+
+        return datasets.DatasetDict({k: datasets.Dataset.from_list(v) for k, v in generate(cfg.seed).items()})
+    path = os.path.expanduser(cfg.source)
+    try:
+        if os.path.isfile(path):
+            ext = os.path.splitext(path)[1].lower()
+            if ext not in LOCAL_FORMATS:
+                raise ValidationError("data.source", cfg.source, f"a file ending in {', '.join(LOCAL_FORMATS)}")
+            if os.path.getsize(path) == 0:
+                raise ValidationError("data.source", cfg.source, "a non-empty data file")
+            try:
+                return datasets.load_dataset(LOCAL_FORMATS[ext], data_files=path)
+            except ValueError as exc:  # e.g. a file of blank lines: 'corresponds to no data'
+                raise ValidationError("data.source", cfg.source, f"a data file with at least one row ({exc})") from None
+        if os.path.isdir(path):
+            return datasets.load_dataset(path)
+        if "/" not in cfg.source and cfg.source not in ("e2e_nlg",) and not cfg.source.startswith("hf:"):
+            raise ValidationError("data.source", cfg.source,
+                                  f"a built-in dataset ({', '.join(BUILTIN)}), an existing local file or folder, "
+                                  "or a hub dataset id (owner/name, or hf:name)")
+        return datasets.load_dataset(cfg.source.removeprefix("hf:"))
+    except StopIteration:  # datasets' answer to an empty JSON Lines file
+        raise ValidationError("data.source", cfg.source, "a data file with at least one row") from None
+
+
+def column_map(cfg: DataConfig, found: list[str]) -> dict[str, str | None]:
+    """field -> column for this data, from the preset, the overrides and the columns found."""
+    preset = cfg.preset or BUILTIN.get(cfg.source)
+    spec: dict[str, Any] = dict(PRESETS[preset]) if preset else {f: f for f in FIELDS}
+    if preset is None and "context" not in found:
+        spec["context"] = None
+    spec.update(cfg.columns)
+    out: dict[str, str | None] = {}
+    for f in FIELDS:
+        want = spec.get(f)
+        if want is None:
+            out[f] = None
+            continue
+        options = (want,) if isinstance(want, str) else tuple(want)
+        hit = next((c for c in options if c in found), None)
+        if hit is None:
+            raise ValidationError(f"data.columns.{f}", " or ".join(options),
+                                  f"a column of the data; columns found: {', '.join(found) or '(none)'}")
+        out[f] = hit
+    if out["response"] is None:
+        raise ValidationError("data.columns.response", None, f"a response column; columns found: {', '.join(found)}")
+    if out["instruction"] is None and not (cfg.instruction or preset == "e2e"):
+        raise ValidationError("data.columns.instruction", None,
+                              f"an instruction column or a fixed data.instruction; columns found: {', '.join(found)}")
+    return out
+
+
+def _rows(split, cmap: dict[str, str | None], instruction: str) -> list[Row]:
+    cols = {f: (split[c] if c else None) for f, c in cmap.items()}
+    n = len(split)
+    get = lambda f, i: "" if cols[f] is None or cols[f][i] is None else str(cols[f][i])  # noqa: E731
+    return [Row(get("instruction", i) or instruction, get("context", i), get("response", i)) for i in range(n)]
+
+
+def load_splits(cfg: DataConfig) -> tuple[list[Row], list[EvalItem]]:
+    """(training rows, grouped evaluation inputs). A source without the evaluation split is
+    split by prompt (10% of its inputs, at least one) so no evaluation input is trained on."""
+    from peftlab.data.e2e_synth import INSTRUCTION
+
+    raw = load_raw(cfg)
+    if cfg.train_split not in raw:
+        raise ValidationError("data.train_split", cfg.train_split, f"one of the splits found: {', '.join(raw)}")
+    cmap = column_map(cfg, list(raw[cfg.train_split].column_names))
+    instruction = cfg.instruction or INSTRUCTION
+    train = _rows(raw[cfg.train_split], cmap, instruction)
+    if cfg.eval_split in raw and cfg.eval_split != cfg.train_split:
+        evals = _rows(raw[cfg.eval_split], cmap, instruction)
+    else:
+        prompts = sorted({(r.instruction, r.context) for r in train})
+        random.Random(cfg.seed).shuffle(prompts)
+        held = set(prompts[: max(1, len(prompts) // 10)]) if len(prompts) > 1 else set()
+        evals = [r for r in train if (r.instruction, r.context) in held]
+        train = [r for r in train if (r.instruction, r.context) not in held]
+    if not train:
+        raise ValidationError("data.train_split", cfg.train_split, "a split with at least one row")
+    if not evals:
+        raise ValidationError("data.eval_split", cfg.eval_split, "a split with at least one row")
+    if cfg.train_limit:
+        train = train[: cfg.train_limit]
+    items = group(evals)
+    if cfg.eval_limit:
+        items = items[: cfg.eval_limit]
+    return train, items
+
+
+def group(rows: list[Row]) -> list[EvalItem]:
+    """Rows -> one item per distinct prompt with all its references, in first-seen order."""
+    refs: dict[tuple[str, str], list[str]] = {}
+    for r in rows:
+        refs.setdefault((r.instruction, r.context), []).append(r.response)
+    return [EvalItem(i, c, tuple(v)) for (i, c), v in refs.items()]

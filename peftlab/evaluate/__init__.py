@@ -1,0 +1,1 @@
+"""Evaluation: batched generation on the evaluation inputs, and scoring with metric plugins."""

@@ -1,0 +1,23 @@
+"""Scoring generations with metric plugins."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from peftlab.data.sources import EvalItem
+
+
+def score(predictions: list[str], items: list[EvalItem], metrics: dict[str, Any]) -> tuple[dict[str, float], dict[str, Any]]:
+    """({column: score}, {metric: settings}). A metric returning one score is named after its
+    spec (``metric.bleu-e2e``); several scores get the spec as prefix."""
+    refs = [list(it.references) for it in items]
+    scores: dict[str, float] = {}
+    settings: dict[str, Any] = {}
+    for name, metric in metrics.items():
+        result = metric.compute(predictions, refs)
+        if len(result) == 1:
+            scores[f"metric.{name}"] = next(iter(result.values()))
+        else:
+            scores.update({f"metric.{name}.{k}": v for k, v in result.items()})
+        settings[name] = metric.settings()
+    return scores, settings

@@ -1,0 +1,33 @@
+"""peftlab's public plugin API: everything a plugin author needs, and nothing else.
+
+This package is a leaf: it imports nothing from the rest of peftlab, so a plugin that uses only
+these names (re-exported by ``import peftlab``) never depends on the engine's internals.
+"""
+
+from peftlab.plugin import kernels
+from peftlab.plugin.adapter import (
+    Adapter,
+    AttachReport,
+    match_modules,
+    quantized_layers,
+    transformer_blocks,
+)
+from peftlab.plugin.errors import PeftlabError, PluginError, UnknownNameError, ValidationError
+from peftlab.plugin.hookspecs import CellView, hookimpl
+from peftlab.plugin.layers import (
+    QuantizedLinear,
+    is_conv1d,
+    is_linear_like,
+    linear_dims,
+    logical_parameter_count,
+)
+from peftlab.plugin.metric import Metric
+from peftlab.plugin.quantizer import QuantizedWeight, Quantizer, check_block_size, check_weight
+from peftlab.plugin.spec import ComponentSpec
+
+__all__ = [
+    "Adapter", "AttachReport", "CellView", "ComponentSpec", "Metric", "PeftlabError", "PluginError",
+    "QuantizedLinear", "QuantizedWeight", "Quantizer", "UnknownNameError", "ValidationError",
+    "check_block_size", "check_weight", "hookimpl", "is_conv1d", "is_linear_like", "kernels", "linear_dims",
+    "logical_parameter_count", "match_modules", "quantized_layers", "transformer_blocks",
+]

@@ -1,0 +1,141 @@
+"""The Quantizer contract and the record of a quantized weight.
+
+A quantizer turns a float tensor into a :class:`QuantizedWeight` holding real packed storage
+(uint8/int8 code tensors, constants) and turns it back with ``dequantize``. The record keeps
+the logical shape apart from its storage, so a packed 4-bit weight is never counted as half
+its parameters.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from peftlab.plugin.errors import ValidationError
+
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+@dataclass(frozen=True, eq=False)
+class QuantizedWeight:
+    """A quantized tensor: ``tensors`` is everything stored, ``meta`` the scalars needed to read it."""
+
+    method: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    tensors: dict[str, torch.Tensor]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def numel(self) -> int:
+        """Logical number of elements (parameters), whatever the packing."""
+        return math.prod(self.shape)
+
+    @property
+    def storage_bytes(self) -> int:
+        """Exact bytes of every stored tensor (codes, constants, codebooks)."""
+        return sum(t.numel() * t.element_size() for t in self.tensors.values())
+
+    @property
+    def bits_per_param(self) -> float:
+        return self.storage_bytes * 8 / self.numel
+
+    def to(self, device: torch.device | str) -> QuantizedWeight:
+        return QuantizedWeight(
+            self.method, self.shape, self.dtype, {k: v.to(device) for k, v in self.tensors.items()}, dict(self.meta)
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "method": self.method,
+            "shape": list(self.shape),
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "meta": dict(self.meta),
+            "tensors": dict(self.tensors),
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> QuantizedWeight:
+        dtype = getattr(torch, d["dtype"], None)
+        if not isinstance(dtype, torch.dtype):
+            raise ValidationError("dtype", d["dtype"], "a torch dtype name such as 'float32'")
+        return cls(d["method"], tuple(d["shape"]), dtype, dict(d["tensors"]), dict(d.get("meta", {})))
+
+
+def check_weight(w: object, name: str = "weight") -> torch.Tensor:
+    """Refuse what no quantizer can take, before any work: non-tensors, non-floating or empty
+    tensors, and NaN/inf values (saying how many and where the first one is)."""
+    if not isinstance(w, torch.Tensor):
+        raise ValidationError(name, type(w).__name__, "a torch.Tensor")
+    if w.dtype not in FLOAT_DTYPES:
+        raise ValidationError(f"{name}.dtype", w.dtype, "a floating dtype (float32, bfloat16, float16, float64)")
+    if w.numel() == 0:
+        raise ValidationError(f"{name}.shape", tuple(w.shape), "a tensor with at least one element")
+    # one cheap reduction first: a NaN/inf anywhere makes the sum non-finite (a finite sum can
+    # still overflow, in which case the exact check below finds nothing and we go on)
+    if not bool(torch.isfinite(w.sum(dtype=torch.float64))) and not bool(torch.isfinite(w).all()):
+        bad = ~torch.isfinite(w)
+        count = int(bad.sum())
+        first = tuple(int(i) for i in bad.nonzero()[0])
+        raise ValidationError(
+            name,
+            f"<{count} non-finite value(s) (NaN or inf); first at index {first} = {w[first].item()}>",
+            "finite values only (quantizing NaN/inf would silently corrupt whole blocks)",
+        )
+    return w
+
+
+def check_block_size(value: object, field_name: str = "block_size", *, allowed: tuple[int, ...] | None = None,
+                     optional: bool = False) -> int | None:
+    """A block size is a positive int (or one of ``allowed``); ``None`` means per-tensor when optional."""
+    if value is None and optional:
+        return None
+    ok = isinstance(value, int) and not isinstance(value, bool) and value > 0
+    if ok and allowed is not None:
+        ok = value in allowed
+    if not ok:
+        what = f"one of {', '.join(map(str, allowed))}" if allowed else "a positive integer"
+        raise ValidationError(field_name, value, what + (" or None (one block per tensor)" if optional else ""))
+    return value
+
+
+class Quantizer(ABC):
+    #: the name it was built under (set by the plugin host's registry)
+    name: str | None = None
+
+    """Base class of every weight quantizer plugin.
+
+    Subclasses validate their settings in ``__init__`` (so bad settings fail before any work),
+    implement :meth:`_quantize` and :meth:`dequantize`, and say their asymptotic
+    :meth:`nominal_bits` per parameter.
+    """
+
+    #: short name of the format family, recorded in every QuantizedWeight
+    family: str = "quantizer"
+
+    def quantize(self, w: torch.Tensor) -> QuantizedWeight:
+        check_weight(w)
+        with torch.no_grad():
+            return self._quantize(w.detach())
+
+    @abstractmethod
+    def _quantize(self, w: torch.Tensor) -> QuantizedWeight: ...
+
+    @abstractmethod
+    def dequantize(self, q: QuantizedWeight, dtype: torch.dtype = torch.float32) -> torch.Tensor: ...
+
+    @abstractmethod
+    def nominal_bits(self) -> float:
+        """Bits per parameter for a large tensor (the per-tensor constants amortised away)."""
+
+    def settings(self) -> dict[str, Any]:
+        """The settings that define this quantizer (shown in reports)."""
+        return {k: v for k, v in vars(self).items() if not k.startswith("_") and k != "name"}
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.settings().items())
+        return f"{type(self).__name__}({args})"

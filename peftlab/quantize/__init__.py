@@ -1,0 +1,1 @@
+"""Quantize a model's linear layers in place: ``quantize_(model, quantizer, filter)``."""

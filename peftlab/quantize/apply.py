@@ -1,0 +1,84 @@
+"""The one verb that puts quantized layers in a model: ``quantize_(model, quantizer, filter)``."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from peftlab.plugin.errors import ValidationError
+from peftlab.plugin.layers import QuantizedLinear, is_linear_like
+from peftlab.plugin.quantizer import Quantizer
+
+
+@dataclass
+class QuantizeReport:
+    """What :func:`quantize_` did: which layers, and the weight bytes before and after."""
+
+    quantizer: str
+    layers: list[str] = field(default_factory=list)
+    params: int = 0
+    bytes_before: int = 0
+    bytes_after: int = 0
+
+    @property
+    def ratio(self) -> float:
+        return self.bytes_before / self.bytes_after if self.bytes_after else float("nan")
+
+    def __str__(self) -> str:
+        return (f"quantized {len(self.layers)} layers ({self.params:,} weights) with {self.quantizer}: "
+                f"{self.bytes_before:,} -> {self.bytes_after:,} bytes ({self.ratio:.2f}x smaller)")
+
+
+Filter = Callable[[str, nn.Module], bool] | str | Iterable[str] | None
+
+
+def _matcher(filter: Filter) -> Callable[[str, nn.Module], bool]:
+    if filter is None:
+        return lambda name, m: name.split(".")[-1] != "lm_head"
+    if callable(filter):
+        return filter
+    patterns = [filter] if isinstance(filter, str) else list(filter)
+    if not patterns or not all(isinstance(p, str) for p in patterns):
+        raise ValidationError("filter", filter, "None, a callable(name, module), or regular expressions matched against layer names")
+    compiled = []
+    for p in patterns:
+        try:
+            compiled.append(re.compile(p))
+        except re.error as exc:
+            raise ValidationError("filter", p, f"a valid regular expression ({exc})") from None
+    return lambda name, m: any(c.search(name) for c in compiled)
+
+
+def quantize_(model: nn.Module, quantizer: Quantizer, filter: Filter = None, *,
+              compute_dtype: torch.dtype = torch.bfloat16) -> QuantizeReport:
+    """Replace the linear layers of ``model`` selected by ``filter`` with :class:`QuantizedLinear`,
+    in place (torchao's ``quantize_`` verb).
+
+    ``quantizer`` is a :class:`Quantizer` instance: a plugin host builds one by name
+    (``host.quantizers.build("nf4-dq")``). ``filter`` is ``None`` (every ``nn.Linear``/``Conv1D``
+    but ``lm_head``), a callable ``(name, module) -> bool``, or regular expressions searched in the
+    layer names. A filter that selects nothing is an error listing the candidate names.
+    """
+    if not isinstance(quantizer, Quantizer):
+        hint = f" (build it by name: host.quantizers.build({quantizer!r}))" if isinstance(quantizer, str) else ""
+        raise ValidationError("quantizer", quantizer, "a peftlab.Quantizer instance" + hint)
+    match = _matcher(filter)
+    candidates = [(n, m) for n, m in model.named_modules() if n and is_linear_like(m)]
+    chosen = [(n, m) for n, m in candidates if match(n, m)]
+    if not chosen:
+        names = ", ".join(n for n, _ in candidates) or "(the model has no nn.Linear or Conv1D layer)"
+        raise ValidationError("filter", filter, f"a selection of at least one layer; candidate layers: {names}")
+    report = QuantizeReport(getattr(quantizer, "name", None) or type(quantizer).__name__)
+    for full_name, layer in chosen:
+        new = QuantizedLinear.from_linear(layer, quantizer, compute_dtype)
+        parent_name, _, child = full_name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+        report.layers.append(full_name)
+        report.params += layer.weight.numel()
+        report.bytes_before += layer.weight.numel() * layer.weight.element_size()
+        report.bytes_after += new.qweight.storage_bytes
+    return report

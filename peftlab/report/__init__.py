@@ -1,0 +1,2 @@
+"""Reports: pure functions of stored records and of plugin counts (tables, plots, report.md; ranks,
+memory, quantizers)."""

@@ -1,0 +1,206 @@
+"""Tables, plots and ``report.md`` for a results folder: pure functions of the stored records.
+
+``render(folder)`` reads ``cells/*.json`` and writes ``cells.csv``/``.parquet`` (one row per
+cell), ``summary.csv``/``.parquet`` (seeds aggregated), PNG plots and ``report.md``. It is what
+``peftlab report <dir>`` runs, so a report can always be re-made from the records alone.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from peftlab.atomic import write_text_atomic
+from peftlab.report.tables import aggregate, to_frame
+
+
+def write_frame(df: pd.DataFrame, path: Path) -> None:
+    """CSV or Parquet, atomically (temporary sibling, then rename)."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        if path.suffix == ".parquet":
+            df.to_parquet(tmp, index=False)
+        else:
+            df.to_csv(tmp, index=False)
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+def _metric_columns(df: pd.DataFrame) -> list[str]:
+    return [c for c in df.columns if c.startswith("metric.") and not c.endswith(".ci95") and c != "metric.settings"]
+
+
+def _fmt(v: Any, ci: Any = None, digits: int = 1) -> str:
+    if v is None or (isinstance(v, float) and pd.isna(v)) or v is pd.NA:
+        return "-"
+    text = f"{v:,.{digits}f}"
+    if ci is not None and not pd.isna(ci):
+        text += f" ± {ci:,.{digits}f}"
+    return text
+
+
+def summary_markdown(summary: pd.DataFrame) -> str:
+    metrics = _metric_columns(summary)
+    head = ["cell", "status", "seeds", "trainable", "% of total", "base MiB", "peak MiB", "train tok/s", "gen tok/s",
+            "final loss", *[m.removeprefix("metric.") for m in metrics]]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for _, r in summary.iterrows():
+        def g(col, digits=1, scale=1.0, r=r):
+            v = r.get(col)
+            ci = r.get(f"{col}.ci95")
+            return _fmt(None if pd.isna(v) else v / scale, None if ci is None or pd.isna(ci) else ci / scale, digits)
+        cells = [str(r["group"]), str(r["status"]), str(r["seeds"]), _fmt(r.get("params.trainable"), digits=0),
+                 _fmt(r.get("params.trainable_pct"), digits=3), g("base.weight_bytes", 0, 2**20),
+                 g("mem.peak_bytes", 0, 2**20), g("train.tokens_per_s", 0), g("gen.tokens_per_s", 0),
+                 g("loss.final", 3), *[g(m, 1) for m in metrics]]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plots(df: pd.DataFrame, summary: pd.DataFrame, folder: Path) -> list[tuple[str, str]]:
+    """(file, caption) of each plot written; a plot without data to show is left out."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    made = []
+    ok = summary[summary["status"] == "ok"]
+    lora = ok[ok["adapter.r"].notna()] if "adapter.r" in ok else ok.iloc[0:0]
+    if lora["adapter.r"].nunique() >= 2:
+        fig, ax = plt.subplots(figsize=(5.5, 4))
+        for (model, quant), part in lora.groupby(["model", "quantizer"], dropna=False):
+            part = part.sort_values("adapter.r")
+            ax.plot(part["adapter.r"], part["params.trainable"], "o-", label=f"{model}, base {quant}")
+        ax.set(xscale="log", yscale="log", xlabel="LoRA rank r", ylabel="trainable parameters",
+               title="Trainable parameters vs rank")
+        ax.legend(fontsize=8)
+        ax.grid(True, which="both", alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(folder / "params_vs_rank.png", dpi=120)
+        plt.close(fig)
+        made.append(("params_vs_rank.png", "Trainable parameters against LoRA rank (linear in r)."))
+    metrics = _metric_columns(ok)
+    if metrics and len(ok):
+        m = metrics[0]
+        fig, ax = plt.subplots(figsize=(7, 4.8))
+        colours = {a: f"C{i}" for i, a in enumerate(sorted(ok["adapter"].dropna().unique()))}
+        # cells sharing a parameter count (LoRA over several bases) get their labels stacked
+        same_x = ok.groupby("params.trainable")[m]
+        stack, size = same_x.rank(ascending=False, method="first") - 1, same_x.transform("size")
+        for i, (idx, r) in enumerate(ok.iterrows()):
+            quantized = str(r.get("quantizer")) not in ("none", "<NA>", "nan")
+            ax.errorbar(r["params.trainable"], r[m], yerr=r.get(f"{m}.ci95"), fmt="s" if quantized else "o",
+                        color=colours.get(r["adapter"], "C0"), capsize=3, mfc="white" if quantized else None)
+            dy = 6 - 11 * stack[idx] if size[idx] > 1 else (6 if i % 2 == 0 else -10)
+            right = r["params.trainable"] == ok["params.trainable"].max() and ok["params.trainable"].nunique() > 1
+            ax.annotate(str(r["group"]), (r["params.trainable"], r[m]), fontsize=7, ha="right" if right else "left",
+                        xytext=(-5 if right else 5, dy), textcoords="offset points")
+        for adapter, colour in colours.items():
+            ax.plot([], [], "o", color=colour, label=adapter)
+        ax.plot([], [], "s", color="grey", mfc="white", label="quantized base")
+        ax.legend(fontsize=8, loc="best")
+        ax.set(xscale="log", xlabel="trainable parameters (log)", ylabel=m.removeprefix("metric."),
+               title=f"Quality vs trainable parameters ({m.removeprefix('metric.')}, mean ± 95% CI)")
+        ax.grid(True, alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(folder / "quality_vs_params.png", dpi=120)
+        plt.close(fig)
+        made.append(("quality_vs_params.png", f"{m.removeprefix('metric.')} against trainable parameters."))
+    if len(ok):
+        fig, axes = plt.subplots(1, 2, figsize=(10, 0.45 * len(ok) + 1.6))
+        labels = ok["group"].astype(str).tolist()
+        for ax, col, scale, xlabel in ((axes[0], "mem.peak_bytes", 2**20, "peak memory, MiB"),
+                                       (axes[1], "train.tokens_per_s", 1, "training tokens/s")):
+            err = ok.get(f"{col}.ci95")
+            ax.barh(labels, ok[col] / scale, xerr=None if err is None else err / scale, capsize=3)
+            ax.set(xlabel=xlabel)
+            ax.grid(True, axis="x", alpha=0.3)
+        axes[1].set_yticklabels([])
+        kind = df["mem.peak_kind"].dropna().unique()
+        fig.suptitle(f"Cost per method (peak memory: {', '.join(map(str, kind)) or 'n/a'})", fontsize=10)
+        fig.tight_layout()
+        fig.savefig(folder / "cost.png", dpi=120)
+        plt.close(fig)
+        made.append(("cost.png", "Peak memory and training throughput per method (mean ± 95% CI)."))
+    return made
+
+
+def environment(df: pd.DataFrame) -> str:
+    from peftlab.provenance import git_commit
+
+    versions = {c.removeprefix("version."): df[c].dropna().unique().tolist() for c in df.columns if c.startswith("version.")}
+    devices = df["device"].dropna().unique().tolist()
+    return (f"- device: {', '.join(devices) or 'n/a'}\n"
+            f"- versions: " + ", ".join(f"{k} {'/'.join(map(str, v))}" for k, v in versions.items() if v) + "\n"
+            f"- peftlab commit (rendering): {git_commit()}\n"
+            f"- rendered: {datetime.now(UTC).strftime('%Y-%m-%d %H:%M UTC')}")
+
+
+def this_machine() -> str:
+    """Provenance of a report computed in this process: device, versions, commit, time."""
+    import torch
+
+    from peftlab.provenance import device_name, git_commit, versions
+
+    return (f"- machine: {device_name(torch.device('cpu'))}\n"
+            f"- versions: " + ", ".join(f"{k} {v}" for k, v in versions().items() if v) + "\n"
+            f"- peftlab commit: {git_commit()}\n"
+            f"- rendered: {datetime.now(UTC).strftime('%Y-%m-%d %H:%M UTC')}\n")
+
+
+def render(folder: str | Path, command: str | None = None) -> Path:
+    from peftlab.plugin.errors import ValidationError
+    from peftlab.sweep.runner import load_records
+
+    folder = Path(folder)
+    records = load_records(folder)
+    if not records:
+        raise ValidationError("results folder", str(folder), "a folder with cells/*.json records (run a sweep first)")
+    manifest = json.loads((folder / "manifest.json").read_text()) if (folder / "manifest.json").exists() else {}
+    if command:
+        manifest["command"] = command
+        write_text_atomic(folder / "manifest.json", json.dumps(manifest, indent=2) + "\n")
+    df = to_frame(records)
+    summary = aggregate(df)
+    for name, frame in (("cells", df), ("summary", summary)):
+        write_frame(frame, folder / f"{name}.csv")
+        write_frame(frame, folder / f"{name}.parquet")
+    figures = plots(df, summary, folder)
+    not_ok = df[df["status"] != "ok"]
+    settings = next((s for s in df["metric.settings"].dropna()), "{}") if "metric.settings" in df else "{}"
+    parts = [
+        f"# {manifest.get('experiment', folder.name)}\n",
+        f"Made by `{manifest.get('command', 'peftlab sweep ' + str(manifest.get('file', '?')))}` from "
+        f"`{manifest.get('file', '?')}`; re-render with `peftlab report {folder}`.\n",
+        environment(df) + "\n",
+        *(["What these numbers say, next to the papers': [NOTES.md](NOTES.md).\n"]
+          if (folder / "NOTES.md").exists() else []),
+        f"## Results ({len(df)} cells, {int((df['status'] == 'ok').sum())} ok)\n",
+        "Mean over seeds, ± the half-width of a 95% Student t interval where there are several. "
+        "Parameters are logical (a packed 4-bit weight counts as its elements); base MiB is the base "
+        "model's weights as stored; peak memory is "
+        + ("the CUDA allocator's peak during training" if "cuda" in " ".join(map(str, df["mem.peak_kind"].dropna()))
+           else "the process's peak resident set during training minus its resident set before the model was "
+                "loaded (CPU; it includes everything the process holds"
+                + ("; `rss-strict` mode, which returns freed memory to the system" if any(
+                    str(k).endswith("_strict") for k in df["mem.peak_kind"].dropna()) else "") + ")") + ".\n",
+        summary_markdown(summary) + "\n",
+    ]
+    if len(not_ok):
+        parts.append("### Skipped and failed cells\n")
+        parts += [f"- {r['label']}: **{r['status']}**: {r['reason']}" for _, r in not_ok.iterrows()]
+        parts.append("")
+    for file, caption in figures:
+        parts.append(f"![{caption}]({file})\n\n{caption}\n")
+    parts.append(f"Metric settings: `{settings}`\n")
+    parts.append("Tables: `cells.csv` / `cells.parquet` (one row per cell), `summary.csv` / `summary.parquet`.\n")
+    return write_text_atomic(folder / "report.md", "\n".join(parts))

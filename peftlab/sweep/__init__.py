@@ -1,0 +1,1 @@
+"""Sweeps: experiment files -> planned cells -> executors (one process per cell) -> records."""

@@ -1,0 +1,212 @@
+"""Experiment files: a base cell plus grids of axes, expanded into planned cells.
+
+```toml
+# What this reproduces, and the command that runs it.
+[experiment]
+name = "quickstart"
+
+[base]                      # one cell's settings (see peftlab.cell.CellConfig)
+[base.model]
+name = "smollm2-135m"
+[base.train]
+steps = 80
+
+[[grid]]                    # a cross product; several [[grid]] tables are unioned
+adapter = ["full", { name = "lora", r = [1, 8] }]   # a table with list values expands;
+                            # a dotted key in it ("train.lr" = 5e-5) sets that cell's setting
+quantizer = ["none", "nf4-dq"]
+"train.seed" = [0, 1]       # any section.field of the cell
+```
+
+Every cell is validated (names, settings, the veto hook) before anything runs; a vetoed cell is
+kept as ``skipped`` with its reason. A cell's id is a hash of its full settings, so the same
+settings always land in the same record file.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import itertools
+import json
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from peftlab.cell.config import CellConfig
+from peftlab.plugin.errors import ValidationError
+
+if TYPE_CHECKING:
+    from peftlab.host import PluginHost
+
+SECTIONS = ("model", "data", "train", "eval")
+NAMED_AXES = ("adapter", "quantizer")
+
+
+@dataclass(frozen=True)
+class PlannedCell:
+    cell_id: str
+    label: str
+    settings: dict[str, Any]  # CellConfig.from_dict input, complete
+    axes: dict[str, Any]  # the grid values that made it
+    skip_reason: str | None = None
+
+    @property
+    def config(self) -> CellConfig:
+        return CellConfig.from_dict(self.settings)
+
+
+@dataclass
+class Experiment:
+    name: str
+    path: str
+    base: dict[str, Any]
+    grids: list[dict[str, list[Any]]]
+    title: str = ""
+    overrides: list[str] = field(default_factory=list)
+
+    def cells(self, host: PluginHost) -> list[PlannedCell]:
+        """Expand and validate every cell (cheap: no model is loaded)."""
+        from peftlab.cell.run import preflight
+        planned: dict[str, PlannedCell] = {}
+        for g, grid in enumerate(self.grids):
+            names = list(grid)
+            for values in itertools.product(*(expand_axis(name, grid[name], g) for name in names)):
+                settings = copy.deepcopy(self.base)
+                axes: dict[str, Any] = {}
+                for name, value in zip(names, values):
+                    apply_axis(settings, name, value)
+                    axes[name] = value
+                try:
+                    cfg = CellConfig.from_dict(settings)
+                    _, _, _, reason = preflight(cfg, host)
+                except ValidationError as exc:
+                    raise ValidationError(f"grid[{g}] cell {describe(axes)}: {exc.field}", exc.value, exc.allowed) from None
+                full = cfg.to_dict()
+                cid = cell_id(full)
+                planned.setdefault(cid, PlannedCell(cid, describe(axes), full, axes, reason))
+        if not planned:
+            raise ValidationError("grid", self.grids, "at least one cell (every axis needs at least one value)")
+        return list(planned.values())
+
+
+def cell_id(settings: dict[str, Any]) -> str:
+    text = json.dumps(settings, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def describe(axes: dict[str, Any]) -> str:
+    parts = []
+    for k, v in axes.items():
+        if isinstance(v, dict):
+            params = ",".join(f"{pk}={pv}" for pk, pv in v.items() if pk != "name")
+            parts.append(f"{v['name']}({params})" if params else v["name"])
+        else:
+            parts.append(f"{k.rsplit('.', 1)[-1]}={v}" if k not in NAMED_AXES else str(v))
+    return " ".join(parts)
+
+
+def expand_axis(name: str, values: Any, g: int) -> list[Any]:
+    where = f"grid[{g}].{name}"
+    if not isinstance(values, list) or not values:
+        raise ValidationError(where, values, "a non-empty list of values")
+    if name in NAMED_AXES:
+        out = []
+        for v in values:
+            if isinstance(v, str):
+                out.append({"name": v})
+            elif isinstance(v, dict) and isinstance(v.get("name"), str):
+                params = {k: (p if isinstance(p, list) and k != "target_modules" else [p]) for k, p in v.items() if k != "name"}
+                for combo in itertools.product(*params.values()):
+                    out.append({"name": v["name"], **dict(zip(params, combo))})
+            else:
+                raise ValidationError(where, v, f"a {name} name or a table with a name and settings")
+        return out
+    section, _, key = name.partition(".")
+    if section not in SECTIONS or not key:
+        raise ValidationError(where, name, f"an axis named adapter, quantizer or section.field with section in {', '.join(SECTIONS)}")
+    check_field(section, key, where)
+    return list(values)
+
+
+def check_field(section: str, key: str, where: str) -> None:
+    from peftlab.cell.models import ModelConfig
+    from peftlab.cell.train import TrainConfig
+    from peftlab.data.sources import DataConfig
+    from peftlab.evaluate.generate import EvalConfig
+
+    cls = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "eval": EvalConfig}[section]
+    allowed = sorted(f.name for f in fields(cls))
+    if key not in allowed:
+        raise ValidationError(where, f"{section}.{key}", f"a field of {section}: {', '.join(allowed)}")
+
+
+def apply_axis(settings: dict[str, Any], name: str, value: Any) -> None:
+    if name in NAMED_AXES:
+        new = None if value["name"] == "none" else value["name"]
+        # the base's settings carry over only to the same component (a LoRA rank means nothing to "full")
+        inherited = settings.get(f"{name}_params", {}) if settings.get(name) == new else {}
+        settings[name] = new
+        own = {k: v for k, v in value.items() if k != "name" and "." not in k}
+        settings[f"{name}_params"] = {**inherited, **own}
+        for key, v in value.items():  # "train.lr" = 5e-5 inside an adapter's table: a cell setting
+            if "." in key:
+                section, _, field_name = key.partition(".")
+                if section not in SECTIONS:
+                    raise ValidationError(f"{name} {value['name']}: {key}", v, f"section.field with section in {', '.join(SECTIONS)}")
+                check_field(section, field_name, f"{name} {value['name']}")
+                settings.setdefault(section, {})[field_name] = v
+    else:
+        section, _, key = name.partition(".")
+        settings.setdefault(section, {})[key] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    from peftlab.cell.config import parse_value
+
+    key, eq, value = text.partition("=")
+    if not eq or not key.strip():
+        raise ValidationError("override", text, "key=value, e.g. train.steps=20 or model.name=tiny-llama")
+    return key.strip(), parse_value(value)
+
+
+def load_experiment(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Experiment:
+    """Read an experiment file. ``overrides`` are ``key=value`` texts: ``train.steps=20`` sets the
+    base cell, ``grid.train.seed=0,1`` replaces that axis in every grid, ``name=x`` renames."""
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ValidationError("experiment", str(path), "an existing experiment TOML file (see experiments/)") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ValidationError("experiment", str(path), f"valid TOML ({exc})") from None
+    unknown = sorted(set(raw) - {"experiment", "base", "grid"})
+    if unknown:
+        raise ValidationError(f"{path.name}: {unknown[0]}", raw[unknown[0]], "top-level tables experiment, base and grid")
+    meta = raw.get("experiment", {})
+    grids = raw.get("grid", [{}])
+    grids = [grids] if isinstance(grids, dict) else grids
+    exp = Experiment(name=meta.get("name", path.stem), path=str(path), base=raw.get("base", {}), grids=grids,
+                     title=meta.get("title", ""), overrides=list(overrides))
+    for text in overrides:
+        key, value = parse_override(text)
+        if key == "name":
+            exp.name = str(value)
+        elif key.startswith("grid."):
+            axis = key.removeprefix("grid.")
+            for grid in exp.grids:
+                grid[axis] = value if isinstance(value, list) else [value]
+        else:
+            section, _, field_name = key.partition(".")
+            if section in SECTIONS and field_name:
+                check_field(section, field_name, "override")
+                exp.base.setdefault(section, {})[field_name] = value
+            elif key in ("adapter", "quantizer", "memory_mode"):
+                exp.base[key] = value
+            else:
+                raise ValidationError("override", key, f"name, adapter, quantizer, memory_mode, grid.<axis> or section.field "
+                                      f"with section in {', '.join(SECTIONS)}")
+    if not isinstance(exp.name, str) or not exp.name or "/" in exp.name:
+        raise ValidationError("experiment.name", exp.name, "a non-empty name without '/' (it names the results folder)")
+    return exp

@@ -1,0 +1,45 @@
+"""``python -m peftlab.sweep.worker CELL.json RECORD.json``: run one planned cell in this process and
+write its record atomically. The sweep's runner starts one per cell, so a crash here is one
+failed row, not a failed sweep. A cell that raises is recorded as ``failed`` with the error."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import traceback
+
+from peftlab.atomic import write_text_atomic
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m peftlab.sweep.worker")
+    p.add_argument("cell")
+    p.add_argument("record")
+    p.add_argument("--no-progress", action="store_true")
+    args = p.parse_args(argv)
+    from peftlab.cell.config import CellConfig
+    from peftlab.cell.run import base_record, run_cell
+    from peftlab.host import HostSettings, load_host
+    from peftlab.plugin.errors import PeftlabError
+
+    with open(args.cell) as f:
+        spec = json.load(f)
+    cfg = CellConfig.from_dict(spec["settings"])
+    try:
+        # the sweep's own plugin settings (strict mode, disabled plugins), not this environment's
+        host = load_host(HostSettings.from_dict(spec["host"]))
+        rec = run_cell(cfg, host, progress=not args.no_progress)
+    except PeftlabError as exc:
+        rec = {**base_record(cfg), "status": "failed", "reason": str(exc)}
+    except Exception as exc:  # a bug or a library error: keep the last frames for the reader
+        frames = traceback.format_exception(exc)[-3:]
+        rec = {**base_record(cfg), "status": "failed", "reason": f"{type(exc).__name__}: {exc}",
+               "error.traceback": "".join(frames)[-2000:]}
+        traceback.print_exc()
+    write_text_atomic(args.record, json.dumps(rec, indent=2, default=str) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

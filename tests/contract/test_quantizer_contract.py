@@ -1,0 +1,78 @@
+"""The contract every registered quantizer keeps, third-party ones included."""
+
+import pytest
+import torch
+
+from peftlab import QuantizedLinear, ValidationError
+from peftlab.host import load_host
+
+HOST = load_host()  # every installed plugin, third-party ones included
+NAMES = HOST.quantizers.names()
+
+
+@pytest.fixture(params=NAMES)
+def quantizer(request, host):
+    return host.quantizers.build(request.param)
+
+
+@pytest.mark.parametrize("shape", [(1,), (7,), (33, 65), (128, 64)], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_roundtrip_shape_dtype_and_storage(quantizer, shape, dtype, gen):
+    w = (torch.randn(shape, generator=gen) * 0.02).to(dtype)
+    q = quantizer.quantize(w)
+    assert q.shape == tuple(shape) and q.numel == w.numel() and q.dtype == dtype
+    assert q.storage_bytes == sum(t.numel() * t.element_size() for t in q.tensors.values())
+    assert all(not t.is_floating_point() or t.dtype == torch.float32 for t in q.tensors.values())
+    for out_dtype in (torch.float32, torch.bfloat16):
+        back = quantizer.dequantize(q, out_dtype)
+        assert back.shape == w.shape and back.dtype == out_dtype
+        assert torch.isfinite(back).all()
+
+
+def test_really_packed_and_close(quantizer, gen):
+    w = torch.randn(256, 512, generator=gen)
+    q = quantizer.quantize(w)
+    assert q.storage_bytes < w.numel() * 4 / 3  # real packed storage, not floats in disguise
+    assert q.bits_per_param == pytest.approx(quantizer.nominal_bits(), rel=0.02)
+    err = (quantizer.dequantize(q) - w).norm() / w.norm()
+    assert err < 0.6
+    # deterministic
+    assert torch.equal(quantizer.dequantize(quantizer.quantize(w)), quantizer.dequantize(q))
+
+
+def test_constant_and_zero_tensors(quantizer):
+    for w in (torch.zeros(3, 70), torch.full((130,), 0.25)):
+        back = quantizer.dequantize(quantizer.quantize(w))
+        assert torch.isfinite(back).all()
+        assert (back - w).abs().max() <= 0.25 + 1e-6
+
+
+@pytest.mark.parametrize("bad,needle", [
+    (torch.tensor([1.0, float("nan"), 2.0, float("inf")]), "2 non-finite value(s)"),
+    (torch.zeros(0), "at least one element"),
+    (torch.arange(10), "floating dtype"),
+    ([1.0, 2.0], "torch.Tensor"),
+])
+def test_bad_input_is_refused(quantizer, bad, needle):
+    with pytest.raises(ValidationError) as info:
+        quantizer.quantize(bad)
+    assert needle in str(info.value)
+
+
+def test_nan_error_says_where():
+    w = torch.zeros(4, 5)
+    w[2, 3] = float("nan")
+    w[3, 0] = float("-inf")
+    with pytest.raises(ValidationError, match=r"first at index \(2, 3\)"):
+        HOST.quantizers.build("nf4").quantize(w)
+
+
+def test_quantized_linear_over_every_quantizer(quantizer, gen):
+    layer = torch.nn.Linear(64, 32)
+    ql = QuantizedLinear.from_linear(layer, quantizer, compute_dtype=torch.float32)
+    x = torch.randn(5, 64, generator=gen, requires_grad=True)
+    y = ql(x)
+    ref = torch.nn.functional.linear(x, quantizer.dequantize(ql.qweight), layer.bias)
+    torch.testing.assert_close(y, ref)
+    y.sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()

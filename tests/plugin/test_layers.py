@@ -1,0 +1,132 @@
+"""QuantizedLinear and quantize(model): training and inference, Linear and GPT-2 Conv1D,
+logical parameter counts, and parity with bitsandbytes' Linear4bit."""
+
+import pytest
+import torch
+from peftlab_plugins.fourbit import FourBitQuantizer
+from torch import nn
+
+from peftlab import QuantizedLinear, load_host, quantize_
+from peftlab.plugin.layers import logical_parameter_count
+
+HOST = load_host()  # every installed plugin
+
+transformers = pytest.importorskip("transformers")
+
+
+def tiny_gpt2():
+    cfg = transformers.GPT2Config(n_embd=64, n_layer=2, n_head=2, vocab_size=100, n_positions=32)
+    return transformers.GPT2LMHeadModel(cfg).eval()
+
+
+def tiny_llama():
+    cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, vocab_size=100)
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+def test_from_conv1d_matches_conv1d(gen):
+    from transformers.pytorch_utils import Conv1D
+
+    conv = Conv1D(48, 64)  # nf=48 outputs, nx=64 inputs; weight is (64, 48)
+    nn.init.normal_(conv.weight, std=0.02)
+    qz = FourBitQuantizer("nf4")
+    ql = QuantizedLinear.from_linear(conv, qz, compute_dtype=torch.float32)
+    assert (ql.in_features, ql.out_features) == (64, 48)
+    x = torch.randn(3, 64, generator=gen)
+    w = qz.dequantize(qz.quantize(conv.weight.t().contiguous()))
+    torch.testing.assert_close(ql(x), x @ w.t() + conv.bias)
+    rel = (ql(x) - conv(x)).norm() / conv(x).norm()
+    assert rel < 0.15
+
+
+def test_input_gradient_flows_after_an_eval_pass(gen):
+    """The bitsandbytes-on-CPU pitfall: train after a no-grad eval forward."""
+    layer = nn.Linear(64, 64)
+    ql = QuantizedLinear.from_linear(layer, FourBitQuantizer("nf4", double_quant=True))
+    x = torch.randn(4, 64, generator=gen)
+    ql.eval()
+    with torch.no_grad():
+        ql(x)
+    ql.train()
+    xi = x.clone().requires_grad_(True)
+    ql(xi).float().pow(2).sum().backward()
+    assert xi.grad is not None and xi.grad.abs().sum() > 0
+    w = ql.dequantized_weight(torch.float32)
+    y = xi.detach().to(torch.bfloat16).float() @ w.t()
+    assert list(ql.parameters()) == [ql.bias] and not ql.bias.requires_grad
+    assert xi.grad.shape == x.shape and y.shape == (4, 64)
+
+
+def test_weight_never_gets_a_gradient_and_memory_holds_packed(gen):
+    layer = nn.Linear(32, 16)
+    ql = QuantizedLinear.from_linear(layer, FourBitQuantizer("nf4"))
+    assert all(not p.requires_grad for p in ql.parameters())
+    names = dict(ql.named_buffers())
+    assert names["qweight_packed"].dtype == torch.uint8 and names["qweight_packed"].numel() == 32 * 16 // 2
+
+
+@pytest.mark.parametrize("make", [tiny_gpt2, tiny_llama], ids=["gpt2", "llama"])
+@pytest.mark.parametrize("name", ["nf4", "nf4-dq", "absmax-int8"])
+def test_quantize_model_reports_bytes_and_keeps_logical_counts(make, name, gen):
+    model = make()
+    trainable_before, total_before = logical_parameter_count(model)
+    ids = torch.randint(0, 100, (2, 10), generator=gen)
+    with torch.no_grad():
+        ref = model(ids).logits
+    report = quantize_(model, HOST.quantizers.build(name))
+    assert report.layers and all("lm_head" not in n for n in report.layers)
+    assert report.bytes_after < report.bytes_before
+    _, total_after = logical_parameter_count(model)
+    assert total_after == total_before  # packed 4-bit weights count by logical elements
+    assert sum(isinstance(m, QuantizedLinear) for m in model.modules()) == len(report.layers)
+    with torch.no_grad():
+        out = model(ids).logits
+    assert out.shape == ref.shape and torch.isfinite(out).all()
+    assert (out - ref).norm() / ref.norm() < 0.3
+
+
+def test_filter_by_pattern_and_callable():
+    model = tiny_llama()
+    r = quantize_(model, HOST.quantizers.build("nf4"), filter=[r"q_proj$", r"v_proj$"])
+    assert len(r.layers) == 4 and all(n.endswith(("q_proj", "v_proj")) for n in r.layers)
+    model = tiny_llama()
+    r = quantize_(model, HOST.quantizers.build("nf4"), filter=lambda name, m: name.endswith("down_proj"))
+    assert len(r.layers) == 2
+    assert "quantized 2 layers" in str(r)
+
+
+def test_forward_equals_bitsandbytes_linear4bit(gen):
+    bnb = pytest.importorskip("bitsandbytes")
+    layer = nn.Linear(128, 64)
+    ref = bnb.nn.Linear4bit(128, 64, compute_dtype=torch.bfloat16, quant_type="nf4", compress_statistics=True)
+    ref.load_state_dict(layer.state_dict())
+    ref = ref.to("cpu")  # triggers bitsandbytes' quantization
+    ours = QuantizedLinear.from_linear(layer, FourBitQuantizer("nf4", double_quant=True))
+    assert torch.equal(ours.qweight.tensors["packed"], ref.weight.data.reshape(-1))
+    x = torch.randn(8, 128, generator=gen, dtype=torch.bfloat16)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), ref(x), rtol=0, atol=0)
+
+
+def test_unfrozen_bias_gets_its_gradient(gen):
+    layer = nn.Linear(16, 8)
+    ql = QuantizedLinear.from_linear(layer, FourBitQuantizer("nf4"), compute_dtype=torch.float32)
+    ql.bias.requires_grad_(True)
+    x = torch.randn(3, 5, 16, generator=gen)
+    ql(x).sum().backward()
+    torch.testing.assert_close(ql.bias.grad, torch.full((8,), 15.0))
+
+
+def test_output_dtype_follows_autocast_like_nn_linear(gen):
+    lin = nn.Linear(64, 32)
+    ql = QuantizedLinear.from_linear(lin, FourBitQuantizer("nf4"))  # bf16 compute
+    x = torch.randn(4, 64, generator=gen, requires_grad=True)
+    assert ql(x).dtype == torch.float32  # outside autocast: the input's dtype
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = ql(x)
+        assert y.dtype == lin(x).dtype == torch.bfloat16  # what nn.Linear returns under autocast
+        y.float().sum().backward()
+    assert x.grad is not None and x.grad.dtype == torch.float32
+    with torch.autocast("cpu", dtype=torch.float16):  # autocast casts the matmul itself, as for nn.Linear
+        assert ql(x).dtype == lin(x).dtype == torch.float16

@@ -1,0 +1,205 @@
+"""The sweep runner on a tiny 2x2 grid: records, resume, kill-and-resume in real processes,
+locking, incompatible folders, skipped rows, bad experiment files, tables and reports."""
+
+import json
+import math
+import os
+import signal
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from peftlab import PeftlabError, ValidationError, load_host
+from peftlab.atomic import write_text_atomic
+from peftlab.cell.run import run_cell
+from peftlab.report.sweep_report import render
+from peftlab.report.tables import COLUMNS, aggregate, t95, to_frame
+from peftlab.sweep.experiment import load_experiment
+from peftlab.sweep.runner import Executor, LocalProcessExecutor, here, locked, sweep
+
+TINY = Path(__file__).parents[1] / "fixtures" / "tiny_grid.toml"
+HOST = load_host()  # every installed plugin
+
+
+class InProcess(Executor):
+    """Runs cells in this process (fast); counts what it ran."""
+
+    def __init__(self):
+        self.ran = []
+
+    def run(self, cell, record_path):
+        self.ran.append(cell.label)
+        rec = run_cell(cell.config, HOST, progress=False)
+        write_text_atomic(record_path, json.dumps(rec))
+        return rec
+
+
+class KillOne(LocalProcessExecutor):
+    """The real process executor, but the cell whose label contains ``victim`` is SIGKILLed."""
+
+    def __init__(self, victim):
+        super().__init__(progress=False)
+        self.victim, self.current, self.ran = victim, None, []
+
+    def run(self, cell, record_path):
+        self.current = cell.label
+        self.ran.append(cell.label)
+        return super().run(cell, record_path)
+
+    def spawn(self, args):
+        proc = super().spawn(args)
+        if self.victim in self.current:
+            os.kill(proc.pid, signal.SIGKILL)
+        return proc
+
+
+def test_a_grid_runs_resumes_and_reports(tmp_path):
+    exp = load_experiment(TINY)
+    first = InProcess()
+    records = sweep(exp, tmp_path, host=HOST, executor=first, progress=False, log=lambda s: None)
+    assert len(records) == 4 and {r["status"] for r in records} == {"ok"}
+    assert sorted(first.ran) == ["lora(r=2) seed=0", "lora(r=2) seed=1", "lora(r=4) seed=0", "lora(r=4) seed=1"]
+    again = InProcess()
+    sweep(exp, tmp_path, host=HOST, executor=again, progress=False, log=lambda s: None)
+    assert again.ran == []  # everything was done
+    forced = InProcess()
+    sweep(exp, tmp_path, host=HOST, executor=forced, force=True, progress=False, log=lambda s: None)
+    assert len(forced.ran) == 4
+
+    report = render(tmp_path, command="peftlab sweep tiny")
+    text = report.read_text()
+    assert "peftlab sweep tiny" in text and "| lora(r=2) | ok | 2 |" in text
+    for png in ("params_vs_rank.png", "quality_vs_params.png", "cost.png"):
+        assert (tmp_path / png).stat().st_size > 1000 and png in text
+    cells = pd.read_parquet(tmp_path / "cells.parquet")
+    assert len(cells) == 4 and list(cells.columns[: len(COLUMNS)]) == list(COLUMNS)
+    summary = pd.read_csv(tmp_path / "summary.csv")
+    assert sorted(summary["group"]) == ["lora(r=2)", "lora(r=4)"] and set(summary["seeds"]) == {2}
+
+
+def test_a_killed_cell_fails_alone_and_only_it_runs_again(tmp_path):
+    exp = load_experiment(TINY, ["grid.train.seed=0"])
+    killer = KillOne("r=4")
+    records = sweep(exp, tmp_path, host=HOST, executor=killer, progress=False, log=lambda s: None)
+    by_label = {r["label"]: r for r in records}
+    assert by_label["lora(r=2) seed=0"]["status"] == "ok"
+    dead = by_label["lora(r=4) seed=0"]
+    assert dead["status"] == "failed" and "SIGKILL" in dead["reason"]
+    rerun = KillOne("nothing")
+    records = sweep(exp, tmp_path, host=HOST, executor=rerun, progress=False, log=lambda s: None)
+    assert rerun.ran == ["lora(r=4) seed=0"]
+    assert {r["status"] for r in records} == {"ok"} and len(to_frame(records)) == 2
+
+
+def test_records_from_another_host_or_versions_run_again_here(tmp_path):
+    exp = load_experiment(TINY, ["grid.train.seed=0"])
+    sweep(exp, tmp_path, host=HOST, executor=InProcess(), progress=False, log=lambda s: None)
+    files = sorted((tmp_path / "cells").glob("*[!l].json"))  # records, not the .cell.json inputs
+    assert len(files) == 2
+    moved = json.loads(files[0].read_text())
+    write_text_atomic(files[0], json.dumps({**moved, "machine.id": "elsewhere"}))  # e.g. committed results
+    older = json.loads(files[1].read_text())
+    write_text_atomic(files[1], json.dumps({**older, "version.torch": "1.0"}))
+    kept = InProcess()
+    sweep(exp, tmp_path, host=HOST, executor=kept, reuse_foreign=True, progress=False, log=lambda s: None)
+    assert kept.ran == []
+    rerun, said = InProcess(), []
+    records = sweep(exp, tmp_path, host=HOST, executor=rerun, progress=False, log=said.append)
+    assert sorted(rerun.ran) == ["lora(r=2) seed=0", "lora(r=4) seed=0"]
+    assert "2 finished cell(s) were made on another host or with other versions" in "\n".join(said)
+    assert [r["machine.id"] for r in records] == [here()["machine.id"]] * 2
+    again = InProcess()
+    sweep(exp, tmp_path, host=HOST, executor=again, progress=False, log=lambda s: None)
+    assert again.ran == []
+
+
+def test_vetoed_cells_are_kept_as_skipped_rows(tmp_path):
+    exp = load_experiment(TINY, ["grid.adapter=full", "grid.train.seed=0", "quantizer=nf4"])
+    records = sweep(exp, tmp_path, host=HOST, executor=InProcess(), progress=False, log=lambda s: None)
+    assert [r["status"] for r in records] == ["skipped"]
+    assert "quantizer 'nf4'" in records[0]["reason"]
+
+
+def test_a_second_sweep_on_the_same_folder_is_refused(tmp_path):
+    exp = load_experiment(TINY)
+    with locked(tmp_path), pytest.raises(ValidationError, match=f"pid {os.getpid()}"):
+        sweep(exp, tmp_path, host=HOST, executor=InProcess(), progress=False, log=lambda s: None)
+
+
+def test_an_incompatible_results_folder_is_left_untouched(tmp_path):
+    (tmp_path / "manifest.json").write_text(json.dumps({"schema": 0}))
+    (tmp_path / "cells").mkdir()
+    (tmp_path / "cells" / "old.json").write_text("{}")
+    with pytest.raises(ValidationError, match="results schema 1; it has schema 0"):
+        sweep(load_experiment(TINY), tmp_path, host=HOST, executor=InProcess(), progress=False, log=lambda s: None)
+    assert (tmp_path / "cells" / "old.json").read_text() == "{}"
+
+
+@pytest.mark.parametrize("override,match", [
+    ("grid.adapter=lorax", "unknown adapter 'lorax'"),
+    ("grid.train.stepz=1", "train.stepz.*a field of train"),
+    ("grid.optimizer=adamw", "grid\\[0\\].optimizer.*section.field"),
+    ("grid.train.optimizer=sgd", "train.optimizer='sgd'"),
+    ("train.seed", "key=value"),
+    ("colour.x=1", "override='colour.x'"),
+])
+def test_bad_experiments_fail_before_anything_runs(tmp_path, override, match):
+    with pytest.raises(PeftlabError, match=match):
+        exp = load_experiment(TINY, [override])
+        sweep(exp, tmp_path / "out", host=HOST, executor=InProcess(), progress=False, log=lambda s: None)
+    assert not (tmp_path / "out" / "cells").exists()
+
+
+def test_empty_axes_and_missing_files_are_refused(tmp_path):
+    bad = tmp_path / "x.toml"
+    bad.write_text('[[grid]]\nadapter = []\n')
+    with pytest.raises(ValidationError, match=r"grid\[0\].adapter=\[\].*non-empty list"):
+        load_experiment(bad).cells(HOST)
+    with pytest.raises(ValidationError, match="existing experiment TOML"):
+        load_experiment(tmp_path / "nope.toml")
+
+
+def test_cell_ids_are_stable_and_differ_by_settings():
+    a = [c.cell_id for c in load_experiment(TINY).cells(HOST)]
+    b = [c.cell_id for c in load_experiment(TINY).cells(HOST)]
+    assert a == b and len(set(a)) == 4
+    c = [c.cell_id for c in load_experiment(TINY, ["train.steps=3"]).cells(HOST)]
+    assert not set(a) & set(c)
+
+
+def test_seed_aggregation_is_mean_and_student_t_interval():
+    recs = [{"cell_id": str(i), "label": f"x seed={s}", "group": "x", "status": "ok", "train.seed": s,
+             "metric.bleu": v} for i, (s, v) in enumerate([(0, 50.0), (1, 54.0), (2, 52.0)])]
+    recs.append({"cell_id": "9", "label": "y", "group": "y", "status": "skipped", "reason": "vetoed"})
+    summary = aggregate(to_frame(recs)).set_index("group")
+    assert summary.loc["x", "metric.bleu"] == 52.0 and summary.loc["x", "seeds"] == 3
+    assert summary.loc["x", "metric.bleu.ci95"] == pytest.approx(4.303 * 2.0 / math.sqrt(3))
+    assert summary.loc["y", "status"] == "skipped" and summary.loc["y", "reason"] == "vetoed"
+    assert t95(2) == 12.706 and math.isnan(t95(1))
+
+
+def test_the_schema_is_fixed_even_for_failed_only_tables():
+    df = to_frame([{"cell_id": "1", "label": "a", "group": "a", "status": "failed", "reason": "boom"}])
+    assert list(df.columns[: len(COLUMNS)]) == list(COLUMNS)
+    assert str(df["params.trainable"].dtype) == "Int64" and str(df["status"].dtype) == "string"
+
+
+def test_the_gpu_scale_lora_paper_experiment_loads_and_plans():
+    """It cannot run here (GPU, hub); it must still parse, validate and plan."""
+    path = Path(__file__).parents[2] / "experiments" / "lora_paper_e2e_gpt2m_gpu.toml"
+    exp = load_experiment(path)
+    cells = exp.cells(HOST)
+    assert len(cells) == 3 and not any(c.skip_reason for c in cells)
+    cfg = cells[0].config
+    assert (cfg.adapter, cfg.adapter_params["r"], cfg.adapter_params["alpha"]) == ("lora", 4, 32)
+    assert (cfg.train.epochs, cfg.train.steps, cfg.train.lr, cfg.train.batch_size) == (5, None, 2e-4, 8)
+    assert cfg.eval.num_beams == 10 and cfg.model.name == "openai-community/gpt2-medium"
+    assert path.read_text().startswith("# The LoRA paper's E2E NLG setup")
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).parents[2] / "experiments").glob("*.toml")), ids=lambda p: p.name)
+def test_every_experiment_file_says_what_it_reproduces_and_how_to_run_it(path):
+    text = path.read_text()
+    assert text.startswith("# ") and "Run:" in text.split("\n[")[0]
+    load_experiment(path).cells(HOST)
