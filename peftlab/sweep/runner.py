@@ -132,7 +132,7 @@ def locked(folder: Path) -> Iterator[None]:
 
 def check_manifest(folder: Path, exp: Experiment) -> None:
     """Refuse a folder written by an incompatible version; create the manifest otherwise."""
-    from peftlab import __version__
+    from peftlab.provenance import versions
 
     path = folder / "manifest.json"
     if path.exists():
@@ -146,7 +146,7 @@ def check_manifest(folder: Path, exp: Experiment) -> None:
                                   "Nothing was overwritten: move it away or pass another --out")
         return
     write_text_atomic(path, json.dumps({"schema": SCHEMA, "experiment": exp.name, "file": exp.path,
-                                        "peftlab": __version__}, indent=2) + "\n")
+                                        "peftlab": versions()["peftlab"]}, indent=2) + "\n")
 
 
 def load_records(folder: Path) -> list[dict[str, Any]]:

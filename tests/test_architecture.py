@@ -1,0 +1,150 @@
+"""The layering, checked on the source: no import cycle among engine modules, the plugin API
+(``peftlab/plugin/``) imports nothing else from peftlab, the engine never imports the built-in
+plugins, and built-in plugins import only from ``peftlab`` itself. Imports inside functions count;
+imports under ``if TYPE_CHECKING:`` do not (they never run)."""
+
+import ast
+import inspect
+from pathlib import Path
+
+import pytest
+
+from peftlab.plugin import hookspecs
+
+ROOT = Path(__file__).parents[1]
+PACKAGE = ROOT / "peftlab"
+
+
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def runtime_imports(path: Path) -> set[str]:
+    """Modules ``path`` imports when it runs (absolute names; relative imports are resolved)."""
+    tree = ast.parse(path.read_text(), str(path))
+    skip: set[int] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            skip |= {id(n) for stmt in node.body for n in ast.walk(stmt)}
+    here = module_name(path).split(".")
+    package = here if path.name == "__init__.py" else here[:-1]
+    out: set[str] = set()
+    for node in ast.walk(tree):
+        if id(node) in skip:
+            continue
+        if isinstance(node, ast.Import):
+            out |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                base = ".".join(package[: len(package) - node.level + 1] + ([base] if base else []))
+            out.add(base)
+            out |= {f"{base}.{a.name}" for a in node.names}  # `from pkg import submodule`
+    return out
+
+
+MODULES = {module_name(p): p for p in PACKAGE.rglob("*.py")}
+GRAPH = {m: {i for i in runtime_imports(p) if i in MODULES and i != m} for m, p in MODULES.items()}
+
+
+def test_the_graph_is_not_empty():
+    assert len(MODULES) > 30 and "peftlab.plugin.spec" in GRAPH["peftlab.registry"]
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components with more than one module (Tarjan)."""
+    index, low, stack, on, out, counter = {}, {}, [], set(), [], [0]
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = counter[0]
+        counter[0] += 1
+        stack.append(v)
+        on.add(v)
+        for w in graph[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                out.append(sorted(comp))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return out
+
+
+def test_cycle_finder_finds_a_cycle():
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    assert cycles({"a": {"b"}, "b": set()}) == []
+
+
+def test_no_import_cycle_among_engine_modules():
+    # the top-level package re-exports the author API and is imported by no engine module
+    engine = {m: deps - {"peftlab"} for m, deps in GRAPH.items() if m != "peftlab"}
+    assert cycles(engine) == []
+
+
+def imports_top_level(path: Path) -> bool:
+    """``import peftlab`` or ``from peftlab import ...`` anywhere in ``path``."""
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module == "peftlab":
+            return True
+        if isinstance(node, ast.Import) and any(a.name == "peftlab" for a in node.names):
+            return True
+    return False
+
+
+def test_no_engine_module_imports_the_top_level_package():
+    """``import peftlab`` is for users and plugins; inside, modules import each other directly."""
+    assert sorted(m for m, p in MODULES.items() if m != "peftlab" and imports_top_level(p)) == []
+
+
+def test_the_plugin_api_is_a_leaf():
+    for m, p in MODULES.items():
+        if m == "peftlab.plugin" or m.startswith("peftlab.plugin."):
+            outside = sorted(i for i in runtime_imports(p)
+                             if i.startswith("peftlab") and not (i == "peftlab.plugin" or i.startswith("peftlab.plugin.")))
+            assert outside == [], f"{m} imports {outside}"
+
+
+def test_the_engine_never_imports_the_built_in_plugins():
+    for m, p in MODULES.items():
+        assert not any(i.startswith("peftlab_plugins") for i in runtime_imports(p)), m
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "plugins").glob("*.py")), ids=lambda p: p.name)
+def test_built_in_plugins_import_only_the_public_api(path):
+    used = {i for i in runtime_imports(path) if i.startswith("peftlab")}
+    # `from peftlab import X` records "peftlab" and "peftlab.X"; only names, never engine modules
+    assert not used & set(MODULES) - {"peftlab", "peftlab.plugin.kernels"}, sorted(used & set(MODULES))
+    import peftlab
+
+    for name in used - {"peftlab"}:
+        assert name.removeprefix("peftlab.") in peftlab.__all__, f"{path.name} imports {name}, not public API"
+
+
+SPECS = [n for n in dir(hookspecs) if n.startswith("peftlab_")]
+
+
+@pytest.mark.parametrize("name", SPECS)
+def test_every_hook_is_typed_and_documents_its_parameters(name):
+    fn = getattr(hookspecs, name)
+    sig = inspect.signature(fn)
+    doc = inspect.getdoc(fn) or ""
+    assert sig.return_annotation is not inspect.Signature.empty and "Any" not in str(sig.return_annotation)
+    assert ":returns:" in doc or sig.return_annotation in ("None", None)
+    for param in sig.parameters:
+        assert f":param {param}:" in doc, f"{name} does not document {param}"
