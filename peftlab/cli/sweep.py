@@ -39,9 +39,15 @@ def run_sweep(args: argparse.Namespace) -> int:
         print(f"{len(cells)} cells", file=sys.stderr)
         return 0
     out = Path(args.out or Path("results") / exp.name)
-    records = sweep(exp, out, host=host, force=args.force, reuse_foreign=args.reuse_foreign,
-                    progress=not args.no_progress)
-    report = render(out, command=" ".join(["peftlab", *args.argv]))
+    command = " ".join(["peftlab", *args.argv])
+    try:
+        records = sweep(exp, out, host=host, force=args.force, reuse_foreign=args.reuse_foreign,
+                        progress=not args.no_progress, command=command)
+    except KeyboardInterrupt:
+        print(f"\npeftlab: interrupted. Every finished cell is kept in {out}/cells; run the same command again "
+              f"to resume:\n  {command}", file=sys.stderr)
+        return 130
+    report = render(out)
     failed = sum(r.get("status") == "failed" for r in records)
     print(f"wrote {report} ({len(records)} cells, {failed} failed)", file=sys.stderr)
     return 1 if failed else 0

@@ -122,9 +122,9 @@ def architecture_section(host: PluginHost, seq: int, batch: int, rank: int) -> l
 
 def measured_records(folder: Path) -> list[dict[str, Any]]:
     """A sweep's finished cells that carry a peak-memory reading."""
-    from peftlab.sweep.runner import load_records
+    from peftlab.sweep.store import ResultsStore
 
-    return [r for r in load_records(folder) if r.get("status") == "ok" and "mem.peak_bytes" in r]
+    return [r for r in ResultsStore(folder).records() if r.get("status") == "ok" and "mem.peak_bytes" in r]
 
 
 def check_section(folder: Path) -> tuple[list[str], list[dict[str, Any]]]:

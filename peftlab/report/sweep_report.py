@@ -1,15 +1,15 @@
 """Tables, plots and ``report.md`` for a results folder: pure functions of the stored records.
 
-``render(folder)`` reads ``cells/*.json`` and writes ``cells.csv``/``.parquet`` (one row per
+``render(folder)`` reads the records through :class:`peftlab.sweep.store.ResultsStore` and writes ``cells.csv``/``.parquet`` (one row per
 cell), ``summary.csv``/``.parquet`` (seeds aggregated), PNG plots and ``report.md``. It is what
 ``peftlab report <dir>`` runs, so a report can always be re-made from the records alone.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -18,6 +18,7 @@ import pandas as pd
 
 from peftlab.atomic import write_text_atomic
 from peftlab.report.tables import aggregate, to_frame
+from peftlab.sweep.store import ResultsStore
 
 
 def write_frame(df: pd.DataFrame, path: Path) -> None:
@@ -65,7 +66,7 @@ def summary_markdown(summary: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
-def plots(df: pd.DataFrame, summary: pd.DataFrame, folder: Path) -> list[tuple[str, str]]:
+def plots(df: pd.DataFrame, summary: pd.DataFrame, out: Callable[[str], Path]) -> list[tuple[str, str]]:
     """(file, caption) of each plot written; a plot without data to show is left out."""
     import matplotlib
 
@@ -85,7 +86,7 @@ def plots(df: pd.DataFrame, summary: pd.DataFrame, folder: Path) -> list[tuple[s
         ax.legend(fontsize=8)
         ax.grid(True, which="both", alpha=0.3)
         fig.tight_layout()
-        fig.savefig(folder / "params_vs_rank.png", dpi=120)
+        fig.savefig(out("params_vs_rank.png"), dpi=120)
         plt.close(fig)
         made.append(("params_vs_rank.png", "Trainable parameters against LoRA rank (linear in r)."))
     metrics = _metric_columns(ok)
@@ -112,7 +113,7 @@ def plots(df: pd.DataFrame, summary: pd.DataFrame, folder: Path) -> list[tuple[s
                title=f"Quality vs trainable parameters ({m.removeprefix('metric.')}, mean ± 95% CI)")
         ax.grid(True, alpha=0.3)
         fig.tight_layout()
-        fig.savefig(folder / "quality_vs_params.png", dpi=120)
+        fig.savefig(out("quality_vs_params.png"), dpi=120)
         plt.close(fig)
         made.append(("quality_vs_params.png", f"{m.removeprefix('metric.')} against trainable parameters."))
     if len(ok):
@@ -128,7 +129,7 @@ def plots(df: pd.DataFrame, summary: pd.DataFrame, folder: Path) -> list[tuple[s
         kind = df["mem.peak_kind"].dropna().unique()
         fig.suptitle(f"Cost per method (peak memory: {', '.join(map(str, kind)) or 'n/a'})", fontsize=10)
         fig.tight_layout()
-        fig.savefig(folder / "cost.png", dpi=120)
+        fig.savefig(out("cost.png"), dpi=120)
         plt.close(fig)
         made.append(("cost.png", "Peak memory and training throughput per method (mean ± 95% CI)."))
     return made
@@ -157,24 +158,18 @@ def this_machine() -> str:
             f"- rendered: {datetime.now(UTC).strftime('%Y-%m-%d %H:%M UTC')}\n")
 
 
-def render(folder: str | Path, command: str | None = None) -> Path:
-    from peftlab.plugin.errors import ValidationError
-    from peftlab.sweep.runner import load_records
-
-    folder = Path(folder)
-    records = load_records(folder)
-    if not records:
-        raise ValidationError("results folder", str(folder), "a folder with cells/*.json records (run a sweep first)")
-    manifest = json.loads((folder / "manifest.json").read_text()) if (folder / "manifest.json").exists() else {}
-    if command:
-        manifest["command"] = command
-        write_text_atomic(folder / "manifest.json", json.dumps(manifest, indent=2) + "\n")
+def render(folder: str | Path) -> Path:
+    """(Re)make the tables, plots and ``report.md`` of a results folder from its records alone."""
+    store = ResultsStore(folder)
+    folder = store.folder
+    records = store.records()
+    manifest = store.manifest()
     df = to_frame(records)
     summary = aggregate(df)
     for name, frame in (("cells", df), ("summary", summary)):
-        write_frame(frame, folder / f"{name}.csv")
-        write_frame(frame, folder / f"{name}.parquet")
-    figures = plots(df, summary, folder)
+        write_frame(frame, store.artifact(f"{name}.csv"))
+        write_frame(frame, store.artifact(f"{name}.parquet"))
+    figures = plots(df, summary, store.artifact)
     not_ok = df[df["status"] != "ok"]
     settings = next((s for s in df["metric.settings"].dropna()), "{}") if "metric.settings" in df else "{}"
     parts = [
@@ -183,7 +178,7 @@ def render(folder: str | Path, command: str | None = None) -> Path:
         f"`{manifest.get('file', '?')}`; re-render with `peftlab report {folder}`.\n",
         environment(df) + "\n",
         *(["What these numbers say, next to the papers': [NOTES.md](NOTES.md).\n"]
-          if (folder / "NOTES.md").exists() else []),
+          if store.artifact("NOTES.md").exists() else []),
         f"## Results ({len(df)} cells, {int((df['status'] == 'ok').sum())} ok)\n",
         "Mean over seeds, ± the half-width of a 95% Student t interval where there are several. "
         "Parameters are logical (a packed 4-bit weight counts as its elements); base MiB is the base "
@@ -203,4 +198,4 @@ def render(folder: str | Path, command: str | None = None) -> Path:
         parts.append(f"![{caption}]({file})\n\n{caption}\n")
     parts.append(f"Metric settings: `{settings}`\n")
     parts.append("Tables: `cells.csv` / `cells.parquet` (one row per cell), `summary.csv` / `summary.parquet`.\n")
-    return write_text_atomic(folder / "report.md", "\n".join(parts))
+    return write_text_atomic(store.artifact("report.md"), "\n".join(parts))

@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 
 from peftlab.cell.config import CellConfig
 from peftlab.plugin.errors import ValidationError
+from peftlab.sweep.store import check_name
 
 if TYPE_CHECKING:
     from peftlab.host import PluginHost
@@ -55,6 +56,11 @@ class PlannedCell:
     @property
     def config(self) -> CellConfig:
         return CellConfig.from_dict(self.settings)
+
+    @property
+    def group(self) -> str:
+        """The label without the seed: the cells a summary row aggregates."""
+        return describe({k: v for k, v in self.axes.items() if k != "train.seed"}) or "all"
 
 
 @dataclass
@@ -207,6 +213,5 @@ def load_experiment(path: str | Path, overrides: list[str] | tuple[str, ...] = (
             else:
                 raise ValidationError("override", key, f"name, adapter, quantizer, memory_mode, grid.<axis> or section.field "
                                       f"with section in {', '.join(SECTIONS)}")
-    if not isinstance(exp.name, str) or not exp.name or "/" in exp.name:
-        raise ValidationError("experiment.name", exp.name, "a non-empty name without '/' (it names the results folder)")
+    check_name(exp.name)
     return exp

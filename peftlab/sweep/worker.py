@@ -1,6 +1,8 @@
-"""``python -m peftlab.sweep.worker CELL.json RECORD.json``: run one planned cell in this process and
-write its record atomically. The sweep's runner starts one per cell, so a crash here is one
-failed row, not a failed sweep. A cell that raises is recorded as ``failed`` with the error."""
+"""``python -m peftlab.sweep.worker INPUTS.json RECORD.json``: run one planned cell in this process
+and write its complete record once, atomically. The sweep starts one per cell, so a crash here is
+one failed row, not a failed sweep. A cell that raises is recorded as ``failed`` with the error.
+The plugin host is built from the sweep's own settings (strict mode, disabled plugins), carried in
+the inputs, not from this process's environment."""
 
 from __future__ import annotations
 
@@ -9,12 +11,10 @@ import json
 import sys
 import traceback
 
-from peftlab.atomic import write_text_atomic
-
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m peftlab.sweep.worker")
-    p.add_argument("cell")
+    p.add_argument("inputs")
     p.add_argument("record")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
@@ -22,12 +22,13 @@ def main(argv: list[str] | None = None) -> int:
     from peftlab.cell.run import base_record, run_cell
     from peftlab.host import HostSettings, load_host
     from peftlab.plugin.errors import PeftlabError
+    from peftlab.sweep.store import write_record_file
 
-    with open(args.cell) as f:
+    with open(args.inputs) as f:
         spec = json.load(f)
     cfg = CellConfig.from_dict(spec["settings"])
+    ident = {k: spec[k] for k in ("cell_id", "label", "group", "axes", "run_id")}
     try:
-        # the sweep's own plugin settings (strict mode, disabled plugins), not this environment's
         host = load_host(HostSettings.from_dict(spec["host"]))
         rec = run_cell(cfg, host, progress=not args.no_progress)
     except PeftlabError as exc:
@@ -37,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
         rec = {**base_record(cfg), "status": "failed", "reason": f"{type(exc).__name__}: {exc}",
                "error.traceback": "".join(frames)[-2000:]}
         traceback.print_exc()
-    write_text_atomic(args.record, json.dumps(rec, indent=2, default=str) + "\n")
+    write_record_file(args.record, {**ident, **rec})
     return 0
 
 

@@ -98,9 +98,9 @@ def test_memory_report_cli_checks_a_sweep_folder(tmp_path, capsys):
 
     cells = tmp_path / "sweep" / "cells"
     cells.mkdir(parents=True)
-    (cells / "a.json").write_text(json.dumps(_record()))
-    (cells / "b.json").write_text(json.dumps(_record(quantizer="nf4-dq", group="lora(r=8) nf4-dq")))
-    (cells / "c.json").write_text(json.dumps(_record(status="failed")))
+    for cid, rec in (("a", _record()), ("b", _record(quantizer="nf4-dq", group="lora(r=8) nf4-dq")),
+                     ("c", _record(status="failed"))):  # complete records, as a sweep stores them
+        (cells / f"{cid}.json").write_text(json.dumps({**rec, "cell_id": cid, "label": rec["group"], "axes": "{}"}))
     out = tmp_path / "memory"
     assert main(["estimate", "--report", "--check", str(tmp_path / "sweep"), "--out", str(out)]) == 0
     text = (out / "report.md").read_text()

@@ -16,7 +16,8 @@ from peftlab.cell.run import run_cell
 from peftlab.report.sweep_report import render
 from peftlab.report.tables import COLUMNS, aggregate, t95, to_frame
 from peftlab.sweep.experiment import load_experiment
-from peftlab.sweep.runner import Executor, LocalProcessExecutor, here, locked, sweep
+from peftlab.sweep.runner import Executor, LocalProcessExecutor, cell_identity, here, sweep
+from peftlab.sweep.store import ResultsStore, write_record_file
 
 TINY = Path(__file__).parents[1] / "fixtures" / "tiny_grid.toml"
 HOST = load_host()  # every installed plugin
@@ -28,10 +29,11 @@ class InProcess(Executor):
     def __init__(self):
         self.ran = []
 
-    def run(self, cell, record_path):
+    def run(self, cell, files):
+        """What a worker does: run the cell, write its complete record once."""
         self.ran.append(cell.label)
-        rec = run_cell(cell.config, HOST, progress=False)
-        write_text_atomic(record_path, json.dumps(rec))
+        rec = {**cell_identity(cell), "run_id": files.run_id, **run_cell(cell.config, HOST, progress=False)}
+        write_record_file(files.record, rec)
         return rec
 
 
@@ -42,10 +44,10 @@ class KillOne(LocalProcessExecutor):
         super().__init__(progress=False)
         self.victim, self.current, self.ran = victim, None, []
 
-    def run(self, cell, record_path):
+    def run(self, cell, files):
         self.current = cell.label
         self.ran.append(cell.label)
-        return super().run(cell, record_path)
+        return super().run(cell, files)
 
     def spawn(self, args):
         proc = super().spawn(args)
@@ -57,7 +59,7 @@ class KillOne(LocalProcessExecutor):
 def test_a_grid_runs_resumes_and_reports(tmp_path):
     exp = load_experiment(TINY)
     first = InProcess()
-    records = sweep(exp, tmp_path, host=HOST, executor=first, progress=False, log=lambda s: None)
+    records = sweep(exp, tmp_path, host=HOST, executor=first, command="peftlab sweep tiny", progress=False, log=lambda s: None)
     assert len(records) == 4 and {r["status"] for r in records} == {"ok"}
     assert sorted(first.ran) == ["lora(r=2) seed=0", "lora(r=2) seed=1", "lora(r=4) seed=0", "lora(r=4) seed=1"]
     again = InProcess()
@@ -67,7 +69,7 @@ def test_a_grid_runs_resumes_and_reports(tmp_path):
     sweep(exp, tmp_path, host=HOST, executor=forced, force=True, progress=False, log=lambda s: None)
     assert len(forced.ran) == 4
 
-    report = render(tmp_path, command="peftlab sweep tiny")
+    report = render(tmp_path)
     text = report.read_text()
     assert "peftlab sweep tiny" in text and "| lora(r=2) | ok | 2 |" in text
     for png in ("params_vs_rank.png", "quality_vs_params.png", "cost.png"):
@@ -95,7 +97,7 @@ def test_a_killed_cell_fails_alone_and_only_it_runs_again(tmp_path):
 def test_records_from_another_host_or_versions_run_again_here(tmp_path):
     exp = load_experiment(TINY, ["grid.train.seed=0"])
     sweep(exp, tmp_path, host=HOST, executor=InProcess(), progress=False, log=lambda s: None)
-    files = sorted((tmp_path / "cells").glob("*[!l].json"))  # records, not the .cell.json inputs
+    files = sorted((tmp_path / "cells").glob("*.json"))
     assert len(files) == 2
     moved = json.loads(files[0].read_text())
     write_text_atomic(files[0], json.dumps({**moved, "machine.id": "elsewhere"}))  # e.g. committed results
@@ -123,7 +125,7 @@ def test_vetoed_cells_are_kept_as_skipped_rows(tmp_path):
 
 def test_a_second_sweep_on_the_same_folder_is_refused(tmp_path):
     exp = load_experiment(TINY)
-    with locked(tmp_path), pytest.raises(ValidationError, match=f"pid {os.getpid()}"):
+    with ResultsStore(tmp_path).locked(), pytest.raises(ValidationError, match=f"pid {os.getpid()}"):
         sweep(exp, tmp_path, host=HOST, executor=InProcess(), progress=False, log=lambda s: None)
 
 
@@ -131,7 +133,7 @@ def test_an_incompatible_results_folder_is_left_untouched(tmp_path):
     (tmp_path / "manifest.json").write_text(json.dumps({"schema": 0}))
     (tmp_path / "cells").mkdir()
     (tmp_path / "cells" / "old.json").write_text("{}")
-    with pytest.raises(ValidationError, match="results schema 1; it has schema 0"):
+    with pytest.raises(ValidationError, match="results schema 2; it has schema 0"):
         sweep(load_experiment(TINY), tmp_path, host=HOST, executor=InProcess(), progress=False, log=lambda s: None)
     assert (tmp_path / "cells" / "old.json").read_text() == "{}"
 
@@ -203,3 +205,36 @@ def test_every_experiment_file_says_what_it_reproduces_and_how_to_run_it(path):
     text = path.read_text()
     assert text.startswith("# ") and "Run:" in text.split("\n[")[0]
     load_experiment(path).cells(HOST)
+
+
+def _plugin_dist(tmp_path):
+    """A third-party distribution on the path whose plugin loads fine (for now)."""
+    info = tmp_path / "peftlab_flaky_demo-0.1.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: peftlab-flaky-demo\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text("[peftlab]\nflakydemo = peftlab_flaky_demo_mod\n")
+    module = tmp_path / "peftlab_flaky_demo_mod.py"
+    module.write_text("")
+    return module
+
+
+@pytest.mark.parametrize("strict", [True, False])
+def test_strict_plugins_hold_in_the_worker_processes(tmp_path, monkeypatch, strict):
+    """The sweep's host settings travel to each worker: a plugin that breaks only there (say a
+    GPU-only import) fails the cell under --strict-plugins and is a warning otherwise."""
+    from peftlab.host import HostSettings
+
+    module = _plugin_dist(tmp_path / "site")
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(tmp_path / "site"), os.environ.get("PYTHONPATH", "")]))
+    monkeypatch.delenv("PEFTLAB_STRICT_PLUGINS", raising=False)
+    host = load_host(HostSettings(strict=strict))
+    assert {r["name"]: r["status"] for r in host.table()}["flakydemo"] == "ok"
+    module.write_text("raise RuntimeError('boom in the worker')\n")
+    exp = load_experiment(TINY, ["grid.train.seed=0", "grid.adapter=lora"])
+    (rec,) = sweep(exp, tmp_path / "out", host=host, executor=LocalProcessExecutor(progress=False), progress=False,
+                   log=lambda s: None)
+    if strict:
+        assert rec["status"] == "failed" and "boom in the worker" in rec["reason"] and "flakydemo" in rec["reason"]
+    else:
+        assert rec["status"] == "ok"
