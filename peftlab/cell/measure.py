@@ -126,3 +126,28 @@ def base_weight_bytes(model: torch.nn.Module) -> int:
     total = sum(p.numel() * p.element_size() for p in model.parameters())
     total += sum(m.qweight.storage_bytes for m in model.modules() if isinstance(m, QuantizedLinear))
     return total
+
+
+def backward_blocks(model: torch.nn.Module) -> int | None:
+    """How many transformer blocks the backward pass goes through: from the top down to the lowest
+    block holding a trainable parameter (all of them when something below the blocks trains, none
+    when only the head trains). The activations a step keeps scale with it. ``None`` for a model
+    without a block stack."""
+    from peftlab.plugin.adapter import transformer_blocks
+    from peftlab.plugin.errors import ValidationError
+
+    try:
+        prefix, blocks = transformer_blocks(model)
+    except ValidationError:
+        return None
+    names = [n for n, _ in model.named_parameters()]
+    first_block = next((i for i, n in enumerate(names) if n.startswith(prefix + ".")), len(names))
+    lowest = len(blocks)
+    for i, (name, p) in enumerate(model.named_parameters()):
+        if not p.requires_grad:
+            continue
+        if name.startswith(prefix + "."):
+            lowest = min(lowest, int(name[len(prefix) + 1:].split(".", 1)[0]))
+        elif i < first_block:
+            lowest = 0
+    return len(blocks) - lowest

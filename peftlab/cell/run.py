@@ -17,6 +17,7 @@ import torch
 from peftlab.cell.config import CellConfig
 from peftlab.cell.train import TrainingError
 from peftlab.host import PluginHost
+from peftlab.plugin.adapter import Adapter
 from peftlab.plugin.errors import ValidationError
 
 
@@ -56,7 +57,7 @@ def base_record(cfg: CellConfig) -> dict[str, Any]:
 
 def run_cell(cfg: CellConfig, host: PluginHost, *, progress: bool = True) -> dict[str, Any]:
     from peftlab.adapt.attach import attach
-    from peftlab.cell.measure import PeakMemory, base_weight_bytes
+    from peftlab.cell.measure import PeakMemory, backward_blocks, base_weight_bytes
     from peftlab.cell.models import load
     from peftlab.cell.train import train
     from peftlab.data.prompts import encode
@@ -69,7 +70,7 @@ def run_cell(cfg: CellConfig, host: PluginHost, *, progress: bool = True) -> dic
     wall = time.perf_counter()
     adapter, quantizer, metrics, reason = preflight(cfg, host)
     rec = base_record(cfg)
-    rec.update({f"adapter.{k}": _cell_value(v) for k, v in adapter.settings().items()})
+    rec.update(adapter_fields(adapter))
     if reason:
         rec.update(status="skipped", reason=reason)
         return rec
@@ -93,7 +94,9 @@ def run_cell(cfg: CellConfig, host: PluginHost, *, progress: bool = True) -> dic
     torch.manual_seed(cfg.train.seed)
     report = attach(model, adapter)
     rec.update({"params.trainable": report.trainable, "params.total": report.total,
-                "params.trainable_pct": 100 * report.trainable_share, "adapter.targets": len(report.targets)})
+                "params.trainable_pct": 100 * report.trainable_share, "adapter.targets": len(report.targets),
+                "params.backward_blocks": backward_blocks(model),
+                "params.trainable_bytes": sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)})
     model.to(device)
     if cfg.eval.before:
         gens = generate(model, tok, eval_items, cfg.eval, device=device, precision=cfg.train.precision, progress=progress)
@@ -119,6 +122,15 @@ def run_cell(cfg: CellConfig, host: PluginHost, *, progress: bool = True) -> dic
                 "sample.references": json.dumps(list(eval_items[0].references))})
     rec["time.wall_s"] = time.perf_counter() - wall
     return rec
+
+
+def adapter_fields(adapter: Adapter) -> dict[str, Any]:
+    """What every record says of its adapter, whatever the adapter: its settings (``adapter.<key>``),
+    whether it trains base weights, and its declared size setting and value (LoRA's rank), which
+    reports plot trainable parameters against."""
+    return {**{f"adapter.{k}": _cell_value(v) for k, v in adapter.settings().items()},
+            "adapter.trains_base": bool(adapter.trains_base), "adapter.size_setting": adapter.size_setting,
+            "adapter.size": adapter.size}
 
 
 def _cell_value(v: Any) -> Any:

@@ -24,7 +24,6 @@ if TYPE_CHECKING:
 GB = 1e9
 #: a 10B decoder shape (12 h^2 L = 9.7B in the blocks) for the lecture's activation budget
 TEN_B_SHAPE = (4096, 48)
-DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
 def model_estimates(name: str, host: PluginHost, *, adapter: str = "lora", rank: int = 8, targets: str = "q/v",
@@ -50,15 +49,17 @@ def record_estimate(rec: dict[str, Any]) -> dict[str, float]:
     and the optimizer's states. With bf16 autocast over an fp32 float base, every matmul saves
     a bf16 copy of its weight for the backward pass (2 bytes per parameter); a quantized base
     dequantizes again in backward instead. Activations: 34 s b h bytes per block that the
-    backward pass goes through (only the top k for ft-top), s b = training tokens per step."""
+    backward pass goes through (``params.backward_blocks``: only the top k for FT-Top-k), s b =
+    training tokens per step. Nothing here knows an adapter by name: what trains the base, and the
+    bytes of what trains, come from the record."""
     trainable = float(rec["params.trainable"])
-    full_like = rec["adapter"] in ("full", "ft-top")
-    own = 4 if full_like else DTYPE_BYTES.get(str(rec.get("adapter.dtype")), 4)
+    full_like = bool(rec["adapter.trains_base"])
+    own = float(rec["params.trainable_bytes"]) / trainable
     weights = float(rec["base.weight_bytes"]) + (0 if full_like else trainable * own)
     optim = "adamw8bit" if "8bit" in str(rec["train.optimizer"]) else "adamw"
     hidden, layers = shape(rec["model"])
-    if rec["adapter"] == "ft-top":
-        layers = int(rec["adapter.k"])
+    if rec.get("params.backward_blocks") is not None:
+        layers = int(rec["params.backward_blocks"])
     tokens_per_step = float(rec["train.tokens"]) / max(1, int(rec["train.steps"]))
     copies = 0.0
     if rec.get("train.precision") == "bf16" and rec.get("quantizer", "none") == "none" \
@@ -136,12 +137,13 @@ def check_section(folder: Path) -> tuple[list[str], list[dict[str, Any]]]:
     rows = []
     for r in recs:
         est = record_estimate(r)
-        rows.append({"group": r["group"], "adapter": r["adapter"], "r": r.get("adapter.r"),
+        rows.append({"group": r["group"], "adapter": r["adapter"], "size": r.get("adapter.size"),
+                     "trains_base": bool(r["adapter.trains_base"]), "trainable": float(r["params.trainable"]),
                      "quantizer": r.get("quantizer", "none"), "kind": r["mem.peak_kind"],
                      **{f"est.{k}": v for k, v in est.items()}, "est.total": sum(est.values()),
                      "measured": float(r["mem.peak_bytes"])})
-    df = pd.DataFrame(rows).groupby(["group", "adapter", "quantizer", "kind"], as_index=False, dropna=False
-                                    ).mean(numeric_only=True)
+    df = pd.DataFrame(rows).groupby(["group", "adapter", "quantizer", "kind", "trains_base"], as_index=False,
+                                    dropna=False).mean(numeric_only=True)
     df["gap"] = df["measured"] - df["est.total"]
     kinds = ", ".join(sorted(df["kind"].unique()))
     lines = [f"## 3. Estimate against measurement: `{folder}`\n",
@@ -170,25 +172,25 @@ def check_section(folder: Path) -> tuple[list[str], list[dict[str, Any]]]:
 
 
 def _differences(df) -> list[str]:
-    """Measured vs estimated savings: full -> LoRA (float base) and LoRA -> QLoRA at the same rank."""
-    cells = {}
-    for _, row in df.iterrows():
-        rank = None if row["r"] != row["r"] else row["r"]  # NaN for adapters without a rank
-        cells[(row["adapter"], row["quantizer"], rank)] = row
+    """Measured vs estimated savings, from what the cells declare (no adapter is named): the float-base
+    cell that trains the most base weights (full fine-tuning) -> each float-base cell that keeps
+    the base frozen, and each such cell -> the same adapter and size over a quantized base."""
+    float_base = df[df["quantizer"] == "none"]
+    base_trainers = float_base[float_base["trains_base"]].sort_values("trainable")
+    reference = base_trainers.iloc[-1] if len(base_trainers) else None
     out = []
-    for (adapter, quantizer, rank), qlora in sorted(cells.items(), key=lambda kv: str(kv[0])):
-        if adapter != "lora" or quantizer == "none":
-            continue
-        lora, full = cells.get(("lora", "none", rank)), cells.get(("full", "none", None))
-        for name_a, a, name_b, b in (("full fine-tuning", full, f"LoRA r={rank:g}", lora),
-                                     (f"LoRA r={rank:g}", lora, f"LoRA r={rank:g} over {quantizer}", qlora)):
-            if a is None or b is None:
-                continue
-            line = (f"- {name_a} -> {name_b}: measured {(a['measured'] - b['measured']) / 1e6:,.0f} MB saved, "
-                    f"estimated {(a['est.total'] - b['est.total']) / 1e6:,.0f} MB")
-            if line not in out:
-                out.append(line)
-    return out or ["- (no LoRA-over-quantized-base cells with a matching float-base cell)"]
+
+    def line(a, b) -> str:
+        return (f"- {a['group']} -> {b['group']}: measured {(a['measured'] - b['measured']) / 1e6:,.0f} MB saved, "
+                f"estimated {(a['est.total'] - b['est.total']) / 1e6:,.0f} MB")
+
+    for _, frozen in float_base[~float_base["trains_base"]].iterrows():
+        if reference is not None:
+            out.append(line(reference, frozen))
+        for _, quantized in df[(df["quantizer"] != "none") & (df["adapter"] == frozen["adapter"])].iterrows():
+            if quantized["size"] == frozen["size"] or (quantized["size"] != quantized["size"] and frozen["size"] != frozen["size"]):
+                out.append(line(frozen, quantized))
+    return list(dict.fromkeys(out)) or ["- (no pair of cells that differ only in the method or the base)"]
 
 
 def memory_report(host: PluginHost, check: list[Path], *, seq: int = 512, batch: int = 1, rank: int = 8) -> tuple[str, list[dict]]:

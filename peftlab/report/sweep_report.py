@@ -75,20 +75,25 @@ def plots(df: pd.DataFrame, summary: pd.DataFrame, out: Callable[[str], Path]) -
 
     made = []
     ok = summary[summary["status"] == "ok"]
-    lora = ok[ok["adapter.r"].notna()] if "adapter.r" in ok else ok.iloc[0:0]
-    if lora["adapter.r"].nunique() >= 2:
+    sized = ok[ok["adapter.size"].notna()] if "adapter.size" in ok else ok.iloc[0:0]
+    curves = [(key, part.sort_values("adapter.size")) for key, part in
+              sized.groupby(["adapter", "adapter.size_setting", "model", "quantizer"], dropna=False)
+              if part["adapter.size"].nunique() >= 2]
+    if curves:
         fig, ax = plt.subplots(figsize=(5.5, 4))
-        for (model, quant), part in lora.groupby(["model", "quantizer"], dropna=False):
-            part = part.sort_values("adapter.r")
-            ax.plot(part["adapter.r"], part["params.trainable"], "o-", label=f"{model}, base {quant}")
-        ax.set(xscale="log", yscale="log", xlabel="LoRA rank r", ylabel="trainable parameters",
-               title="Trainable parameters vs rank")
+        for (adapter, setting, model, quant), part in curves:
+            ax.plot(part["adapter.size"], part["params.trainable"], "o-",
+                    label=f"{adapter} ({setting}), {model}, base {quant}")
+        settings = sorted({str(k[1]) for k, _ in curves})
+        ax.set(xscale="log", yscale="log", xlabel=f"adapter size: {', '.join(settings)}", ylabel="trainable parameters",
+               title="Trainable parameters vs adapter size")
         ax.legend(fontsize=8)
         ax.grid(True, which="both", alpha=0.3)
         fig.tight_layout()
-        fig.savefig(out("params_vs_rank.png"), dpi=120)
+        fig.savefig(out("params_vs_size.png"), dpi=120)
         plt.close(fig)
-        made.append(("params_vs_rank.png", "Trainable parameters against LoRA rank (linear in r)."))
+        made.append(("params_vs_size.png", "Trainable parameters against each adapter's declared size setting "
+                                           "(LoRA's rank r: linear in r)."))
     metrics = _metric_columns(ok)
     if metrics and len(ok):
         m = metrics[0]

@@ -1,7 +1,8 @@
 """Records -> pandas tables with a fixed column -> dtype schema, and seeds -> mean and 95% interval.
 
 Fixed columns always exist, in this order and with these dtypes, whatever the records hold;
-columns a plugin adds (``metric.*``, ``adapter.*`` settings) follow, typed by their prefix or
+columns a plugin adds (``metric.*``, ``adapter.*`` settings) follow. An adapter's size (LoRA's
+rank) is ``adapter.size``, named by ``adapter.size_setting``, whatever the adapter, typed by their prefix or
 their values. Reports are pure functions of these tables.
 """
 
@@ -16,7 +17,8 @@ import pandas as pd
 COLUMNS: dict[str, str] = {
     "cell_id": "string", "label": "string", "group": "string", "status": "string", "reason": "string",
     "model": "string", "adapter": "string", "quantizer": "string", "data": "string",
-    "adapter.r": "Int64", "train.seed": "Int64", "train.steps": "Int64", "train.optimizer": "string",
+    "adapter.size_setting": "string", "adapter.size": "Float64", "adapter.trains_base": "boolean",
+    "train.seed": "Int64", "train.steps": "Int64", "train.optimizer": "string",
     "train.grad_checkpointing": "boolean",
     "params.trainable": "Int64", "params.total": "Int64", "params.trainable_pct": "float64",
     "base.weight_bytes": "Int64", "mem.peak_bytes": "Int64", "mem.peak_kind": "string",
@@ -26,7 +28,7 @@ COLUMNS: dict[str, str] = {
 PREFIX_DTYPES = [("metric.settings", "string"), ("metric.", "float64"), ("before.metric.", "float64"),
                  ("mem.", "float64"), ("version.", "string"), ("sample.", "string"), ("quant.", "Int64")]
 #: columns that say what a cell was (everything else is what it measured)
-KEYS = ("group", "model", "adapter", "quantizer", "data", "adapter.r")
+KEYS = ("group", "model", "adapter", "quantizer", "data", "adapter.size_setting", "adapter.size")
 #: two-sided 95% Student t quantiles by degrees of freedom (1..30); larger samples use 1.96
 T95 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
        2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048,

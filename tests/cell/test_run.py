@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from peftlab import UnknownNameError, ValidationError, load_host, quantize_
+from peftlab import PeftlabError, UnknownNameError, ValidationError, load_host, quantize_
 from peftlab.cell.config import CellConfig
 from peftlab.cell.models import ModelConfig, load, resolve
 from peftlab.cell.run import run_cell
@@ -204,3 +204,53 @@ def test_records_name_the_commit_they_ran_from(monkeypatch):
     assert git_commit() == "0123abc"
     monkeypatch.delenv("PEFTLAB_COMMIT")
     assert re.fullmatch(r"[0-9a-f]{7,}( \(with uncommitted changes\))?|not a git checkout", git_commit())
+
+
+def test_a_base_training_adapter_under_any_name_is_skipped_over_a_quantized_base():
+    """The veto comes from what the adapter declares (trains_base), not from its registered name."""
+    from peftlab_plugins.full import FullFineTuning
+
+    from peftlab import ComponentSpec, PluginHost, hookimpl
+
+    class Renamed:
+        @hookimpl
+        def peftlab_adapters(self):
+            return [ComponentSpec("adapter", "everything", FullFineTuning, {})]
+
+    host = load_host()
+    host.register(Renamed(), "renamed")
+    rec = run_cell(cell(adapter="everything", quantizer="nf4"), host, progress=False)
+    assert rec["status"] == "skipped" and "everything trains the base model's own weights" in rec["reason"]
+    assert rec["adapter.trains_base"] is True and isinstance(host, PluginHost)
+
+
+@pytest.mark.parametrize("adapter,params,size,blocks", [("lora", {"r": 2}, 2, 2), ("ft-top", {"k": 1}, 1, 1),
+                                                         ("full", {}, None, 2)])
+def test_records_carry_what_the_adapter_declares(adapter, params, size, blocks):
+    rec = run_cell(cell(adapter=adapter, adapter_params=params), HOST, progress=False)
+    assert rec["adapter.size"] == size and rec["params.backward_blocks"] == blocks
+    assert rec["adapter.size_setting"] == {"lora": "r", "ft-top": "k", "full": None}[adapter]
+    assert rec["params.trainable_bytes"] == 4 * rec["params.trainable"]  # fp32 adapters / fp32 CPU weights
+
+
+@pytest.mark.parametrize("hook,match", [(lambda cell: 42, "returned 42"), (lambda cell: 1 / 0, "ZeroDivisionError"),
+                                        (lambda cell: "  ", "returned '  '")])
+def test_a_broken_veto_hook_is_named_before_anything_runs(hook, match):
+    from peftlab import hookimpl
+
+    class Veto:
+        pass
+
+    Veto.peftlab_skip_reason = staticmethod(hookimpl(hook))
+    host = load_host()
+    host.register(Veto(), "badveto")
+    with pytest.raises(PeftlabError, match=f"plugin 'badveto'.*{match}"):
+        run_cell(cell(), host, progress=False)
+
+
+@pytest.mark.parametrize("setting,match", [({"adapter_params": {"rank": 8}}, "adapter 'lora' setting='rank'.*alpha, dropout, dtype, init, r, target_modules"),
+                                           ({"quantizer": "nf4", "quantizer_params": {"blocksize": 64}},
+                                            "quantizer 'nf4' setting='blocksize'.*block_size")])
+def test_misspelled_settings_name_the_setting_and_the_allowed_ones(setting, match):
+    with pytest.raises(ValidationError, match=match):
+        run_cell(cell(**setting), HOST, progress=False)

@@ -69,7 +69,8 @@ def test_model_estimates_use_exact_counts():
 
 
 def _record(**kw):
-    rec = {"adapter": "lora", "adapter.dtype": "float32", "adapter.r": 8, "quantizer": "none", "model": "smollm2-135m",
+    rec = {"adapter": "lora", "adapter.trains_base": False, "adapter.size": 8, "params.trainable_bytes": 40,
+           "params.backward_blocks": 30, "quantizer": "none", "model": "smollm2-135m",
            "model.dtype": "float32", "params.total": 1000, "params.trainable": 10, "base.weight_bytes": 4000,
            "train.optimizer": "adamw", "train.precision": "bf16", "train.tokens": 500, "train.steps": 5,
            "train.grad_checkpointing": False, "status": "ok", "group": "lora(r=8)", "mem.peak_bytes": 9e6,
@@ -85,7 +86,8 @@ def test_record_estimate_terms():
                  "activations": 34 * 100 * 576 * 30}
     q = record_estimate(_record(quantizer="nf4-dq", **{"train.optimizer": "paged-adamw8bit"}))
     assert q["autocast_copies"] == 0 and q["optimizer"] == 20
-    top = record_estimate(_record(adapter="ft-top", **{"adapter.k": 2, "params.trainable": 100}))
+    top = record_estimate(_record(adapter="ft-top", **{"adapter.trains_base": True, "params.backward_blocks": 2,
+                                                       "params.trainable": 100, "params.trainable_bytes": 400}))
     assert top["weights"] == 4000 and top["gradients"] == 400 and top["activations"] == 34 * 100 * 576 * 2
     ck = record_estimate(_record(**{"train.grad_checkpointing": True}))
     assert ck["activations"] == 2 * 100 * 576 * 30
@@ -105,7 +107,7 @@ def test_memory_report_cli_checks_a_sweep_folder(tmp_path, capsys):
     assert main(["estimate", "--report", "--check", str(tmp_path / "sweep"), "--out", str(out)]) == 0
     text = (out / "report.md").read_text()
     assert "**120.00**" in text and "| lora(r=8) nf4-dq |" in text
-    assert "LoRA r=8 -> LoRA r=8 over nf4-dq: measured 0 MB saved" in text
+    assert "lora(r=8) -> lora(r=8) nf4-dq: measured 0 MB saved" in text
     assert "Made by `peftlab estimate --report --check" in text
     capsys.readouterr()
     assert main(["estimate", "--report", "--check", str(tmp_path / "nowhere")]) == 2
