@@ -174,9 +174,10 @@ def test_cli_broken_third_party_plugin(tmp_path):
 def test_example_third_party_plugin_is_installed():
     out = _cli("plugins", "--json")
     table = {r["name"]: r for r in json.loads(out.stdout)}
-    assert table["ternary"]["status"] == "ok"
-    assert table["ternary"]["distribution"] == "peftlab-example-plugin"
-    assert table["ternary"]["components"] == {"quantizer": ["ternary"]}
+    assert table["example"]["status"] == "ok"
+    assert table["example"]["distribution"] == "peftlab-example-plugin"
+    assert table["example"]["components"] == {"quantizer": ["ternary"], "adapter": ["layernorm"],
+                                              "metric": ["exact-match"]}
 
 
 def test_wrong_base_class_is_refused_at_build():

@@ -67,10 +67,11 @@ def run_estimate(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps([r.to_dict() for r in rows], indent=2))
         return 0
-    print(f"{'method':7} {'trainable':>14} {'weights GB':>11} {'grads GB':>9} {'optim GB':>9} {'activ. GB':>10} "
+    w = max(7, *(len(r.method) for r in rows))
+    print(f"{'method':{w}} {'trainable':>14} {'weights GB':>11} {'grads GB':>9} {'optim GB':>9} {'activ. GB':>10} "
           f"{'total GB':>9}")
     for r in rows:
-        print(f"{r.method:7} {r.trainable:14,.0f} {r.weights / 1e9:11.2f} {r.gradients / 1e9:9.2f} "
+        print(f"{r.method:{w}} {r.trainable:14,.0f} {r.weights / 1e9:11.2f} {r.gradients / 1e9:9.2f} "
               f"{r.optimizer / 1e9:9.2f} {r.activations / 1e9:10.2f} {r.total / 1e9:9.2f}")
     return 0
 

@@ -12,6 +12,7 @@ Three parts, each a markdown section of ``peftlab estimate --report``:
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -32,15 +33,19 @@ def model_estimates(name: str, host: PluginHost, *, adapter: str = "lora", rank:
     """Full, LoRA and QLoRA for an architecture of :data:`peftlab.ranks.ARCHITECTURES` (or a
     peftlab short name with one), with exact parameter counts and an activation term."""
     arch_name = ALIASES.get(name, name)
-    built = sized_adapter(host, adapter, rank, targets, ARCHITECTURES[arch_name][0])
+    size = rank if host.adapters.build(adapter).size_setting else None  # a size only where it declares one
+    built = sized_adapter(host, adapter, size, targets, ARCHITECTURES[arch_name][0])
     counts = architecture_counts(arch_name, built)
     hidden, layers = shape(name)
     act = activation_bytes(seq, batch, hidden, layers, checkpointing)
     n, t = counts["base_params"], counts["trainable"]
-    return [estimate(n, method="full", optimizer=optimizer, activations=act),
+    rows = [estimate(n, method="full", optimizer=optimizer, activations=act),
             estimate(n, method="lora", trainable=t, optimizer=optimizer, activations=act),
             estimate(n, method="qlora", trainable=t, adapter_dtype="bf16", grad_dtype="bf16", optimizer=optimizer,
                      activations=act)]
+    if adapter == "lora":  # the lecture's names for its own rows
+        return rows
+    return [rows[0], replace(rows[1], method=adapter), replace(rows[2], method=f"{adapter}+nf4-dq")]
 
 
 def record_estimate(rec: dict[str, Any]) -> dict[str, float]:

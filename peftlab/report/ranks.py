@@ -109,7 +109,7 @@ def sized_adapter(host: PluginHost, adapter: str, size: Any, targets: str, arch:
         if cls_size is None:
             raise ValidationError("size", size, f"none: adapter {adapter!r} declares no size setting")
         settings[cls_size] = size
-    if host.adapters.get(adapter).accepts("target_modules"):
+    if targets != "-" and host.adapters.get(adapter).accepts("target_modules"):
         settings["target_modules"] = TARGETS[arch][targets]
     return host.adapters.build(adapter, **settings)
 
@@ -166,8 +166,9 @@ def ranks_report(host: PluginHost, adapter: str = "lora", check_peer: bool = Tru
     rows = []
     for name in ("Llama-2-7B", "Llama-2-13B", "Llama-2-70B", "Falcon-180B"):
         arch = ARCHITECTURES[name][0]
+        takes_targets = host.adapters.get(adapter).accepts("target_modules")
         for size in sizes:
-            for targets in ("q/v", "all-linear"):
+            for targets in ("q/v", "all-linear") if takes_targets else ("-",):
                 c = architecture_counts(name, sized_adapter(host, adapter, size, targets, arch))
                 c["targets"] = targets
                 c["lecture_estimate"] = lecture_count(size, c["base_params"]) if size else None
