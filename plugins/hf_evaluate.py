@@ -1,6 +1,6 @@
 """A bridge to any metric of Hugging Face's ``evaluate`` package, by hub name or local path.
 
-``peftlab run --metric evaluate --set-metric path=./my_metric.py`` style use: ``path`` is what
+``peftlab run --metrics evaluate --mset evaluate:path=./my_metric.py``: ``path`` is what
 ``evaluate.load`` takes (a hub name such as ``"meteor"`` needs hub access; a local metric script
 or folder does not). Every numeric entry of the metric's result becomes a score.
 """

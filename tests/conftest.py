@@ -1,3 +1,7 @@
+import os
+import random
+import secrets
+
 import pytest
 import torch
 
@@ -11,11 +15,25 @@ def host() -> PluginHost:
 
 
 @pytest.fixture
-def gen() -> torch.Generator:
-    """A fresh, seeded generator per test (pytest-randomly style seeds are not needed: each
-    test draws its own random inputs from it)."""
-    return torch.Generator().manual_seed(torch.seed() % 2**31)
+def seed(request) -> int:
+    """A fresh seed per test, printed (pytest shows it with a failure); PEFTLAB_TEST_SEED=N replays one."""
+    fixed = os.environ.get("PEFTLAB_TEST_SEED")
+    value = int(fixed) if fixed else secrets.randbelow(2**31)
+    print(f"{request.node.nodeid}: seed {value} (replay with PEFTLAB_TEST_SEED={value})")
+    return value
+
+
+@pytest.fixture
+def gen(seed) -> torch.Generator:
+    """A torch generator from the test's printed seed: fresh random inputs every run."""
+    return torch.Generator().manual_seed(seed)
+
+
+@pytest.fixture
+def rng(seed) -> random.Random:
+    """A Python RNG from the test's printed seed."""
+    return random.Random(seed)
 
 
 # benchmarks run only in `nox -s bench` (which sets PEFTLAB_BENCH=1), never among the unit tests
-collect_ignore = [] if __import__("os").environ.get("PEFTLAB_BENCH") == "1" else ["bench"]
+collect_ignore = [] if os.environ.get("PEFTLAB_BENCH") == "1" else ["bench"]

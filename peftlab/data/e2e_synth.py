@@ -6,7 +6,7 @@ description of it. References come from many sentence plans (which attribute ope
 are grouped into clauses and sentences) and several wordings per attribute, so different
 references of one input differ the way human ones do: scored against the others, an input's
 first reference gets a corpus BLEU in the range real E2E shows (about 58; see
-``tests/test_e2e_synth.py``). Everything is deterministic from the seed.
+``tests/data/test_sources.py``). Everything is deterministic from the seed.
 
 This is synthetic data, made so that the quickstart runs offline. Point ``--data`` at the real
 E2E NLG data (``--data e2e_nlg --preset e2e`` with hub access, or a local CSV with ``mr`` and

@@ -45,10 +45,6 @@ class Encoded:
     dropped: int = 0  # rows whose response did not fit at all
     truncated: int = 0  # rows whose response was cut short
 
-    @property
-    def response_tokens(self) -> int:
-        return sum(sum(1 for t in labels if t != IGNORE) for _, labels in self.examples)
-
 
 def encode(rows: list[Row], tokenizer, max_length: int) -> Encoded:
     if tokenizer.eos_token_id is None:

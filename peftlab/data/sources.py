@@ -85,7 +85,8 @@ def load_raw(cfg: DataConfig):
             if os.path.getsize(path) == 0:
                 raise ValidationError("data.source", cfg.source, "a non-empty data file")
             try:
-                return datasets.load_dataset(LOCAL_FORMATS[ext], data_files=path)
+                kwargs = _csv_as_text(path, cfg.source) if ext == ".csv" else {}
+                return datasets.load_dataset(LOCAL_FORMATS[ext], data_files=path, **kwargs)
             except ValueError as exc:  # e.g. a file of blank lines: 'corresponds to no data'
                 raise ValidationError("data.source", cfg.source, f"a data file with at least one row ({exc})") from None
         if os.path.isdir(path):
@@ -97,6 +98,24 @@ def load_raw(cfg: DataConfig):
         return datasets.load_dataset(cfg.source.removeprefix("hf:"))
     except StopIteration:  # datasets' answer to an empty JSON Lines file
         raise ValidationError("data.source", cfg.source, "a data file with at least one row") from None
+
+
+def _csv_as_text(path: str, source: str) -> dict[str, Any]:
+    """CSV cells are text ("5" stays "5", not a number to refuse later); only an empty cell is
+    missing. A header naming a column twice is refused (pandas would rename one and drop it
+    from the preset's view)."""
+    import csv
+
+    import datasets
+
+    with open(path, newline="", encoding="utf-8") as f:
+        header = next(csv.reader(f), [])
+    dupes = sorted({c for c in header if header.count(c) > 1})
+    if dupes:
+        raise ValidationError("data.source", source, f"a CSV whose columns have distinct names ({dupes[0]!r} appears "
+                              f"{header.count(dupes[0])} times)")
+    features = datasets.Features({c: datasets.Value("string") for c in header})
+    return {"features": features, "keep_default_na": False, "na_values": [""]}
 
 
 def column_map(cfg: DataConfig, found: list[str]) -> dict[str, str | None]:
@@ -126,11 +145,34 @@ def column_map(cfg: DataConfig, found: list[str]) -> dict[str, str | None]:
     return out
 
 
-def _rows(split, cmap: dict[str, str | None], instruction: str) -> list[Row]:
+def _rows(split, cmap: dict[str, str | None], instruction: str | None, split_name: str) -> list[Row]:
+    """The split's rows as (instruction, context, response) text. A fixed ``instruction`` fills the
+    instruction only where the data has no instruction column. Every value is checked: a response
+    and a column instruction must be non-empty text; a context may be empty or missing; anything
+    else (a number, a JSON object, a CSV ``NaN``) is an error naming the row, never turned into text."""
     cols = {f: (split[c] if c else None) for f, c in cmap.items()}
-    n = len(split)
-    get = lambda f, i: "" if cols[f] is None or cols[f][i] is None else str(cols[f][i])  # noqa: E731
-    return [Row(get("instruction", i) or instruction, get("context", i), get("response", i)) for i in range(n)]
+    rows = []
+    for i in range(len(split)):
+        values = {}
+        for f in FIELDS:
+            col = cmap[f]
+            v = cols[f][i] if col else None
+            if v is None or (isinstance(v, float) and v != v):  # missing, or pandas' NaN for an empty CSV cell
+                v = None
+            elif not isinstance(v, str):
+                raise ValidationError(f"data row {i} of split {split_name!r}, column {col!r}", v,
+                                      f"text ({f} values must be strings, not {type(v).__name__})")
+            if f == "context":
+                values[f] = v or ""
+            elif f == "instruction" and col is None:
+                values[f] = instruction or ""
+            elif not v or not v.strip():
+                raise ValidationError(f"data row {i} of split {split_name!r}, column {col!r}", v,
+                                      f"a non-empty {f} (drop or fix the row)")
+            else:
+                values[f] = v
+        rows.append(Row(values["instruction"], values["context"], values["response"]))
+    return rows
 
 
 def load_splits(cfg: DataConfig) -> tuple[list[Row], list[EvalItem]]:
@@ -139,13 +181,15 @@ def load_splits(cfg: DataConfig) -> tuple[list[Row], list[EvalItem]]:
     from peftlab.data.e2e_synth import INSTRUCTION
 
     raw = load_raw(cfg)
+    preset = cfg.preset or BUILTIN.get(cfg.source)
     if cfg.train_split not in raw:
         raise ValidationError("data.train_split", cfg.train_split, f"one of the splits found: {', '.join(raw)}")
     cmap = column_map(cfg, list(raw[cfg.train_split].column_names))
-    instruction = cfg.instruction or INSTRUCTION
-    train = _rows(raw[cfg.train_split], cmap, instruction)
+    # E2E data has no instruction column: its preset brings the restaurant instruction
+    instruction = cfg.instruction or (INSTRUCTION if preset == "e2e" else None)
+    train = _rows(raw[cfg.train_split], cmap, instruction, cfg.train_split)
     if cfg.eval_split in raw and cfg.eval_split != cfg.train_split:
-        evals = _rows(raw[cfg.eval_split], cmap, instruction)
+        evals = _rows(raw[cfg.eval_split], cmap, instruction, cfg.eval_split)
     else:
         prompts = sorted({(r.instruction, r.context) for r in train})
         random.Random(cfg.seed).shuffle(prompts)

@@ -44,27 +44,6 @@ class QuantizedWeight:
     def bits_per_param(self) -> float:
         return self.storage_bytes * 8 / self.numel
 
-    def to(self, device: torch.device | str) -> QuantizedWeight:
-        return QuantizedWeight(
-            self.method, self.shape, self.dtype, {k: v.to(device) for k, v in self.tensors.items()}, dict(self.meta)
-        )
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "method": self.method,
-            "shape": list(self.shape),
-            "dtype": str(self.dtype).removeprefix("torch."),
-            "meta": dict(self.meta),
-            "tensors": dict(self.tensors),
-        }
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> QuantizedWeight:
-        dtype = getattr(torch, d["dtype"], None)
-        if not isinstance(dtype, torch.dtype):
-            raise ValidationError("dtype", d["dtype"], "a torch dtype name such as 'float32'")
-        return cls(d["method"], tuple(d["shape"]), dtype, dict(d["tensors"]), dict(d.get("meta", {})))
-
 
 def check_weight(w: object, name: str = "weight") -> torch.Tensor:
     """Refuse what no quantizer can take, before any work: non-tensors, non-floating or empty

@@ -115,14 +115,13 @@ def to_markdown(df: pd.DataFrame) -> str:
 
 
 def report_markdown(df: pd.DataFrame, *, rows: int, cols: int, repeats: int, model: str | None, command: str) -> str:
-    """The quantizer comparison as ``report.md``, stamped with the command and this machine."""
-    import os
-    import platform
+    """The quantizer comparison as ``report.md``, stamped with the command, this machine, the
+    versions and the commit (as every report is)."""
+    from peftlab.report.sweep_report import this_machine
 
     return (
         "# Quantizer comparison\n\n"
-        f"Made by `{command}` on {platform.machine()} with {os.cpu_count()} CPU cores, "
-        f"Python {platform.python_version()}, torch {torch.__version__}.\n\n"
+        f"Made by `{command}`.\n\n{this_machine()}\n"
         f"Weight: {rows}x{cols}, N(0, 0.02); the outlier variant scales 0.1% of its entries by 20. "
         "`rel_error` is ||W - deq(q(W))|| / ||W||; throughput is GB/s of fp32 input, best of "
         f"{repeats}."

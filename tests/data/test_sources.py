@@ -145,3 +145,42 @@ def test_synthetic_data_is_deterministic_held_out_and_not_saturated():
     bleu = sacrebleu.corpus_bleu(first, [list(s) for s in zip(*others)], lowercase=True).score
     assert 45 <= bleu <= 75, bleu  # real E2E's leave-one-reference-out BLEU is about 58
     assert len({r for v in refs.values() for r in v}) > 0.95 * len(a["test"])  # references differ
+
+
+def test_an_empty_instruction_is_an_error_not_the_restaurant_instruction(tmp_path):
+    rows = [dict(r) for r in ALPACA]
+    rows[3]["instruction"] = ""
+    src = write(tmp_path / "a.jsonl", rows, "jsonl")
+    with pytest.raises(ValidationError, match=r"data row 3 of split 'train', column 'instruction'.*non-empty instruction"):
+        load_splits(DataConfig(source=src, preset="alpaca"))
+
+
+@pytest.mark.parametrize("fmt,bad,match", [
+    ("jsonl", None, "non-empty response"), ("jsonl", "", "non-empty response"), ("jsonl", "   ", "non-empty response"),
+    ("jsonl", 42, "not int"), ("jsonl", {"a": 1}, "not dict"), ("jsonl", ["x"], "not list"),
+    ("csv", None, "non-empty response"),  # an empty CSV cell: NaN or None, never the text 'nan'
+])
+def test_bad_responses_are_refused_naming_the_row(tmp_path, fmt, bad, match):
+    rows = [dict(r) for r in ALPACA]
+    for r in rows:
+        r["output"] = str(r["output"]) if fmt == "jsonl" else r["output"]
+    rows[5]["output"] = bad
+    if fmt == "jsonl" and isinstance(bad, (int, dict, list)):  # one odd row must not change the column's type
+        src = tmp_path / "a.jsonl"
+        src.write_text("".join(json.dumps(r) + "\n" for r in rows[5:6] + rows[:5] + rows[6:]))
+        src = str(src)
+        row = 0
+    else:
+        src = write(tmp_path / f"a.{fmt}", rows, fmt)
+        row = 5
+    with pytest.raises((ValidationError, ValueError)) as info:
+        load_splits(DataConfig(source=src, preset="alpaca"))
+    if isinstance(info.value, ValidationError):
+        assert f"data row {row} of split 'train', column 'output'" in str(info.value) and match in str(info.value)
+
+
+def test_a_csv_naming_a_column_twice_is_refused(tmp_path):
+    src = tmp_path / "d.csv"
+    src.write_text("instruction,output,output\nQ,A,B\nQ2,A2,B2\n")
+    with pytest.raises(ValidationError, match="'output' appears 2 times"):
+        load_splits(DataConfig(source=str(src), preset="alpaca", columns={"context": "instruction"}))

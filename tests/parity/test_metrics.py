@@ -26,8 +26,7 @@ def random_corpus(rng: random.Random, n: int):
 
 @pytest.mark.parametrize("trial", range(5))
 @pytest.mark.parametrize("name,lowercase", [("bleu", False), ("bleu-e2e", True)])
-def test_bleu_equals_sacrebleu_on_random_strings(host, name, lowercase, trial):
-    rng = random.Random()  # fresh inputs each run
+def test_bleu_equals_sacrebleu_on_random_strings(host, name, lowercase, trial, rng):
     preds, refs = random_corpus(rng, rng.randint(1, 40))
     ours = host.metrics.build(name).compute(preds, refs)["bleu"]
     # the oracle, fed the way sacrebleu's docs say: reference streams, None where an input has fewer
@@ -73,7 +72,6 @@ def test_coco_rouge_l_hand_computed():
     p, r, beta = 0.75, 1.0, 1.2
     expected = (1 + beta**2) * p * r / (r + beta**2 * p)
     assert coco_rouge_l(cand, refs) == pytest.approx(expected)
-    assert expected == pytest.approx(2.44 * 0.75 / (1 + 1.44 * 0.75))
     assert coco_rouge_l(cand, ["no overlap at all".split()]) == 0.0
 
 
@@ -95,8 +93,7 @@ def test_coco_tokens_lowercase_and_drop_punctuation():
 
 
 @pytest.mark.parametrize("trial", range(3))
-def test_rouge_l_equals_rouge_score_best_reference_on_random_strings(host, trial):
-    rng = random.Random()
+def test_rouge_l_equals_rouge_score_best_reference_on_random_strings(host, trial, rng):
     preds, refs = random_corpus(rng, rng.randint(1, 20))
     scorer = rouge_scorer.RougeScorer(["rougeL"])
     expected = 100 * sum(max(scorer.score(r, p)["rougeL"].fmeasure for r in rs) for p, rs in zip(preds, refs)) / len(preds)

@@ -24,6 +24,7 @@ def test_report_writes_table_and_markdown(tmp_path, capsys):
     assert nf4.bits_per_param == 4.5 and nf4.storage_bytes == 64 * 128 // 2 + 64 * 128 // 64 * 4
     md = (tmp_path / "report.md").read_text()
     assert "| nf4-dq |" in md and "Made by `peftlab quantizers --report" in md
+    assert "- peftlab commit: " in md and "- versions: " in md  # stamped like every report
 
 
 def test_report_json_and_errors_rank_as_expected(capsys):

@@ -30,10 +30,16 @@ def test_the_lecture_table_is_reproduced_but_for_four_truncations():
 
 
 def test_the_seed_blog_example_512x512_at_rank_2():
-    assert 2 * 2 * 512 == 2048  # WA 512x2 + WB 2x512, as the blog says
+    """WA 512x2 + WB 2x512 = 2,048, as the blog says: counted on a real LoRA layer and by the
+    lecture's formula for one square matrix."""
+    import torch
+
+    from peftlab import attach
     from peftlab.report.ranks import lecture_count
 
-    assert lecture_count(2, 512 * 512) == 2048
+    model = torch.nn.Sequential(torch.nn.Linear(512, 512, bias=False))
+    report = attach(model, HOST.adapters.build("lora", r=2, target_modules=["0"]))
+    assert report.trainable == 2048 == lecture_count(2, 512 * 512)
 
 
 def test_real_counts_on_the_meta_device_equal_peft():
