@@ -18,7 +18,7 @@ from peftlab.cell.config import CellConfig
 from peftlab.cell.train import TrainingError
 from peftlab.host import PluginHost
 from peftlab.plugin.adapter import Adapter
-from peftlab.plugin.errors import ValidationError
+from peftlab.plugin.errors import PeftlabError, PluginError, ValidationError
 
 
 def preflight(cfg: CellConfig, host: PluginHost) -> tuple[Any, Any, dict[str, Any], str | None]:
@@ -32,6 +32,14 @@ def preflight(cfg: CellConfig, host: PluginHost) -> tuple[Any, Any, dict[str, An
     elif cfg.quantizer_params:
         raise ValidationError("quantizer_params", cfg.quantizer_params, "settings only together with a quantizer")
     metrics = {name: host.metrics.build(name, **cfg.eval.metric_params.get(name, {})) for name in cfg.eval.metrics}
+    for name, metric in metrics.items():  # a metric that cannot score fails here, not after training
+        try:
+            metric.compute(["a small check"], [["a small check"]])
+        except PeftlabError:
+            raise
+        except Exception as exc:
+            raise PluginError(f"metric {name!r} from plugin {host.metrics.provider(name)!r} failed a one-line check: "
+                              f"{type(exc).__name__}: {exc}") from exc
     from peftlab.cell.models import resolve
 
     resolve(cfg.model.name)

@@ -22,6 +22,8 @@ from peftlab.data.prompts import IGNORE, batches
 from peftlab.plugin.errors import PeftlabError, ValidationError
 
 OPTIMIZERS = ("adamw", "adamw8bit", "paged-adamw", "paged-adamw8bit")
+#: sanity bounds: beyond them a setting is a typo, not an experiment
+MAX_LR, MAX_STEPS, MAX_EPOCHS = 1.0, 10_000_000, 10_000
 SCHEDULES = ("linear", "constant")
 
 
@@ -50,23 +52,25 @@ class TrainConfig:
             ("optimizer", self.optimizer in OPTIMIZERS, f"one of {', '.join(OPTIMIZERS)}"),
             ("schedule", self.schedule in SCHEDULES, f"one of {', '.join(SCHEDULES)}"),
             ("precision", self.precision in PRECISIONS, f"one of {', '.join(PRECISIONS)}"),
-            ("lr", isinstance(self.lr, (int, float)) and self.lr > 0, "a positive learning rate"),
-            ("weight_decay", isinstance(self.weight_decay, (int, float)) and self.weight_decay >= 0, "a number >= 0"),
+            ("lr", _num(self.lr) and 0 < self.lr <= MAX_LR, f"a learning rate in (0, {MAX_LR:g}]"),
+            ("weight_decay", _num(self.weight_decay) and 0 <= self.weight_decay <= 1, "a number in [0, 1]"),
             ("batch_size", _posint(self.batch_size), "a positive integer"),
             ("grad_accum", _posint(self.grad_accum), "a positive integer"),
-            ("warmup_steps", isinstance(self.warmup_steps, int) and self.warmup_steps >= 0, "an integer >= 0"),
-            ("seed", isinstance(self.seed, int), "an integer"),
-            ("max_grad_norm", self.max_grad_norm is None or self.max_grad_norm > 0, "a positive number or none"),
+            ("warmup_steps", _int(self.warmup_steps) and self.warmup_steps >= 0, "an integer >= 0"),
+            ("seed", _int(self.seed), "an integer"),
+            ("grad_checkpointing", isinstance(self.grad_checkpointing, bool), "true or false"),
+            ("max_grad_norm", self.max_grad_norm is None or (_num(self.max_grad_norm) and self.max_grad_norm > 0),
+             "a positive number or none"),
         ]
         for name, ok, allowed in checks:
             if not ok:
                 raise ValidationError(f"train.{name}", getattr(self, name), allowed)
         if (self.steps is None) == (self.epochs is None):
             raise ValidationError("train.steps", self.steps, "exactly one of train.steps and train.epochs set")
-        if self.steps is not None and not _posint(self.steps):
-            raise ValidationError("train.steps", self.steps, "a positive integer")
-        if self.epochs is not None and not (isinstance(self.epochs, (int, float)) and self.epochs > 0):
-            raise ValidationError("train.epochs", self.epochs, "a positive number")
+        if self.steps is not None and not (_posint(self.steps) and self.steps <= MAX_STEPS):
+            raise ValidationError("train.steps", self.steps, f"a positive integer of at most {MAX_STEPS:,}")
+        if self.epochs is not None and not (_num(self.epochs) and 0 < self.epochs <= MAX_EPOCHS):
+            raise ValidationError("train.epochs", self.epochs, f"a positive number of at most {MAX_EPOCHS:,}")
 
     def total_steps(self, n_examples: int) -> int:
         if self.steps is not None:
@@ -75,8 +79,17 @@ class TrainConfig:
         return max(1, math.ceil(self.epochs * per_epoch))
 
 
+def _int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
 def _posint(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and v > 0
+    return _int(v) and v > 0
+
+
+def _num(v: Any) -> bool:
+    """A finite real number (``true`` is not 1.0, ``inf`` and ``nan`` are not numbers here)."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 @dataclass

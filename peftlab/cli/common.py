@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 
 from peftlab.host import HostSettings, PluginHost, load_host
 
@@ -10,3 +11,26 @@ from peftlab.host import HostSettings, PluginHost, load_host
 def host_for(args: argparse.Namespace) -> PluginHost:
     """The plugin host for one command: ``--strict-plugins`` or the environment's settings."""
     return load_host(HostSettings.from_env(strict=args.strict_plugins))
+
+
+def positive_int(text: str) -> int:
+    return _checked(text, int, lambda v: v > 0, "a positive integer")
+
+
+def non_negative_int(text: str) -> int:
+    return _checked(text, int, lambda v: v >= 0, "an integer >= 0")
+
+
+def positive_number(text: str) -> float:
+    return _checked(text, float, lambda v: math.isfinite(v) and v > 0, "a positive finite number")
+
+
+def _checked(text: str, kind, ok, allowed: str):
+    """argparse types: a bad value exits 2 with the value and what is allowed."""
+    try:
+        value = kind(text)
+    except ValueError:
+        value = None
+    if value is None or not ok(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not allowed: {allowed}")
+    return value

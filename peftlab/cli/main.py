@@ -111,6 +111,10 @@ def main(argv: list[str] | None = None) -> int:
     except PeftlabError as exc:
         print(f"peftlab: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # a full or read-only disk, a vanished folder: say which file, no traceback
+        where = f" ({exc.filename})" if exc.filename else ""
+        print(f"peftlab: error: {exc.strerror or exc}{where}; nothing half-written was kept", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

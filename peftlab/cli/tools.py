@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from peftlab.cli.common import host_for
+from peftlab.cli.common import host_for, non_negative_int, positive_int, positive_number
 
 #: the adapter `ranks` and `estimate --model` count by default: a setting, not engine code
 DEFAULT_ADAPTER = "lora"
@@ -20,14 +20,14 @@ def add_parsers(sub) -> None:
     r.add_argument("--no-peft", action="store_true", help="skip the cross-check against a peer (peft for LoRA)")
     r.set_defaults(func=run_ranks)
     e = sub.add_parser("estimate", help="estimate training memory: weights, gradients, optimizer states")
-    e.add_argument("--params", type=float, default=10e9, help="model parameters (default 10e9, the lecture's)")
-    e.add_argument("--trainable", type=float, help="adapter parameters for lora/qlora (default 0.2%% of params)")
+    e.add_argument("--params", type=positive_number, default=10e9, help="model parameters (default 10e9, the lecture's)")
+    e.add_argument("--trainable", type=positive_number, help="adapter parameters for lora/qlora (default 0.2%% of params)")
     e.add_argument("--model", help="count exactly for an architecture: " + ", ".join(_architectures()))
     e.add_argument("--adapter", default=DEFAULT_ADAPTER, help=f"a registered adapter with --model (default {DEFAULT_ADAPTER})")
-    e.add_argument("--rank", type=int, default=8, help="the adapter's size setting with --model (LoRA's rank; default 8)")
+    e.add_argument("--rank", type=positive_int, default=8, help="the adapter's size setting with --model (LoRA's rank; default 8)")
     e.add_argument("--targets", default="q/v", choices=("q/v", "all-linear"), help="LoRA targets with --model")
-    e.add_argument("--seq", type=int, default=0, help="tokens per sequence for the activation term (without --model: a 10B shape, h=4096, 48 blocks)")
-    e.add_argument("--batch", type=int, default=1, help="sequences per step for the activation term")
+    e.add_argument("--seq", type=non_negative_int, default=0, help="tokens per sequence for the activation term (without --model: a 10B shape, h=4096, 48 blocks)")
+    e.add_argument("--batch", type=positive_int, default=1, help="sequences per step for the activation term")
     e.add_argument("--checkpointing", action="store_true", help="activations with full gradient checkpointing")
     e.add_argument("--optimizer", default="adamw", help="adamw, adamw8bit, sgd")
     e.add_argument("--report", action="store_true", help="the memory report: the lecture's 10B, real models, "

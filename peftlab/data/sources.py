@@ -91,6 +91,8 @@ def load_raw(cfg: DataConfig):
                 raise ValidationError("data.source", cfg.source, f"a data file with at least one row ({exc})") from None
         if os.path.isdir(path):
             return datasets.load_dataset(path)
+        if looks_local(cfg.source):
+            raise ValidationError("data.source", cfg.source, "an existing local file or folder (nothing is there)")
         if "/" not in cfg.source and cfg.source not in ("e2e_nlg",) and not cfg.source.startswith("hf:"):
             raise ValidationError("data.source", cfg.source,
                                   f"a built-in dataset ({', '.join(BUILTIN)}), an existing local file or folder, "
@@ -173,6 +175,27 @@ def _rows(split, cmap: dict[str, str | None], instruction: str | None, split_nam
                 values[f] = v
         rows.append(Row(values["instruction"], values["context"], values["response"]))
     return rows
+
+
+def looks_local(source: str) -> bool:
+    """A path, not a hub id: it starts with '/', '.' or '~', or ends in a data file's extension."""
+    return source.startswith(("/", ".", "~")) or os.path.splitext(source)[1].lower() in LOCAL_FORMATS
+
+
+def check_source(cfg: DataConfig) -> None:
+    """Before anything runs: a local source exists, reads, has the training split and the columns
+    its preset or mapping names. Hub sources are checked when a cell loads them."""
+    if cfg.source in BUILTIN:
+        return
+    path = os.path.expanduser(cfg.source)
+    if not os.path.exists(path) and not looks_local(cfg.source):
+        if "/" not in cfg.source:
+            load_raw(cfg)  # a bare unknown name: raises with what is allowed
+        return  # a hub id: checked when a cell loads it
+    raw = load_raw(cfg)
+    if cfg.train_split not in raw:
+        raise ValidationError("data.train_split", cfg.train_split, f"one of the splits found: {', '.join(raw)}")
+    column_map(cfg, list(raw[cfg.train_split].column_names))
 
 
 def load_splits(cfg: DataConfig) -> tuple[list[Row], list[EvalItem]]:

@@ -17,6 +17,7 @@ import torch
 
 from peftlab.plugin.errors import ValidationError
 
+MAX_BLOCK = 1 << 24
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
@@ -70,14 +71,15 @@ def check_weight(w: object, name: str = "weight") -> torch.Tensor:
 
 def check_block_size(value: object, field_name: str = "block_size", *, allowed: tuple[int, ...] | None = None,
                      optional: bool = False) -> int | None:
-    """A block size is a positive int (or one of ``allowed``); ``None`` means per-tensor when optional."""
+    """A block size is a positive int of at most 2**24 (or one of ``allowed``); ``None`` means
+    per-tensor when optional. The bound keeps a typo (``10**12``) from allocating terabytes."""
     if value is None and optional:
         return None
-    ok = isinstance(value, int) and not isinstance(value, bool) and value > 0
+    ok = isinstance(value, int) and not isinstance(value, bool) and 0 < value <= MAX_BLOCK
     if ok and allowed is not None:
         ok = value in allowed
     if not ok:
-        what = f"one of {', '.join(map(str, allowed))}" if allowed else "a positive integer"
+        what = f"one of {', '.join(map(str, allowed))}" if allowed else f"a positive integer of at most {MAX_BLOCK:,}"
         raise ValidationError(field_name, value, what + (" or None (one block per tensor)" if optional else ""))
     return value
 

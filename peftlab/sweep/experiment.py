@@ -29,6 +29,7 @@ import copy
 import hashlib
 import itertools
 import json
+import math
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -41,6 +42,8 @@ from peftlab.sweep.store import check_name
 if TYPE_CHECKING:
     from peftlab.host import PluginHost
 
+#: a grid larger than this is a typo (planning holds every cell in memory)
+MAX_CELLS = 10_000
 SECTIONS = ("model", "data", "train", "eval")
 NAMED_AXES = ("adapter", "quantizer")
 
@@ -75,10 +78,18 @@ class Experiment:
     def cells(self, host: PluginHost) -> list[PlannedCell]:
         """Expand and validate every cell (cheap: no model is loaded)."""
         from peftlab.cell.run import preflight
+        from peftlab.data.sources import check_source
+
+        axes_by_grid = [{name: expand_axis(name, grid[name], g) for name in grid} for g, grid in enumerate(self.grids)]
+        total = sum(math.prod(len(v) for v in axes.values()) for axes in axes_by_grid)
+        if total > MAX_CELLS:
+            raise ValidationError("grid", f"{total:,} cells", f"at most {MAX_CELLS:,} cells per experiment (split it, or "
+                                  "narrow an axis); nothing was planned")
         planned: dict[str, PlannedCell] = {}
-        for g, grid in enumerate(self.grids):
-            names = list(grid)
-            for values in itertools.product(*(expand_axis(name, grid[name], g) for name in names)):
+        checked_data: set[str] = set()
+        for g, axes_values in enumerate(axes_by_grid):
+            names = list(axes_values)
+            for values in itertools.product(*axes_values.values()):
                 settings = copy.deepcopy(self.base)
                 axes: dict[str, Any] = {}
                 for name, value in zip(names, values):
@@ -87,6 +98,10 @@ class Experiment:
                 try:
                     cfg = CellConfig.from_dict(settings)
                     _, _, _, reason = preflight(cfg, host)
+                    data_key = json.dumps(cfg.to_dict()["data"], sort_keys=True, default=str)
+                    if data_key not in checked_data:  # the source and its columns, once per distinct data
+                        check_source(cfg.data)
+                        checked_data.add(data_key)
                 except ValidationError as exc:
                     raise ValidationError(f"grid[{g}] cell {describe(axes)}: {exc.field}", exc.value, exc.allowed) from None
                 full = cfg.to_dict()

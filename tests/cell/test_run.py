@@ -254,3 +254,48 @@ def test_a_broken_veto_hook_is_named_before_anything_runs(hook, match):
 def test_misspelled_settings_name_the_setting_and_the_allowed_ones(setting, match):
     with pytest.raises(ValidationError, match=match):
         run_cell(cell(**setting), HOST, progress=False)
+
+
+@pytest.mark.parametrize("train,match", [
+    ({"lr": 1e30}, r"train.lr=1e\+30.*\(0, 1\]"), ({"lr": True}, "train.lr=True"), ({"lr": float("nan")}, "train.lr=nan"),
+    ({"epochs": float("inf"), "steps": None}, "train.epochs=inf"), ({"steps": 10**12}, "at most 10,000,000"),
+    ({"seed": True}, "train.seed=True"), ({"grad_checkpointing": 1}, "true or false"),
+])
+def test_settings_beyond_sanity_are_refused_before_loading(train, match, monkeypatch):
+    import peftlab.cell.models
+
+    monkeypatch.setattr(peftlab.cell.models, "load", lambda *a, **k: pytest.fail("a model was loaded"))
+    with pytest.raises(ValidationError, match=match):
+        run_cell(cell(train=train), HOST, progress=False)
+
+
+def test_a_giant_block_size_is_refused_not_allocated():
+    with pytest.raises(ValidationError, match=r"block_size=1000000000000.*at most 16,777,216"):
+        HOST.quantizers.build("absmax-int8-block", block_size=10**12)
+
+
+def test_a_metric_returning_the_wrong_type_fails_before_the_model_loads(monkeypatch):
+    import peftlab.cell.models
+    from peftlab import ComponentSpec, Metric, PluginError, hookimpl
+
+    class Broken(Metric):
+        def _compute(self, predictions, references):
+            return 0.5  # not a dict of named scores
+
+    class Plugin:
+        @hookimpl
+        def peftlab_metrics(self):
+            return [ComponentSpec("metric", "broken", Broken, {})]
+
+    host = load_host()
+    host.register(Plugin(), "brokenmetric")
+    monkeypatch.setattr(peftlab.cell.models, "load", lambda *a, **k: pytest.fail("a model was loaded"))
+    with pytest.raises(PluginError, match="metric 'broken' returned 0.5"):
+        run_cell(cell(eval={"metrics": ["broken"]}), host, progress=False)
+
+
+def test_run_out_to_an_unwritable_place_fails_before_training(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    assert main(["run", "--model", "tiny-gpt2", "--out", str(blocker / "rec.json"), "--no-progress"]) == 2
+    assert "--out=" in capsys.readouterr().err

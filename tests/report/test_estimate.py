@@ -115,3 +115,12 @@ def test_memory_report_cli_checks_a_sweep_folder(tmp_path, capsys):
     assert "check=" in err and "a cells/ folder" in err
     assert main(["estimate", "--model", "GPT-5"]) == 2
     assert "model='GPT-5' is not allowed: one of Llama-2-7B" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args", [["--seq", "-512"], ["--params", "-1"], ["--params", "inf"], ["--rank", "0"]])
+def test_estimate_refuses_negative_and_infinite_numbers(args, capsys):
+    from peftlab.cli.main import main
+
+    with pytest.raises(SystemExit) as info:
+        main(["estimate", *args])
+    assert info.value.code == 2 and "is not allowed" in capsys.readouterr().err

@@ -72,7 +72,7 @@ def test_a_grid_runs_resumes_and_reports(tmp_path):
     report = render(tmp_path)
     text = report.read_text()
     assert "peftlab sweep tiny" in text and "| lora(r=2) | ok | 2 |" in text
-    for png in ("params_vs_rank.png", "quality_vs_params.png", "cost.png"):
+    for png in ("params_vs_size.png", "quality_vs_params.png", "cost.png"):
         assert (tmp_path / png).stat().st_size > 1000 and png in text
     cells = pd.read_parquet(tmp_path / "cells.parquet")
     assert len(cells) == 4 and list(cells.columns[: len(COLUMNS)]) == list(COLUMNS)
@@ -238,3 +238,21 @@ def test_strict_plugins_hold_in_the_worker_processes(tmp_path, monkeypatch, stri
         assert rec["status"] == "failed" and "boom in the worker" in rec["reason"] and "flakydemo" in rec["reason"]
     else:
         assert rec["status"] == "ok"
+
+
+def test_planning_a_million_cells_is_refused_at_once():
+    exp = load_experiment(TINY, ["grid.train.seed=" + ",".join(map(str, range(1000))),
+                                 "grid.train.lr=" + ",".join(f"{i}e-6" for i in range(1, 1001))])
+    with pytest.raises(ValidationError, match="2,000,000 cells.*at most 10,000"):
+        exp.cells(HOST)
+
+
+@pytest.mark.parametrize("override,match", [("data.source=/no/such/file.csv", "data.source='/no/such/file.csv'"),
+                                            ("data.preset=alpaca", "data.columns.instruction")])
+def test_plan_checks_the_data_before_anything_runs(tmp_path, override, match):
+    src = tmp_path / "d.csv"
+    src.write_text("question,answer\nq,a\n")
+    over = override if override.startswith("data.source") else override
+    extra = [] if override.startswith("data.source") else [f"data.source={src}"]
+    with pytest.raises(ValidationError, match=match):
+        load_experiment(TINY, [over, *extra]).cells(HOST)
