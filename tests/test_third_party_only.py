@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from peftlab.sweep.store import ResultsStore
+
 GRID = Path(__file__).parent / "fixtures" / "third_party_grid.toml"
 BUILTINS = sorted(ep.name for ep in entry_points(group="peftlab") if ep.value.startswith("peftlab_plugins"))
 
@@ -39,7 +41,7 @@ def test_a_sweep_its_report_ranks_and_estimate_run_on_third_party_plugins_alone(
     out = tmp_path / "tp"
     sweep = peftlab("sweep", str(GRID), "--out", str(out), "--no-progress")
     assert sweep.returncode == 0, sweep.stderr[-3000:]
-    records = [json.loads(p.read_text()) for p in sorted((out / "cells").glob("*.json"))]
+    records = list(ResultsStore(out).scan().records.values())
     assert len(records) == 4 and {r["status"] for r in records} == {"ok"}
     assert {r["adapter"] for r in records} == {"layernorm"} and {r["quantizer"] for r in records} == {"none", "ternary"}
     for r in records:

@@ -79,11 +79,12 @@ def run_estimate(args: argparse.Namespace) -> int:
 def _memory_report(args: argparse.Namespace) -> int:
     from peftlab.plugin.errors import ValidationError
     from peftlab.report.memory import memory_report
+    from peftlab.sweep.store import ResultsStore
 
     folders = [Path(c) for c in args.check]
     for f in folders:
-        if not (f / "cells").is_dir():
-            raise ValidationError("check", str(f), "a sweep's results folder (one with a cells/ folder)")
+        if not ResultsStore(f).scan().records:
+            raise ValidationError("check", str(f), "a sweep's results folder (one with cell records)")
     text, rows = memory_report(host_for(args), folders, seq=args.seq or 512, batch=args.batch, rank=args.rank)
     return _write_report(args, text, rows, "memory.csv")
 

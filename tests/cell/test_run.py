@@ -248,7 +248,9 @@ def test_a_broken_veto_hook_is_named_before_anything_runs(hook, match):
         run_cell(cell(), host, progress=False)
 
 
-@pytest.mark.parametrize("setting,match", [({"adapter_params": {"rank": 8}}, "adapter 'lora' setting='rank'.*alpha, dropout, dtype, init, r, target_modules"),
+@pytest.mark.parametrize("setting,match", [({"eval": {"metrics": ["bleu"], "metric_params": {"bleu": {"smoth": "exp"}}}},
+                                            "metric 'bleu' setting='smoth'.*smooth_method"),
+                                           ({"adapter_params": {"rank": 8}}, "adapter 'lora' setting='rank'.*alpha, dropout, dtype, init, r, target_modules"),
                                            ({"quantizer": "nf4", "quantizer_params": {"blocksize": 64}},
                                             "quantizer 'nf4' setting='blocksize'.*block_size")])
 def test_misspelled_settings_name_the_setting_and_the_allowed_ones(setting, match):
@@ -299,3 +301,22 @@ def test_run_out_to_an_unwritable_place_fails_before_training(tmp_path, capsys):
     blocker.write_text("")
     assert main(["run", "--model", "tiny-gpt2", "--out", str(blocker / "rec.json"), "--no-progress"]) == 2
     assert "--out=" in capsys.readouterr().err
+
+
+def test_a_full_disk_is_an_error_line_not_a_traceback(tmp_path, monkeypatch, capsys):
+    import errno
+
+    import peftlab.report.sweep_report as sweep_report
+
+    def full(path, text):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    src = tmp_path / "r"
+    from peftlab.sweep.store import ResultsStore
+
+    ResultsStore(src).write_record({"cell_id": "a", "label": "x", "group": "x", "axes": "{}", "status": "failed",
+                                    "reason": "r"})
+    monkeypatch.setattr(sweep_report, "write_text_atomic", full)
+    assert main(["report", str(src)]) == 2
+    err = capsys.readouterr().err
+    assert "No space left on device" in err and "report.md" in err and "Traceback" not in err

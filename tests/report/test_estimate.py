@@ -94,15 +94,14 @@ def test_record_estimate_terms():
 
 
 def test_memory_report_cli_checks_a_sweep_folder(tmp_path, capsys):
-    import json
 
     from peftlab.cli.main import main
+    from peftlab.sweep.store import ResultsStore
 
-    cells = tmp_path / "sweep" / "cells"
-    cells.mkdir(parents=True)
+    store = ResultsStore(tmp_path / "sweep")
     for cid, rec in (("a", _record()), ("b", _record(quantizer="nf4-dq", group="lora(r=8) nf4-dq")),
                      ("c", _record(status="failed"))):  # complete records, as a sweep stores them
-        (cells / f"{cid}.json").write_text(json.dumps({**rec, "cell_id": cid, "label": rec["group"], "axes": "{}"}))
+        store.write_record({**rec, "cell_id": cid, "label": rec["group"], "axes": "{}"})
     out = tmp_path / "memory"
     assert main(["estimate", "--report", "--check", str(tmp_path / "sweep"), "--out", str(out)]) == 0
     text = (out / "report.md").read_text()
@@ -112,7 +111,7 @@ def test_memory_report_cli_checks_a_sweep_folder(tmp_path, capsys):
     capsys.readouterr()
     assert main(["estimate", "--report", "--check", str(tmp_path / "nowhere")]) == 2
     err = capsys.readouterr().err
-    assert "check=" in err and "a cells/ folder" in err
+    assert "check=" in err and "one with cell records" in err
     assert main(["estimate", "--model", "GPT-5"]) == 2
     assert "model='GPT-5' is not allowed: one of Llama-2-7B" in capsys.readouterr().err
 
