@@ -39,6 +39,18 @@ class ComponentSpec:
         accepted = _accepted(self.factory)
         return accepted is None or setting in accepted
 
+    def takes_list(self, setting: str) -> bool:
+        """Whether the factory declares ``setting`` as list-valued (its annotation names a list, or
+        its default is one), so that a list given for it is one value, not a grid axis."""
+        try:
+            param = inspect.signature(self.factory).parameters.get(setting)
+        except (TypeError, ValueError):
+            return False
+        if param is None:
+            return False
+        return "list" in str(param.annotation) or isinstance(param.default, (list, tuple)) \
+            or isinstance(self.params.get(setting), (list, tuple))
+
     def build(self, **overrides: Any) -> Any:
         """``factory(**params, **overrides)``; a setting the factory does not take is a
         :class:`ValidationError` naming it and listing the settings it does take."""

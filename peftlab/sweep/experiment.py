@@ -80,7 +80,7 @@ class Experiment:
         from peftlab.cell.run import preflight
         from peftlab.data.sources import check_source
 
-        axes_by_grid = [{name: expand_axis(name, grid[name], g) for name in grid} for g, grid in enumerate(self.grids)]
+        axes_by_grid = [{name: expand_axis(name, grid[name], g, host) for name in grid} for g, grid in enumerate(self.grids)]
         total = sum(math.prod(len(v) for v in axes.values()) for axes in axes_by_grid)
         if total > MAX_CELLS:
             raise ValidationError("grid", f"{total:,} cells", f"at most {MAX_CELLS:,} cells per experiment (split it, or "
@@ -128,7 +128,10 @@ def describe(axes: dict[str, Any]) -> str:
     return " ".join(parts)
 
 
-def expand_axis(name: str, values: Any, g: int) -> list[Any]:
+def expand_axis(name: str, values: Any, g: int, host: PluginHost | None = None) -> list[Any]:
+    """An axis's values. In a component's table (``{ name = "lora", r = [1, 8] }``) a list is an
+    axis of that setting, unless the component declares the setting as list-valued (LoRA's
+    ``target_modules``): then the list is one value. Without a host every list is an axis."""
     where = f"grid[{g}].{name}"
     if not isinstance(values, list) or not values:
         raise ValidationError(where, values, "a non-empty list of values")
@@ -138,7 +141,9 @@ def expand_axis(name: str, values: Any, g: int) -> list[Any]:
             if isinstance(v, str):
                 out.append({"name": v})
             elif isinstance(v, dict) and isinstance(v.get("name"), str):
-                params = {k: (p if isinstance(p, list) and k != "target_modules" else [p]) for k, p in v.items() if k != "name"}
+                spec = _spec(host, name, v["name"])
+                params = {k: (p if isinstance(p, list) and not (spec and spec.takes_list(k)) else [p])
+                          for k, p in v.items() if k != "name"}
                 for combo in itertools.product(*params.values()):
                     out.append({"name": v["name"], **dict(zip(params, combo))})
             else:
@@ -149,6 +154,14 @@ def expand_axis(name: str, values: Any, g: int) -> list[Any]:
         raise ValidationError(where, name, f"an axis named adapter, quantizer or section.field with section in {', '.join(SECTIONS)}")
     check_field(section, key, where)
     return list(values)
+
+
+def _spec(host: PluginHost | None, axis: str, component: str):
+    """The component's spec, or ``None`` (no host, ``none``, or an unknown name: planning reports it)."""
+    registry = {"adapter": "adapters", "quantizer": "quantizers"}[axis]
+    if host is None or component == "none" or component not in getattr(host, registry):
+        return None
+    return getattr(host, registry).get(component)
 
 
 def check_field(section: str, key: str, where: str) -> None:

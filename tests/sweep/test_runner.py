@@ -256,3 +256,14 @@ def test_plan_checks_the_data_before_anything_runs(tmp_path, override, match):
     extra = [] if override.startswith("data.source") else [f"data.source={src}"]
     with pytest.raises(ValidationError, match=match):
         load_experiment(TINY, [over, *extra]).cells(HOST)
+
+
+def test_a_list_valued_setting_is_one_value_because_the_plugin_declares_it(tmp_path):
+    """No setting name is special to the engine: LoRA's target_modules is typed as a list, so a
+    list for it is one value, while a list for r is an axis."""
+    exp = tmp_path / "e.toml"
+    exp.write_text('[experiment]\nname = "t"\n[base.model]\nname = "tiny-llama"\n[[grid]]\n'
+                   'adapter = [{ name = "lora", r = [2, 4], target_modules = ["q_proj", "v_proj"] }]\n')
+    cells = load_experiment(exp).cells(HOST)
+    assert sorted(c.config.adapter_params["r"] for c in cells) == [2, 4]
+    assert all(c.config.adapter_params["target_modules"] == ["q_proj", "v_proj"] for c in cells)
