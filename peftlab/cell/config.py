@@ -7,6 +7,7 @@ import json
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+import peftlab.defaults as defaults
 from peftlab.cell.measure import MEMORY_MODES
 from peftlab.cell.models import ModelConfig
 from peftlab.cell.train import TrainConfig
@@ -21,7 +22,7 @@ NO_QUANTIZER = (None, "", "none")
 @dataclass(frozen=True)
 class CellConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
-    adapter: str = "lora"
+    adapter: str = defaults.ADAPTER
     adapter_params: dict[str, Any] = field(default_factory=dict)
     quantizer: str | None = None
     quantizer_params: dict[str, Any] = field(default_factory=dict)

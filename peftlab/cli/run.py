@@ -6,6 +6,7 @@ import argparse
 import json
 from typing import Any
 
+import peftlab.defaults as defaults
 from peftlab.cell.config import parse_sets
 from peftlab.plugin.errors import ValidationError
 
@@ -43,7 +44,7 @@ def add_parser(sub) -> None:
     g.add_argument("--grad-checkpointing", action="store_true", default=None)
     g.add_argument("--seed", type=int)
     g = p.add_argument_group("evaluation")
-    g.add_argument("--metrics", help="comma-separated metric names (default bleu-e2e,rougeL-e2e,rougeL)")
+    g.add_argument("--metrics", help=f"comma-separated metric names (default {','.join(defaults.METRICS)})")
     g.add_argument("--mset", action="append", metavar="METRIC:KEY=VALUE",
                    help="a metric setting, e.g. evaluate:path=./my_metric.py")
     g.add_argument("--max-new-tokens", type=int)

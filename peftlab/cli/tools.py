@@ -7,10 +7,10 @@ import json
 import sys
 from pathlib import Path
 
+import peftlab.defaults as defaults
 from peftlab.cli.common import host_for, non_negative_int, positive_int, positive_number
 
-#: the adapter `ranks` and `estimate --model` count by default: a setting, not engine code
-DEFAULT_ADAPTER = "lora"
+DEFAULT_ADAPTER = defaults.ADAPTER
 
 
 def add_parsers(sub) -> None:

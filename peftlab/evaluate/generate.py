@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+import peftlab.defaults as defaults
 from peftlab.compute import autocast
 from peftlab.data.prompts import prompt_ids
 from peftlab.data.sources import EvalItem
@@ -16,7 +17,7 @@ from peftlab.plugin.errors import ValidationError
 
 @dataclass(frozen=True)
 class EvalConfig:
-    metrics: tuple[str, ...] = ("bleu-e2e", "rougeL-e2e", "rougeL")
+    metrics: tuple[str, ...] = defaults.METRICS
     metric_params: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> settings
     batch_size: int = 16
     max_new_tokens: int = 64

@@ -16,6 +16,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import peftlab.defaults as defaults
 from peftlab.report.estimate import OPTIMIZER_BYTES, Estimate, activation_bytes, estimate
 from peftlab.report.ranks import ALIASES, ARCHITECTURES, architecture_counts, shape, sized_adapter
 
@@ -27,7 +28,7 @@ GB = 1e9
 TEN_B_SHAPE = (4096, 48)
 
 
-def model_estimates(name: str, host: PluginHost, *, adapter: str = "lora", rank: int = 8, targets: str = "q/v",
+def model_estimates(name: str, host: PluginHost, *, adapter: str = defaults.ADAPTER, rank: int = 8, targets: str = "q/v",
                     seq: int = 512, batch: int = 1, checkpointing: bool = False,
                     optimizer: str = "adamw") -> list[Estimate]:
     """Full, LoRA and QLoRA for an architecture of :data:`peftlab.ranks.ARCHITECTURES` (or a

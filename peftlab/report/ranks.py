@@ -12,6 +12,7 @@ import functools
 import math
 from typing import TYPE_CHECKING, Any
 
+import peftlab.defaults as defaults
 from peftlab.plugin.errors import ValidationError
 
 if TYPE_CHECKING:
@@ -143,7 +144,7 @@ PAPER_TABLE3 = {"lora": {"size": 4, "GPT-2-Medium": "0.35M", "GPT-2-Large": "0.7
 SIZES = (1, 8, 16, 512)
 
 
-def ranks_report(host: PluginHost, adapter: str = "lora", check_peer: bool = True) -> tuple[str, list[dict]]:
+def ranks_report(host: PluginHost, adapter: str = defaults.ADAPTER, check_peer: bool = True) -> tuple[str, list[dict]]:
     """The rank report for ``adapter`` (LoRA by default): (a) the lecture's 2 r sqrt(N) table,
     (b) real architectures' counts at several sizes (checked against a peer where one is
     known), (c) the LoRA paper's Table 3 figures where it has them for this adapter."""
