@@ -151,7 +151,7 @@ def ranks_report(host: PluginHost, adapter: str = defaults.ADAPTER, check_peer: 
     probe = host.adapters.build(adapter)
     size_name = probe.size_setting
     sizes = SIZES if size_name else (None,)
-    lines = [f"# {size_name or 'Size'} versus trainable parameters: {adapter}\n",
+    lines = [f"# Adapter size ({size_name or 'none declared'}) versus trainable parameters: {adapter}\n",
              "## (a) The lecture's table: 2 r sqrt(N), the whole model as one square matrix\n",
              "| rank | " + " | ".join(f"Model {m}" for m in LECTURE_MODELS) + " |",
              "|---" * (len(LECTURE_MODELS) + 1) + "|"]
