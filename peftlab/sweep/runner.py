@@ -33,8 +33,10 @@ from peftlab.sweep.experiment import Experiment, PlannedCell
 from peftlab.sweep.store import CellFiles, ResultsStore, identity
 
 DONE = ("ok", "skipped")
-#: what must match for a finished record to count as done on resume
-SAME_PLACE = ("machine.id", "version.torch", "version.transformers", "version.bitsandbytes", "version.peftlab")
+#: what must match for a finished record to count as done on resume (``device`` names the CPU model
+#: or GPU: machines that share a host name, as cloud VMs do, still differ there)
+SAME_PLACE = ("machine.id", "device", "version.torch", "version.transformers", "version.bitsandbytes",
+              "version.peftlab")
 
 
 class Executor(ABC):
@@ -109,11 +111,15 @@ def failed_record(cell: PlannedCell, reason: str) -> dict[str, Any]:
     return {**cell_identity(cell), **base_record(cell.config), "status": "failed", "reason": reason}
 
 
-def here() -> dict[str, str]:
-    from peftlab.provenance import machine_id, versions
+def here(exp: Experiment | None = None) -> dict[str, str]:
+    """This process's values of :data:`SAME_PLACE` (the device of ``exp``'s base model)."""
+    from peftlab.cell.models import ModelConfig
+    from peftlab.provenance import device_name, machine_id, versions
 
     v = versions()
-    return {"machine.id": machine_id(), **{k: v.get(k.removeprefix("version."), "") for k in SAME_PLACE[1:]}}
+    model = ModelConfig(**(exp.base.get("model", {}) if exp else {}))
+    return {"machine.id": machine_id(), "device": device_name(model.resolved_device()),
+            **{k: v.get(k.removeprefix("version."), "") for k in SAME_PLACE[2:]}}
 
 
 def sweep(exp: Experiment, out: Path, *, host: PluginHost, executor: Executor | None = None, force: bool = False,
@@ -133,7 +139,7 @@ def sweep(exp: Experiment, out: Path, *, host: PluginHost, executor: Executor | 
     with store.locked():
         store.open(exp.name, exp.path, command, versions()["peftlab"])
         scan = store.scan()
-        todo, done, foreign, place = [], 0, 0, here()
+        todo, done, foreign, place = [], 0, 0, here(exp)
         for c in cells:
             prior = scan.records.get(c.cell_id)
             finished = prior is not None and prior["status"] in DONE and not force
@@ -152,7 +158,7 @@ def sweep(exp: Experiment, out: Path, *, host: PluginHost, executor: Executor | 
             log(f"  damaged record {path} ({why}): " + ("its cell runs again" if path in planned_files
                                                         else "not a cell of this experiment; left as it is"))
         if foreign:
-            log(f"  {foreign} finished cell(s) were made on another host or with other versions (committed "
+            log(f"  {foreign} finished cell(s) were made on another host, device or versions (committed "
                 "results, for one); running them here. --reuse-foreign keeps them instead.")
         bar = tqdm(total=len(todo), desc=f"sweep {exp.name}", unit="cell", disable=not progress or not todo,
                    dynamic_ncols=True, position=0)

@@ -94,13 +94,15 @@ def test_a_killed_cell_fails_alone_and_only_it_runs_again(tmp_path):
     assert {r["status"] for r in records} == {"ok"} and len(to_frame(records)) == 2
 
 
-def test_records_from_another_host_or_versions_run_again_here(tmp_path):
+@pytest.mark.parametrize("key,value", [("machine.id", "elsewhere"), ("device", "AMD EPYC (2 cores, 2 threads)")])
+def test_records_from_another_host_device_or_versions_run_again_here(tmp_path, key, value):
+    """A host name alone does not tell machines apart (cloud VMs share one): the device must match too."""
     exp = load_experiment(TINY, ["grid.train.seed=0"])
     sweep(exp, tmp_path, host=HOST, executor=InProcess(), progress=False, log=lambda s: None)
     files = sorted((tmp_path / "cells").glob("*.json"))
     assert len(files) == 2
     moved = json.loads(files[0].read_text())
-    write_text_atomic(files[0], json.dumps({**moved, "machine.id": "elsewhere"}))  # e.g. committed results
+    write_text_atomic(files[0], json.dumps({**moved, key: value}))  # e.g. committed results
     older = json.loads(files[1].read_text())
     write_text_atomic(files[1], json.dumps({**older, "version.torch": "1.0"}))
     kept = InProcess()
@@ -109,8 +111,8 @@ def test_records_from_another_host_or_versions_run_again_here(tmp_path):
     rerun, said = InProcess(), []
     records = sweep(exp, tmp_path, host=HOST, executor=rerun, progress=False, log=said.append)
     assert sorted(rerun.ran) == ["lora(r=2) seed=0", "lora(r=4) seed=0"]
-    assert "2 finished cell(s) were made on another host or with other versions" in "\n".join(said)
-    assert [r["machine.id"] for r in records] == [here()["machine.id"]] * 2
+    assert "2 finished cell(s) were made on another host, device or versions" in "\n".join(said)
+    assert [r[key] for r in records] == [here(exp)[key]] * 2
     again = InProcess()
     sweep(exp, tmp_path, host=HOST, executor=again, progress=False, log=lambda s: None)
     assert again.ran == []

@@ -140,3 +140,22 @@ def test_killing_the_sweep_kills_its_worker_and_leaves_no_record(tmp_path):
         time.sleep(0.2)
     assert not any(_alive(p) for p in workers)
     assert not list((out / "cells").glob("*.json")) if (out / "cells").exists() else True
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_ctrl_c_stops_the_worker_and_says_how_to_resume(tmp_path):
+    out = tmp_path / "out"
+    sweep = subprocess.Popen([sys.executable, "-m", "peftlab.cli", "sweep", str(TINY), "train.steps=100000",
+                              "grid.train.seed=0", "grid.adapter=lora", "--out", str(out), "--no-progress"],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not _workers(out / "inputs") and time.time() < deadline:
+        time.sleep(0.2)
+    workers = _workers(out / "inputs")
+    assert workers, "the worker never started"
+    sweep.send_signal(signal.SIGINT)
+    _, err = sweep.communicate(timeout=60)
+    assert sweep.returncode == 130
+    assert "interrupted" in err and "run the same command again to resume" in err and "Traceback" not in err
+    assert not any(_alive(p) for p in workers)
+    assert not ResultsStore(out).scan().records
