@@ -122,17 +122,23 @@ def _workers(inputs_dir: Path) -> list[int]:
     return out
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="parent-death signal is Linux's")
-def test_killing_the_sweep_kills_its_worker_and_leaves_no_record(tmp_path):
-    out = tmp_path / "out"
+def _sweep_with_a_running_worker(out: Path, **popen) -> tuple[subprocess.Popen, list[int]]:
+    """A real sweep of one long cell, returned once its worker process is running."""
     sweep = subprocess.Popen([sys.executable, "-m", "peftlab.cli", "sweep", str(TINY), "train.steps=100000",
                               "grid.train.seed=0", "grid.adapter=lora", "--out", str(out), "--no-progress"],
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                             stdout=subprocess.DEVNULL, **popen)
     deadline = time.time() + 120
     while not _workers(out / "inputs") and time.time() < deadline:
         time.sleep(0.2)
     workers = _workers(out / "inputs")
     assert workers, "the worker never started"
+    return sweep, workers
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="parent-death signal is Linux's")
+def test_killing_the_sweep_kills_its_worker_and_leaves_no_record(tmp_path):
+    out = tmp_path / "out"
+    sweep, workers = _sweep_with_a_running_worker(out, stderr=subprocess.DEVNULL)
     sweep.send_signal(signal.SIGKILL)
     sweep.wait()
     deadline = time.time() + 30
@@ -145,14 +151,7 @@ def test_killing_the_sweep_kills_its_worker_and_leaves_no_record(tmp_path):
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 def test_ctrl_c_stops_the_worker_and_says_how_to_resume(tmp_path):
     out = tmp_path / "out"
-    sweep = subprocess.Popen([sys.executable, "-m", "peftlab.cli", "sweep", str(TINY), "train.steps=100000",
-                              "grid.train.seed=0", "grid.adapter=lora", "--out", str(out), "--no-progress"],
-                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while not _workers(out / "inputs") and time.time() < deadline:
-        time.sleep(0.2)
-    workers = _workers(out / "inputs")
-    assert workers, "the worker never started"
+    sweep, workers = _sweep_with_a_running_worker(out, stderr=subprocess.PIPE, text=True)
     sweep.send_signal(signal.SIGINT)
     _, err = sweep.communicate(timeout=60)
     assert sweep.returncode == 130
