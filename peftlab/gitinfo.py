@@ -1,6 +1,6 @@
 """Which commit a checkout is at, for provenance. Standard library only: ``noxfile.py`` loads this
 file on its own (nox's interpreter has no peftlab, no torch) to stamp sweeps it runs from an
-installed copy, and :func:`peftlab.measure.git_commit` uses it for the copy it runs from."""
+installed copy, and :func:`peftlab.provenance.git_commit` uses it for the copy it runs from."""
 
 from __future__ import annotations
 

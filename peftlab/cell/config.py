@@ -29,7 +29,7 @@ class CellConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
-    memory_mode: str = "rss"  # CPU peak memory: rss (fast) or rss-strict (exact-er, slower); see peftlab.measure
+    memory_mode: str = "rss"  # CPU peak memory: rss (fast) or rss-strict (exact-er, slower); see peftlab.cell.measure
 
     def __post_init__(self) -> None:
         if self.memory_mode not in MEMORY_MODES:

@@ -2,9 +2,9 @@
 
 Three parts, each a markdown section of ``peftlab estimate --report``:
 
-1. The lecture's 10B figures from :func:`peftlab.estimate.estimate`, with the activation budget
+1. The lecture's 10B figures from :func:`peftlab.report.estimate.estimate`, with the activation budget
    its "~40 GB for LoRA" implies (the per-parameter accounting alone gives 20 GB).
-2. Real architectures (meta-device counts from :mod:`peftlab.ranks`) at a stated sequence and batch.
+2. Real architectures (meta-device counts from :mod:`peftlab.report.ranks`) at a stated sequence and batch.
 3. The estimator against peak memory measured by a sweep: :func:`record_estimate` rebuilds the
    terms from one cell's record (its stored base bytes, trainable count, dtypes, optimizer and
    tokens per step), and the report states the gap.
@@ -31,7 +31,7 @@ TEN_B_SHAPE = (4096, 48)
 def model_estimates(name: str, host: PluginHost, *, adapter: str = defaults.ADAPTER, rank: int = 8, targets: str = "q/v",
                     seq: int = 512, batch: int = 1, checkpointing: bool = False,
                     optimizer: str = "adamw") -> list[Estimate]:
-    """Full, LoRA and QLoRA for an architecture of :data:`peftlab.ranks.ARCHITECTURES` (or a
+    """Full, LoRA and QLoRA for an architecture of :data:`peftlab.report.ranks.ARCHITECTURES` (or a
     peftlab short name with one), with exact parameter counts and an activation term."""
     arch_name = ALIASES.get(name, name)
     size = rank if host.adapters.build(adapter).size_setting else None  # a size only where it declares one

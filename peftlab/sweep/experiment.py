@@ -5,7 +5,7 @@
 [experiment]
 name = "quickstart"
 
-[base]                      # one cell's settings (see peftlab.cell.CellConfig)
+[base]                      # one cell's settings (see peftlab.cell.config.CellConfig)
 [base.model]
 name = "smollm2-135m"
 [base.train]
