@@ -82,8 +82,9 @@ class PluginHost:
     """A pluggy manager plus one :class:`Registry` per component kind."""
 
     def __init__(self, *, strict: bool | None = None, disabled: set[str] | None = None):
-        self.strict = env_flag(STRICT_ENV) if strict is None else strict
-        self.disabled = env_list(DISABLE_ENV) if disabled is None else set(disabled)
+        env = HostSettings.from_env() if strict is None or disabled is None else None
+        self.strict = env.strict if strict is None else strict
+        self.disabled = set(env.disabled) if disabled is None else set(disabled)
         self.pm = pluggy.PluginManager(hookspecs.PROJECT)
         self.pm.add_hookspecs(hookspecs)
         self.records: dict[str, PluginRecord] = {}

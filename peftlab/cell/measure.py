@@ -128,6 +128,11 @@ def base_weight_bytes(model: torch.nn.Module) -> int:
     return total
 
 
+def trainable_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the parameters that train, each in its own dtype."""
+    return sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+
+
 def backward_blocks(model: torch.nn.Module) -> int | None:
     """How many transformer blocks the backward pass goes through: from the top down to the lowest
     block holding a trainable parameter (all of them when something below the blocks trains, none

@@ -65,7 +65,7 @@ def base_record(cfg: CellConfig) -> dict[str, Any]:
 
 def run_cell(cfg: CellConfig, host: PluginHost, *, progress: bool = True) -> dict[str, Any]:
     from peftlab.adapt.attach import attach
-    from peftlab.cell.measure import PeakMemory, backward_blocks, base_weight_bytes
+    from peftlab.cell.measure import PeakMemory, backward_blocks, base_weight_bytes, trainable_bytes
     from peftlab.cell.models import load
     from peftlab.cell.train import train
     from peftlab.data.prompts import encode
@@ -104,7 +104,7 @@ def run_cell(cfg: CellConfig, host: PluginHost, *, progress: bool = True) -> dic
     rec.update({"params.trainable": report.trainable, "params.total": report.total,
                 "params.trainable_pct": 100 * report.trainable_share, "adapter.targets": len(report.targets),
                 "params.backward_blocks": backward_blocks(model),
-                "params.trainable_bytes": sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)})
+                "params.trainable_bytes": trainable_bytes(model)})
     model.to(device)
     if cfg.eval.before:
         gens = generate(model, tok, eval_items, cfg.eval, device=device, precision=cfg.train.precision, progress=progress)

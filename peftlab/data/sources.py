@@ -192,10 +192,15 @@ def check_source(cfg: DataConfig) -> None:
         if "/" not in cfg.source:
             load_raw(cfg)  # a bare unknown name: raises with what is allowed
         return  # a hub id: checked when a cell loads it
+    _open(cfg)
+
+
+def _open(cfg: DataConfig):
+    """The source, checked to have the training split, and its field -> column map."""
     raw = load_raw(cfg)
     if cfg.train_split not in raw:
         raise ValidationError("data.train_split", cfg.train_split, f"one of the splits found: {', '.join(raw)}")
-    column_map(cfg, list(raw[cfg.train_split].column_names))
+    return raw, column_map(cfg, list(raw[cfg.train_split].column_names))
 
 
 def load_splits(cfg: DataConfig) -> tuple[list[Row], list[EvalItem]]:
@@ -203,11 +208,8 @@ def load_splits(cfg: DataConfig) -> tuple[list[Row], list[EvalItem]]:
     split by prompt (10% of its inputs, at least one) so no evaluation input is trained on."""
     from peftlab.data.e2e_synth import INSTRUCTION
 
-    raw = load_raw(cfg)
+    raw, cmap = _open(cfg)
     preset = cfg.preset or BUILTIN.get(cfg.source)
-    if cfg.train_split not in raw:
-        raise ValidationError("data.train_split", cfg.train_split, f"one of the splits found: {', '.join(raw)}")
-    cmap = column_map(cfg, list(raw[cfg.train_split].column_names))
     # E2E data has no instruction column: its preset brings the restaurant instruction
     instruction = cfg.instruction or (INSTRUCTION if preset == "e2e" else None)
     train = _rows(raw[cfg.train_split], cmap, instruction, cfg.train_split)

@@ -24,7 +24,7 @@ NEW = ("adapter.trains_base", "adapter.size_setting", "adapter.size", "params.ba
 
 def migrate_record(rec: dict[str, Any], host: PluginHost) -> dict[str, Any]:
     from peftlab.adapt.attach import attach
-    from peftlab.cell.measure import backward_blocks
+    from peftlab.cell.measure import backward_blocks, trainable_bytes
     from peftlab.cell.run import adapter_fields
     from peftlab.report.ranks import ALIASES, meta_model
 
@@ -40,7 +40,7 @@ def migrate_record(rec: dict[str, Any], host: PluginHost) -> dict[str, Any]:
             raise ValueError(f"{rec['cell_id']}: {report.trainable} trainable on the meta model, "
                              f"{rec['params.trainable']} recorded")
         out["params.backward_blocks"] = backward_blocks(model)
-        out["params.trainable_bytes"] = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+        out["params.trainable_bytes"] = trainable_bytes(model)
     return out
 
 

@@ -96,7 +96,7 @@ class LocalProcessExecutor(Executor):
         if rc == -signal.SIGKILL:
             why += " (out of memory, or killed from outside)"
         last = tail.decode(errors="replace").replace("\r", "\n").strip().splitlines()[-3:]
-        record = failed_record(cell, f"the cell's process {why}" + (": " + " | ".join(last) if last else ""))
+        record = own_record(cell, "failed", f"the cell's process {why}" + (": " + " | ".join(last) if last else ""))
         record["time.wall_s"] = time.perf_counter() - start
         return record
 
@@ -105,10 +105,12 @@ def cell_identity(cell: PlannedCell) -> dict[str, Any]:
     return identity(cell.cell_id, cell.label, cell.group, cell.axes)
 
 
-def failed_record(cell: PlannedCell, reason: str) -> dict[str, Any]:
+def own_record(cell: PlannedCell, status: str, reason: str) -> dict[str, Any]:
+    """A record this process makes for a cell no worker ran to the end: ``failed`` (the worker died)
+    or ``skipped`` (vetoed at planning)."""
     from peftlab.cell.run import base_record
 
-    return {**cell_identity(cell), **base_record(cell.config), "status": "failed", "reason": reason}
+    return {**cell_identity(cell), **base_record(cell.config), "status": status, "reason": reason}
 
 
 def here(exp: Experiment | None = None) -> dict[str, str]:
@@ -147,7 +149,7 @@ def sweep(exp: Experiment, out: Path, *, host: PluginHost, executor: Executor | 
                              or all(prior.get(k) == v for k, v in place.items())):
                 done += 1
             elif c.skip_reason:
-                _finish(host, store, _skipped(c))
+                _finish(host, store, own_record(c, "skipped", c.skip_reason))
                 done += 1
             else:
                 foreign += finished
@@ -169,7 +171,7 @@ def sweep(exp: Experiment, out: Path, *, host: PluginHost, executor: Executor | 
                                                      "host": settings})
 
         def on_record(cell: PlannedCell, f: CellFiles, rec: dict[str, Any]) -> None:
-            if ResultsStore.read_written(f) is None:  # the worker never wrote it: this process made it
+            if rec.get("run_id") != f.run_id:  # no worker wrote it (executors return what a worker wrote)
                 store.write_record(rec)
             _finish(host, store, rec, write=False)
             bar.update(1)
@@ -181,12 +183,6 @@ def sweep(exp: Experiment, out: Path, *, host: PluginHost, executor: Executor | 
             bar.close()
         records = store.scan().records
         return [records[c.cell_id] for c in cells if c.cell_id in records]
-
-
-def _skipped(cell: PlannedCell) -> dict[str, Any]:
-    from peftlab.cell.run import base_record
-
-    return {**cell_identity(cell), **base_record(cell.config), "status": "skipped", "reason": cell.skip_reason}
 
 
 def _finish(host: PluginHost, store: ResultsStore, rec: dict[str, Any], write: bool = True) -> None:
