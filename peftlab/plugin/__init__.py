@@ -22,12 +22,14 @@ from peftlab.plugin.layers import (
     logical_parameter_count,
 )
 from peftlab.plugin.metric import Metric
+from peftlab.plugin.ptb import COCO_PUNCTUATION, ptb_backend, ptb_tokenize
 from peftlab.plugin.quantizer import QuantizedWeight, Quantizer, check_block_size, check_weight
 from peftlab.plugin.spec import ComponentSpec
 
 __all__ = [
-    "Adapter", "AttachReport", "CellView", "ComponentSpec", "Metric", "PeftlabError", "PluginError",
+    "COCO_PUNCTUATION", "Adapter", "AttachReport", "CellView", "ComponentSpec", "Metric", "PeftlabError", "PluginError",
     "QuantizedLinear", "QuantizedWeight", "Quantizer", "UnknownNameError", "ValidationError",
     "check_block_size", "check_weight", "hookimpl", "is_conv1d", "is_linear_like", "kernels", "linear_dims",
-    "logical_parameter_count", "match_modules", "quantized_layers", "transformer_blocks",
+    "logical_parameter_count", "match_modules", "ptb_backend", "ptb_tokenize", "quantized_layers",
+    "transformer_blocks",
 ]

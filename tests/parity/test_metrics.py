@@ -1,14 +1,14 @@
 """Metric plugins: BLEU against sacrebleu on random strings, both ROUGE-L variants on
 hand-computed cases (and rouge-score's against rouge-score itself), and the evaluate bridge on a
-local metric module."""
+local metric module. The E2E scorer's metrics against pycocoevalcap: test_e2e_metrics.py."""
 
 import random
 from pathlib import Path
 
 import pytest
-from peftlab_plugins.rouge import coco_rouge_l, coco_tokens, lcs_length
+from peftlab_plugins.e2e import coco_rouge_l
 
-from peftlab import ValidationError
+from peftlab import ValidationError, ptb_tokenize
 
 sacrebleu = pytest.importorskip("sacrebleu")
 rouge_scorer = pytest.importorskip("rouge_score.rouge_scorer")
@@ -57,13 +57,6 @@ def test_bleu_single_string_references_and_bad_shapes(host):
         m.compute([], [])
 
 
-def test_lcs_hand_cases():
-    assert lcs_length("a b c d e".split(), "a c e".split()) == 3
-    assert lcs_length("a b".split(), "c d".split()) == 0
-    assert lcs_length([], ["a"]) == 0
-    assert lcs_length("x a y b z c".split(), "a b c".split()) == 3
-
-
 def test_coco_rouge_l_hand_computed():
     # candidate 4 tokens; ref1 shares LCS 3 of 6 tokens, ref2 shares LCS 2 of 2 tokens
     cand = "the cat sat down".split()
@@ -86,10 +79,11 @@ def test_coco_variant_differs_from_f1_of_the_best_reference(host):
     assert coco == pytest.approx(100 * 2.44 * 0.75 / (1 + 1.44 * 0.75))
 
 
-def test_coco_tokens_lowercase_and_drop_punctuation():
-    assert coco_tokens("The Eagle, near Café Rouge; it's cheap.") == ["the", "eagle", "near", "café", "rouge",
-                                                                      "it's", "cheap"]
-    assert coco_tokens("a , b . c") == ["a", "b", "c"]
+@pytest.mark.parametrize("backend", ["python", "auto"])
+def test_coco_tokens_lowercase_split_clitics_and_drop_punctuation(backend):
+    assert ptb_tokenize(["The Eagle, near Café Rouge; it's cheap at £20-25."], backend) == [
+        ["the", "eagle", "near", "café", "rouge", "it", "'s", "cheap", "at", "#", "20-25"]]
+    assert ptb_tokenize(["a , b . c", "isn't (x)"], backend) == [["a", "b", "c"], ["is", "n't", "-lrb-", "x", "-rrb-"]]
 
 
 @pytest.mark.parametrize("trial", range(3))
