@@ -4,57 +4,97 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 from typing import Any
 
-import peftlab.defaults as defaults
 from peftlab.cell.config import parse_sets
 from peftlab.plugin.errors import ValidationError
 
 
+def _defaults() -> dict[str, Any]:
+    """section.field -> the default a cell uses when neither the config file nor a flag sets it."""
+    from dataclasses import fields
+
+    from peftlab.cell.config import CellConfig
+
+    cell = CellConfig()
+    out = {f.name: getattr(cell, f.name) for f in fields(cell)}
+    for section in ("model", "data", "train", "eval"):
+        sub = getattr(cell, section)
+        out.update({f"{section}.{f.name}": getattr(sub, f.name) for f in fields(sub)})
+    return out
+
+
 def add_parser(sub) -> None:
-    p = sub.add_parser("run", help="train, evaluate and measure one cell; print its record",
-                       description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    d = _defaults()
+
+    def dflt(key: str) -> str:
+        v = d[key]
+        v = ",".join(v) if isinstance(v, tuple) else "none" if v is None else str(v).lower() if isinstance(v, bool) else v
+        return f" (default: {v})"
+
+    p = sub.add_parser("run", help="train, evaluate and measure one cell; print its record", description=__doc__)
     p.add_argument("--config", help="a TOML file with the cell's settings; flags given here override it")
     g = p.add_argument_group("model")
-    g.add_argument("--model", help="smollm2-135m, tiny-llama, tiny-gpt2, llama-512x6, a hub id, folder or .gguf "
-                                   "(default smollm2-135m)")
-    g.add_argument("--device", help="auto, cpu, cuda, cuda:N")
-    g.add_argument("--dtype", help="auto, float32, bfloat16, float16 (weights)")
+    g.add_argument("--model", help="smollm2-135m, tiny-llama, tiny-gpt2, llama-512x6, a hub id, folder or .gguf"
+                   + dflt("model.name"))
+    g.add_argument("--device", help="auto, cpu, cuda, cuda:N" + dflt("model.device"))
+    g.add_argument("--dtype", help="auto, float32, bfloat16, float16 (weights)" + dflt("model.dtype"))
     g = p.add_argument_group("adapter and quantizer")
-    g.add_argument("--adapter", help="a registered adapter: lora, lora-all, full, ft-top, ... (default lora)")
+    g.add_argument("--adapter", help="a registered adapter: lora, lora-all, full, ft-top, ..." + dflt("adapter"))
     g.add_argument("--set", action="append", metavar="KEY=VALUE", help="an adapter setting, e.g. r=8")
-    g.add_argument("--quantizer", help="a registered quantizer for the base (nf4-dq, ...); none: keep it float")
+    g.add_argument("--adapter-from", metavar="DIR", help="start from a saved adapter (peftlab's, or one peft saved); "
+                   "with --steps 0 it is only scored")
+    g.add_argument("--quantizer", help="a registered quantizer for the base (nf4-dq, ...); none: keep it float"
+                   + dflt("quantizer"))
     g.add_argument("--qset", action="append", metavar="KEY=VALUE", help="a quantizer setting, e.g. block_size=128")
     g = p.add_argument_group("data")
-    g.add_argument("--data", help="e2e-synth (default), a local json/jsonl/csv/parquet file or folder, a hub id")
-    g.add_argument("--preset", help="column preset: alpaca, dolly, e2e")
+    g.add_argument("--data", "--train-data", dest="data", help="training data: e2e-synth, a local "
+                   "json/jsonl/csv/parquet file or folder, or a hub id" + dflt("data.source"))
+    g.add_argument("--eval-data", help="evaluation data of its own (file, folder or hub id); without it the "
+                   "data's test split is used, or 10%% of a one-file source is held out")
+    g.add_argument("--split", action="append", metavar="SPLIT=FILE", help="which file of a --data folder is "
+                   "which split, e.g. train=trainset.csv test=testset_w_refs.csv")
+    g.add_argument("--train-split", help="the split to train on" + dflt("data.train_split"))
+    g.add_argument("--eval-split", help="the split to evaluate on; 'holdout': 10%% of the training split's "
+                   "inputs (default: test, or holdout for a one-file source)")
+    g.add_argument("--preset", help="column preset: alpaca, dolly, e2e" + dflt("data.preset"))
     g.add_argument("--column", action="append", metavar="FIELD=COLUMN", help="map instruction/context/response")
-    g.add_argument("--max-length", type=int)
-    g.add_argument("--eval-limit", type=int, help="evaluation inputs (grouped)")
+    g.add_argument("--max-length", type=int, help="tokens per training example" + dflt("data.max_length"))
+    g.add_argument("--eval-limit", type=int, help="evaluation inputs (grouped references); 0: all" + dflt("data.eval_limit"))
+    g.add_argument("--eval-sample", help="which inputs --eval-limit keeps: random (seeded) or first"
+                   + dflt("data.eval_sample"))
     g = p.add_argument_group("training")
-    g.add_argument("--steps", type=int)
-    g.add_argument("--epochs", type=float)
-    g.add_argument("--batch-size", type=int)
-    g.add_argument("--grad-accum", type=int)
-    g.add_argument("--lr", type=float)
-    g.add_argument("--optimizer", help="adamw, adamw8bit, paged-adamw, paged-adamw8bit")
-    g.add_argument("--schedule", help="linear or constant (after warmup)")
-    g.add_argument("--warmup-steps", type=int)
-    g.add_argument("--precision", help="bf16 or fp32 compute")
-    g.add_argument("--grad-checkpointing", action="store_true", default=None)
-    g.add_argument("--seed", type=int)
+    g.add_argument("--steps", type=int, help="optimizer steps" + dflt("train.steps"))
+    g.add_argument("--epochs", type=float, help="epochs instead of steps")
+    g.add_argument("--batch-size", type=int, help=dflt("train.batch_size").strip())
+    g.add_argument("--grad-accum", type=int, help=dflt("train.grad_accum").strip())
+    g.add_argument("--lr", type=float, help=dflt("train.lr").strip())
+    g.add_argument("--optimizer", help="adamw, adamw8bit, paged-adamw, paged-adamw8bit" + dflt("train.optimizer"))
+    g.add_argument("--schedule", help="linear or constant (after warmup)" + dflt("train.schedule"))
+    g.add_argument("--warmup-steps", type=int, help=dflt("train.warmup_steps").strip())
+    g.add_argument("--precision", help="bf16 or fp32 compute" + dflt("train.precision"))
+    g.add_argument("--grad-checkpointing", action="store_true", default=None,
+                   help="recompute activations in backward" + dflt("train.grad_checkpointing"))
+    g.add_argument("--seed", type=int, help="training, data and sampling seed" + dflt("train.seed"))
     g = p.add_argument_group("evaluation")
-    g.add_argument("--metrics", help=f"comma-separated metric names (default {','.join(defaults.METRICS)})")
+    g.add_argument("--metrics", help="comma-separated metric names" + dflt("eval.metrics"))
     g.add_argument("--mset", action="append", metavar="METRIC:KEY=VALUE",
                    help="a metric setting, e.g. evaluate:path=./my_metric.py")
-    g.add_argument("--max-new-tokens", type=int)
-    g.add_argument("--beams", type=int, help="1 = greedy")
+    g.add_argument("--max-new-tokens", type=int, help=dflt("eval.max_new_tokens").strip())
+    g.add_argument("--beams", type=int, help="1 = greedy" + dflt("eval.num_beams"))
     g.add_argument("--eval-before", action="store_true", default=None, help="also score the untrained model")
-    g.add_argument("--memory-mode", help="CPU peak memory: rss (default, fast) or rss-strict (freed memory leaves "
-                                         "the resident set; about a third slower)")
+    g.add_argument("--memory-mode", help="CPU peak memory: rss (fast) or rss-strict (freed memory leaves "
+                                         "the resident set; about a third slower)" + dflt("memory_mode"))
     g = p.add_argument_group("output")
     g.add_argument("--json", action="store_true", help="print the record as JSON")
     g.add_argument("--out", help="also write the record as JSON to this file (atomically)")
+    g.add_argument("--predictions", metavar="FILE", help="write every input, its references and the prediction "
+                   "as JSON lines (rescore with peftlab score, export with peftlab export)")
+    g.add_argument("--save-adapter", metavar="DIR", help="save the trained adapter (peft's layout for LoRA: "
+                   "peft.PeftModel.from_pretrained(base, DIR) loads it)")
+    g.add_argument("--merge-into", metavar="DIR", help="save the base with the adapter merged in "
+                   "(save_pretrained layout; float bases, adapters that can merge)")
     g.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run)
 
@@ -79,6 +119,7 @@ def cell_dict(args: argparse.Namespace) -> dict[str, Any]:
     put("model", "device", args.device)
     put("model", "dtype", args.dtype)
     put(None, "adapter", args.adapter)
+    put(None, "adapter_from", args.adapter_from)
     put(None, "memory_mode", args.memory_mode)
     if args.set:
         d["adapter_params"] = {**d.get("adapter_params", {}), **parse_sets(args.set, "--set")}
@@ -89,8 +130,15 @@ def cell_dict(args: argparse.Namespace) -> dict[str, Any]:
     put("data", "preset", args.preset)
     if args.column:
         d.setdefault("data", {})["columns"] = {k: str(v) for k, v in parse_sets(args.column, "--column").items()}
+    put("data", "eval_source", args.eval_data)
+    if args.split:
+        d.setdefault("data", {})["splits"] = {k: str(v) for k, v in parse_sets(args.split, "--split").items()}
+    put("data", "train_split", args.train_split)
+    put("data", "eval_split", args.eval_split)
     put("data", "max_length", args.max_length)
-    put("data", "eval_limit", args.eval_limit)
+    if args.eval_limit is not None:
+        put("data", "eval_limit", args.eval_limit or None)  # 0: every input
+    put("data", "eval_sample", args.eval_sample)
     if args.epochs is not None:
         d.setdefault("train", {}).update(epochs=args.epochs, steps=args.steps)
     else:
@@ -117,13 +165,16 @@ def cell_dict(args: argparse.Namespace) -> dict[str, Any]:
 def run(args: argparse.Namespace) -> int:
     from peftlab.atomic import check_writable, write_text_atomic
     from peftlab.cell.config import CellConfig
-    from peftlab.cell.run import run_cell
+    from peftlab.cell.run import CellOutputs, run_cell
     from peftlab.cli.common import host_for
 
     cfg = CellConfig.from_dict(cell_dict(args))
-    if args.out:
-        check_writable(args.out, "--out")  # before training, not after
-    rec = run_cell(cfg, host_for(args), progress=not args.no_progress)
+    for flag in ("out", "predictions", "save_adapter", "merge_into"):  # before training, not after
+        if getattr(args, flag):
+            folder = flag in ("save_adapter", "merge_into")  # a folder: a file in it must be writable
+            check_writable(Path(getattr(args, flag)) / "x" if folder else getattr(args, flag), "--" + flag.replace("_", "-"))
+    outputs = CellOutputs(*(Path(v) if v else None for v in (args.predictions, args.save_adapter, args.merge_into)))
+    rec = run_cell(cfg, host_for(args), progress=not args.no_progress, outputs=outputs)
     rec["command"] = " ".join(["peftlab", *args.argv])
     text = json.dumps(rec, indent=2, default=str)
     if args.out:

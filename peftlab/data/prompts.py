@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from peftlab.data.sources import Row
+from peftlab.data.columns import Row
 from peftlab.plugin.errors import ValidationError
 
 IGNORE = -100

@@ -1,43 +1,47 @@
-"""Instruction data: load it through ``datasets`` and map its columns onto the lecture's
-instruction / context / response table.
+"""Where instruction data comes from: the embedded synthetic E2E-style data (``e2e-synth``), a local
+JSON/JSONL/CSV/Parquet file or folder, or a hub dataset id, always through ``datasets``.
 
-Sources: the embedded synthetic E2E-style data (``e2e-synth``), a local JSON/JSONL/CSV/Parquet
-file or folder, or a hub dataset name (for users with hub access). Presets name the columns of
-common datasets; ``columns`` overrides any of them. Rows with the same prompt are grouped for
-evaluation, so an E2E input is scored against all of its references.
+A file is one split (``train``). A folder's files are its splits when their names say so
+(``train.csv``, ``validation.jsonl``, ``test-00000-of-00001.parquet``); files named otherwise,
+like the E2E challenge's ``trainset.csv`` / ``devset.csv`` / ``testset_w_refs.csv``, are mapped
+explicitly (``data.splits = {train = "trainset.csv", test = "testset_w_refs.csv"}``, or
+``--split train=trainset.csv``) or refused with the names found: never merged into one split.
+The evaluation data may come from a source of its own (``data.eval_source``, ``--eval-data``).
 """
 
 from __future__ import annotations
 
 import os
-import random
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from peftlab.data.columns import FIELDS, PRESETS
 from peftlab.plugin.errors import ValidationError
 
-FIELDS = ("instruction", "context", "response")
-#: column names per preset; a tuple lists alternatives (the first one present is used)
-PRESETS: dict[str, dict[str, Any]] = {
-    "alpaca": {"instruction": "instruction", "context": "input", "response": "output"},
-    "dolly": {"instruction": "instruction", "context": "context", "response": "response"},
-    "e2e": {"instruction": None, "context": ("mr", "meaning_representation"), "response": ("ref", "human_reference")},
-}
 BUILTIN = {"e2e-synth": "e2e"}
 LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+#: a file name that says which split it holds: the word, then the end or a separator
+SPLIT_NAMES = {"train": "train", "training": "train", "validation": "validation", "valid": "validation",
+               "val": "validation", "dev": "validation", "test": "test", "testing": "test"}
+_SPLIT_FILE = re.compile(r"^(?P<word>[a-z]+)(?:[-._ ].*)?$")
+EVAL_SAMPLES = ("random", "first")
 
 
 @dataclass(frozen=True)
 class DataConfig:
     source: str = "e2e-synth"
+    eval_source: str | None = None  # evaluation data of its own; None: the source's eval split
+    splits: dict[str, str] = field(default_factory=dict)  # split -> file in the source folder
     preset: str | None = None
     columns: dict[str, str] = field(default_factory=dict)
     instruction: str | None = None  # a fixed instruction where the data has no instruction column
     train_split: str = "train"
-    eval_split: str = "test"
+    eval_split: str | None = None  # None: "test"; a one-split source holds out 10% ("holdout")
     max_length: int = 256
     train_limit: int | None = None  # rows
     eval_limit: int | None = 100  # grouped inputs
+    eval_sample: str = "random"  # which inputs eval_limit keeps: a seeded random sample, or the first
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -52,190 +56,133 @@ class DataConfig:
             v = getattr(self, name)
             if v is not None and (not isinstance(v, int) or v <= 0):
                 raise ValidationError(f"data.{name}", v, "a positive integer or none")
+        if self.eval_sample not in EVAL_SAMPLES:
+            raise ValidationError("data.eval_sample", self.eval_sample, f"one of {', '.join(EVAL_SAMPLES)}")
+        if not isinstance(self.splits, dict) or not all(isinstance(v, str) for v in self.splits.values()):
+            raise ValidationError("data.splits", self.splits, "a table of split name -> file name")
+        if self.splits and self.source in BUILTIN:
+            raise ValidationError("data.splits", self.splits, f"nothing for the built-in {self.source!r} (it names its splits)")
+
+    @property
+    def preset_name(self) -> str | None:
+        return self.preset or BUILTIN.get(self.source)
 
 
-@dataclass(frozen=True)
-class Row:
-    instruction: str
-    context: str
-    response: str
+def looks_local(source: str) -> bool:
+    """A path, not a hub id (``owner/name``): it starts with '/', '.' or '~', ends in a data file's
+    extension, has more than one '/', or its first part is a folder here."""
+    head = source.split("/", 1)[0]
+    return (source.startswith(("/", ".", "~")) or os.path.splitext(source)[1].lower() in LOCAL_FORMATS
+            or source.count("/") > 1 or ("/" in source and os.path.isdir(head)))
 
 
-@dataclass(frozen=True)
-class EvalItem:
-    instruction: str
-    context: str
-    references: tuple[str, ...]
-
-
-def load_raw(cfg: DataConfig):
-    """The source as a ``datasets.DatasetDict`` (the real ``load_dataset`` path for files and hub names)."""
+def open_source(source: str, field_name: str, splits: dict[str, str] | None = None, seed: int = 0) -> dict[str, Any]:
+    """split name -> ``datasets.Dataset`` for one source; errors name ``field_name``."""
     import datasets
 
-    if cfg.source in BUILTIN:
+    if source in BUILTIN:
         from peftlab.data.e2e_synth import generate
 
-        return datasets.DatasetDict({k: datasets.Dataset.from_list(v) for k, v in generate(cfg.seed).items()})
-    path = os.path.expanduser(cfg.source)
+        return {k: datasets.Dataset.from_list(v) for k, v in generate(seed).items()}
+    path = os.path.expanduser(source)
+    if splits and not os.path.isdir(path):
+        raise ValidationError("data.splits", splits, f"file names inside a folder source; {field_name}={source!r} "
+                              "is not a folder")
     try:
         if os.path.isfile(path):
-            ext = os.path.splitext(path)[1].lower()
-            if ext not in LOCAL_FORMATS:
-                raise ValidationError("data.source", cfg.source, f"a file ending in {', '.join(LOCAL_FORMATS)}")
-            if os.path.getsize(path) == 0:
-                raise ValidationError("data.source", cfg.source, "a non-empty data file")
-            try:
-                kwargs = _csv_as_text(path, cfg.source) if ext == ".csv" else {}
-                return datasets.load_dataset(LOCAL_FORMATS[ext], data_files=path, **kwargs)
-            except ValueError as exc:  # e.g. a file of blank lines: 'corresponds to no data'
-                raise ValidationError("data.source", cfg.source, f"a data file with at least one row ({exc})") from None
+            return {"train": _load_files(source, field_name, [path])}
         if os.path.isdir(path):
-            return datasets.load_dataset(path)
-        if looks_local(cfg.source):
-            raise ValidationError("data.source", cfg.source, "an existing local file or folder (nothing is there)")
-        if "/" not in cfg.source and cfg.source not in ("e2e_nlg",) and not cfg.source.startswith("hf:"):
-            raise ValidationError("data.source", cfg.source,
-                                  f"a built-in dataset ({', '.join(BUILTIN)}), an existing local file or folder, "
-                                  "or a hub dataset id (owner/name, or hf:name)")
-        return datasets.load_dataset(cfg.source.removeprefix("hf:"))
+            return {name: _load_files(source, field_name, files) for name, files in folder_splits(path, source, field_name, splits).items()}
+        if looks_local(source):
+            raise ValidationError(field_name, source, f"an existing local file or folder (nothing is at {os.path.abspath(path)})")
+        if "/" not in source and source != "e2e_nlg" and not source.startswith("hf:"):
+            raise ValidationError(field_name, source, f"a built-in dataset ({', '.join(BUILTIN)}), an existing local "
+                                  "file or folder, or a hub dataset id (owner/name, or hf:name)")
+        return dict(_load_hub(source, field_name))
     except StopIteration:  # datasets' answer to an empty JSON Lines file
-        raise ValidationError("data.source", cfg.source, "a data file with at least one row") from None
+        raise ValidationError(field_name, source, "a data file with at least one row") from None
 
 
-def _csv_as_text(path: str, source: str) -> dict[str, Any]:
+def folder_splits(path: str, source: str, field_name: str, mapping: dict[str, str] | None) -> dict[str, list[str]]:
+    """split -> files of a folder: the explicit mapping, else file names that are split names."""
+    files = sorted(f for f in os.listdir(path) if os.path.splitext(f)[1].lower() in LOCAL_FORMATS
+                   and os.path.isfile(os.path.join(path, f)))
+    if mapping:
+        out = {}
+        for split, name in mapping.items():
+            full = os.path.join(path, name)
+            if not os.path.isfile(full):
+                raise ValidationError(f"data.splits.{split}", name, f"a file in {source} (found: {', '.join(files) or 'none'})")
+            out[split] = [full]
+        return out
+    if not files:
+        raise ValidationError(field_name, source, f"a folder with data files ({', '.join(LOCAL_FORMATS)}); none found")
+    if len(files) == 1:
+        return {"train": [os.path.join(path, files[0])]}
+    out, unnamed = {}, []
+    for f in files:
+        m = _SPLIT_FILE.match(os.path.splitext(f)[0].lower())
+        split = SPLIT_NAMES.get(m.group("word")) if m else None
+        if split is None:
+            unnamed.append(f)
+        else:
+            out.setdefault(split, []).append(os.path.join(path, f))
+    if unnamed:
+        hint = " ".join(f"--split SPLIT={f}" for f in files[:3])
+        raise ValidationError(field_name, source, f"a folder whose file names are split names (train, validation, "
+                              f"test, ...); it holds {', '.join(files)}, and {', '.join(unnamed)} name no split. "
+                              f"Map them explicitly, e.g. {hint} (or data.splits in a config), or point "
+                              "--train-data and --eval-data at single files")
+    return out
+
+
+def _load_files(source: str, field_name: str, files: list[str]):
+    import datasets
+
+    exts = {os.path.splitext(f)[1].lower() for f in files}
+    if len({LOCAL_FORMATS.get(e) for e in exts}) != 1 or None in {LOCAL_FORMATS.get(e) for e in exts}:
+        raise ValidationError(field_name, source, f"files of one format among {', '.join(LOCAL_FORMATS)} "
+                              f"(got {', '.join(os.path.basename(f) for f in files)})")
+    for f in files:
+        if os.path.getsize(f) == 0:
+            raise ValidationError(field_name, f, "a non-empty data file")
+    fmt = LOCAL_FORMATS[exts.pop()]
+    try:
+        kwargs = _csv_as_text(files, field_name) if fmt == "csv" else {}
+        return datasets.load_dataset(fmt, data_files=files, split="train", **kwargs)
+    except ValueError as exc:  # e.g. a file of blank lines: 'corresponds to no data'
+        raise ValidationError(field_name, source, f"a data file with at least one row ({exc})") from None
+
+
+def _load_hub(source: str, field_name: str):
+    import datasets
+
+    try:
+        return datasets.load_dataset(source.removeprefix("hf:"))
+    except Exception as exc:  # not found, offline, no network: say what was tried
+        raise ValidationError(field_name, source, "a hub dataset id that can be loaded, or an existing local path "
+                              f"(nothing local is at {os.path.abspath(os.path.expanduser(source))}); "
+                              f"the hub said: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
+
+
+def _csv_as_text(files: list[str], field_name: str) -> dict[str, Any]:
     """CSV cells are text ("5" stays "5", not a number to refuse later); only an empty cell is
     missing. A header naming a column twice is refused (pandas would rename one and drop it
-    from the preset's view)."""
+    from the preset's view); the files of one split must share one header."""
     import csv
 
     import datasets
 
-    with open(path, newline="", encoding="utf-8") as f:
-        header = next(csv.reader(f), [])
+    headers = []
+    for path in files:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            headers.append(next(csv.reader(f), []))
+    header = headers[0]
     dupes = sorted({c for c in header if header.count(c) > 1})
     if dupes:
-        raise ValidationError("data.source", source, f"a CSV whose columns have distinct names ({dupes[0]!r} appears "
+        raise ValidationError(field_name, files[0], f"a CSV whose columns have distinct names ({dupes[0]!r} appears "
                               f"{header.count(dupes[0])} times)")
+    if any(h != header for h in headers):
+        raise ValidationError(field_name, ", ".join(files), "CSV files of one split with one header")
     features = datasets.Features({c: datasets.Value("string") for c in header})
-    return {"features": features, "keep_default_na": False, "na_values": [""]}
-
-
-def column_map(cfg: DataConfig, found: list[str]) -> dict[str, str | None]:
-    """field -> column for this data, from the preset, the overrides and the columns found."""
-    preset = cfg.preset or BUILTIN.get(cfg.source)
-    spec: dict[str, Any] = dict(PRESETS[preset]) if preset else {f: f for f in FIELDS}
-    if preset is None and "context" not in found:
-        spec["context"] = None
-    spec.update(cfg.columns)
-    out: dict[str, str | None] = {}
-    for f in FIELDS:
-        want = spec.get(f)
-        if want is None:
-            out[f] = None
-            continue
-        options = (want,) if isinstance(want, str) else tuple(want)
-        hit = next((c for c in options if c in found), None)
-        if hit is None:
-            raise ValidationError(f"data.columns.{f}", " or ".join(options),
-                                  f"a column of the data; columns found: {', '.join(found) or '(none)'}")
-        out[f] = hit
-    if out["response"] is None:
-        raise ValidationError("data.columns.response", None, f"a response column; columns found: {', '.join(found)}")
-    if out["instruction"] is None and not (cfg.instruction or preset == "e2e"):
-        raise ValidationError("data.columns.instruction", None,
-                              f"an instruction column or a fixed data.instruction; columns found: {', '.join(found)}")
-    return out
-
-
-def _rows(split, cmap: dict[str, str | None], instruction: str | None, split_name: str) -> list[Row]:
-    """The split's rows as (instruction, context, response) text. A fixed ``instruction`` fills the
-    instruction only where the data has no instruction column. Every value is checked: a response
-    and a column instruction must be non-empty text; a context may be empty or missing; anything
-    else (a number, a JSON object, a CSV ``NaN``) is an error naming the row, never turned into text."""
-    cols = {f: (split[c] if c else None) for f, c in cmap.items()}
-    rows = []
-    for i in range(len(split)):
-        values = {}
-        for f in FIELDS:
-            col = cmap[f]
-            v = cols[f][i] if col else None
-            if v is None or (isinstance(v, float) and v != v):  # missing, or pandas' NaN for an empty CSV cell
-                v = None
-            elif not isinstance(v, str):
-                raise ValidationError(f"data row {i} of split {split_name!r}, column {col!r}", v,
-                                      f"text ({f} values must be strings, not {type(v).__name__})")
-            if f == "context":
-                values[f] = v or ""
-            elif f == "instruction" and col is None:
-                values[f] = instruction or ""
-            elif not v or not v.strip():
-                raise ValidationError(f"data row {i} of split {split_name!r}, column {col!r}", v,
-                                      f"a non-empty {f} (drop or fix the row)")
-            else:
-                values[f] = v
-        rows.append(Row(values["instruction"], values["context"], values["response"]))
-    return rows
-
-
-def looks_local(source: str) -> bool:
-    """A path, not a hub id: it starts with '/', '.' or '~', or ends in a data file's extension."""
-    return source.startswith(("/", ".", "~")) or os.path.splitext(source)[1].lower() in LOCAL_FORMATS
-
-
-def check_source(cfg: DataConfig) -> None:
-    """Before anything runs: a local source exists, reads, has the training split and the columns
-    its preset or mapping names. Hub sources are checked when a cell loads them."""
-    if cfg.source in BUILTIN:
-        return
-    path = os.path.expanduser(cfg.source)
-    if not os.path.exists(path) and not looks_local(cfg.source):
-        if "/" not in cfg.source:
-            load_raw(cfg)  # a bare unknown name: raises with what is allowed
-        return  # a hub id: checked when a cell loads it
-    _open(cfg)
-
-
-def _open(cfg: DataConfig):
-    """The source, checked to have the training split, and its field -> column map."""
-    raw = load_raw(cfg)
-    if cfg.train_split not in raw:
-        raise ValidationError("data.train_split", cfg.train_split, f"one of the splits found: {', '.join(raw)}")
-    return raw, column_map(cfg, list(raw[cfg.train_split].column_names))
-
-
-def load_splits(cfg: DataConfig) -> tuple[list[Row], list[EvalItem]]:
-    """(training rows, grouped evaluation inputs). A source without the evaluation split is
-    split by prompt (10% of its inputs, at least one) so no evaluation input is trained on."""
-    from peftlab.data.e2e_synth import INSTRUCTION
-
-    raw, cmap = _open(cfg)
-    preset = cfg.preset or BUILTIN.get(cfg.source)
-    # E2E data has no instruction column: its preset brings the restaurant instruction
-    instruction = cfg.instruction or (INSTRUCTION if preset == "e2e" else None)
-    train = _rows(raw[cfg.train_split], cmap, instruction, cfg.train_split)
-    if cfg.eval_split in raw and cfg.eval_split != cfg.train_split:
-        evals = _rows(raw[cfg.eval_split], cmap, instruction, cfg.eval_split)
-    else:
-        prompts = sorted({(r.instruction, r.context) for r in train})
-        random.Random(cfg.seed).shuffle(prompts)
-        held = set(prompts[: max(1, len(prompts) // 10)]) if len(prompts) > 1 else set()
-        evals = [r for r in train if (r.instruction, r.context) in held]
-        train = [r for r in train if (r.instruction, r.context) not in held]
-    if not train:
-        raise ValidationError("data.train_split", cfg.train_split, "a split with at least one row")
-    if not evals:
-        raise ValidationError("data.eval_split", cfg.eval_split, "a split with at least one row")
-    if cfg.train_limit:
-        train = train[: cfg.train_limit]
-    items = group(evals)
-    if cfg.eval_limit:
-        items = items[: cfg.eval_limit]
-    return train, items
-
-
-def group(rows: list[Row]) -> list[EvalItem]:
-    """Rows -> one item per distinct prompt with all its references, in first-seen order."""
-    refs: dict[tuple[str, str], list[str]] = {}
-    for r in rows:
-        refs.setdefault((r.instruction, r.context), []).append(r.response)
-    return [EvalItem(i, c, tuple(v)) for (i, c), v in refs.items()]
+    return {"features": features, "keep_default_na": False, "na_values": [""], "encoding": "utf-8-sig"}

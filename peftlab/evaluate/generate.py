@@ -11,7 +11,7 @@ import torch
 import peftlab.defaults as defaults
 from peftlab.compute import autocast
 from peftlab.data.prompts import prompt_ids
-from peftlab.data.sources import EvalItem
+from peftlab.data.splits import EvalItem
 from peftlab.plugin.errors import ValidationError
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from peftlab.data.sources import EvalItem
+from peftlab.data.splits import EvalItem
 
 
 def score(predictions: list[str], items: list[EvalItem], metrics: dict[str, Any]) -> tuple[dict[str, float], dict[str, Any]]:

@@ -9,7 +9,8 @@ from peftlab.adapt.attach import attach
 from peftlab.cell.models import ModelConfig, load
 from peftlab.cell.train import TrainConfig, TrainingError, lr_lambda, response_loss, train
 from peftlab.data.prompts import encode, pad_batch
-from peftlab.data.sources import DataConfig, load_splits
+from peftlab.data.sources import DataConfig
+from peftlab.data.splits import load_splits
 
 HOST = load_host()  # every installed plugin
 
@@ -18,7 +19,7 @@ def setup(name="tiny-llama", seed=0, adapter="lora", **params):
     torch.manual_seed(seed)
     loaded = load(ModelConfig(name), seed=seed)
     attach(loaded.model, HOST.adapters.build(adapter, **params))
-    rows, _ = load_splits(DataConfig(train_limit=64, eval_limit=1))
+    rows, *_ = load_splits(DataConfig(train_limit=64, eval_limit=1))
     return loaded, encode(rows, loaded.tokenizer, 384).examples
 
 

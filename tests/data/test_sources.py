@@ -11,7 +11,8 @@ from peftlab import ValidationError
 from peftlab.cell.models import byte_tokenizer
 from peftlab.data.e2e_synth import generate
 from peftlab.data.prompts import IGNORE, encode, render_prompt
-from peftlab.data.sources import DataConfig, group, load_splits
+from peftlab.data.sources import DataConfig
+from peftlab.data.splits import group, load_splits
 
 ALPACA = [{"instruction": f"Add {i} and 1", "input": "" if i % 2 else f"numbers: {i}, 1", "output": str(i + 1)}
           for i in range(30)]
@@ -33,7 +34,7 @@ def write(path, rows, fmt):
 @pytest.mark.parametrize("fmt", ["jsonl", "json", "csv", "parquet"])
 def test_alpaca_preset_over_every_local_format(tmp_path, fmt):
     src = write(tmp_path / f"alpaca.{fmt}", ALPACA, fmt)
-    train, evals = load_splits(DataConfig(source=src, preset="alpaca", eval_limit=None))
+    train, evals, _ = load_splits(DataConfig(source=src, preset="alpaca", eval_limit=None))
     # no test split in one file: 10% of the prompts are held out, never trained on
     assert len(train) + sum(len(e.references) for e in evals) == 30
     assert len(evals) == 3
@@ -46,9 +47,9 @@ def test_dolly_preset_and_column_overrides(tmp_path):
     rows = [{"instruction": "Q", "context": "C", "response": "R", "category": "qa"}] * 3 + \
            [{"instruction": "Q2", "context": "", "response": "R2", "category": "qa"}]
     src = write(tmp_path / "d.jsonl", rows, "jsonl")
-    train, evals = load_splits(DataConfig(source=src, preset="dolly"))
+    train, evals, _ = load_splits(DataConfig(source=src, preset="dolly"))
     assert {r.response for r in train} | {ref for e in evals for ref in e.references} == {"R", "R2"}
-    train, _ = load_splits(DataConfig(source=src, preset="dolly", columns={"response": "category"}))
+    train, *_ = load_splits(DataConfig(source=src, preset="dolly", columns={"response": "category"}))
     assert {r.response for r in train} == {"qa"}
 
 
@@ -57,7 +58,7 @@ def test_e2e_preset_groups_references_of_one_input(tmp_path):
             {"mr": "name[A], food[French]", "ref": "A is French."},
             {"mr": "name[B]", "ref": "B exists."}]
     src = write(tmp_path / "e2e.csv", rows * 4, "csv")  # repeated so a split can be held out
-    train, evals = load_splits(DataConfig(source=src, preset="e2e", eval_limit=None))
+    train, evals, _ = load_splits(DataConfig(source=src, preset="e2e", eval_limit=None))
     assert len(evals) == 1  # one of the two inputs is held out, with all its references
     a = next(i for i in group(train) + evals if i.context.startswith("name[A]"))
     assert a.references == ("A serves French food.", "A is French.") * 4
@@ -66,9 +67,9 @@ def test_e2e_preset_groups_references_of_one_input(tmp_path):
 
 def test_missing_columns_list_the_columns_found(tmp_path):
     src = write(tmp_path / "x.jsonl", [{"question": "q", "answer": "a"}], "jsonl")
-    with pytest.raises(ValidationError, match=r"data.columns.instruction.*columns found: question, answer"):
+    with pytest.raises(ValidationError, match=r"data.columns.instruction.*columns found in split .train.: question, answer"):
         load_splits(DataConfig(source=src, preset="alpaca"))
-    with pytest.raises(ValidationError, match=r"data.columns.response='output'.*columns found: question, answer"):
+    with pytest.raises(ValidationError, match=r"data.columns.response='output'.*columns found in split .train.: question, answer"):
         load_splits(DataConfig(source=src, preset="alpaca", columns={"instruction": "question", "context": "answer"}))
 
 
@@ -117,7 +118,7 @@ def test_chat_template_is_used_when_the_tokenizer_has_one():
 
 
 def test_rows_whose_response_would_be_truncated_away_are_dropped_and_counted():
-    from peftlab.data.sources import Row
+    from peftlab.data.columns import Row
 
     tok = byte_tokenizer()
     short, long = Row("Hi", "", "ok"), Row("Hi " * 40, "", "ok")
