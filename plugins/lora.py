@@ -98,6 +98,7 @@ class Lora(Adapter):
     means every linear layer but the output head; ``None`` the model type's default)."""
 
     size_setting = "r"  # reports plot trainable parameters against the rank
+    peft_type = "LORA"  # saved in peft's format, and loads adapters peft saved
 
     def __init__(self, r: int = 8, alpha: float = 16, dropout: float = 0.0,
                  target_modules: list[str] | str | None = None, init: str = "gaussian",
@@ -144,6 +145,41 @@ class Lora(Adapter):
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent) if parent else model, child, new)
         return list(targets)
+
+
+    def merge(self, model: nn.Module) -> nn.Module:
+        """Fold (alpha/r)·B·A into each base weight and put the plain layer back."""
+        for name, module in list(model.named_modules()):
+            if isinstance(module, LoraLayer):
+                module.merge()
+                parent, _, child = name.rpartition(".")
+                setattr(model.get_submodule(parent) if parent else model, child, module.base_layer)
+        return model
+
+    def peft_config(self, model: nn.Module, targets: list[str]) -> dict[str, Any]:
+        conv1d = {is_conv1d(model.get_submodule(t).base_layer) for t in targets}
+        if len(conv1d) > 1:
+            raise ValidationError("target_modules", self.target_modules, "layers of one kind (peft sets "
+                                  "fan_in_fan_out once per adapter; these mix Conv1D and Linear)")
+        return {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": self.r, "lora_alpha": self.alpha,
+                "lora_dropout": self.dropout, "target_modules": sorted(targets), "bias": "none",
+                "fan_in_fan_out": conv1d == {True}, "use_rslora": False, "use_dora": False,
+                "modules_to_save": None, "init_lora_weights": True, "inference_mode": True}
+
+    @classmethod
+    def settings_from_peft(cls, config: dict[str, Any], model: nn.Module) -> dict[str, Any]:
+        unsupported = {"use_rslora": False, "use_dora": False, "bias": "none", "modules_to_save": None,
+                       "rank_pattern": {}, "alpha_pattern": {}, "layers_to_transform": None}
+        for key, plain in unsupported.items():
+            if config.get(key) not in (plain, None, [], {}, False) and config.get(key) != plain:
+                raise ValidationError(f"adapter_config.{key}", config[key], f"{plain!r}: peftlab's LoRA does not have it")
+        targets = config.get("target_modules")
+        if isinstance(targets, str):  # peft: a regex over full module names
+            import re
+
+            targets = [n for n, _ in model.named_modules() if n and re.fullmatch(targets, n)]
+        return {"r": int(config["r"]), "alpha": config.get("lora_alpha", 8),
+                "dropout": float(config.get("lora_dropout") or 0.0), "target_modules": list(targets)}
 
 
 def lora_layers(model: nn.Module) -> list[LoraLayer]:

@@ -29,6 +29,7 @@ class CellConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    adapter_from: str | None = None  # a saved adapter folder (peftlab's or peft's) to start from
     memory_mode: str = "rss"  # CPU peak memory: rss (fast) or rss-strict (exact-er, slower); see peftlab.cell.measure
 
     def __post_init__(self) -> None:

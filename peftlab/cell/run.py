@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -19,6 +21,15 @@ from peftlab.cell.train import TrainingError
 from peftlab.host import PluginHost
 from peftlab.plugin.adapter import Adapter
 from peftlab.plugin.errors import PeftlabError, PluginError, ValidationError
+
+
+@dataclass(frozen=True)
+class CellOutputs:
+    """Where a cell keeps what it made, beside its record (each optional)."""
+
+    predictions: Path | None = None  # JSON lines: input, references, prediction
+    adapter: Path | None = None  # the trained adapter (peft's layout where peft has the method)
+    merged: Path | None = None  # the base with the adapter merged in, save_pretrained layout
 
 
 def preflight(cfg: CellConfig, host: PluginHost) -> tuple[Any, Any, dict[str, Any], str | None]:
@@ -43,6 +54,12 @@ def preflight(cfg: CellConfig, host: PluginHost) -> tuple[Any, Any, dict[str, An
     from peftlab.cell.models import resolve
 
     resolve(cfg.model.name)
+    if cfg.adapter_from:
+        from peftlab.adapt.persist import read_adapter_info
+
+        info = read_adapter_info(cfg.adapter_from)  # the folder holds an adapter, before any loading
+        if "adapter" in info:
+            adapter = host.adapters.build(info["adapter"], **info["settings"])
     reason = adapter.skip_reason(cfg.quantizer_name) or host.skip_reason(cfg.view())
     return adapter, quantizer, metrics, reason
 
@@ -63,13 +80,14 @@ def base_record(cfg: CellConfig) -> dict[str, Any]:
     return rec
 
 
-def run_cell(cfg: CellConfig, host: PluginHost, *, progress: bool = True) -> dict[str, Any]:
+def run_cell(cfg: CellConfig, host: PluginHost, *, progress: bool = True,
+             outputs: CellOutputs | None = None) -> dict[str, Any]:
     from peftlab.adapt.attach import attach
     from peftlab.cell.measure import PeakMemory, backward_blocks, base_weight_bytes, trainable_bytes
     from peftlab.cell.models import load
     from peftlab.cell.train import train
     from peftlab.data.prompts import encode
-    from peftlab.data.sources import load_splits
+    from peftlab.data.splits import load_splits
     from peftlab.evaluate.generate import generate
     from peftlab.evaluate.score import score
     from peftlab.provenance import device_name
@@ -82,7 +100,7 @@ def run_cell(cfg: CellConfig, host: PluginHost, *, progress: bool = True) -> dic
     if reason:
         rec.update(status="skipped", reason=reason)
         return rec
-    train_rows, eval_items = load_splits(cfg.data)
+    train_rows, eval_items, eval_info = load_splits(cfg.data)
     device = cfg.model.resolved_device()
     peak = PeakMemory(device, cfg.memory_mode).start()
     torch.manual_seed(cfg.train.seed)
@@ -92,7 +110,7 @@ def run_cell(cfg: CellConfig, host: PluginHost, *, progress: bool = True) -> dic
     rec.update({"device": device_name(device), "model.source": loaded.source, "model.dtype": str(loaded.dtype).removeprefix("torch."),
                 "data.train_rows": len(train_rows), "data.dropped_too_long": encoded.dropped,
                 "data.truncated": encoded.truncated, "data.eval_inputs": len(eval_items),
-                "data.eval_references": sum(len(i.references) for i in eval_items)})
+                "data.eval_references": sum(len(i.references) for i in eval_items), **eval_info})
     if quantizer is not None:
         compute = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
         qrep = quantize_(model, quantizer, compute_dtype=compute)
@@ -100,7 +118,13 @@ def run_cell(cfg: CellConfig, host: PluginHost, *, progress: bool = True) -> dic
                     "quant.bytes_after": qrep.bytes_after})
     rec["base.weight_bytes"] = base_weight_bytes(model)
     torch.manual_seed(cfg.train.seed)
-    report = attach(model, adapter)
+    if cfg.adapter_from:
+        from peftlab.adapt.persist import load_adapter
+
+        adapter, report = load_adapter(model, cfg.adapter_from, host)
+        rec.update({"adapter": adapter.name, "adapter.from": str(cfg.adapter_from), **adapter_fields(adapter)})
+    else:
+        report = attach(model, adapter)
     rec.update({"params.trainable": report.trainable, "params.total": report.total,
                 "params.trainable_pct": 100 * report.trainable_share, "adapter.targets": len(report.targets),
                 "params.backward_blocks": backward_blocks(model),
@@ -113,7 +137,12 @@ def run_cell(cfg: CellConfig, host: PluginHost, *, progress: bool = True) -> dic
     rec["mem.load_peak_rss_delta_bytes"] = peak.read()["mem.cpu_peak_rss_delta_bytes"]
     peak.reset_peak()
     try:
-        result = train(model, encoded.examples, cfg.train, pad_id=tok.pad_token_id, device=device, progress=progress)
+        if cfg.train.steps == 0:  # evaluate only (a loaded adapter, or the base)
+            from peftlab.cell.train import TrainResult
+
+            result = TrainResult()
+        else:
+            result = train(model, encoded.examples, cfg.train, pad_id=tok.pad_token_id, device=device, progress=progress)
     except TrainingError as exc:
         rec.update(status="failed", reason=str(exc), **peak.read(), **{"time.wall_s": time.perf_counter() - wall})
         return rec
@@ -129,7 +158,25 @@ def run_cell(cfg: CellConfig, host: PluginHost, *, progress: bool = True) -> dic
                 "metric.settings": json.dumps(settings, sort_keys=True), "sample.prediction": gens.texts[0],
                 "sample.references": json.dumps(list(eval_items[0].references))})
     rec["time.wall_s"] = time.perf_counter() - wall
+    keep(outputs or CellOutputs(), rec, eval_items, gens.texts, model, adapter, report.targets, tok, cfg)
     return rec
+
+
+def keep(out: CellOutputs, rec: dict[str, Any], items, texts, model, adapter, targets, tok, cfg: CellConfig) -> None:
+    """Write what the cell made where ``out`` says, and say in the record where it went."""
+    from peftlab.adapt.persist import merge_into, save_adapter
+    from peftlab.evaluate.predictions import write_predictions
+
+    if out.predictions:
+        write_predictions(out.predictions, items, texts)
+        rec["predictions.file"] = str(out.predictions)
+    if out.adapter:
+        save_adapter(model, adapter, targets, out.adapter, base_model=rec.get("model.source"),
+                     extra={"quantizer": rec.get("quantizer"), "cell": {k: rec.get(k) for k in ("label", "cell_id")}})
+        rec["adapter.saved"] = str(out.adapter)
+    if out.merged:
+        merge_into(model, adapter, tok, out.merged)
+        rec["adapter.merged"] = str(out.merged)
 
 
 def adapter_fields(adapter: Adapter) -> dict[str, Any]:

@@ -67,8 +67,8 @@ class TrainConfig:
                 raise ValidationError(f"train.{name}", getattr(self, name), allowed)
         if (self.steps is None) == (self.epochs is None):
             raise ValidationError("train.steps", self.steps, "exactly one of train.steps and train.epochs set")
-        if self.steps is not None and not (_posint(self.steps) and self.steps <= MAX_STEPS):
-            raise ValidationError("train.steps", self.steps, f"a positive integer of at most {MAX_STEPS:,}")
+        if self.steps is not None and not (_int(self.steps) and 0 <= self.steps <= MAX_STEPS):
+            raise ValidationError("train.steps", self.steps, f"an integer from 0 (evaluate only) to {MAX_STEPS:,}")
         if self.epochs is not None and not (_num(self.epochs) and 0 < self.epochs <= MAX_EPOCHS):
             raise ValidationError("train.epochs", self.epochs, f"a positive number of at most {MAX_EPOCHS:,}")
 

@@ -83,11 +83,13 @@ def build_parser() -> argparse.ArgumentParser:
         sk = sub.add_parser(kind, help=f"list the registered {kind}")
         sk.set_defaults(func=_cmd_list, kind=kind)
     from peftlab.cli.run import add_parser
+    from peftlab.cli.score import add_parsers as add_score_parsers
     from peftlab.cli.sweep import add_parsers
     from peftlab.cli.tools import add_parsers as add_tool_parsers
 
     add_parser(sub)
     add_parsers(sub)
+    add_score_parsers(sub)
     add_tool_parsers(sub)
     return p
 

@@ -13,6 +13,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+import torch
 from torch import nn
 
 from peftlab.plugin.errors import ValidationError
@@ -52,6 +53,9 @@ class Adapter(ABC):
 
     trains_base: ClassVar[bool] = False
     size_setting: ClassVar[str | None] = None
+    #: the peft method this adapter is saved as and loaded from (``"LORA"``), where peft has it;
+    #: such an adapter implements :meth:`peft_config` and :meth:`settings_from_peft`
+    peft_type: ClassVar[str | None] = None
     #: the name it was built under (set by the plugin host's registry)
     name: str | None = None
 
@@ -92,6 +96,45 @@ class Adapter(ABC):
     @abstractmethod
     def _attach(self, model: nn.Module) -> list[str]:
         """Make the adapter's parameters trainable in ``model`` (everything arrives frozen)."""
+
+    # -- what outlives the run ---------------------------------------------------------------
+    def state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """What this adapter trained in ``model``, by parameter name: every parameter it made
+        trainable. With :meth:`settings`, enough to rebuild the adapted model from its base."""
+        return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+
+    def load_state_dict(self, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+        """Copy saved tensors into ``model``, to which this adapter (same settings) is attached.
+        Every trainable parameter must be given, with its shape; nothing else may be."""
+        own = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+        if missing or unexpected:
+            raise ValidationError("adapter state", f"{len(state)} tensors",
+                                  f"exactly the {len(own)} parameters {self.family} trains"
+                                  + (f"; missing {missing[:3]}" if missing else "")
+                                  + (f"; unexpected {unexpected[:3]}" if unexpected else ""))
+        with torch.no_grad():
+            for n, p in own.items():
+                if tuple(state[n].shape) != tuple(p.shape):
+                    raise ValidationError(f"adapter state {n}", tuple(state[n].shape), f"shape {tuple(p.shape)}")
+                p.copy_(state[n].to(p.dtype))
+
+    def merge(self, model: nn.Module) -> nn.Module:
+        """``model`` as a plain model with the adapter folded into its weights, where the method
+        can merge. An adapter that trains the base weights is merged already."""
+        if self.trains_base:
+            return model
+        raise ValidationError("adapter", self.family, "an adapter that can merge into the base (this one cannot)")
+
+    def peft_config(self, model: nn.Module, targets: list[str]) -> dict[str, Any]:
+        """peft's ``adapter_config.json`` for this adapter on ``model`` (``peft_type`` set only)."""
+        raise NotImplementedError
+
+    @classmethod
+    def settings_from_peft(cls, config: dict[str, Any], model: nn.Module) -> dict[str, Any]:
+        """This adapter's settings from a peft ``adapter_config.json``; what it cannot represent
+        is a :class:`ValidationError` naming the field (``peft_type`` set only)."""
+        raise NotImplementedError
 
 
 def quantized_layers(model: nn.Module) -> list[str]:

@@ -74,11 +74,13 @@ class Experiment:
     grids: list[dict[str, list[Any]]]
     title: str = ""
     overrides: list[str] = field(default_factory=list)
+    save_adapters: str = "none"  # none | best | all: which cells keep their trained adapter
+    best_by: str = "metric.bleu-e2e"  # the record column "best" maximises
 
     def cells(self, host: PluginHost) -> list[PlannedCell]:
         """Expand and validate every cell (cheap: no model is loaded)."""
         from peftlab.cell.run import preflight
-        from peftlab.data.sources import check_source
+        from peftlab.data.splits import check_source
 
         axes_by_grid = [{name: expand_axis(name, grid[name], g, host) for name in grid} for g, grid in enumerate(self.grids)]
         total = sum(math.prod(len(v) for v in axes.values()) for axes in axes_by_grid)
@@ -205,6 +207,9 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key.strip(), parse_value(value)
 
 
+SAVE_ADAPTERS = ("none", "best", "all")
+
+
 def load_experiment(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Experiment:
     """Read an experiment file. ``overrides`` are ``key=value`` texts: ``train.steps=20`` sets the
     base cell, ``grid.train.seed=0,1`` replaces that axis in every grid, ``name=x`` renames."""
@@ -221,12 +226,18 @@ def load_experiment(path: str | Path, overrides: list[str] | tuple[str, ...] = (
     meta = raw.get("experiment", {})
     grids = raw.get("grid", [{}])
     grids = [grids] if isinstance(grids, dict) else grids
+    bad = sorted(set(meta) - {"name", "title", "save_adapters", "best_by"})
+    if bad:
+        raise ValidationError(f"experiment.{bad[0]}", meta[bad[0]], "a key among name, title, save_adapters, best_by")
     exp = Experiment(name=meta.get("name", path.stem), path=str(path), base=raw.get("base", {}), grids=grids,
-                     title=meta.get("title", ""), overrides=list(overrides))
+                     title=meta.get("title", ""), overrides=list(overrides),
+                     save_adapters=meta.get("save_adapters", "none"), best_by=meta.get("best_by", "metric.bleu-e2e"))
     for text in overrides:
         key, value = parse_override(text)
         if key == "name":
             exp.name = str(value)
+        elif key in ("save_adapters", "best_by"):
+            setattr(exp, key, str(value))
         elif key.startswith("grid."):
             axis = key.removeprefix("grid.")
             for grid in exp.grids:
@@ -242,4 +253,8 @@ def load_experiment(path: str | Path, overrides: list[str] | tuple[str, ...] = (
                 raise ValidationError("override", key, f"name, adapter, quantizer, memory_mode, grid.<axis> or section.field "
                                       f"with section in {', '.join(SECTIONS)}")
     check_name(exp.name)
+    if exp.save_adapters not in SAVE_ADAPTERS:
+        raise ValidationError("experiment.save_adapters", exp.save_adapters, f"one of {', '.join(SAVE_ADAPTERS)}")
+    if not exp.best_by.startswith("metric."):
+        raise ValidationError("experiment.best_by", exp.best_by, "a metric column, e.g. metric.bleu-e2e")
     return exp

@@ -167,8 +167,10 @@ def sweep(exp: Experiment, out: Path, *, host: PluginHost, executor: Executor | 
         settings = host.settings.to_dict()
 
         def files(cell: PlannedCell) -> CellFiles:
+            outputs = {"predictions": str(store.predictions_path(cell.cell_id)),
+                       "adapter": str(store.adapter_path(cell.cell_id)) if exp.save_adapters != "none" else None}
             return store.write_inputs(cell.cell_id, {**cell_identity(cell), "settings": cell.settings,
-                                                     "host": settings})
+                                                     "host": settings, "outputs": outputs})
 
         def on_record(cell: PlannedCell, f: CellFiles, rec: dict[str, Any]) -> None:
             if rec.get("run_id") != f.run_id:  # no worker wrote it (executors return what a worker wrote)
@@ -181,8 +183,26 @@ def sweep(exp: Experiment, out: Path, *, host: PluginHost, executor: Executor | 
             executor.run_all(todo, files, on_record)
         finally:
             bar.close()
+        if exp.save_adapters == "best":
+            keep_best_adapter(store, exp.best_by, log)
         records = store.scan().records
         return [records[c.cell_id] for c in cells if c.cell_id in records]
+
+
+def keep_best_adapter(store: ResultsStore, by: str, log: Callable[[str], None]) -> None:
+    """Of the adapters the cells saved, keep the one with the highest ``by`` and delete the rest."""
+    import shutil
+
+    scored = [(r[by], cid) for cid, r in store.scan().records.items()
+              if r.get("status") == "ok" and isinstance(r.get(by), (int, float)) and store.adapter_path(cid).is_dir()]
+    if not scored:
+        log(f"  save_adapters = best: no finished cell has {by}; no adapter kept")
+        return
+    best = max(scored)[1]
+    for _, cid in scored:
+        if cid != best:
+            shutil.rmtree(store.adapter_path(cid))
+    log(f"  kept the adapter of the best cell by {by}: {store.adapter_path(best)}")
 
 
 def _finish(host: PluginHost, store: ResultsStore, rec: dict[str, Any], write: bool = True) -> None:

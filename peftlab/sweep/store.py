@@ -5,6 +5,9 @@ manifest.json          schema, experiment name and file, the command that last r
 .lock                  held while a sweep writes (a second sweep on the folder is refused)
 inputs/<cell_id>.json  what a worker runs: the cell's settings, identity, plugin settings, run id
 cells/<cell_id>.json   one record per cell, written once and atomically by the process that made it
+predictions/<cell_id>.jsonl   the cell's generations: input, references, prediction (rescored by
+                       ``peftlab score``, exported for the official E2E scorer by ``peftlab export``)
+adapters/<cell_id>/    a trained adapter, where the experiment keeps them (``save_adapters``)
 cells.csv, summary.csv, *.parquet, *.png, report.md   made from the records by peftlab.report
 ```
 
@@ -98,6 +101,12 @@ class ResultsStore:
 
     def inputs_path(self, cell_id: str) -> Path:
         return self.folder / "inputs" / f"{cell_id}.json"
+
+    def predictions_path(self, cell_id: str) -> Path:
+        return self.folder / "predictions" / f"{cell_id}.jsonl"
+
+    def adapter_path(self, cell_id: str) -> Path:
+        return self.folder / "adapters" / cell_id
 
     def artifact(self, name: str) -> Path:
         """A file the report writes next to the records (``report.md``, ``cells.csv``, ...)."""

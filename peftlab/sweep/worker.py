@@ -18,8 +18,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("record")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
+    from pathlib import Path
+
     from peftlab.cell.config import CellConfig
-    from peftlab.cell.run import base_record, run_cell
+    from peftlab.cell.run import CellOutputs, base_record, run_cell
     from peftlab.host import HostSettings, load_host
     from peftlab.plugin.errors import PeftlabError
     from peftlab.sweep.store import write_record_file
@@ -30,7 +32,14 @@ def main(argv: list[str] | None = None) -> int:
     ident = {k: spec[k] for k in ("cell_id", "label", "group", "axes", "run_id")}
     try:
         host = load_host(HostSettings.from_dict(spec["host"]))
-        rec = run_cell(cfg, host, progress=not args.no_progress)
+        out = spec.get("outputs") or {}
+        outputs = CellOutputs(predictions=Path(out["predictions"]) if out.get("predictions") else None,
+                              adapter=Path(out["adapter"]) if out.get("adapter") else None)
+        rec = run_cell(cfg, host, progress=not args.no_progress, outputs=outputs)
+        folder = Path(args.record).resolve().parent.parent  # results/<experiment>/: keep paths relative to it
+        for key in ("predictions.file", "adapter.saved"):
+            if key in rec:
+                rec[key] = str(Path(rec[key]).resolve().relative_to(folder))
     except PeftlabError as exc:
         rec = {**base_record(cfg), "status": "failed", "reason": str(exc)}
     except Exception as exc:  # a bug or a library error: keep the last frames for the reader

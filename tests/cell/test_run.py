@@ -167,7 +167,8 @@ def test_cli_run_reads_a_toml_config(tmp_path, capsys):
 
 
 def test_beam_search_and_greedy_both_generate():
-    from peftlab.data.sources import DataConfig, load_splits
+    from peftlab.data.sources import DataConfig
+    from peftlab.data.splits import load_splits
     from peftlab.evaluate.generate import EvalConfig, generate
 
     loaded = load(ModelConfig("tiny-llama"))

@@ -1,0 +1,81 @@
+"""Stored predictions: every cell writes them; ``peftlab score`` rescoring a finished sweep
+reproduces its metric columns exactly; ``peftlab export`` writes the official scorer's format;
+``save_adapters = "best"`` keeps one loadable adapter."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from peftlab.adapt.persist import read_adapter_info
+from peftlab.cli.main import main
+from peftlab.evaluate.predictions import read_predictions
+from peftlab.sweep.experiment import load_experiment
+from peftlab.sweep.rescore import rescore
+from peftlab.sweep.runner import sweep
+from peftlab.sweep.store import ResultsStore
+
+TINY = Path(__file__).parents[1] / "fixtures" / "tiny_grid.toml"
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory, host):
+    out = tmp_path_factory.mktemp("rescore") / "tiny"
+    exp = load_experiment(TINY, ["grid.train.seed=0", "save_adapters=best", "best_by=metric.rougeL"])
+    records = sweep(exp, out, host=host, progress=False, log=lambda s: None)
+    assert [r["status"] for r in records] == ["ok", "ok"]
+    return out, records
+
+
+def test_every_cell_stores_its_predictions(finished):
+    out, records = finished
+    store = ResultsStore(out)
+    for rec in records:
+        assert rec["predictions.file"] == f"predictions/{rec['cell_id']}.jsonl"
+        items, preds = read_predictions(store.predictions_path(rec["cell_id"]))
+        assert len(items) == rec["data.eval_inputs"] == 3 and preds[0] == rec["sample.prediction"]
+        assert all(it.references for it in items)
+
+
+def test_rescoring_reproduces_the_stored_metric_columns_exactly(finished, host):
+    out, records = finished
+    before = {r["cell_id"]: {k: v for k, v in r.items() if k.startswith("metric.") and k != "metric.settings"}
+              for r in records}
+    again = rescore(out, ["bleu-e2e", "rougeL"], host)
+    assert {r["cell_id"]: {k: r[k] for k in before[r["cell_id"]]} for r in again} == before
+
+
+def test_score_command_adds_metrics_and_updates_the_tables(finished, capsys):
+    out, _ = finished
+    assert main(["score", str(out), "--metrics", "nist,cider", "--mset", "cider:tokenizer=python"]) == 0
+    recs = ResultsStore(out).records()
+    assert all("metric.nist" in r and "metric.cider" in r for r in recs)
+    assert "cider" in json.loads(recs[0]["metric.settings"]) and "bleu-e2e" in json.loads(recs[0]["metric.settings"])
+    assert "metric.nist" in (out / "cells.csv").read_text().splitlines()[0]
+
+
+def test_export_writes_the_official_scorer_format(finished, tmp_path):
+    out, records = finished
+    assert main(["export", str(out), "--out", str(tmp_path)]) == 0
+    cid = records[0]["cell_id"]
+    items, preds = read_predictions(ResultsStore(out).predictions_path(cid))
+    lines = (tmp_path / cid / "predictions.txt").read_text().split("\n")
+    assert lines[:-1] == [" ".join(p.split()) for p in preds]
+    groups = (tmp_path / cid / "references.txt").read_text().rstrip("\n").split("\n\n")
+    assert [g.split("\n") for g in groups] == [list(it.references) for it in items]
+
+
+def test_save_adapters_best_keeps_the_best_cell_only(finished, host):
+    out, records = finished
+    store = ResultsStore(out)
+    kept = [r for r in records if store.adapter_path(r["cell_id"]).is_dir()]
+    assert len(kept) == 1
+    assert kept[0]["metric.rougeL"] == max(r["metric.rougeL"] for r in records)
+    assert read_adapter_info(store.adapter_path(kept[0]["cell_id"]))["adapter"] == "lora"
+
+
+def test_bad_save_adapters_is_refused():
+    from peftlab import ValidationError
+
+    with pytest.raises(ValidationError, match="experiment.save_adapters='some'.*none, best, all"):
+        load_experiment(TINY, ["save_adapters=some"])
