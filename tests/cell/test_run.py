@@ -261,7 +261,7 @@ def test_misspelled_settings_name_the_setting_and_the_allowed_ones(setting, matc
 
 @pytest.mark.parametrize("train,match", [
     ({"lr": 1e30}, r"train.lr=1e\+30.*\(0, 1\]"), ({"lr": True}, "train.lr=True"), ({"lr": float("nan")}, "train.lr=nan"),
-    ({"epochs": float("inf"), "steps": None}, "train.epochs=inf"), ({"steps": 10**12}, "at most 10,000,000"),
+    ({"epochs": float("inf"), "steps": None}, "train.epochs=inf"), ({"steps": 10**12}, "from 0 \\(evaluate only\\) to 10,000,000"),
     ({"seed": True}, "train.seed=True"), ({"grad_checkpointing": 1}, "true or false"),
 ])
 def test_settings_beyond_sanity_are_refused_before_loading(train, match, monkeypatch):
