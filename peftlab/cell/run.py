@@ -158,11 +158,11 @@ def run_cell(cfg: CellConfig, host: PluginHost, *, progress: bool = True,
                 "metric.settings": json.dumps(settings, sort_keys=True), "sample.prediction": gens.texts[0],
                 "sample.references": json.dumps(list(eval_items[0].references))})
     rec["time.wall_s"] = time.perf_counter() - wall
-    keep(outputs or CellOutputs(), rec, eval_items, gens.texts, model, adapter, report.targets, tok, cfg)
+    keep(outputs or CellOutputs(), rec, eval_items, gens.texts, model, adapter, report.targets, tok)
     return rec
 
 
-def keep(out: CellOutputs, rec: dict[str, Any], items, texts, model, adapter, targets, tok, cfg: CellConfig) -> None:
+def keep(out: CellOutputs, rec: dict[str, Any], items, texts, model, adapter, targets, tok) -> None:
     """Write what the cell made where ``out`` says, and say in the record where it went."""
     from peftlab.adapt.persist import merge_into, save_adapter
     from peftlab.evaluate.predictions import write_predictions

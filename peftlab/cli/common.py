@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import math
+from typing import Any
 
 from peftlab.host import HostSettings, PluginHost, load_host
 
@@ -11,6 +12,25 @@ from peftlab.host import HostSettings, PluginHost, load_host
 def host_for(args: argparse.Namespace) -> PluginHost:
     """The plugin host for one command: ``--strict-plugins`` or the environment's settings."""
     return load_host(HostSettings.from_env(strict=args.strict_plugins))
+
+
+def metric_names(text: str) -> list[str]:
+    """``--metrics a,b`` -> ["a", "b"]."""
+    return [m.strip() for m in text.split(",") if m.strip()]
+
+
+def metric_settings(items: list[str] | None) -> dict[str, dict[str, Any]]:
+    """``--mset METRIC:KEY=VALUE`` (repeated) -> {metric: {key: value}}."""
+    from peftlab.cell.config import parse_sets
+    from peftlab.plugin.errors import ValidationError
+
+    out: dict[str, dict[str, Any]] = {}
+    for item in items or []:
+        metric, colon, setting = item.partition(":")
+        if not colon or not metric:
+            raise ValidationError("--mset", item, "METRIC:KEY=VALUE, e.g. evaluate:path=./my_metric.py")
+        out.setdefault(metric, {}).update(parse_sets([setting], "--mset"))
+    return out
 
 
 def positive_int(text: str) -> int:

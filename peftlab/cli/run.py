@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from peftlab.cell.config import parse_sets
+from peftlab.cli.common import metric_names, metric_settings
 from peftlab.plugin.errors import ValidationError
 
 
@@ -149,13 +150,9 @@ def cell_dict(args: argparse.Namespace) -> dict[str, Any]:
     if args.seed is not None:
         put("data", "seed", args.seed)
     if args.metrics:
-        d.setdefault("eval", {})["metrics"] = [m.strip() for m in args.metrics.split(",") if m.strip()]
-    for item in args.mset or []:
-        metric, colon, setting = item.partition(":")
-        if not colon or not metric:
-            raise ValidationError("--mset", item, "METRIC:KEY=VALUE, e.g. evaluate:path=./my_metric.py")
-        params = d.setdefault("eval", {}).setdefault("metric_params", {}).setdefault(metric, {})
-        params.update(parse_sets([setting], "--mset"))
+        d.setdefault("eval", {})["metrics"] = metric_names(args.metrics)
+    for metric, params in metric_settings(args.mset).items():
+        d.setdefault("eval", {}).setdefault("metric_params", {}).setdefault(metric, {}).update(params)
     put("eval", "max_new_tokens", args.max_new_tokens)
     put("eval", "num_beams", args.beams)
     put("eval", "before", args.eval_before)

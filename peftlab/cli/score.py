@@ -21,20 +21,12 @@ def add_parsers(sub) -> None:
 
 
 def run_score(args: argparse.Namespace) -> int:
-    from peftlab.cell.config import parse_sets
-    from peftlab.cli.common import host_for
-    from peftlab.plugin.errors import ValidationError
+    from peftlab.cli.common import host_for, metric_names, metric_settings
     from peftlab.report.sweep_report import render
     from peftlab.sweep.rescore import rescore
 
-    params: dict = {}
-    for item in args.mset or []:
-        metric, colon, setting = item.partition(":")
-        if not colon or not metric:
-            raise ValidationError("--mset", item, "METRIC:KEY=VALUE")
-        params.setdefault(metric, {}).update(parse_sets([setting], "--mset"))
-    names = [m.strip() for m in args.metrics.split(",") if m.strip()]
-    records = rescore(args.folder, names, host_for(args), params, log=lambda s: print(s, file=sys.stderr))
+    records = rescore(args.folder, metric_names(args.metrics), host_for(args), metric_settings(args.mset),
+                      log=lambda s: print(s, file=sys.stderr))
     print(f"rescored {len(records)} cells; report: {render(args.folder)}")
     return 0
 

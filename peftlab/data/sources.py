@@ -139,14 +139,14 @@ def folder_splits(path: str, source: str, field_name: str, mapping: dict[str, st
 def _load_files(source: str, field_name: str, files: list[str]):
     import datasets
 
-    exts = {os.path.splitext(f)[1].lower() for f in files}
-    if len({LOCAL_FORMATS.get(e) for e in exts}) != 1 or None in {LOCAL_FORMATS.get(e) for e in exts}:
+    formats = {LOCAL_FORMATS.get(os.path.splitext(f)[1].lower()) for f in files}
+    if len(formats) != 1 or None in formats:
         raise ValidationError(field_name, source, f"files of one format among {', '.join(LOCAL_FORMATS)} "
                               f"(got {', '.join(os.path.basename(f) for f in files)})")
     for f in files:
         if os.path.getsize(f) == 0:
             raise ValidationError(field_name, f, "a non-empty data file")
-    fmt = LOCAL_FORMATS[exts.pop()]
+    fmt = formats.pop()
     try:
         kwargs = _csv_as_text(files, field_name) if fmt == "csv" else {}
         return datasets.load_dataset(fmt, data_files=files, split="train", **kwargs)

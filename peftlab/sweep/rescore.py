@@ -23,7 +23,7 @@ def cells_with_predictions(store: ResultsStore) -> list[tuple[str, dict[str, Any
             out.append((cid, rec, path))
     if not out:
         raise ValidationError("results folder", str(store.folder), "a folder with stored predictions "
-                              "(predictions/<cell>.jsonl, written by every cell since peftlab 0.1 schema 2)")
+                              "(predictions/<cell>.jsonl; sweeps run before cells kept them have none: run them again)")
     return out
 
 

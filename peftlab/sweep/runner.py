@@ -183,17 +183,18 @@ def sweep(exp: Experiment, out: Path, *, host: PluginHost, executor: Executor | 
             executor.run_all(todo, files, on_record)
         finally:
             bar.close()
-        if exp.save_adapters == "best":
-            keep_best_adapter(store, exp.best_by, log)
         records = store.scan().records
+        if exp.save_adapters == "best":
+            keep_best_adapter(store, records, exp.best_by, log)
         return [records[c.cell_id] for c in cells if c.cell_id in records]
 
 
-def keep_best_adapter(store: ResultsStore, by: str, log: Callable[[str], None]) -> None:
+def keep_best_adapter(store: ResultsStore, records: dict[str, dict[str, Any]], by: str,
+                      log: Callable[[str], None]) -> None:
     """Of the adapters the cells saved, keep the one with the highest ``by`` and delete the rest."""
     import shutil
 
-    scored = [(r[by], cid) for cid, r in store.scan().records.items()
+    scored = [(r[by], cid) for cid, r in records.items()
               if r.get("status") == "ok" and isinstance(r.get(by), (int, float)) and store.adapter_path(cid).is_dir()]
     if not scored:
         log(f"  save_adapters = best: no finished cell has {by}; no adapter kept")
