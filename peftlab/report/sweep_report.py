@@ -17,6 +17,7 @@ from typing import Any
 import pandas as pd
 
 from peftlab.atomic import write_text_atomic
+from peftlab.report.outputs import side_by_side
 from peftlab.report.tables import aggregate, to_frame
 from peftlab.sweep.store import ResultsStore
 
@@ -201,6 +202,9 @@ def render(folder: str | Path) -> Path:
         parts.append("")
     for file, caption in figures:
         parts.append(f"![{caption}]({file})\n\n{caption}\n")
+    outputs = side_by_side(store, records)
+    if outputs:
+        parts.append(outputs)
     parts.append(f"Metric settings: `{settings}`\n")
     parts.append("Tables: `cells.csv` / `cells.parquet` (one row per cell), `summary.csv` / `summary.parquet`.\n")
     return write_text_atomic(store.artifact("report.md"), "\n".join(parts))

@@ -79,3 +79,22 @@ def test_bad_save_adapters_is_refused():
 
     with pytest.raises(ValidationError, match="experiment.save_adapters='some'.*none, best, all"):
         load_experiment(TINY, ["save_adapters=some"])
+
+
+def test_the_report_shows_outputs_side_by_side(finished):
+    from peftlab.report.sweep_report import render
+
+    out, records = finished
+    report = render(out).read_text()
+    section = report.split("## Outputs side by side", 1)[1]
+    items, preds = read_predictions(ResultsStore(out).predictions_path(sorted(records, key=lambda r: r["label"])[0]["cell_id"]))
+    assert f"**Input:** {items[0].context}" in section
+    for rec in records:
+        assert f"| {rec['label']} |" in section
+    assert section.count("**Input:**") == 3
+
+
+def test_side_by_side_keeps_each_output_in_one_table_cell():
+    from peftlab.report.outputs import cell
+
+    assert cell("a |b\n c") == "a \\|b c"
