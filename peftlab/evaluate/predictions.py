@@ -47,10 +47,11 @@ def read_predictions(path: str | os.PathLike) -> tuple[list[EvalItem], list[str]
 
 
 def export_official(items: list[EvalItem], predictions: list[str], folder: str | os.PathLike) -> tuple[Path, Path]:
-    """(predictions.txt, references.txt) in the official scorer's format; newlines inside a text
-    become spaces (one line is one output)."""
+    """(predictions.txt, references.txt) in the official scorer's format. Each line break inside a
+    text (any the scorer's line reader splits on: \n, \r, \f, \u2028, ...) becomes a space, so one
+    line is one output; nothing else changes."""
     def one_line(s: str) -> str:
-        return " ".join(s.split())
+        return " ".join(s.splitlines())
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     preds = write_text_atomic(folder / "predictions.txt", "".join(one_line(p) + "\n" for p in predictions))

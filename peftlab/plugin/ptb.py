@@ -69,7 +69,9 @@ def _java_lines(texts: list[str]) -> list[str]:
     if not texts:
         return []
     with tempfile.NamedTemporaryFile("w", encoding="utf-8", suffix=".txt", delete=False) as fh:
-        fh.write("\n".join(t.replace("\n", " ") for t in texts))
+        # one text a line: every line break Python knows (\r, \f, \u2028, ...) becomes a space, or
+        # the tokenizer would split a text in two and every later text would shift by a line
+        fh.write("\n".join(" ".join(t.splitlines()) for t in texts))
     try:
         out = subprocess.run([java, "-cp", str(jar), "edu.stanford.nlp.process.PTBTokenizer",
                               "-preserveLines", "-lowerCase", fh.name],

@@ -154,3 +154,10 @@ def test_ptb_port_equals_the_java_tokenizer_on_e2e_text():
     java = [line.split() for line in _java_lines(texts)]
     assert [_port(t) for t in texts] == java
     assert ptb_tokenize(texts[-10:-8], backend="python") == ptb_tokenize(texts[-10:-8], backend="java")
+
+
+@pytest.mark.parametrize("backend", ["python", pytest.param("java", marks=needs_java)])
+def test_line_breaks_inside_an_output_do_not_shift_the_others(backend):
+    """A tiny model's output held a form feed; the Java tokenizer took it for a new line."""
+    texts = ["a b\x0cc", "d\re\u2028f", "g\u0085h", "the end"]
+    assert ptb_tokenize(texts, backend) == [["a", "b", "c"], ["d", "e", "f"], ["g", "h"], ["the", "end"]]

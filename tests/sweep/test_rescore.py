@@ -65,6 +65,17 @@ def test_export_writes_the_official_scorer_format(finished, tmp_path):
     assert [g.split("\n") for g in groups] == [list(it.references) for it in items]
 
 
+def test_export_keeps_one_output_a_line_whatever_line_breaks_it_holds(tmp_path):
+    from peftlab.data.splits import EvalItem
+    from peftlab.evaluate.predictions import export_official
+
+    items = [EvalItem("i", "x", ("r1", "r2")), EvalItem("i", "y", ("r3",))]
+    preds_txt, refs_txt = export_official(items, ["a\x0cb\u2028c  d", "e\r\nf"], tmp_path)
+    with open(preds_txt, encoding="utf-8") as f:  # read as the scorer reads it: str.splitlines
+        assert f.read().splitlines() == ["a b c  d", "e f"]  # \r\n is one break
+    assert refs_txt.read_text() == "r1\nr2\n\nr3\n"
+
+
 def test_save_adapters_best_keeps_the_best_cell_only(finished, host):
     out, records = finished
     store = ResultsStore(out)
