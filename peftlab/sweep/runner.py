@@ -159,6 +159,12 @@ def sweep(exp: Experiment, out: Path, *, host: PluginHost, executor: Executor | 
         for path, why in scan.damaged.items():
             log(f"  damaged record {path} ({why}): " + ("its cell runs again" if path in planned_files
                                                         else "not a cell of this experiment; left as it is"))
+        planned_ids = {c.cell_id for c in cells}
+        unplanned = sorted(cid for cid in scan.records if cid not in planned_ids)
+        if unplanned:
+            log(f"  {len(unplanned)} record(s) in {store.folder / 'cells'} belong to no cell of this plan (an earlier "
+                f"version of the experiment, e.g. {unplanned[0]}); the report includes them, and averages them with "
+                "cells of the same label: delete them (and their inputs/) or sweep into another --out")
         if foreign:
             log(f"  {foreign} finished cell(s) were made on another host, device or versions (committed "
                 "results, for one); running them here. --reuse-foreign keeps them instead.")

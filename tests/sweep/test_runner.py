@@ -16,7 +16,14 @@ from peftlab.cell.run import run_cell
 from peftlab.report.sweep_report import render
 from peftlab.report.tables import COLUMNS, aggregate, t95, to_frame
 from peftlab.sweep.experiment import load_experiment
-from peftlab.sweep.runner import Executor, LocalProcessExecutor, cell_identity, here, sweep
+from peftlab.sweep.runner import (
+    Executor,
+    LocalProcessExecutor,
+    cell_identity,
+    here,
+    own_record,
+    sweep,
+)
 from peftlab.sweep.store import ResultsStore, write_record_file
 
 TINY = Path(__file__).parents[1] / "fixtures" / "tiny_grid.toml"
@@ -269,3 +276,22 @@ def test_a_list_valued_setting_is_one_value_because_the_plugin_declares_it(tmp_p
     cells = load_experiment(exp).cells(HOST)
     assert sorted(c.config.adapter_params["r"] for c in cells) == [2, 4]
     assert all(c.config.adapter_params["target_modules"] == ["q_proj", "v_proj"] for c in cells)
+
+
+def test_records_of_an_earlier_plan_are_pointed_out(tmp_path):
+    """A record whose cell id the plan no longer has (the experiment changed) would be averaged into
+    the report with the new cells of its label: the sweep says so."""
+    exp = load_experiment(TINY, ["grid.train.seed=0"])
+    cell = exp.cells(HOST)[0]
+    old = {**own_record(cell, "skipped", "old plan"), "cell_id": "0123456789ab"}
+    ResultsStore(tmp_path).write_record(old)
+    lines = []
+    sweep(exp, tmp_path, host=HOST, executor=Skipper(), progress=False, log=lines.append)
+    assert any("1 record(s)" in ln and "0123456789ab" in ln and "belong to no cell of this plan" in ln for ln in lines)
+
+
+class Skipper(Executor):
+    """Returns a skipped record for every cell without running it."""
+
+    def run(self, cell, files):
+        return own_record(cell, "skipped", "not run")
