@@ -36,13 +36,24 @@ def perturb_(params, gen):
             p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
 
 
+def train_(model, x, steps=3):
+    """A few real AdamW steps on the language-modelling loss: B leaves zero."""
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model.train()
+    for _ in range(steps):
+        model(x, labels=x).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.eval()
+
+
 @pytest.mark.parametrize("model_name,r", [("tiny-llama", 4), ("tiny-gpt2", 2)])
-def test_peftlab_lora_loads_in_peft_with_equal_logits(host, tmp_path, gen, model_name, r):
+def test_a_trained_peftlab_lora_loads_in_peft_with_equal_logits(host, tmp_path, gen, model_name, r):
     model = fresh(model_name)
     adapter = host.adapters.build("lora", r=r, alpha=8)
     report = attach(model, adapter)
-    perturb_([p for p in model.parameters() if p.requires_grad], gen)
     x = ids(gen)
+    train_(model, x)
     with torch.no_grad():
         ours = model(x).logits
     save_adapter(model, adapter, report.targets, tmp_path / "a", base_model=model_name)
@@ -55,12 +66,12 @@ def test_peftlab_lora_loads_in_peft_with_equal_logits(host, tmp_path, gen, model
     assert not torch.allclose(ours, fresh(model_name)(x).logits, atol=1e-3)  # the adapter does change them
 
 
-def test_peft_trained_lora_loads_in_peftlab_with_equal_logits(host, tmp_path, gen):
+def test_a_lora_peft_trained_loads_in_peftlab_with_equal_logits(host, tmp_path, gen):
     base = fresh()
     config = peft.LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "v_proj", "o_proj"], lora_dropout=0.0)
     pm = peft.get_peft_model(base, config)
-    perturb_([p for n, p in pm.named_parameters() if "lora_" in n], gen)
     x = ids(gen)
+    train_(pm, x)  # trained by peft
     with torch.no_grad():
         theirs = pm(x).logits
     pm.save_pretrained(str(tmp_path / "p"))
