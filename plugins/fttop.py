@@ -6,11 +6,11 @@ quantized base is skipped with a reason, as for full fine-tuning.
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
 
 from torch import nn
 
-from peftlab import Adapter, ComponentSpec, ValidationError, hookimpl, transformer_blocks
+from peftlab import Adapter, ComponentSpec, ValidationError, hookimpl, option, transformer_blocks
 
 
 class FineTuneTop(Adapter):
@@ -19,13 +19,9 @@ class FineTuneTop(Adapter):
     trains_base = True
     size_setting = "k"  # blocks trained
 
-    def __init__(self, k: int = 2):
-        if isinstance(k, bool) or not isinstance(k, int) or k <= 0:
-            raise ValidationError("k", k, "a positive number of top blocks to train")
-        self.k = k
-
-    def settings(self) -> dict[str, Any]:
-        return {"k": self.k}
+    @dataclass
+    class Settings:
+        k: int = option(2, "how many of the last transformer blocks train", gt=0)
 
     def _attach(self, model: nn.Module) -> list[str]:
         name, blocks = transformer_blocks(model)

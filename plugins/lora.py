@@ -9,7 +9,8 @@ does, so given the same A and B a layer's output equals peft's.
 from __future__ import annotations
 
 import math
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -24,6 +25,7 @@ from peftlab import (
     is_linear_like,
     linear_dims,
     match_modules,
+    option,
 )
 
 #: Default targets by ``config.model_type`` when none are given (the attention projections,
@@ -36,7 +38,6 @@ DEFAULT_TARGETS = {
     "opt": ["q_proj", "v_proj"],
     "gpt_neox": ["query_key_value"],
 }
-INITS = ("gaussian", "kaiming")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -94,31 +95,22 @@ class LoraLayer(nn.Module):
 
 
 class Lora(Adapter):
-    """LoRA over the layers matched by ``target_modules`` (module-name globs; ``"all-linear"``
-    means every linear layer but the output head; ``None`` the model type's default)."""
+    """LoRA over the layers matched by ``target_modules``."""
 
     size_setting = "r"  # reports plot trainable parameters against the rank
+    mergeable = True
     peft_type = "LORA"  # saved in peft's format, and loads adapters peft saved
 
-    def __init__(self, r: int = 8, alpha: float = 16, dropout: float = 0.0,
-                 target_modules: list[str] | str | None = None, init: str = "gaussian",
-                 dtype: str = "float32"):
-        if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
-            raise ValidationError("r", r, "a positive integer rank")
-        if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not alpha > 0:
-            raise ValidationError("alpha", alpha, "a positive number (the update is scaled by alpha/r)")
-        if not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
-            raise ValidationError("dropout", dropout, "a probability in [0, 1)")
-        if init not in INITS:
-            raise ValidationError("init", init, f"one of {', '.join(INITS)}")
-        if dtype not in DTYPES:
-            raise ValidationError("dtype", dtype, f"one of {', '.join(DTYPES)}")
-        self.r, self.alpha, self.dropout, self.init, self.dtype = r, alpha, float(dropout), init, dtype
-        self.target_modules = target_modules
-
-    def settings(self) -> dict[str, Any]:
-        return {"r": self.r, "alpha": self.alpha, "dropout": self.dropout, "init": self.init,
-                "dtype": self.dtype, "target_modules": self.target_modules}
+    @dataclass
+    class Settings:
+        r: int = option(8, "rank of the update B·A", gt=0)
+        alpha: float = option(16.0, "scale: the update is multiplied by alpha/r", gt=0)
+        dropout: float = option(0.0, "dropout on the LoRA path's input", ge=0, lt=1)
+        target_modules: list[str] | str | None = option(
+            None, "module-name globs; 'all-linear': every linear layer but the head; None: the model type's default")
+        init: Literal["gaussian", "kaiming"] = option("gaussian", "A's start: N(0, 1/r^2) as in the paper, or peft's kaiming")
+        dtype: Literal["float32", "bfloat16", "float16"] = option("float32", "dtype of A and B, whatever the base's")
+        lr_ratio: float = option(1.0, "LoRA+: B's learning rate over A's (1: plain LoRA; LoRA+ suggests 16)", gt=0)
 
     def _targets(self, model: nn.Module) -> dict[str, nn.Module]:
         candidates = {n: m for n, m in model.named_modules()
@@ -147,14 +139,26 @@ class Lora(Adapter):
         return list(targets)
 
 
-    def merge(self, model: nn.Module) -> nn.Module:
-        """Fold (alpha/r)·B·A into each base weight and put the plain layer back."""
+    def param_groups(self, model: nn.Module) -> list[dict[str, Any]]:
+        """A and B in two groups when LoRA+ gives B its own learning rate."""
+        layers = lora_layers(model)
+        a = [p for m in layers for p in m.lora_A.parameters()]
+        b = [p for m in layers for p in m.lora_B.parameters()]
+        if self.lr_ratio == 1.0:
+            return [{"name": "lora", "params": a + b, "lr_scale": 1.0}]
+        return [{"name": "lora_A", "params": a, "lr_scale": 1.0},
+                {"name": "lora_B", "params": b, "lr_scale": self.lr_ratio}]
+
+    def _merge(self, model: nn.Module, sign: int) -> None:
+        for layer in lora_layers(model):
+            layer.merge() if sign > 0 else layer.unmerge()
+
+    def _unload(self, model: nn.Module) -> None:
+        """Put each plain base layer back in place of its LoraLayer."""
         for name, module in list(model.named_modules()):
             if isinstance(module, LoraLayer):
-                module.merge()
                 parent, _, child = name.rpartition(".")
                 setattr(model.get_submodule(parent) if parent else model, child, module.base_layer)
-        return model
 
     def peft_config(self, model: nn.Module, targets: list[str]) -> dict[str, Any]:
         conv1d = {is_conv1d(model.get_submodule(t).base_layer) for t in targets}

@@ -42,7 +42,7 @@ def save_adapter(model: nn.Module, adapter: Adapter, targets: list[str], folder:
     if not state:
         raise ValidationError("adapter", adapter.family, "an adapter with trained parameters to save")
     peft = adapter.peft_type is not None
-    meta = {"format": "peftlab-adapter", "version": 1, "adapter": adapter.name, "settings": adapter.settings(),
+    meta = {"format": "peftlab-adapter", "version": 1, "adapter": adapter.name, "settings": adapter.saved_settings(),
             "layout": "peft" if peft else "peftlab", "base_model": base_model, **(extra or {})}
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
@@ -50,7 +50,7 @@ def save_adapter(model: nn.Module, adapter: Adapter, targets: list[str], folder:
         if peft:
             config = {**adapter.peft_config(model, targets), "base_model_name_or_path": base_model}
             (tmp / PEFT_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
-            state = {PEFT_PREFIX + k: v for k, v in state.items()}
+            state = {adapter.peft_key_prefix + k: v for k, v in state.items()}
         save_file(state, str(tmp / WEIGHTS), metadata={"format": "pt"})
         (tmp / OURS).write_text(json.dumps(meta, indent=2, default=str) + "\n")
         if folder.exists():
@@ -87,22 +87,32 @@ def load_adapter(model: nn.Module, folder: str | os.PathLike, host) -> tuple[Ada
         if not makers:
             raise ValidationError("adapter_config.peft_type", peft_type, "a method an installed adapter plugin "
                                   "loads from peft (none declares it)")
-        name = next(iter(makers))
-        settings = makers[name].factory.settings_from_peft(info["peft"], model)
+        refusals = []
+        for name, spec in makers.items():  # the first that can represent it (peft's LORA is LoRA or DoRA)
+            try:
+                settings = spec.factory.settings_from_peft(info["peft"], model)
+                break
+            except ValidationError as exc:
+                refusals.append((name, exc))
+        else:
+            if len(refusals) == 1:
+                raise refusals[0][1]
+            raise ValidationError("adapter_config.peft_type", peft_type, "settings one of the adapters that load it "
+                                  "can represent; " + "; ".join(f"{n}: {e}" for n, e in refusals))
     else:
         name, settings = info["adapter"], info["settings"]
     adapter = host.adapters.build(name, **settings)
     report = attach(model, adapter)
     state = load_file(str(Path(folder) / WEIGHTS))
     if info.get("layout") == "peft":
-        state = {k.removeprefix(PEFT_PREFIX): v for k, v in state.items()}
+        state = {k.removeprefix(adapter.peft_key_prefix): v for k, v in state.items()}
     adapter.load_state_dict(model, state)
     return adapter, report
 
 
 def merge_into(model: nn.Module, adapter: Adapter, tokenizer, folder: str | os.PathLike) -> Path:
     """Save ``model`` with the adapter merged into its weights, in ``save_pretrained`` layout."""
-    merged = adapter.merge(model)
+    merged = adapter.merge_and_unload(model)
     for p in merged.parameters():
         p.requires_grad_(False)
     folder = Path(folder)

@@ -60,6 +60,9 @@ def preflight(cfg: CellConfig, host: PluginHost) -> tuple[Any, Any, dict[str, An
         info = read_adapter_info(cfg.adapter_from)  # the folder holds an adapter, before any loading
         if "adapter" in info:
             adapter = host.adapters.build(info["adapter"], **info["settings"])
+    if cfg.train.grad_checkpointing and not adapter.supports_grad_checkpointing and cfg.train.steps != 0:
+        raise ValidationError("train.grad_checkpointing", True, f"false for adapter {cfg.adapter!r}: it passes its "
+                              "state through the KV cache, which transformers drops inside checkpointed layers")
     reason = adapter.skip_reason(cfg.quantizer_name) or host.skip_reason(cfg.view())
     return adapter, quantizer, metrics, reason
 
@@ -95,6 +98,13 @@ def run_cell(cfg: CellConfig, host: PluginHost, *, progress: bool = True,
 
     wall = time.perf_counter()
     adapter, quantizer, metrics, reason = preflight(cfg, host)
+    if outputs is not None and outputs.merged is not None and not reason:
+        if not adapter.mergeable and not adapter.trains_base:
+            raise ValidationError("merge_into", str(outputs.merged), f"an adapter that can merge; {adapter.family} cannot "
+                                  "(its computation is not a weight change)")
+        if quantizer is not None and not adapter.trains_base:
+            raise ValidationError("merge_into", str(outputs.merged), f"a float base; quantizer {cfg.quantizer_name!r} "
+                                  "packs the weights the update would be folded into")
     rec = base_record(cfg)
     rec.update(adapter_fields(adapter))
     if reason:
@@ -142,7 +152,8 @@ def run_cell(cfg: CellConfig, host: PluginHost, *, progress: bool = True,
 
             result = TrainResult()
         else:
-            result = train(model, encoded.examples, cfg.train, pad_id=tok.pad_token_id, device=device, progress=progress)
+            result = train(model, encoded.examples, cfg.train, pad_id=tok.pad_token_id, device=device, progress=progress,
+                           param_groups=adapter.param_groups(model))
     except TrainingError as exc:
         rec.update(status="failed", reason=str(exc), **peak.read(), **{"time.wall_s": time.perf_counter() - wall})
         return rec

@@ -114,7 +114,8 @@ class TrainResult:
         return sum(self.losses) / len(self.losses) if self.losses else float("nan")
 
 
-def make_optimizer(name: str, params: list[torch.nn.Parameter], lr: float, weight_decay: float):
+def make_optimizer(name: str, params: list, lr: float, weight_decay: float):
+    """``params``: parameters, or param-group dicts (each may carry its own ``lr``)."""
     if name == "adamw":
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     import bitsandbytes as bnb
@@ -164,15 +165,44 @@ def response_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return F.cross_entropy(logits.float(), targets[keep])
 
 
+def optimizer_groups(model, groups: list[dict] | None, lr: float) -> list[dict]:
+    """The adapter's parameter groups (``Adapter.param_groups``) as optimizer groups, each at
+    ``lr`` times its ``lr_scale``. They must cover every trainable parameter exactly once."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if not trainable:
+        raise ValidationError("adapter", "(no trainable parameters)", "an adapter that leaves something to train")
+    if groups is None:
+        return [{"params": trainable, "lr": lr}]
+    seen: dict[int, str] = {}
+    out = []
+    for g in groups:
+        name = g.get("name", "?")
+        for p in g["params"]:
+            if id(p) in seen:
+                raise ValidationError(f"param_groups[{name!r}]", "a parameter also in group " + repr(seen[id(p)]),
+                                      "groups that share no parameter")
+            seen[id(p)] = name
+        scale = g.get("lr_scale", 1.0)
+        if not isinstance(scale, (int, float)) or not scale > 0:
+            raise ValidationError(f"param_groups[{name!r}].lr_scale", scale, "a positive number")
+        if g["params"]:
+            out.append({"params": list(g["params"]), "lr": lr * scale, "name": name})
+    missing = sum(1 for p in trainable if id(p) not in seen)
+    if missing:
+        raise ValidationError("param_groups", f"{len(seen)} parameters", f"every trainable parameter in a group "
+                              f"({missing} of {len(trainable)} are in none)")
+    return out
+
+
 def train(model, examples: list[tuple[list[int], list[int]]], cfg: TrainConfig, *, pad_id: int,
-          device: torch.device, progress: bool = True) -> TrainResult:
+          device: torch.device, progress: bool = True, param_groups: list[dict] | None = None) -> TrainResult:
+    """Train ``model``'s trainable parameters, in the adapter's ``param_groups`` when given."""
     from tqdm.auto import tqdm
 
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
-        raise ValidationError("adapter", "(no trainable parameters)", "an adapter that leaves something to train")
+    groups = optimizer_groups(model, param_groups, cfg.lr)
+    params = [p for g in groups for p in g["params"]]
     total = cfg.total_steps(len(examples))
-    optimizer = make_optimizer(cfg.optimizer, params, cfg.lr, cfg.weight_decay)
+    optimizer = make_optimizer(cfg.optimizer, groups, cfg.lr, cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.schedule, cfg.warmup_steps, total))
     result = TrainResult()
     if cfg.optimizer.startswith("paged") and device.type != "cuda":

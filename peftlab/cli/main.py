@@ -27,9 +27,39 @@ def _cmd_plugins(args: argparse.Namespace) -> int:
 
 def _cmd_list(args: argparse.Namespace) -> int:
     registry = getattr(host_for(args), args.kind)
+    if getattr(args, "name", None):
+        return _describe_adapter(registry, args.name, args.json)
     for spec in registry:
         params = ", ".join(f"{k}={v}" for k, v in spec.params.items())
         print(f"{spec.name:14} {spec.summary}" + (f"  [{params}]" if params else ""))
+    return 0
+
+
+def _describe_adapter(registry, name: str, as_json: bool) -> int:
+    """Every option of one adapter: name, type, default (the preset's), bounds and meaning."""
+    from peftlab.plugin.settings import describe_schema
+
+    spec = registry.get(name)
+    schema = getattr(spec.factory, "Settings", None)
+    rows = [vars(o) for o in describe_schema(schema, spec.params)] if schema else []
+    cls = spec.factory
+    traits = {"provider": registry.provider(name), "summary": spec.summary,
+              "size_setting": getattr(cls, "size_setting", None), "trains_base": getattr(cls, "trains_base", False),
+              "mergeable": getattr(cls, "mergeable", False), "peft_type": getattr(cls, "peft_type", None),
+              "grad_checkpointing": getattr(cls, "supports_grad_checkpointing", True)}
+    if as_json:
+        print(json.dumps({"name": name, **traits, "options": rows}, indent=2, default=str))
+        return 0
+    print(f"{name}: {spec.summary}")
+    print("  " + ", ".join(f"{k}={v}" for k, v in traits.items() if k not in ("summary",)))
+    if not schema:
+        print("  (its settings are not declared as a schema; it takes: "
+              + (", ".join(f"{k}={v!r}" for k, v in spec.params.items()) or "none") + ")")
+        return 0
+    width = max(len(r["name"]) for r in rows) if rows else 0
+    for r in rows:
+        bounds = f", {r['bounds']}" if r["bounds"] else ""
+        print(f"  {r['name']:{width}}  {r['type']}{bounds}; default {r['default']!r}\n  {'':{width}}  {r['help']}")
     return 0
 
 
@@ -80,7 +110,10 @@ def build_parser() -> argparse.ArgumentParser:
     sq.add_argument("--model", help="also measure the error on this model's linear weights (e.g. smollm2-135m)")
     sq.set_defaults(func=_cmd_quantizers)
     for kind in ("adapters", "metrics"):
-        sk = sub.add_parser(kind, help=f"list the registered {kind}")
+        sk = sub.add_parser(kind, help=f"list the registered {kind}" + (", or one adapter's options" if kind == "adapters" else ""))
+        if kind == "adapters":
+            sk.add_argument("name", nargs="?", help="list this adapter's options: type, default, bounds, meaning")
+            sk.add_argument("--json", action="store_true")
         sk.set_defaults(func=_cmd_list, kind=kind)
     from peftlab.cli.run import add_parser
     from peftlab.cli.score import add_parsers as add_score_parsers

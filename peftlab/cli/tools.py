@@ -19,6 +19,9 @@ def add_parsers(sub) -> None:
     r.add_argument("--adapter", default=DEFAULT_ADAPTER, help=f"a registered adapter (default {DEFAULT_ADAPTER})")
     r.add_argument("--no-peft", action="store_true", help="skip the cross-check against a peer (peft for LoRA)")
     r.set_defaults(func=run_ranks)
+    t = sub.add_parser("table3", help="the LoRA paper's Table 3 parameter column: every row on GPT-2 M/L vs the paper")
+    t.add_argument("--out", help="write report.md and table3.csv into this folder")
+    t.set_defaults(func=run_table3)
     e = sub.add_parser("estimate", help="estimate training memory: weights, gradients, optimizer states")
     e.add_argument("--params", type=positive_number, default=10e9, help="model parameters (default 10e9, the lecture's)")
     e.add_argument("--trainable", type=positive_number, help="adapter parameters for lora/qlora (default 0.2%% of params)")
@@ -107,6 +110,13 @@ def _write_report(args: argparse.Namespace, text: str, rows: list[dict], csv_nam
     write_text_atomic(out / csv_name, pd.DataFrame(rows).to_csv(index=False))
     print(f"wrote {out / 'report.md'}", file=sys.stderr)
     return 0
+
+
+def run_table3(args: argparse.Namespace) -> int:
+    from peftlab.report.table3 import table3_report
+
+    text, rows = table3_report(host_for(args))
+    return _write_report(args, text, rows, "table3.csv")
 
 
 def run_ranks(args: argparse.Namespace) -> int:

@@ -14,6 +14,8 @@ from peftlab.plugin.adapter import (
 )
 from peftlab.plugin.errors import PeftlabError, PluginError, UnknownNameError, ValidationError
 from peftlab.plugin.hookspecs import CellView, hookimpl
+from peftlab.plugin.insert import block_sublayers, insert_after, norm_layers, remove_inserted
+from peftlab.plugin.kv_prefix import attention_geometry, backbone_of, install_kv_prefix
 from peftlab.plugin.layers import (
     QuantizedLinear,
     is_conv1d,
@@ -24,6 +26,7 @@ from peftlab.plugin.layers import (
 from peftlab.plugin.metric import Metric
 from peftlab.plugin.ptb import COCO_PUNCTUATION, ptb_backend, ptb_tokenize
 from peftlab.plugin.quantizer import QuantizedWeight, Quantizer, check_block_size, check_weight
+from peftlab.plugin.settings import describe_schema, option
 from peftlab.plugin.spec import ComponentSpec
 
 __all__ = [
@@ -31,5 +34,6 @@ __all__ = [
     "QuantizedLinear", "QuantizedWeight", "Quantizer", "UnknownNameError", "ValidationError",
     "check_block_size", "check_weight", "hookimpl", "is_conv1d", "is_linear_like", "kernels", "linear_dims",
     "logical_parameter_count", "match_modules", "ptb_backend", "ptb_tokenize", "quantized_layers",
-    "transformer_blocks",
+    "transformer_blocks", "option", "describe_schema", "block_sublayers", "insert_after", "remove_inserted",
+    "norm_layers", "install_kv_prefix", "attention_geometry", "backbone_of",
 ]

@@ -7,7 +7,9 @@ them by name; they arrive as plugins (``peftlab_adapters``).
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
+import inspect
 from abc import ABC, abstractmethod
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -18,6 +20,7 @@ from torch import nn
 
 from peftlab.plugin.errors import ValidationError
 from peftlab.plugin.layers import QuantizedLinear, logical_parameter_count
+from peftlab.plugin.settings import build_settings, schema_signature
 
 
 @dataclass
@@ -43,25 +46,73 @@ class Adapter(ABC):
     """Base class of every adapter plugin.
 
     Subclasses implement :meth:`_attach`, which changes ``model`` in place and returns the names
-    of the modules it adapted. ``trains_base`` says whether the adapter updates the base model's
-    own weights (full fine-tuning does, LoRA does not); such an adapter cannot run over a
-    quantized base, whose weights are frozen packed buffers: the engine skips that combination,
-    whatever name the adapter is registered under. ``size_setting`` names the setting that sizes
-    the adapter (LoRA's rank ``r``), if any: every record carries its value as ``adapter.size``
-    and reports plot trainable parameters against it.
+    of the modules it adapted. Their settings are declared once, as a dataclass named ``Settings``
+    whose fields use :func:`peftlab.option` (default, one line of help, bounds): the base class
+    then takes them by keyword, checks each against its type and bounds, sets them as attributes,
+    records them with every result and lets ``peftlab adapters NAME`` list them. Cross-setting
+    rules go in :meth:`check`. (An adapter without a ``Settings`` schema writes its own
+    ``__init__`` and :meth:`settings`, as before.)
+
+    Class attributes that tell the engine what the method is:
+
+    - ``trains_base``: the adapter updates the base model's own weights (full fine-tuning does,
+      LoRA does not); such an adapter cannot run over a quantized base, whose weights are frozen
+      packed buffers: the engine skips that combination, whatever name the adapter is registered under;
+    - ``size_setting``: the setting that sizes the adapter (LoRA's rank ``r``), if any: every
+      record carries its value as ``adapter.size`` and reports plot trainable parameters against it;
+    - ``mergeable``: :meth:`merge` can fold the adapter into a float base (LoRA, IA3, DoRA);
+    - ``supports_grad_checkpointing``: whether it trains with activation checkpointing (a KV prefix
+      passed through the cache does not: transformers drops the cache inside checkpointed layers);
+    - ``peft_type`` and ``peft_key_prefix``: the peft method it is saved as and loaded from.
     """
 
     trains_base: ClassVar[bool] = False
     size_setting: ClassVar[str | None] = None
+    mergeable: ClassVar[bool] = False
+    supports_grad_checkpointing: ClassVar[bool] = True
+    #: the typed settings schema (a dataclass of :func:`peftlab.option` fields), or ``None``
+    Settings: ClassVar[type | None] = None
     #: the peft method this adapter is saved as and loaded from (``"LORA"``), where peft has it;
     #: such an adapter implements :meth:`peft_config` and :meth:`settings_from_peft`
     peft_type: ClassVar[str | None] = None
+    #: what peft puts before a module's parameter names in its saved file
+    peft_key_prefix: ClassVar[str] = "base_model.model."
     #: the name it was built under (set by the plugin host's registry)
     name: str | None = None
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.Settings is not None:
+            clash = sorted({f.name for f in dataclasses.fields(cls.Settings)} & set(dir(Adapter)))
+            if clash:
+                raise TypeError(f"{cls.__name__}.Settings: setting {clash[0]!r} would hide Adapter.{clash[0]}; rename it")
+        if cls.__init__ is Adapter.__init__:  # what ComponentSpec and the CLI inspect
+            cls.__signature__ = schema_signature(cls.Settings) if cls.Settings else inspect.Signature()
+
+    def __init__(self, **values: Any) -> None:
+        if self.Settings is None:
+            if values:
+                raise ValidationError("adapter setting", sorted(values)[0], f"no settings ({type(self).__name__} takes none)")
+            return
+        self.config = build_settings(self.Settings, values, owner=f"adapter {self.name or type(self).__name__}")
+        for f in dataclasses.fields(self.config):
+            setattr(self, f.name, getattr(self.config, f.name))
+        self.check()
+
+    def check(self) -> None:
+        """Rules that involve several settings; raise :class:`ValidationError` naming the field."""
+        return None
+
     def settings(self) -> dict[str, Any]:
         """The adapter's settings, as recorded with every result."""
-        return {}
+        if self.Settings is None or not hasattr(self, "config"):
+            return {}
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self.config)}
+
+    def saved_settings(self) -> dict[str, Any]:
+        """The settings a saved state reloads under (the same, unless saving changes the form:
+        a reparameterised prefix is saved as the prefix it computes)."""
+        return self.settings()
 
     @property
     def family(self) -> str:
@@ -119,12 +170,54 @@ class Adapter(ABC):
                     raise ValidationError(f"adapter state {n}", tuple(state[n].shape), f"shape {tuple(p.shape)}")
                 p.copy_(state[n].to(p.dtype))
 
-    def merge(self, model: nn.Module) -> nn.Module:
-        """``model`` as a plain model with the adapter folded into its weights, where the method
-        can merge. An adapter that trains the base weights is merged already."""
+    # -- training -------------------------------------------------------------------------------
+    def param_groups(self, model: nn.Module) -> list[dict[str, Any]]:
+        """The trainable parameters in optimizer groups: dicts with ``params``, a ``name`` and an
+        ``lr_scale`` (the group's learning rate is the run's times it; LoRA+ trains B faster).
+        Training honours them; the default is one group of everything that trains."""
+        return [{"name": "all", "params": [p for p in model.parameters() if p.requires_grad], "lr_scale": 1.0}]
+
+    # -- merging ----------------------------------------------------------------------------------
+    def merge(self, model: nn.Module) -> None:
+        """Fold the adapter into the base weights in place (forward then skips the adapter path);
+        :meth:`unmerge` undoes it. Only where ``mergeable``, and only into a float base."""
+        if self.trains_base:
+            return
+        self._check_mergeable(model)
+        self._merge(model, +1)
+
+    def unmerge(self, model: nn.Module) -> None:
+        """Undo :meth:`merge` (the base weights return to what they were, up to rounding)."""
+        if self.trains_base:
+            return
+        self._check_mergeable(model)
+        self._merge(model, -1)
+
+    def merge_and_unload(self, model: nn.Module) -> nn.Module:
+        """``model`` as a plain model (the adapter's modules removed) with the adapter folded in."""
         if self.trains_base:
             return model
-        raise ValidationError("adapter", self.family, "an adapter that can merge into the base (this one cannot)")
+        self.merge(model)
+        self._unload(model)
+        return model
+
+    def _check_mergeable(self, model: nn.Module) -> None:
+        if not self.mergeable:
+            raise ValidationError("merge", self.family, "a method that can merge into the base weights (LoRA, IA3, "
+                                  f"DoRA); {self.family} adds a computation no weight change reproduces")
+        quantized = quantized_layers(model)
+        if quantized:
+            raise ValidationError("merge", f"{self.family} over a quantized base",
+                                  f"a float base: {len(quantized)} layers are packed (e.g. {quantized[0]}), and "
+                                  "folding the update into them would mean requantizing")
+
+    def _merge(self, model: nn.Module, sign: int) -> None:
+        """Add (``sign=+1``) or remove (``-1``) the adapter's update in the base weights."""
+        raise NotImplementedError(f"{type(self).__name__} declares mergeable but does not implement _merge")
+
+    def _unload(self, model: nn.Module) -> None:
+        """Remove the adapter's modules from a merged model, putting the base layers back."""
+        raise NotImplementedError(f"{type(self).__name__} declares mergeable but does not implement _unload")
 
     def peft_config(self, model: nn.Module, targets: list[str]) -> dict[str, Any]:
         """peft's ``adapter_config.json`` for this adapter on ``model`` (``peft_type`` set only)."""

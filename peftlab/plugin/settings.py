@@ -1,0 +1,153 @@
+"""Typed settings schemas: a component declares its settings once, as dataclass fields with a
+default and one line of help; the base class checks every value against it and the CLI lists it.
+
+    @dataclass
+    class Settings:
+        r: int = option(8, "rank of the update B·A", gt=0)
+        init: Literal["gaussian", "kaiming"] = option("gaussian", "how A starts")
+        target_modules: list[str] | str | None = option(None, "module-name globs; None: the model type's default")
+
+Types understood: ``int``, ``float`` (an int is accepted), ``bool``, ``str``, ``Literal[...]``,
+``list[T]``, ``dict``, ``Any`` and unions of them (``X | None``). Bounds: ``gt``, ``ge``, ``lt``, ``le``.
+A value of the wrong type, outside its bounds or not among the choices is a :class:`ValidationError`
+naming the setting, the value and what is allowed; an unknown setting lists the known ones.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import types
+import typing
+from typing import Any, Literal
+
+from peftlab.plugin.errors import ValidationError
+
+
+def option(default: Any, help: str, *, gt: float | None = None, ge: float | None = None,  # noqa: A002
+           lt: float | None = None, le: float | None = None) -> Any:
+    """One setting of a schema: its default, one line of help and optional numeric bounds."""
+    meta = {"help": help, "gt": gt, "ge": ge, "lt": lt, "le": le}
+    if isinstance(default, (list, dict)):
+        return dataclasses.field(default_factory=lambda: type(default)(default), metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
+
+@dataclasses.dataclass(frozen=True)
+class OptionInfo:
+    """One setting as ``peftlab adapters NAME`` lists it."""
+
+    name: str
+    type: str
+    default: Any
+    help: str
+    bounds: str = ""
+
+
+def schema_fields(schema: type) -> list[dataclasses.Field]:
+    if not dataclasses.is_dataclass(schema):
+        raise TypeError(f"{schema!r} is not a dataclass settings schema")
+    return list(dataclasses.fields(schema))
+
+
+def _hints(schema: type) -> dict[str, Any]:
+    import sys
+
+    module = sys.modules.get(schema.__module__)
+    return typing.get_type_hints(schema, globalns=vars(module) if module else None)
+
+
+def describe_type(tp: Any) -> str:
+    """``tp`` in words, for error messages and listings."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is Any:
+        return "any value"
+    if tp is type(None):
+        return "None"
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in args)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(describe_type(a) for a in args)
+    if origin in (list, tuple):
+        return f"a list of {describe_type(args[0]).removeprefix('a ').removeprefix('an ')}s" if args else "a list"
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string",
+            dict: "a table (dict)"}.get(tp, getattr(tp, "__name__", str(tp)))
+
+
+def conforms(value: Any, tp: Any) -> bool:
+    """Whether ``value`` is of type ``tp`` (in the sense of this module's docstring)."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is Any:
+        return True
+    if tp is type(None):
+        return value is None
+    if origin is Literal:
+        return any(value == a and type(value) is type(a) for a in args)
+    if origin in (typing.Union, types.UnionType):
+        return any(conforms(value, a) for a in args)
+    if origin in (list, tuple):
+        return isinstance(value, (list, tuple)) and (not args or all(conforms(v, args[0]) for v in value))
+    if origin is dict or tp is dict:
+        return isinstance(value, dict)
+    if tp is bool:
+        return isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is str:
+        return isinstance(value, str)
+    return isinstance(value, tp) if isinstance(tp, type) else True
+
+
+def _bounds(meta: dict[str, Any]) -> str:
+    words = {"gt": ">", "ge": ">=", "lt": "<", "le": "<="}
+    return ", ".join(f"{words[k]} {meta[k]:g}" for k in words if meta.get(k) is not None)
+
+
+def _in_bounds(value: Any, meta: dict[str, Any]) -> bool:
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return True
+    checks = {"gt": value > (meta.get("gt") or 0), "ge": value >= (meta.get("ge") or 0),
+              "lt": value < (meta.get("lt") or 0), "le": value <= (meta.get("le") or 0)}
+    return all(checks[k] for k in checks if meta.get(k) is not None)
+
+
+def build_settings(schema: type, values: dict[str, Any], owner: str = "adapter") -> Any:
+    """An instance of ``schema`` from ``values``, every value checked against its declaration."""
+    fields = {f.name: f for f in schema_fields(schema)}
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise ValidationError(f"{owner} setting", unknown[0], f"one of its settings: {', '.join(fields) or '(none)'}")
+    hints = _hints(schema)
+    for name, value in values.items():
+        tp, meta = hints[name], fields[name].metadata
+        if not conforms(value, tp):
+            raise ValidationError(name, value, describe_type(tp))
+        if not _in_bounds(value, meta):
+            raise ValidationError(name, value, f"{describe_type(tp)} {_bounds(meta)}".strip())
+    converted = {n: (float(v) if hints[n] is float and isinstance(v, int) else
+                     list(v) if isinstance(v, tuple) else v) for n, v in values.items()}
+    return schema(**converted)
+
+
+def describe_schema(schema: type, preset: dict[str, Any] | None = None) -> list[OptionInfo]:
+    """Every setting of ``schema``: name, type, default (a preset's value where it sets one), help."""
+    hints, preset = _hints(schema), preset or {}
+    out = []
+    for f in schema_fields(schema):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        out.append(OptionInfo(f.name, describe_type(hints[f.name]), preset.get(f.name, default),
+                              f.metadata.get("help", ""), _bounds(f.metadata)))
+    return out
+
+
+def schema_signature(schema: type) -> inspect.Signature:
+    """A keyword-only signature with the schema's fields and defaults (what ComponentSpec inspects)."""
+    hints = _hints(schema)
+    params = []
+    for f in schema_fields(schema):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=default,
+                                        annotation=hints[f.name]))
+    return inspect.Signature(params)

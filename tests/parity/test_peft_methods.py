@@ -1,0 +1,192 @@
+"""IA3, DoRA and prefix tuning against peft's implementations of the same methods: equal trainable
+and total counts, and given the same (fresh random) weights equal logits, on tiny GPT-2 and Llama
+(with grouped KV heads) models; for the prefix also a greedy generation with the KV cache and left
+padding. Saved adapters cross over both ways (peftlab -> peft, peft -> peftlab)."""
+
+import copy
+import random
+
+import pytest
+import torch
+
+from peftlab import load_host
+from peftlab.adapt.attach import attach
+from peftlab.adapt.persist import load_adapter, save_adapter
+
+transformers = pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+
+HOST = load_host()
+ARCHS = ["gpt2", "llama"]
+
+
+def fresh_seed() -> int:
+    seed = random.SystemRandom().randrange(2**31)
+    print(f"seed={seed}")
+    return seed
+
+
+def tiny(arch: str, seed: int = 0):
+    torch.manual_seed(seed)
+    if arch == "gpt2":
+        cfg = transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=120, n_positions=64, pad_token_id=0)
+    else:
+        cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                                       num_key_value_heads=2, vocab_size=120, pad_token_id=0)
+    return transformers.AutoModelForCausalLM.from_config(cfg).eval()
+
+
+def batch(gen: torch.Generator):
+    ids = torch.randint(1, 120, (3, 9), generator=gen)
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0  # left padding
+    mask[1, :1] = 0
+    return ids, mask
+
+
+PEFT_CONFIGS = {
+    "ia3": lambda arch: peft.IA3Config(task_type="CAUSAL_LM", fan_in_fan_out=arch == "gpt2"),
+    "dora": lambda arch: peft.LoraConfig(task_type="CAUSAL_LM", r=4, lora_alpha=8, use_dora=True,
+                                         target_modules=["c_attn"] if arch == "gpt2" else ["q_proj", "v_proj"],
+                                         fan_in_fan_out=arch == "gpt2"),
+    "prefix": lambda arch: peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=5),
+}
+OURS = {"ia3": {}, "dora": {"r": 4, "alpha": 8}, "prefix": {"length": 5}}
+
+
+def pair(method: str, arch: str, seed: int):
+    """(ours, peft's) over the same base, the same random adapter weights in both."""
+    base = tiny(arch)
+    ours = copy.deepcopy(base)
+    adapter = HOST.adapters.build(method, **OURS[method])
+    report = attach(ours, adapter)
+    ref = peft.get_peft_model(copy.deepcopy(base), PEFT_CONFIGS[method](arch))
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        if method == "prefix":
+            mine = ours.peftlab_prefix.embedding.weight
+            mine.copy_(torch.randn(mine.shape, generator=gen) * 0.5)
+            ref.prompt_encoder["default"].embedding.weight.copy_(mine)
+        else:
+            theirs = {n.replace(".default", "").replace("magnitude_vector.weight", "magnitude_vector").removeprefix("base_model.model."): p
+                      for n, p in ref.named_parameters() if p.requires_grad}
+            own = {n: p for n, p in ours.named_parameters() if p.requires_grad}
+            assert set(own) == set(theirs), sorted(set(own) ^ set(theirs))[:4]
+            for n, p in own.items():
+                p.copy_(p + 0.3 * torch.randn(p.shape, generator=gen))
+                theirs[n].copy_(p)
+    return ours.eval(), ref.eval(), adapter, report
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("method", ["ia3", "dora", "prefix"])
+def test_counts_and_logits_equal_peft(method, arch):
+    seed = fresh_seed()
+    ours, ref, _, report = pair(method, arch, seed)
+    assert (report.trainable, report.total) == ref.get_nb_trainable_parameters()
+    ids, mask = batch(torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        a = ours(input_ids=ids, attention_mask=mask).logits
+        b = ref(input_ids=ids, attention_mask=mask).logits
+    keep = mask.bool()
+    torch.testing.assert_close(a[keep], b[keep], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["ia3", "dora"])
+def test_initial_weights_equal_peft(method):
+    """Before any change: IA3 vectors are ones and DoRA's magnitude is ||W0|| per row, as in peft."""
+    base = tiny("llama")
+    ours = copy.deepcopy(base)
+    attach(ours, HOST.adapters.build(method, **OURS[method]))
+    ref = peft.get_peft_model(copy.deepcopy(base), PEFT_CONFIGS[method]("llama"))
+    theirs = {n.replace(".default", "").replace("magnitude_vector.weight", "magnitude_vector").removeprefix("base_model.model."): p
+              for n, p in ref.named_parameters()}
+    for n, p in ours.named_parameters():
+        if p.requires_grad and "lora_A" not in n:  # A is random in both
+            torch.testing.assert_close(p, theirs[n])
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_prefix_generation_with_kv_cache_equals_peft(arch):
+    seed = fresh_seed()
+    ours, ref, _, _ = pair("prefix", arch, seed)
+    ids, mask = batch(torch.Generator().manual_seed(seed))
+    kw = {"max_new_tokens": 6, "do_sample": False, "pad_token_id": 0}
+    with torch.no_grad():
+        a = ours.generate(input_ids=ids, attention_mask=mask, **kw)
+        b = ref.generate(input_ids=ids, attention_mask=mask, **kw)
+        # the cache path equals recomputing the whole sequence at every step (no cache)
+        c = ours.generate(input_ids=ids, attention_mask=mask, use_cache=False, **kw)
+    assert torch.equal(a, b)
+    assert torch.equal(a, c)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("method", ["ia3", "dora"])
+def test_merge_equals_peft_merge_and_unmerge_restores(method, arch):
+    seed = fresh_seed()
+    ours, ref, adapter, _ = pair(method, arch, seed)
+    ids, mask = batch(torch.Generator().manual_seed(seed))
+    before = {n: p.clone() for n, p in ours.named_parameters() if not p.requires_grad}
+    with torch.no_grad():
+        unmerged = ours(input_ids=ids, attention_mask=mask).logits
+        adapter.merge(ours)
+        merged = ours(input_ids=ids, attention_mask=mask).logits
+        ref_merged = ref.merge_and_unload()(input_ids=ids, attention_mask=mask).logits
+    keep = mask.bool()
+    torch.testing.assert_close(merged[keep], unmerged[keep], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(merged[keep], ref_merged[keep], rtol=1e-4, atol=1e-4)
+    adapter.unmerge(ours)
+    for n, p in ours.named_parameters():
+        if n in before:
+            torch.testing.assert_close(p, before[n], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("method", ["ia3", "dora", "prefix"])
+def test_saved_adapter_loads_in_peft_and_back(method, arch, tmp_path):
+    seed = fresh_seed()
+    ours, ref, adapter, report = pair(method, arch, seed)
+    ids, mask = batch(torch.Generator().manual_seed(seed))
+    keep = mask.bool()
+    folder = save_adapter(ours, adapter, report.targets, tmp_path / "ours", base_model="tiny")
+    with torch.no_grad():
+        want = ours(input_ids=ids, attention_mask=mask).logits[keep]
+        in_peft = peft.PeftModel.from_pretrained(tiny(arch), folder).eval()
+        torch.testing.assert_close(in_peft(input_ids=ids, attention_mask=mask).logits[keep], want, rtol=1e-4, atol=1e-5)
+        # peft -> peftlab: a folder peft wrote (no peftlab_adapter.json) rebuilds the same adapter
+        ref.save_pretrained(tmp_path / "theirs")
+        back = tiny(arch)
+        loaded, _ = load_adapter(back, tmp_path / "theirs", HOST)
+        assert loaded.name == method
+        torch.testing.assert_close(back.eval()(input_ids=ids, attention_mask=mask).logits[keep], want,
+                                   rtol=1e-4, atol=1e-5)
+
+
+def test_lora_and_dora_folders_from_peft_go_to_the_right_plugin(tmp_path):
+    """peft saves both as peft_type LORA; use_dora decides which plugin rebuilds it."""
+    for use_dora in (False, True):
+        ref = peft.get_peft_model(tiny("llama"), peft.LoraConfig(r=2, target_modules=["q_proj"], use_dora=use_dora))
+        ref.save_pretrained(tmp_path / str(use_dora))
+        loaded, _ = load_adapter(tiny("llama"), tmp_path / str(use_dora), HOST)
+        assert loaded.name == ("dora" if use_dora else "lora")
+
+
+def test_prefix_trains_through_the_kv_prefix():
+    """A training step moves the prefix (and nothing else), with the loss peftlab trains on."""
+    from peftlab.cell.train import response_loss
+
+    model = tiny("llama").train()
+    attach(model, HOST.adapters.build("prefix", length=3))
+    ids = torch.randint(1, 120, (2, 8))
+    batch_ = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    loss = response_loss(model, batch_)
+    loss.backward()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.grad is not None:
+                p -= 0.1 * p.grad
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed == {"peftlab_prefix.embedding.weight"}
+
