@@ -2,8 +2,8 @@
 ``L̂_Adpt·(2dm + m + d) + 2·L̂_LN·d``, and outputs equal a hand-written reference forward that
 wraps each sublayer explicitly (no hooks, plain functional calls on the same weights).
 
-peft has neither method; AdapterHub's ``adapters`` package pins an older transformers than this
-project's, so the papers' formulas and this reference are the oracle.
+peft has neither method; AdapterHub's ``adapters`` 1.3.0 requires ``transformers ~=4.57.6`` while this
+project runs 5.x, so the papers' formulas and this reference are the oracle.
 """
 
 import copy
