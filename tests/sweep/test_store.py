@@ -1,6 +1,7 @@
 """The results store: layout, complete records, damaged files, names, schema upgrade; and the
 faults that used to corrupt a folder (a killed sweep's orphan worker, a record holding [])."""
 
+import contextlib
 import json
 import os
 import signal
@@ -122,11 +123,17 @@ def _workers(inputs_dir: Path) -> list[int]:
     return out
 
 
+def _sigint_default() -> None:
+    """Ctrl-C must reach the sweep as it does from a terminal, even when these tests run in a
+    background job (whose children inherit an ignored SIGINT, and Python then installs no handler)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _sweep_with_a_running_worker(out: Path, **popen) -> tuple[subprocess.Popen, list[int]]:
     """A real sweep of one long cell, returned once its worker process is running."""
     sweep = subprocess.Popen([sys.executable, "-m", "peftlab.cli", "sweep", str(TINY), "train.steps=100000",
                               "grid.train.seed=0", "grid.adapter=lora", "--out", str(out), "--no-progress"],
-                             stdout=subprocess.DEVNULL, **popen)
+                             stdout=subprocess.DEVNULL, preexec_fn=_sigint_default, **popen)
     deadline = time.time() + 120
     while not _workers(out / "inputs") and time.time() < deadline:
         time.sleep(0.2)
@@ -153,7 +160,13 @@ def test_ctrl_c_stops_the_worker_and_says_how_to_resume(tmp_path):
     out = tmp_path / "out"
     sweep, workers = _sweep_with_a_running_worker(out, stderr=subprocess.PIPE, text=True)
     sweep.send_signal(signal.SIGINT)
-    _, err = sweep.communicate(timeout=180)  # a hang guard: a loaded 2-core machine took over 60 s once
+    try:
+        _, err = sweep.communicate(timeout=60)
+    finally:  # never leave a 100000-step worker behind
+        sweep.kill()
+        for p in workers:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(p, signal.SIGKILL)
     assert sweep.returncode == 130
     assert "interrupted" in err and "run the same command again to resume" in err and "Traceback" not in err
     assert not any(_alive(p) for p in workers)
