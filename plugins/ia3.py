@@ -19,14 +19,16 @@ from torch import nn
 from peftlab import (
     Adapter,
     ComponentSpec,
-    QuantizedLinear,
     ValidationError,
     hookimpl,
     is_conv1d,
-    is_linear_like,
     linear_dims,
-    match_modules,
+    linear_targets,
     option,
+    peft_fan_in_fan_out,
+    peft_target_names,
+    replace_module,
+    unwrap_layers,
 )
 
 #: peft's defaults by ``config.model_type``: (targets, which of them are feedforward)
@@ -85,28 +87,16 @@ class IA3(Adapter):
         feedforward_modules: list[str] | None = option(None, "which targets scale their input (the MLP activation); "
                                                        "None: the model type's default")
 
-    def _patterns(self, model: nn.Module) -> tuple[list[str], list[str]]:
-        targets, ff = self.target_modules, self.feedforward_modules
-        if targets is None or ff is None:
-            model_type = getattr(getattr(model, "config", None), "model_type", None)
-            if model_type not in DEFAULTS:
-                raise ValidationError("target_modules", targets, f"explicit patterns: no default for model type "
-                                      f"{model_type!r} (defaults exist for {', '.join(DEFAULTS)})")
-            targets = DEFAULTS[model_type][0] if targets is None else targets
-            ff = DEFAULTS[model_type][1] if ff is None else ff
-        return targets, ff
-
     def _attach(self, model: nn.Module) -> list[str]:
-        targets, ff = self._patterns(model)
-        candidates = {n: m for n, m in model.named_modules() if n and (is_linear_like(m) or isinstance(m, QuantizedLinear))}
-        chosen = match_modules(model, targets, candidates)
-        feedforward = match_modules(model, ff, candidates, "feedforward_modules") if ff else {}
+        chosen = linear_targets(model, self.target_modules, {t: d[0] for t, d in DEFAULTS.items()})
+        ff = self.feedforward_modules
+        feedforward = linear_targets(model, ff, {t: d[1] for t, d in DEFAULTS.items()}, "feedforward_modules") \
+            if ff is None or ff else {}
         outside = sorted(set(feedforward) - set(chosen))
         if outside:
             raise ValidationError("feedforward_modules", ff, f"a subset of target_modules ({outside[0]} is not a target)")
         for name, layer in chosen.items():
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, child, IA3Layer(layer, name in feedforward))
+            replace_module(model, name, IA3Layer(layer, name in feedforward))
         return list(chosen)
 
     def _merge(self, model: nn.Module, sign: int) -> None:
@@ -115,35 +105,20 @@ class IA3(Adapter):
                 layer.fold(sign)
 
     def _unload(self, model: nn.Module) -> None:
-        for name, module in list(model.named_modules()):
-            if isinstance(module, IA3Layer):
-                parent, _, child = name.rpartition(".")
-                setattr(model.get_submodule(parent) if parent else model, child, module.base_layer)
+        unwrap_layers(model, IA3Layer)
 
     def peft_config(self, model: nn.Module, targets: list[str]) -> dict[str, Any]:
-        layers = {t: model.get_submodule(t) for t in targets}
-        conv1d = {is_conv1d(m.base_layer) for m in layers.values()}
-        if len(conv1d) > 1:
-            raise ValidationError("target_modules", self.target_modules, "layers of one kind (peft sets "
-                                  "fan_in_fan_out once per adapter; these mix Conv1D and Linear)")
         return {"peft_type": "IA3", "task_type": "CAUSAL_LM", "target_modules": sorted(targets),
-                "feedforward_modules": sorted(t for t, m in layers.items() if m.feedforward),
-                "fan_in_fan_out": conv1d == {True}, "modules_to_save": None, "init_ia3_weights": True,
+                "feedforward_modules": sorted(t for t in targets if model.get_submodule(t).feedforward),
+                "fan_in_fan_out": peft_fan_in_fan_out(model, targets, self.target_modules), "modules_to_save": None, "init_ia3_weights": True,
                 "inference_mode": True}
 
     @classmethod
     def settings_from_peft(cls, config: dict[str, Any], model: nn.Module) -> dict[str, Any]:
         if config.get("modules_to_save"):
             raise ValidationError("adapter_config.modules_to_save", config["modules_to_save"], "None: peftlab's IA3 has none")
-        import re
-
-        def names(value):
-            if isinstance(value, str):  # peft: a regex over full module names
-                return [n for n, _ in model.named_modules() if n and re.fullmatch(value, n)]
-            return list(value or [])
-
-        return {"target_modules": names(config.get("target_modules")),
-                "feedforward_modules": names(config.get("feedforward_modules"))}
+        return {"target_modules": peft_target_names(model, config.get("target_modules")),
+                "feedforward_modules": peft_target_names(model, config.get("feedforward_modules"))}
 
 
 def ia3_layers(model: nn.Module) -> list[IA3Layer]:

@@ -22,10 +22,13 @@ from peftlab import (
     ValidationError,
     hookimpl,
     is_conv1d,
-    is_linear_like,
     linear_dims,
-    match_modules,
+    linear_targets,
     option,
+    peft_fan_in_fan_out,
+    peft_target_names,
+    replace_module,
+    unwrap_layers,
 )
 
 #: Default targets by ``config.model_type`` when none are given (the attention projections,
@@ -112,30 +115,14 @@ class Lora(Adapter):
         dtype: Literal["float32", "bfloat16", "float16"] = option("float32", "dtype of A and B, whatever the base's")
         lr_ratio: float = option(1.0, "LoRA+: B's learning rate over A's (1: plain LoRA; LoRA+ suggests 16)", gt=0)
 
-    def _targets(self, model: nn.Module) -> dict[str, nn.Module]:
-        candidates = {n: m for n, m in model.named_modules()
-                      if n and (is_linear_like(m) or isinstance(m, QuantizedLinear))}
-        patterns = self.target_modules
-        if patterns == "all-linear":
-            return {n: m for n, m in candidates.items() if n.rsplit(".", 1)[-1] not in ("lm_head", "score")}
-        if patterns is None:
-            model_type = getattr(getattr(model, "config", None), "model_type", None)
-            if model_type not in DEFAULT_TARGETS:
-                raise ValidationError("target_modules", None, f"explicit patterns: no default for model type {model_type!r} "
-                                      f"(defaults exist for {', '.join(DEFAULT_TARGETS)})")
-            patterns = DEFAULT_TARGETS[model_type]
-        return match_modules(model, patterns, candidates)
-
     def _attach(self, model: nn.Module) -> list[str]:
-        targets = self._targets(model)
+        targets = linear_targets(model, self.target_modules, DEFAULT_TARGETS)
         for name, layer in targets.items():  # validate every layer before changing any
             if self.r > min(linear_dims(layer)):
                 raise ValidationError("r", self.r, f"a rank of at most {min(linear_dims(layer))}, the smaller dimension "
                                       f"of target layer {name} ({'x'.join(map(str, linear_dims(layer)))})")
         for name, layer in targets.items():
-            new = LoraLayer(layer, self.r, self.alpha, self.dropout, self.init, DTYPES[self.dtype])
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, child, new)
+            replace_module(model, name, LoraLayer(layer, self.r, self.alpha, self.dropout, self.init, DTYPES[self.dtype]))
         return list(targets)
 
 
@@ -154,20 +141,12 @@ class Lora(Adapter):
             layer.merge() if sign > 0 else layer.unmerge()
 
     def _unload(self, model: nn.Module) -> None:
-        """Put each plain base layer back in place of its LoraLayer."""
-        for name, module in list(model.named_modules()):
-            if isinstance(module, LoraLayer):
-                parent, _, child = name.rpartition(".")
-                setattr(model.get_submodule(parent) if parent else model, child, module.base_layer)
+        unwrap_layers(model, LoraLayer)
 
     def peft_config(self, model: nn.Module, targets: list[str]) -> dict[str, Any]:
-        conv1d = {is_conv1d(model.get_submodule(t).base_layer) for t in targets}
-        if len(conv1d) > 1:
-            raise ValidationError("target_modules", self.target_modules, "layers of one kind (peft sets "
-                                  "fan_in_fan_out once per adapter; these mix Conv1D and Linear)")
         return {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": self.r, "lora_alpha": self.alpha,
                 "lora_dropout": self.dropout, "target_modules": sorted(targets), "bias": "none",
-                "fan_in_fan_out": conv1d == {True}, "use_rslora": False, "use_dora": False,
+                "fan_in_fan_out": peft_fan_in_fan_out(model, targets, self.target_modules), "use_rslora": False, "use_dora": False,
                 "modules_to_save": None, "init_lora_weights": True, "inference_mode": True}
 
     @classmethod
@@ -177,13 +156,9 @@ class Lora(Adapter):
         for key, plain in unsupported.items():
             if config.get(key) not in (plain, None, [], {}, False) and config.get(key) != plain:
                 raise ValidationError(f"adapter_config.{key}", config[key], f"{plain!r}: peftlab's LoRA does not have it")
-        targets = config.get("target_modules")
-        if isinstance(targets, str):  # peft: a regex over full module names
-            import re
-
-            targets = [n for n, _ in model.named_modules() if n and re.fullmatch(targets, n)]
         return {"r": int(config["r"]), "alpha": config.get("lora_alpha", 8),
-                "dropout": float(config.get("lora_dropout") or 0.0), "target_modules": list(targets)}
+                "dropout": float(config.get("lora_dropout") or 0.0),
+                "target_modules": peft_target_names(model, config.get("target_modules"))}
 
 
 def lora_layers(model: nn.Module) -> list[LoraLayer]:

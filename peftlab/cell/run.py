@@ -99,12 +99,9 @@ def run_cell(cfg: CellConfig, host: PluginHost, *, progress: bool = True,
     wall = time.perf_counter()
     adapter, quantizer, metrics, reason = preflight(cfg, host)
     if outputs is not None and outputs.merged is not None and not reason:
-        if not adapter.mergeable and not adapter.trains_base:
-            raise ValidationError("merge_into", str(outputs.merged), f"an adapter that can merge; {adapter.family} cannot "
-                                  "(its computation is not a weight change)")
-        if quantizer is not None and not adapter.trains_base:
-            raise ValidationError("merge_into", str(outputs.merged), f"a float base; quantizer {cfg.quantizer_name!r} "
-                                  "packs the weights the update would be folded into")
+        refusal = adapter.merge_refusal(f"quantizer {cfg.quantizer_name!r} packs the weights" if quantizer else None)
+        if refusal:
+            raise ValidationError("merge_into", str(outputs.merged), refusal[1])
     rec = base_record(cfg)
     rec.update(adapter_fields(adapter))
     if reason:

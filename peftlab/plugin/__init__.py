@@ -8,9 +8,14 @@ from peftlab.plugin import kernels
 from peftlab.plugin.adapter import (
     Adapter,
     AttachReport,
+    linear_targets,
     match_modules,
+    peft_fan_in_fan_out,
+    peft_target_names,
     quantized_layers,
+    replace_module,
     transformer_blocks,
+    unwrap_layers,
 )
 from peftlab.plugin.errors import PeftlabError, PluginError, UnknownNameError, ValidationError
 from peftlab.plugin.hookspecs import CellView, hookimpl
@@ -35,5 +40,6 @@ __all__ = [
     "check_block_size", "check_weight", "hookimpl", "is_conv1d", "is_linear_like", "kernels", "linear_dims",
     "logical_parameter_count", "match_modules", "ptb_backend", "ptb_tokenize", "quantized_layers",
     "transformer_blocks", "option", "describe_schema", "block_sublayers", "insert_after", "remove_inserted",
-    "norm_layers", "install_kv_prefix", "attention_geometry", "backbone_of",
+    "norm_layers", "install_kv_prefix", "attention_geometry", "backbone_of", "linear_targets", "peft_fan_in_fan_out",
+    "peft_target_names", "replace_module", "unwrap_layers",
 ]

@@ -19,7 +19,12 @@ import torch
 from torch import nn
 
 from peftlab.plugin.errors import ValidationError
-from peftlab.plugin.layers import QuantizedLinear, logical_parameter_count
+from peftlab.plugin.layers import (
+    QuantizedLinear,
+    is_conv1d,
+    is_linear_like,
+    logical_parameter_count,
+)
 from peftlab.plugin.settings import build_settings, schema_signature
 
 
@@ -201,15 +206,24 @@ class Adapter(ABC):
         self._unload(model)
         return model
 
-    def _check_mergeable(self, model: nn.Module) -> None:
+    def merge_refusal(self, quantized: str | None) -> tuple[str, str] | None:
+        """Why this adapter cannot be merged over a base whose packed weights ``quantized``
+        describes (``None``: a float base), as (what was asked, what is allowed); ``None`` if it can."""
+        if self.trains_base:
+            return None
         if not self.mergeable:
-            raise ValidationError("merge", self.family, "a method that can merge into the base weights (LoRA, IA3, "
-                                  f"DoRA); {self.family} adds a computation no weight change reproduces")
-        quantized = quantized_layers(model)
+            return self.family, ("a method that can merge into the base weights (LoRA, IA3, DoRA); "
+                                 f"{self.family} adds a computation no weight change reproduces")
         if quantized:
-            raise ValidationError("merge", f"{self.family} over a quantized base",
-                                  f"a float base: {len(quantized)} layers are packed (e.g. {quantized[0]}), and "
-                                  "folding the update into them would mean requantizing")
+            return f"{self.family} over a quantized base", (f"a float base: {quantized}, and folding the update "
+                                                          "into them would mean requantizing")
+        return None
+
+    def _check_mergeable(self, model: nn.Module) -> None:
+        quantized = quantized_layers(model)
+        refusal = self.merge_refusal(f"{len(quantized)} layers are packed (e.g. {quantized[0]})" if quantized else None)
+        if refusal:
+            raise ValidationError("merge", *refusal)
 
     def _merge(self, model: nn.Module, sign: int) -> None:
         """Add (``sign=+1``) or remove (``-1``) the adapter's update in the base weights."""
@@ -228,6 +242,55 @@ class Adapter(ABC):
         """This adapter's settings from a peft ``adapter_config.json``; what it cannot represent
         is a :class:`ValidationError` naming the field (``peft_type`` set only)."""
         raise NotImplementedError
+
+
+def replace_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Put ``module`` in place of the submodule at the dotted ``name`` (a layer swap)."""
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
+def unwrap_layers(model: nn.Module, wrapper: type[nn.Module]) -> None:
+    """Put each ``wrapper`` module's ``base_layer`` back in its place (unloading a merged adapter)."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, wrapper):
+            replace_module(model, name, module.base_layer)
+
+
+def linear_targets(model: nn.Module, patterns: list[str] | str | None, defaults: dict[str, list[str]],
+                   field_name: str = "target_modules") -> dict[str, nn.Module]:
+    """The linear layers (``nn.Linear``, Conv1D, :class:`QuantizedLinear`) an adapter targets:
+    ``patterns`` as in :func:`match_modules`; ``"all-linear"``: every one but the output head;
+    ``None``: ``defaults[config.model_type]`` (an unknown model type is an error listing the known)."""
+    candidates = {n: m for n, m in model.named_modules() if n and (is_linear_like(m) or isinstance(m, QuantizedLinear))}
+    if patterns == "all-linear":
+        return {n: m for n, m in candidates.items() if n.rsplit(".", 1)[-1] not in ("lm_head", "score")}
+    if patterns is None:
+        model_type = getattr(getattr(model, "config", None), "model_type", None)
+        if model_type not in defaults:
+            raise ValidationError(field_name, None, f"explicit patterns: no default for model type {model_type!r} "
+                                  f"(defaults exist for {', '.join(defaults)})")
+        patterns = defaults[model_type]
+    return match_modules(model, patterns, candidates, field_name)
+
+
+def peft_fan_in_fan_out(model: nn.Module, targets: list[str], setting: Any) -> bool:
+    """peft's ``fan_in_fan_out`` for adapter layers wrapping ``targets`` (true over GPT-2's Conv1D);
+    peft sets it once per adapter, so a mix of Conv1D and Linear is refused, naming ``setting``."""
+    conv1d = {is_conv1d(model.get_submodule(t).base_layer) for t in targets}
+    if len(conv1d) > 1:
+        raise ValidationError("target_modules", setting, "layers of one kind (peft sets "
+                              "fan_in_fan_out once per adapter; these mix Conv1D and Linear)")
+    return conv1d == {True}
+
+
+def peft_target_names(model: nn.Module, value: list[str] | str | None) -> list[str]:
+    """peft's ``target_modules`` as a list: a string there is a regex over full module names."""
+    if isinstance(value, str):
+        import re
+
+        return [n for n, _ in model.named_modules() if n and re.fullmatch(value, n)]
+    return list(value or [])
 
 
 def quantized_layers(model: nn.Module) -> list[str]:

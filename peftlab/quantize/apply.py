@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from peftlab.plugin.adapter import replace_module
 from peftlab.plugin.errors import ValidationError
 from peftlab.plugin.layers import QuantizedLinear, is_linear_like
 from peftlab.plugin.quantizer import Quantizer
@@ -75,8 +76,7 @@ def quantize_(model: nn.Module, quantizer: Quantizer, filter: Filter = None, *,
     report = QuantizeReport(getattr(quantizer, "name", None) or type(quantizer).__name__)
     for full_name, layer in chosen:
         new = QuantizedLinear.from_linear(layer, quantizer, compute_dtype)
-        parent_name, _, child = full_name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+        replace_module(model, full_name, new)
         report.layers.append(full_name)
         report.params += layer.weight.numel()
         report.bytes_before += layer.weight.numel() * layer.weight.element_size()
