@@ -13,12 +13,11 @@ base's smaller weights show), with the peak reset after building so load-time tr
 
 from __future__ import annotations
 
-import json
-import subprocess
 import sys
 
 import pytest
 import torch
+from stepping import SEQ, TOKENS, probe, run_probe, train_step
 
 from peftlab import load_host, quantize_
 
@@ -27,8 +26,6 @@ HOST = load_host()  # every installed plugin
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 
-BATCH, SEQ = 8, 128
-TOKENS = BATCH * SEQ
 PEDANTIC = {"rounds": 5, "iterations": 1, "warmup_rounds": 2}
 VARIANTS = ["peftlab-lora", "peft-lora", "peftlab-qlora", "peft-qlora"]
 
@@ -59,23 +56,7 @@ def build(variant: str, tmpdir: str):
         attach(base, HOST.adapters.build("lora", r=8, alpha=16))
         model = base
         loss_fn = lambda batch: response_loss(model, batch)  # noqa: E731
-    model.train()
-    gen = torch.Generator().manual_seed(1)
-    ids = torch.randint(0, 256, (BATCH, SEQ), generator=gen)
-    labels = ids.clone()
-    labels[:, : SEQ // 2] = -100
-    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-4)
-
-    def step() -> float:
-        loss = loss_fn(batch)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return loss.item()
-
-    return model, step
+    return model, train_step(model, loss_fn)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -84,29 +65,9 @@ def test_train_step(benchmark, variant, tmp_path):
     benchmark.group = f"{'QLoRA nf4-dq' if qlora else 'LoRA bf16'} train step llama-512x6, {TOKENS} tokens"
     _, step = build(variant, str(tmp_path))
     benchmark.extra_info.update(impl="peftlab" if variant.startswith("peftlab") else "peer", tokens=TOKENS,
-                                peak_rss=probe(variant, str(tmp_path / "probe")))
+                                peak_rss=probe(__file__, variant, str(tmp_path / "probe")))
     benchmark.pedantic(step, **PEDANTIC)
 
 
-def probe(variant: str, tmpdir: str) -> int:
-    out = subprocess.run([sys.executable, __file__, variant, tmpdir], capture_output=True, text=True, check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])["peak_rss_delta"]
-
-
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
-
-
 if __name__ == "__main__":  # the memory probe: one variant, fresh process
-    variant, tmpdir = sys.argv[1], sys.argv[2]
-    import peftlab.cell.train  # noqa: F401
-    import peftlab.plugin.adapter  # noqa: F401  (imports are not the model's memory)
-
-    base = _status_kib("VmRSS")
-    _, step = build(variant, tmpdir)
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    for _ in range(3):
-        step()
-    print(json.dumps({"peak_rss_delta": (_status_kib("VmHWM") - base) * 1024}))
+    run_probe(lambda: build(sys.argv[1], sys.argv[2])[1])

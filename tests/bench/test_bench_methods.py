@@ -10,20 +10,17 @@ no higher. Peak memory comes from a fresh interpreter per variant (this module r
 
 from __future__ import annotations
 
-import json
-import subprocess
 import sys
 
 import pytest
 import torch
+from stepping import SEQ, TOKENS, probe, run_probe, train_step
 
 from peftlab import load_host
 
 HOST = load_host()
 peft = pytest.importorskip("peft")
 
-BATCH, SEQ = 8, 128
-TOKENS = BATCH * SEQ
 PEDANTIC = {"rounds": 5, "iterations": 1, "warmup_rounds": 2}
 OURS = {"ia3": ("ia3", {}), "dora": ("dora", {"r": 8, "alpha": 16}), "prefix": ("prefix", {"length": 10}),
         "adapter-h": ("adapter-h", {"bottleneck": 64}), "adapter-l": ("adapter-l", {"bottleneck": 64}),
@@ -51,22 +48,7 @@ def build(variant: str):
         attach(base, HOST.adapters.build(name, **settings))
         model = base
         loss_fn = lambda batch: response_loss(model, batch)  # noqa: E731
-    model.train()
-    gen = torch.Generator().manual_seed(1)
-    ids = torch.randint(0, 256, (BATCH, SEQ), generator=gen)
-    labels = ids.clone()
-    labels[:, : SEQ // 2] = -100
-    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-
-    def step() -> float:
-        loss = loss_fn(batch)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return loss.item()
-
-    return model, step
+    return model, train_step(model, loss_fn)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -74,27 +56,9 @@ def test_method_train_step(benchmark, variant):
     impl, method = variant.split("-", 1)
     benchmark.group = f"{method} train step llama-512x6 bf16, {TOKENS} tokens"
     _, step = build(variant)
-    benchmark.extra_info.update(impl="peftlab" if impl == "peftlab" else "peer", tokens=TOKENS, peak_rss=probe(variant))
+    benchmark.extra_info.update(impl="peftlab" if impl == "peftlab" else "peer", tokens=TOKENS, peak_rss=probe(__file__, variant))
     benchmark.pedantic(step, **PEDANTIC)
 
 
-def probe(variant: str) -> int:
-    out = subprocess.run([sys.executable, __file__, variant], capture_output=True, text=True, check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])["peak_rss_delta"]
-
-
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
-
-
 if __name__ == "__main__":  # the memory probe: one variant, fresh process
-    import peftlab.cell.train  # noqa: F401
-
-    base_rss = _status_kib("VmRSS")
-    _, step = build(sys.argv[1])
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    for _ in range(3):
-        step()
-    print(json.dumps({"peak_rss_delta": (_status_kib("VmHWM") - base_rss) * 1024}))
+    run_probe(lambda: build(sys.argv[1])[1])

@@ -1,0 +1,60 @@
+"""What the training-step benchmarks share: the batch, the AdamW step, and the peak-memory probe
+that runs one variant in a fresh interpreter (each benchmark module doubles as the probe script)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Callable
+
+import torch
+
+BATCH, SEQ = 8, 128
+TOKENS = BATCH * SEQ
+
+
+def train_step(model: torch.nn.Module, loss_fn: Callable[[dict], torch.Tensor]) -> Callable[[], float]:
+    """One AdamW step on a fixed batch of BATCH x SEQ tokens, the first half masked as prompt."""
+    model.train()
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 256, (BATCH, SEQ), generator=gen)
+    labels = ids.clone()
+    labels[:, : SEQ // 2] = -100
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+
+    def step() -> float:
+        loss = loss_fn(batch)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.item()
+
+    return step
+
+
+def probe(script: str, *args: str) -> int:
+    """Peak RSS growth (bytes) of ``script *args`` run as the probe, in a fresh interpreter."""
+    out = subprocess.run([sys.executable, script, *args], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])["peak_rss_delta"]
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+
+
+def run_probe(build_step: Callable[[], Callable[[], float]]) -> None:
+    """The probe's body: VmHWM over 3 steps minus VmRSS before the model was built (so the weights
+    count), with the peak reset after building so load-time transients do not; printed as JSON."""
+    import peftlab.cell.train  # noqa: F401
+    import peftlab.plugin.adapter  # noqa: F401  (imports are not the model's memory)
+
+    base = _status_kib("VmRSS")
+    step = build_step()
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    for _ in range(3):
+        step()
+    print(json.dumps({"peak_rss_delta": (_status_kib("VmHWM") - base) * 1024}))
