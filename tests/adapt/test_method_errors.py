@@ -103,3 +103,14 @@ def test_param_groups_that_miss_or_share_a_parameter_are_refused():
         optimizer_groups(model, [{"name": "some", "params": params[:1]}], 1e-3)
     with pytest.raises(ValidationError, match="share no parameter"):
         optimizer_groups(model, [{"name": "x", "params": params}, {"name": "y", "params": params[:1]}], 1e-3)
+
+
+@pytest.mark.parametrize("adapter,quantizer,why", [("prefix", None, "can merge"), ("lora", "nf4", "a float base")])
+def test_merge_into_is_refused_before_anything_loads(adapter, quantizer, why, tmp_path):
+    from peftlab.cell.config import CellConfig
+    from peftlab.cell.run import CellOutputs, run_cell
+
+    cfg = CellConfig.from_dict({"model": {"name": "tiny-llama"}, "adapter": adapter, "quantizer": quantizer,
+                                "train": {"steps": 1}})
+    with pytest.raises(ValidationError, match=f"merge_into=.*{why}"):
+        run_cell(cfg, HOST, progress=False, outputs=CellOutputs(None, None, tmp_path / "merged"))
