@@ -7,6 +7,11 @@ Liang train it, by an MLP from a smaller embedding: ``E (length, kv_dim) -> Line
 -> tanh -> Linear(hidden, layers·2·kv_dim)``; the MLP is dropped after training and the prefix it
 computes is what is saved. Trainable parameters: ``length·layers·2·kv_dim`` plain (peft's count).
 
+The start: peft's N(0, 1) entries (``init = "normal"``), which at every layer swamp the model's own
+keys and values, so the first steps undo the damage; or ``init = "tokens"``, Li & Liang's start from
+real words: the frozen model's own keys and values for random vocabulary tokens, so the untrained
+prefix changes the model only as much as a few words written in front of the input would.
+
 The prefix reaches the model through :func:`peftlab.install_kv_prefix` (training, forward and cached
 generation alike); given the same prefix, outputs equal peft's ``PREFIX_TUNING``, in whose format it
 is saved. Activation checkpointing is refused: transformers drops the cache inside checkpointed layers.
@@ -55,6 +60,28 @@ class PrefixEncoder(nn.Module):
         return self.transform(e) if self.transform is not None else e
 
 
+def token_prefix(model: nn.Module, length: int, geo: dict[str, int]) -> torch.Tensor:
+    """The keys and values the frozen model computes for ``length`` random vocabulary tokens (drawn
+    from torch's generator, so the run's seed picks them), in the prefix's (length, layers·2·kv_dim)
+    layout. Keys are cached after the rotary embedding at positions 0..length-1, and the prefix moves
+    the real tokens to positions from ``length`` on, so the model starts as if those tokens came first."""
+    embeddings = model.get_input_embeddings()
+    ids = torch.randint(embeddings.num_embeddings, (1, length), device=embeddings.weight.device)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            cache = model(input_ids=ids, use_cache=True).past_key_values
+    finally:
+        model.train(was_training)
+    layers = [(layer.keys, layer.values) for layer in cache.layers]
+    if len(layers) != geo["layers"]:
+        raise ValidationError("model", type(model).__name__, f"a cache with one entry per layer ({geo['layers']}), "
+                              f"found {len(layers)}")
+    kv = torch.cat([torch.stack(pair) for pair in layers])[:, 0]  # (layers·2, kv_heads, length, head_dim)
+    return kv.permute(2, 0, 1, 3).reshape(length, -1).float()
+
+
 class Prefix(Adapter):
     """Trainable key/value prefixes at every layer."""
 
@@ -68,7 +95,10 @@ class Prefix(Adapter):
         length: int = option(10, "prefix positions per layer (peft's num_virtual_tokens)", gt=0)
         reparameterize: bool = option(False, "compute the prefix with Li & Liang's MLP while training")
         hidden: int = option(512, "the reparameterisation MLP's hidden width", gt=0)
-        init: Literal["normal", "zero"] = option("normal", "start: N(0, 1) entries as peft, or zeros (the MLP's last layer)")
+        init: Literal["normal", "zero", "tokens"] = option(
+            "normal", "start: N(0, 1) entries as peft; zeros (the MLP's last layer); or tokens: the frozen "
+            "model's keys and values for `length` random vocabulary tokens, as if they preceded every input "
+            "(Li & Liang's start from real words' activations)")
 
     def _attach(self, model: nn.Module) -> list[str]:
         geo = attention_geometry(model)
@@ -77,9 +107,16 @@ class Prefix(Adapter):
                                   f"{geo['context']} positions (the prefix takes positions from it)")
         if hasattr(model, MODULE):
             raise ValidationError("adapter", self.family, "a model without a prefix already attached")
+        if self.init == "tokens" and self.reparameterize:
+            raise ValidationError("init", self.init, "'normal' or 'zero' with reparameterize = true (a token "
+                                  "start sets the prefix itself, which the MLP computes)")
         device = model.get_input_embeddings().weight.device
+        start = token_prefix(model, self.length, geo) if self.init == "tokens" else None  # the first draw
         encoder = PrefixEncoder(self.length, geo["layers"], geo["kv_dim"], self.reparameterize, self.hidden,
                                 self.init, device=device)
+        if start is not None:
+            with torch.no_grad():
+                encoder.embedding.weight.copy_(start)
         model.add_module(MODULE, encoder)
         kv_heads, head_dim, layers = geo["kv_heads"], geo["head_dim"], geo["layers"]
 
