@@ -11,6 +11,10 @@ Short names:
 Anything else is passed to ``AutoModelForCausalLM.from_pretrained`` (a hub id such as
 ``HuggingFaceTB/SmolLM2-135M-Instruct`` or a local folder); a path ending in ``.gguf`` loads
 through transformers' GGUF reader.
+
+Given a quantizer, a hub id or folder saved as safetensors is quantized while it loads
+(:func:`peftlab.quantize.while_loading.load_quantized`: the float model never exists whole);
+other models load in float and are quantized after (``Loaded.quantized`` says which happened).
 """
 
 from __future__ import annotations
@@ -74,6 +78,7 @@ class Loaded:
     source: str  # what was loaded: a path, hub id or "config:<arch>"
     device: torch.device
     dtype: torch.dtype
+    quantized: Any = None  # the QuantizeReport when the model was quantized while loading
 
 
 def byte_tokenizer():
@@ -141,12 +146,34 @@ def resolve(name: str) -> tuple[str, dict[str, Any]]:
                           f"one of {', '.join(KNOWN)}, a hub id (owner/name), a local model folder or a .gguf file")
 
 
-def load(cfg: ModelConfig, seed: int = 0) -> Loaded:
+def safetensors_folder(name: str) -> str:
+    """The local folder of a hub id or folder, fetching only the config and safetensors files of a
+    hub id (into the hub cache, as from_pretrained would)."""
+    if os.path.isdir(os.path.expanduser(name)):
+        return os.path.expanduser(name)
+    from huggingface_hub import snapshot_download
+
+    return snapshot_download(name, allow_patterns=["*.json", "*.safetensors"])
+
+
+def load(cfg: ModelConfig, seed: int = 0, quantizer: Any = None, compute_dtype: torch.dtype = torch.bfloat16) -> Loaded:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     kind, args = resolve(cfg.name)
     device = cfg.resolved_device()
     dtype = cfg.resolved_dtype(device)
+    if kind == "pretrained" and quantizer is not None:
+        from peftlab.quantize.while_loading import load_quantized
+
+        streamed = load_quantized(safetensors_folder(args["id"]), quantizer, device=device, dtype=dtype,
+                                  compute_dtype=compute_dtype)
+        if streamed is not None:
+            tok = AutoTokenizer.from_pretrained(args["id"])
+            if tok.pad_token is None:
+                tok.pad_token = tok.eos_token
+            model, report = streamed
+            model.config.use_cache = False
+            return Loaded(model, tok, args["id"], device, dtype, quantized=report)
     if kind == "config":
         model, tok = build_from_config(args["name"], cfg.max_positions, seed)
         source = f"config:{CONFIG_MODELS[args['name']][0]}"

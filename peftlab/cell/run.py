@@ -111,7 +111,8 @@ def run_cell(cfg: CellConfig, host: PluginHost, *, progress: bool = True,
     device = cfg.model.resolved_device()
     peak = PeakMemory(device, cfg.memory_mode).start()
     torch.manual_seed(cfg.train.seed)
-    loaded = load(cfg.model, seed=cfg.train.seed)
+    compute = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
+    loaded = load(cfg.model, seed=cfg.train.seed, quantizer=quantizer, compute_dtype=compute)
     model, tok = loaded.model, loaded.tokenizer
     encoded = encode(train_rows, tok, cfg.data.max_length)
     rec.update({"device": device_name(device), "model.source": loaded.source, "model.dtype": str(loaded.dtype).removeprefix("torch."),
@@ -119,10 +120,9 @@ def run_cell(cfg: CellConfig, host: PluginHost, *, progress: bool = True,
                 "data.truncated": encoded.truncated, "data.eval_inputs": len(eval_items),
                 "data.eval_references": sum(len(i.references) for i in eval_items), **eval_info})
     if quantizer is not None:
-        compute = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
-        qrep = quantize_(model, quantizer, compute_dtype=compute)
+        qrep = loaded.quantized or quantize_(model, quantizer, compute_dtype=compute)
         rec.update({"quant.layers": len(qrep.layers), "quant.bytes_before": qrep.bytes_before,
-                    "quant.bytes_after": qrep.bytes_after})
+                    "quant.bytes_after": qrep.bytes_after, "quant.while_loading": loaded.quantized is not None})
     rec["base.weight_bytes"] = base_weight_bytes(model)
     torch.manual_seed(cfg.train.seed)
     if cfg.adapter_from:

@@ -54,6 +54,18 @@ def _matcher(filter: Filter) -> Callable[[str, nn.Module], bool]:
     return lambda name, m: any(c.search(name) for c in compiled)
 
 
+def select_layers(model: nn.Module, filter: Filter) -> list[tuple[str, nn.Module]]:
+    """The linear layers ``filter`` selects, as (name, module); selecting none is an error listing
+    the candidates."""
+    match = _matcher(filter)
+    candidates = [(n, m) for n, m in model.named_modules() if n and is_linear_like(m)]
+    chosen = [(n, m) for n, m in candidates if match(n, m)]
+    if not chosen:
+        names = ", ".join(n for n, _ in candidates) or "(the model has no nn.Linear or Conv1D layer)"
+        raise ValidationError("filter", filter, f"a selection of at least one layer; candidate layers: {names}")
+    return chosen
+
+
 def quantize_(model: nn.Module, quantizer: Quantizer, filter: Filter = None, *,
               compute_dtype: torch.dtype = torch.bfloat16) -> QuantizeReport:
     """Replace the linear layers of ``model`` selected by ``filter`` with :class:`QuantizedLinear`,
@@ -67,12 +79,7 @@ def quantize_(model: nn.Module, quantizer: Quantizer, filter: Filter = None, *,
     if not isinstance(quantizer, Quantizer):
         hint = f" (build it by name: host.quantizers.build({quantizer!r}))" if isinstance(quantizer, str) else ""
         raise ValidationError("quantizer", quantizer, "a peftlab.Quantizer instance" + hint)
-    match = _matcher(filter)
-    candidates = [(n, m) for n, m in model.named_modules() if n and is_linear_like(m)]
-    chosen = [(n, m) for n, m in candidates if match(n, m)]
-    if not chosen:
-        names = ", ".join(n for n, _ in candidates) or "(the model has no nn.Linear or Conv1D layer)"
-        raise ValidationError("filter", filter, f"a selection of at least one layer; candidate layers: {names}")
+    chosen = select_layers(model, filter)
     report = QuantizeReport(getattr(quantizer, "name", None) or type(quantizer).__name__)
     for full_name, layer in chosen:
         new = QuantizedLinear.from_linear(layer, quantizer, compute_dtype)
