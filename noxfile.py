@@ -45,8 +45,8 @@ def install(session: nox.Session, extras: str = "test") -> None:
 
 @nox.session
 def tests(session: nox.Session) -> None:
-    """Run the test suite (with the example third-party plugin installed)."""
-    install(session)
+    """Run the test suite (with the example third-party plugin and the Ray and Slurm extras installed)."""
+    install(session, "test,ray,slurm")
     session.install(EXAMPLE_PLUGIN)
     session.run("pytest", "-q", "-p", "no:cacheprovider", *session.posargs,
                 env={"PEFTLAB_EXPECT_EXAMPLE_PLUGIN": "1"})

@@ -115,7 +115,7 @@ def run_cell(cfg: CellConfig, host: PluginHost, *, progress: bool = True,
     loaded = load(cfg.model, seed=cfg.train.seed, quantizer=quantizer, compute_dtype=compute)
     model, tok = loaded.model, loaded.tokenizer
     encoded = encode(train_rows, tok, cfg.data.max_length)
-    rec.update({"device": device_name(device), "model.source": loaded.source, "model.dtype": str(loaded.dtype).removeprefix("torch."),
+    rec.update({"device": device_name(device), "cell.threads": torch.get_num_threads(), "model.source": loaded.source, "model.dtype": str(loaded.dtype).removeprefix("torch."),
                 "data.train_rows": len(train_rows), "data.dropped_too_long": encoded.dropped,
                 "data.truncated": encoded.truncated, "data.eval_inputs": len(eval_items),
                 "data.eval_references": sum(len(i.references) for i in eval_items), **eval_info})

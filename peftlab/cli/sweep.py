@@ -17,6 +17,16 @@ def add_parsers(sub) -> None:
     p.add_argument("--reuse-foreign", action="store_true",
                    help="count finished records made on another host or with other versions as done")
     p.add_argument("--plan", action="store_true", help="validate and list the cells; run nothing")
+    p.add_argument("--executor", choices=["local", "ray", "slurm"],
+                   help="where cells run (default: the experiment's [executor] kind, else local)")
+    p.add_argument("--jobs", type=int, metavar="N",
+                   help="local: cells at once on this machine, one GPU each or an equal share of the CPU cores each")
+    p.add_argument("--ray-address", help="ray: the cluster to join (default: start a local instance)")
+    p.add_argument("--partition", help="slurm: the partition")
+    p.add_argument("--time-min", type=int, help="slurm: each cell's time limit in minutes (default 60)")
+    p.add_argument("--gpus-per-cell", type=int, help="ray, slurm (default: 1 on CUDA, else 0)")
+    p.add_argument("--cpus-per-cell", type=int, help="ray, slurm (default: 1 with a GPU, else this machine's cores)")
+    p.add_argument("--mem-gb", type=int, help="slurm: memory per cell")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run_sweep)
     r = sub.add_parser("report", help="re-render report.md, tables and plots of a results folder")
@@ -25,8 +35,10 @@ def add_parsers(sub) -> None:
 
 
 def run_sweep(args: argparse.Namespace) -> int:
+    from peftlab.cell.models import ModelConfig
     from peftlab.cli.common import host_for
     from peftlab.report.sweep_report import render
+    from peftlab.sweep.executors import ExecutorSettings, build_executor
     from peftlab.sweep.experiment import load_experiment
     from peftlab.sweep.runner import sweep
 
@@ -40,8 +52,14 @@ def run_sweep(args: argparse.Namespace) -> int:
         return 0
     out = Path(args.out or Path("results") / exp.name)
     command = " ".join(["peftlab", *args.argv])
+    settings = ExecutorSettings.from_sources(exp.executor, {
+        "kind": args.executor, "jobs": args.jobs, "ray_address": args.ray_address, "partition": args.partition,
+        "time_min": args.time_min, "gpus_per_cell": args.gpus_per_cell, "cpus_per_cell": args.cpus_per_cell,
+        "mem_gb": args.mem_gb})
+    device = ModelConfig(**exp.base.get("model", {})).resolved_device()
+    executor = build_executor(settings, device.type, out, progress=not args.no_progress)
     try:
-        records = sweep(exp, out, host=host, force=args.force, reuse_foreign=args.reuse_foreign,
+        records = sweep(exp, out, host=host, executor=executor, force=args.force, reuse_foreign=args.reuse_foreign,
                         progress=not args.no_progress, command=command)
     except KeyboardInterrupt:
         print(f"\npeftlab: interrupted. Every finished cell is kept in {out}/cells; run the same command again "

@@ -76,6 +76,7 @@ class Experiment:
     overrides: list[str] = field(default_factory=list)
     save_adapters: str = "none"  # none | best | all: which cells keep their trained adapter
     best_by: str = "metric.bleu-e2e"  # the record column "best" maximises
+    executor: dict[str, Any] = field(default_factory=dict)  # the [executor] table (peftlab.sweep.executors)
 
     def cells(self, host: PluginHost) -> list[PlannedCell]:
         """Expand and validate every cell (cheap: no model is loaded)."""
@@ -220,9 +221,10 @@ def load_experiment(path: str | Path, overrides: list[str] | tuple[str, ...] = (
         raise ValidationError("experiment", str(path), "an existing experiment TOML file (see experiments/)") from None
     except tomllib.TOMLDecodeError as exc:
         raise ValidationError("experiment", str(path), f"valid TOML ({exc})") from None
-    unknown = sorted(set(raw) - {"experiment", "base", "grid"})
+    unknown = sorted(set(raw) - {"experiment", "base", "grid", "executor"})
     if unknown:
-        raise ValidationError(f"{path.name}: {unknown[0]}", raw[unknown[0]], "top-level tables experiment, base and grid")
+        raise ValidationError(f"{path.name}: {unknown[0]}", raw[unknown[0]],
+                              "top-level tables experiment, base, grid and executor")
     meta = raw.get("experiment", {})
     grids = raw.get("grid", [{}])
     grids = [grids] if isinstance(grids, dict) else grids
@@ -231,7 +233,8 @@ def load_experiment(path: str | Path, overrides: list[str] | tuple[str, ...] = (
         raise ValidationError(f"experiment.{bad[0]}", meta[bad[0]], "a key among name, title, save_adapters, best_by")
     exp = Experiment(name=meta.get("name", path.stem), path=str(path), base=raw.get("base", {}), grids=grids,
                      title=meta.get("title", ""), overrides=list(overrides),
-                     save_adapters=meta.get("save_adapters", "none"), best_by=meta.get("best_by", "metric.bleu-e2e"))
+                     save_adapters=meta.get("save_adapters", "none"), best_by=meta.get("best_by", "metric.bleu-e2e"),
+                     executor=dict(raw.get("executor", {})))
     for text in overrides:
         key, value = parse_override(text)
         if key == "name":
@@ -253,6 +256,9 @@ def load_experiment(path: str | Path, overrides: list[str] | tuple[str, ...] = (
                 raise ValidationError("override", key, f"name, adapter, quantizer, memory_mode, grid.<axis> or section.field "
                                       f"with section in {', '.join(SECTIONS)}")
     check_name(exp.name)
+    from peftlab.sweep.executors import ExecutorSettings
+
+    ExecutorSettings.from_sources(exp.executor)  # checked now, built by the sweep
     if exp.save_adapters not in SAVE_ADAPTERS:
         raise ValidationError("experiment.save_adapters", exp.save_adapters, f"one of {', '.join(SAVE_ADAPTERS)}")
     if not exp.best_by.startswith("metric."):

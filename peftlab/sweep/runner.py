@@ -8,8 +8,10 @@ that started them. A cluster executor (Ray, Slurm via submitit) implements the s
 ``run_all`` to run cells in parallel; nothing else changes. The folder's layout belongs to
 :mod:`peftlab.sweep.store`.
 
+``--jobs N`` runs N workers at once (one GPU each, or an equal share of the CPU threads each).
+
 Re-running a sweep skips cells whose record says ``ok`` or ``skipped`` and was made here (this
-host, the same torch, transformers, bitsandbytes and peftlab); failed, missing or damaged cells
+host, the same torch, transformers, bitsandbytes and peftlab; any thread count); failed, missing or damaged cells
 run again, and so do records from elsewhere (committed reference results in a fresh clone) unless
 ``reuse_foreign``; ``force`` re-runs everything.
 """
@@ -19,16 +21,21 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import queue
+import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
 from peftlab.host import HostSettings, PluginHost
+from peftlab.plugin.errors import ValidationError
 from peftlab.sweep.experiment import Experiment, PlannedCell
 from peftlab.sweep.store import CellFiles, ResultsStore, identity
 
@@ -62,25 +69,55 @@ def _die_with_parent() -> None:  # pragma: no cover - runs in the child between 
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
+def job_slots(jobs: int, device_type: str) -> list[dict[str, str]]:
+    """The environment of each of ``jobs`` parallel workers: on CUDA one GPU each
+    (``CUDA_VISIBLE_DEVICES``), on the CPU an equal share of the cores as torch threads (jobs x
+    threads <= cores). One job changes nothing. Refused before anything runs when the machine
+    cannot give every job its share."""
+    if not isinstance(jobs, int) or isinstance(jobs, bool) or jobs < 1:
+        raise ValidationError("jobs", jobs, "a whole number of parallel cells, at least 1")
+    if jobs == 1:
+        return [{}]
+    if device_type == "cuda":
+        import torch
+
+        gpus = torch.cuda.device_count()
+        if jobs > gpus:
+            raise ValidationError("jobs", jobs, f"at most {gpus}: this machine has {gpus} GPU(s), one per job")
+        visible = [v for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v] or [str(i) for i in range(gpus)]
+        return [{"CUDA_VISIBLE_DEVICES": visible[i], "PEFTLAB_SWEEP_JOBS": str(jobs)} for i in range(jobs)]
+    cores = len(os.sched_getaffinity(0))
+    if jobs > cores:
+        raise ValidationError("jobs", jobs, f"at most {cores}: this machine has {cores} CPU cores, and each job needs "
+                              "at least one thread")
+    threads = str(cores // jobs)
+    return [{"OMP_NUM_THREADS": threads, "PEFTLAB_NUM_THREADS": threads, "PEFTLAB_SWEEP_JOBS": str(jobs)}] * jobs
+
+
 class LocalProcessExecutor(Executor):
-    """One ``python -m peftlab.sweep.worker`` process per cell on this machine."""
+    """One ``python -m peftlab.sweep.worker`` process per cell on this machine; with ``jobs`` > 1,
+    that many at once, each with the environment :func:`job_slots` gives it (its own GPU, or its
+    share of the CPU threads). Workers' own progress bars are shown only with one job."""
 
-    def __init__(self, progress: bool = True, tail_bytes: int = 4000):
+    def __init__(self, progress: bool = True, tail_bytes: int = 4000, jobs: int = 1, device_type: str = "cpu"):
         self.progress, self.tail_bytes = progress, tail_bytes
+        self.slots = job_slots(jobs, device_type)
+        self._live: set[subprocess.Popen] = set()
 
-    def spawn(self, args: list[str]) -> subprocess.Popen:
-        return subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, preexec_fn=_die_with_parent)
+    def spawn(self, args: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
+        return subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, preexec_fn=_die_with_parent,
+                                env={**os.environ, **env} if env else None)
 
-    def run(self, cell: PlannedCell, files: CellFiles) -> dict[str, Any]:
-        args = [sys.executable, "-m", "peftlab.sweep.worker", str(files.inputs), str(files.record)]
-        if not self.progress:
-            args.append("--no-progress")
+    def run(self, cell: PlannedCell, files: CellFiles, env: dict[str, str] | None = None) -> dict[str, Any]:
+        show = self.progress and len(self.slots) == 1
+        args = worker_command(files, show)
         start = time.perf_counter()
-        proc = self.spawn(args)
+        proc = self.spawn(args, env or self.slots[0])
+        self._live.add(proc)
         tail = b""
         try:
             while chunk := os.read(proc.stderr.fileno(), 4096):
-                if self.progress:
+                if show:
                     sys.stderr.buffer.write(chunk)
                     sys.stderr.flush()
                 tail = (tail + chunk)[-self.tail_bytes:]
@@ -89,16 +126,82 @@ class LocalProcessExecutor(Executor):
             proc.terminate()
             proc.wait()
             raise
-        rec = ResultsStore.read_written(files)
-        if rec is not None:
-            return rec
-        why = f"exited with status {rc}" if rc >= 0 else f"was killed by {signal.Signals(-rc).name}"
-        if rc == -signal.SIGKILL:
-            why += " (out of memory, or killed from outside)"
-        last = tail.decode(errors="replace").replace("\r", "\n").strip().splitlines()[-3:]
-        record = own_record(cell, "failed", f"the cell's process {why}" + (": " + " | ".join(last) if last else ""))
-        record["time.wall_s"] = time.perf_counter() - start
-        return record
+        finally:
+            self._live.discard(proc)
+        return written_or_failed(cell, files, exit_reason(rc, tail), time.perf_counter() - start)
+
+
+    def run_all(self, cells: list[PlannedCell], files: Callable[[PlannedCell], CellFiles],
+                on_record: Callable[[PlannedCell, CellFiles, dict[str, Any]], None]) -> None:
+        if len(self.slots) == 1:
+            return super().run_all(cells, files, on_record)
+        free: queue.Queue[dict[str, str]] = queue.Queue()
+        for slot in self.slots:
+            free.put(slot)
+        lock = threading.Lock()  # the store, the bar and the hooks see one record at a time
+        stopping = threading.Event()
+
+        def one(cell: PlannedCell) -> None:
+            slot = free.get()
+            if stopping.is_set():
+                free.put(slot)
+                return
+            try:
+                with lock:
+                    f = files(cell)
+                rec = self.run(cell, f, slot)
+                with lock:
+                    if not stopping.is_set():  # a worker stopped by Ctrl-C leaves no record, as with one job
+                        on_record(cell, f, rec)
+            finally:
+                free.put(slot)
+
+        pool = ThreadPoolExecutor(len(self.slots), thread_name_prefix="peftlab-job")
+        try:
+            for future in as_completed([pool.submit(one, c) for c in cells]):
+                future.result()
+        except BaseException:  # Ctrl-C or a bug: no new cell starts, the running workers stop
+            stopping.set()
+            pool.shutdown(wait=False, cancel_futures=True)
+            for proc in list(self._live):
+                proc.terminate()
+            raise
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+
+def worker_command(files: CellFiles, progress: bool = False) -> list[str]:
+    """The command that runs one cell from its inputs file (every executor runs this)."""
+    return [sys.executable, "-m", "peftlab.sweep.worker", str(files.inputs), str(files.record),
+            *([] if progress else ["--no-progress"])]
+
+
+def run_worker_process(args: list[str], env: dict[str, str] | None = None, tail_bytes: int = 4000) -> tuple[int, str]:
+    """Run a worker command to its end where this function runs (a Ray task, a Slurm job): its
+    exit status and the tail of its stderr."""
+    done = subprocess.run(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ, **(env or {})},
+                          preexec_fn=_die_with_parent)
+    return done.returncode, done.stderr[-tail_bytes:].decode(errors="replace")
+
+
+def exit_reason(rc: int, tail: bytes | str) -> str:
+    why = f"exited with status {rc}" if rc >= 0 else f"was killed by {signal.Signals(-rc).name}"
+    if rc == -signal.SIGKILL:
+        why += " (out of memory, or killed from outside)"
+    text = tail.decode(errors="replace") if isinstance(tail, bytes) else tail
+    last = text.replace("\r", "\n").strip().splitlines()[-3:]
+    return f"the cell's process {why}" + (": " + " | ".join(last) if last else "")
+
+
+def written_or_failed(cell: PlannedCell, files: CellFiles, reason: str, seconds: float | None = None) -> dict[str, Any]:
+    """The record the cell's worker wrote, or a ``failed`` record saying why there is none."""
+    rec = ResultsStore.read_written(files)
+    if rec is not None:
+        return rec
+    record = own_record(cell, "failed", reason)
+    if seconds is not None:
+        record["time.wall_s"] = seconds
+    return record
 
 
 def cell_identity(cell: PlannedCell) -> dict[str, Any]:
@@ -124,19 +227,35 @@ def here(exp: Experiment | None = None) -> dict[str, str]:
             **{k: v.get(k.removeprefix("version."), "") for k in SAME_PLACE[2:]}}
 
 
+def _cores_only(device: Any) -> Any:
+    """A CPU's device name without the thread count: a cell run with a share of the threads
+    (``--jobs``) was still made on this machine (its threads are recorded in ``cell.threads``)."""
+    return re.sub(r", \d+ threads\)$", ")", device) if isinstance(device, str) else device
+
+
+def same_place(record: dict[str, Any], place: dict[str, str]) -> bool:
+    return all((_cores_only(record.get(k)) if k == "device" else record.get(k)) ==
+               (_cores_only(v) if k == "device" else v) for k, v in place.items())
+
+
 def sweep(exp: Experiment, out: Path, *, host: PluginHost, executor: Executor | None = None, force: bool = False,
           reuse_foreign: bool = False, progress: bool = True, command: str | None = None,
-          log: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
+          log: Callable[[str], None] | None = None, jobs: int = 1) -> list[dict[str, Any]]:
     """Plan, validate and run every cell of ``exp`` into ``out``; returns the planned cells'
     records (old and new). A finished record made on another host or with other versions is run
-    again here, unless ``reuse_foreign``; it stays in place until its replacement is written."""
+    again here, unless ``reuse_foreign``; it stays in place until its replacement is written.
+    ``jobs`` cells run at once with the local executor (see :func:`job_slots`)."""
     from tqdm.auto import tqdm
 
     from peftlab.provenance import versions
 
     log = log or (lambda s: print(s, file=sys.stderr))
     cells = exp.cells(host)  # everything is validated before anything runs
-    executor = executor or LocalProcessExecutor(progress=progress)
+    if executor is None:
+        from peftlab.cell.models import ModelConfig
+
+        device = ModelConfig(**exp.base.get("model", {})).resolved_device()
+        executor = LocalProcessExecutor(progress=progress, jobs=jobs, device_type=device.type)
     store = ResultsStore(out)
     with store.locked():
         store.open(exp.name, exp.path, command, versions()["peftlab"])
@@ -145,8 +264,7 @@ def sweep(exp: Experiment, out: Path, *, host: PluginHost, executor: Executor | 
         for c in cells:
             prior = scan.records.get(c.cell_id)
             finished = prior is not None and prior["status"] in DONE and not force
-            if finished and (reuse_foreign or prior["status"] == "skipped"
-                             or all(prior.get(k) == v for k, v in place.items())):
+            if finished and (reuse_foreign or prior["status"] == "skipped" or same_place(prior, place)):
                 done += 1
             elif c.skip_reason:
                 _finish(host, store, own_record(c, "skipped", c.skip_reason))

@@ -18,6 +18,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("record")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
+    import os
     from pathlib import Path
 
     from peftlab.cell.config import CellConfig
@@ -26,6 +27,10 @@ def main(argv: list[str] | None = None) -> int:
     from peftlab.plugin.errors import PeftlabError
     from peftlab.sweep.store import write_record_file
 
+    if os.environ.get("PEFTLAB_NUM_THREADS"):  # this worker's share of the cores (sweep --jobs)
+        import torch
+
+        torch.set_num_threads(int(os.environ["PEFTLAB_NUM_THREADS"]))
     with open(args.inputs) as f:
         spec = json.load(f)
     cfg = CellConfig.from_dict(spec["settings"])
@@ -47,6 +52,8 @@ def main(argv: list[str] | None = None) -> int:
         rec = {**base_record(cfg), "status": "failed", "reason": f"{type(exc).__name__}: {exc}",
                "error.traceback": "".join(frames)[-2000:]}
         traceback.print_exc()
+    if os.environ.get("PEFTLAB_SWEEP_JOBS"):
+        rec["sweep.jobs"] = int(os.environ["PEFTLAB_SWEEP_JOBS"])
     write_record_file(args.record, {**ident, **rec})
     return 0
 

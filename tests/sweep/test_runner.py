@@ -56,8 +56,8 @@ class KillOne(LocalProcessExecutor):
         self.ran.append(cell.label)
         return super().run(cell, files)
 
-    def spawn(self, args):
-        proc = super().spawn(args)
+    def spawn(self, args, env=None):
+        proc = super().spawn(args, env)
         if self.victim in self.current:
             os.kill(proc.pid, signal.SIGKILL)
         return proc
