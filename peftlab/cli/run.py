@@ -37,7 +37,7 @@ def add_parser(sub) -> None:
     p = sub.add_parser("run", help="train, evaluate and measure one cell; print its record", description=__doc__)
     p.add_argument("--config", help="a TOML file with the cell's settings; flags given here override it")
     g = p.add_argument_group("model")
-    g.add_argument("--model", help="smollm2-135m, tiny-llama, tiny-gpt2, llama-512x6, a hub id, folder or .gguf"
+    g.add_argument("--model", help="smollm2-135m, tiny-llama, tiny-gpt2, llama-512x6, llama-1b, a hub id, folder or .gguf"
                    + dflt("model.name"))
     g.add_argument("--device", help="auto, cpu, cuda, cuda:N" + dflt("model.device"))
     g.add_argument("--dtype", help="auto, float32, bfloat16, float16 (weights)" + dflt("model.dtype"))
