@@ -1,66 +1,12 @@
-"""Which executor runs a sweep's cells, from the experiment's ``[executor]`` table and the
-command line (flags win):
-
-```toml
-[executor]
-kind = "slurm"          # local (default) | ray | slurm
-partition = "gpu"       # slurm
-time_min = 120          # slurm: the time limit of each cell's job
-gpus_per_cell = 1       # ray, slurm (default: 1 when the model's device is CUDA, else 0)
-cpus_per_cell = 8       # ray, slurm (default: 1 with a GPU, else this machine's cores)
-mem_gb = 64             # slurm
-ray_address = "auto"    # ray: join this cluster (default: start a local instance)
-jobs = 2                # local: cells at once on this machine
-```
-"""
+"""The executor an :class:`ExecutorSettings` describes: local processes, Ray tasks or Slurm jobs."""
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
 
-from peftlab.plugin.errors import ValidationError
+from peftlab.sweep.executor_settings import ExecutorSettings
 from peftlab.sweep.runner import Executor, LocalProcessExecutor
-
-KINDS = ("local", "ray", "slurm")
-ONLY_FOR = {"jobs": "local", "ray_address": "ray", "partition": "slurm", "time_min": "slurm", "mem_gb": "slurm",
-            "cluster": "slurm"}
-
-
-@dataclass
-class ExecutorSettings:
-    kind: str = "local"
-    jobs: int = 1
-    ray_address: str | None = None
-    partition: str | None = None
-    time_min: int = 60
-    cpus_per_cell: int | None = None
-    gpus_per_cell: int | None = None
-    mem_gb: int | None = None
-    cluster: str = "slurm"  # "local": submitit's local executor (tests)
-
-    @classmethod
-    def from_sources(cls, table: dict[str, Any] | None, flags: dict[str, Any] | None = None) -> ExecutorSettings:
-        """The experiment's ``[executor]`` table, then the flags that were given (not None)."""
-        allowed = [f.name for f in fields(cls)]
-        merged: dict[str, Any] = {}
-        named: dict[str, str] = {}  # how the error names each key: executor.jobs, or --jobs
-        for flag, source in ((False, table or {}), (True, {k: v for k, v in (flags or {}).items() if v is not None})):
-            for key, value in source.items():
-                named[key] = "--" + ("executor" if key == "kind" else key.replace("_", "-")) if flag else f"executor.{key}"
-                if key not in allowed:
-                    raise ValidationError(named[key], value, f"a key among {', '.join(allowed)}")
-                merged[key] = value
-        settings = cls(**merged)
-        if settings.kind not in KINDS:
-            raise ValidationError(named["kind"], settings.kind, f"one of {', '.join(KINDS)}")
-        for key, kind in ONLY_FOR.items():
-            if key in merged and merged[key] != getattr(cls, key) and settings.kind != kind:
-                raise ValidationError(named[key], merged[key], f"unset with executor {settings.kind!r} "
-                                      f"(it applies to the {kind} executor)")
-        return settings
 
 
 def build_executor(settings: ExecutorSettings, device_type: str, out: Path, progress: bool = True) -> Executor:

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from peftlab import ValidationError, load_host
-from peftlab.sweep.executors import ExecutorSettings, build_executor
+from peftlab.sweep.executor_settings import ExecutorSettings
+from peftlab.sweep.executors import build_executor
 from peftlab.sweep.experiment import load_experiment
 from peftlab.sweep.runner import run_worker_process, sweep
 
