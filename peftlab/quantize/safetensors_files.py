@@ -108,9 +108,10 @@ def checkpoint_entries(folder: Path) -> dict[str, TensorEntry] | None:
     return None
 
 
-def read_tensor(f: BinaryIO, entry: TensorEntry) -> torch.Tensor:
-    """One tensor, read from the open file ``f`` into fresh memory."""
-    buf = torch.empty(entry.nbytes, dtype=torch.uint8)
+def read_tensor(f: BinaryIO, entry: TensorEntry, into: torch.Tensor | None = None) -> torch.Tensor:
+    """One tensor, read from the open file ``f`` into fresh memory, or into the first bytes of
+    ``into`` (a reused uint8 buffer, for tensors that only pass through)."""
+    buf = torch.empty(entry.nbytes, dtype=torch.uint8) if into is None else into[: entry.nbytes]
     f.seek(entry.start)
     got = f.readinto(memoryview(buf.numpy())) if entry.nbytes else 0
     if got != entry.nbytes:

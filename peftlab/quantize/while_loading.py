@@ -14,6 +14,7 @@ quantizer plugin.
 
 from __future__ import annotations
 
+import math
 import re
 from collections import defaultdict
 from collections.abc import Iterator
@@ -126,15 +127,20 @@ def load_quantized(folder: str | Path, quantizer: Quantizer, *, filter: Filter =
     by_file: dict[Path, list[TensorEntry]] = defaultdict(list)
     for name in mapping:
         by_file[entries[name].file].append(entries[name])
+    # a weight on its way to being quantized passes through two buffers reused for every layer
+    # (as read; cast to the model dtype on the device): allocating and freeing one float tensor
+    # per layer instead fragments the heap, and the freed memory stays counted in the process
+    passing = [entries[n] for n, t in mapping.items() if t in weights]
+    staged = torch.empty(max(e.nbytes for e in passing), dtype=torch.uint8)
+    cast = torch.empty(max(math.prod(e.shape) for e in passing) * dtype.itemsize, dtype=torch.uint8, device=device)
     for path in sorted(by_file):
         with open(path, "rb", buffering=0) as f:
             for entry in sorted(by_file[path], key=lambda e: e.start):
                 target = mapping[entry.name]
-                value = read_tensor(f, entry)
-                if value.is_floating_point():
-                    value = value.to(dtype=dtype)
-                value = value.to(device)
                 if target in weights:
+                    raw = read_tensor(f, entry, into=staged)
+                    value = cast[: raw.numel() * dtype.itemsize].view(dtype).view(raw.shape)
+                    value.copy_(raw)
                     layer_name = weights[target]
                     layer = model.get_submodule(layer_name)
                     w = value.t() if is_conv1d(layer) else value
@@ -143,14 +149,21 @@ def load_quantized(folder: str | Path, quantizer: Quantizer, *, filter: Filter =
                     except ValidationError as exc:
                         raise ValidationError(f"layer {layer_name}", f"weight of shape {tuple(w.shape)}",
                                               f"a shape {report.quantizer} can quantize ({exc})") from None
+                    for key, t in qweight.tensors.items():  # a quantizer that keeps its input keeps a copy
+                        if t.untyped_storage().data_ptr() == cast.untyped_storage().data_ptr():
+                            qweight.tensors[key] = t.clone()
                     replace_module(model, layer_name, QuantizedLinear(qweight, quantizer, layer.bias, compute_dtype))
                     report.layers.append(layer_name)
                     report.params += w.numel()
                     report.bytes_before += w.numel() * w.element_size()
                     report.bytes_after += qweight.storage_bytes
                 else:
-                    _place(model, target, value)
+                    value = read_tensor(f, entry)
+                    if value.is_floating_point():
+                        value = value.to(dtype=dtype)
+                    _place(model, target, value.to(device))
                 del value
+    del staged, cast
     report.layers.sort(key=list(chosen).index)  # in the model's order, as quantize_ reports them
     model.tie_weights()
     # buffers computed at build time (rotary tables) go where load() puts them

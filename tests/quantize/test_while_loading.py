@@ -115,6 +115,28 @@ def test_a_truncated_file_is_named(saved, tmp_path):
         load_quantized(folder, HOST.quantizers.build("nf4"))
 
 
+class KeepsItsInput(Quantizer):
+    """A test quantizer that stores the weight it was given as is (no copy)."""
+
+    family = "identity"
+
+    def _quantize(self, w):
+        return QuantizedWeight("identity", tuple(w.shape), w.dtype, {"w": w})
+
+    def dequantize(self, q, dtype=torch.float32):
+        return q.tensors["w"].to(dtype)
+
+    def nominal_bits(self):
+        return 32.0
+
+
+def test_a_quantizer_keeping_its_input_does_not_see_the_next_layer_overwrite_it(saved):
+    ours, _ = load_quantized(saved, KeepsItsInput())
+    want, _ = reference(saved, KeepsItsInput(), torch.float32)
+    for key, t in want.state_dict().items():
+        assert torch.equal(ours.state_dict()[key], t), key
+
+
 class RefusesWideRows(Quantizer):
     """A test quantizer that cannot take rows wider than 64 (as a real one might refuse a shape)."""
 
