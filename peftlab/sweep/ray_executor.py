@@ -16,9 +16,8 @@ from typing import Any
 from peftlab.plugin.errors import ValidationError
 from peftlab.sweep.experiment import PlannedCell
 from peftlab.sweep.runner import (
-    Executor,
+    ClusterExecutor,
     exit_reason,
-    run_worker_process,
     worker_command,
     written_or_failed,
 )
@@ -49,25 +48,14 @@ def answers(address: str, timeout_s: float = 5.0) -> None:
                               f"{timeout_s:.0f} s: {exc.strerror or exc})") from None
 
 
-class RayExecutor(Executor):
+class RayExecutor(ClusterExecutor):
     """One Ray task per cell, ``cpus`` and ``gpus`` each (the worker uses ``cpus`` torch threads)."""
 
     def __init__(self, address: str | None = None, cpus: int = 1, gpus: int = 0, init_args: dict[str, Any] | None = None):
         self.ray = import_ray()
-        for name, value, low in (("cpus_per_cell", cpus, 1), ("gpus_per_cell", gpus, 0)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < low:
-                raise ValidationError(name, value, f"a whole number >= {low}")
-        self.address, self.cpus, self.gpus = address, cpus, gpus
+        super().__init__(cpus, gpus)
+        self.address = address
         self.init_args = init_args or {}
-
-    def task(self) -> Callable[[list[str], dict[str, str]], tuple[int, str]]:
-        """What each Ray task runs (tests replace it to kill a task mid-cell)."""
-        return run_worker_process
-
-    def run(self, cell: PlannedCell, files: CellFiles) -> dict[str, Any]:
-        records = []
-        self.run_all([cell], lambda c: files, lambda c, f, rec: records.append(rec))
-        return records[0]
 
     def _connect(self) -> bool:
         """Join the cluster (or start a local instance); True when this sweep started Ray."""
@@ -91,7 +79,7 @@ class RayExecutor(Executor):
         started = self._connect()
         try:
             remote = ray.remote(num_cpus=self.cpus, num_gpus=self.gpus, max_retries=0)(self.task())
-            env = {"PEFTLAB_NUM_THREADS": str(self.cpus), "OMP_NUM_THREADS": str(self.cpus)}
+            env = self.worker_env()
             pending = {}
             for cell in cells:
                 f = files(cell)

@@ -90,8 +90,18 @@ def job_slots(jobs: int, device_type: str) -> list[dict[str, str]]:
     if jobs > cores:
         raise ValidationError("jobs", jobs, f"at most {cores}: this machine has {cores} CPU cores, and each job needs "
                               "at least one thread")
-    threads = str(cores // jobs)
-    return [{"OMP_NUM_THREADS": threads, "PEFTLAB_NUM_THREADS": threads, "PEFTLAB_SWEEP_JOBS": str(jobs)}] * jobs
+    return [{**threads_env(cores // jobs), "PEFTLAB_SWEEP_JOBS": str(jobs)}] * jobs
+
+
+def threads_env(threads: int) -> dict[str, str]:
+    """The environment that gives a worker ``threads`` torch threads (the worker reads
+    ``PEFTLAB_NUM_THREADS``; OpenMP reads the other)."""
+    return {"OMP_NUM_THREADS": str(threads), "PEFTLAB_NUM_THREADS": str(threads)}
+
+
+def check_whole(name: str, value: object, low: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < low:
+        raise ValidationError(name, value, f"a whole number >= {low}")
 
 
 class LocalProcessExecutor(Executor):
@@ -202,6 +212,29 @@ def written_or_failed(cell: PlannedCell, files: CellFiles, reason: str, seconds:
     if seconds is not None:
         record["time.wall_s"] = seconds
     return record
+
+
+class ClusterExecutor(Executor):
+    """Base of the executors that send every cell elsewhere with a fixed share (Ray tasks, Slurm
+    jobs): ``cpus`` threads and ``gpus`` GPUs per cell, the worker command run by :meth:`task`
+    there, and ``run`` as ``run_all`` on one cell."""
+
+    def __init__(self, cpus: int = 1, gpus: int = 0):
+        check_whole("cpus_per_cell", cpus, 1)
+        check_whole("gpus_per_cell", gpus, 0)
+        self.cpus, self.gpus = cpus, gpus
+
+    def task(self) -> Callable[[list[str], dict[str, str]], tuple[int, str]]:
+        """What each task or job runs (tests replace it to kill one mid-cell)."""
+        return run_worker_process
+
+    def worker_env(self) -> dict[str, str]:
+        return threads_env(self.cpus)
+
+    def run(self, cell: PlannedCell, files: CellFiles) -> dict[str, Any]:
+        records = []
+        self.run_all([cell], lambda c: files, lambda c, f, rec: records.append(rec))
+        return records[0]
 
 
 def cell_identity(cell: PlannedCell) -> dict[str, Any]:

@@ -20,9 +20,9 @@ from typing import Any
 from peftlab.plugin.errors import ValidationError
 from peftlab.sweep.experiment import PlannedCell
 from peftlab.sweep.runner import (
-    Executor,
+    ClusterExecutor,
+    check_whole,
     exit_reason,
-    run_worker_process,
     worker_command,
     written_or_failed,
 )
@@ -39,24 +39,20 @@ def import_submitit():
     return submitit
 
 
-class SlurmExecutor(Executor):
+class SlurmExecutor(ClusterExecutor):
     """One submitit job per cell."""
 
     def __init__(self, folder: str | Path, *, partition: str | None = None, time_min: int = 60, cpus: int = 1,
                  gpus: int = 0, mem_gb: int | None = None, cluster: str = "slurm", poll_s: float = 2.0):
         self.submitit = import_submitit()
+        super().__init__(cpus, gpus)
         if cluster not in CLUSTERS:
             raise ValidationError("cluster", cluster, f"one of {', '.join(CLUSTERS)}")
-        for name, value, low in (("time_min", time_min, 1), ("cpus_per_cell", cpus, 1), ("gpus_per_cell", gpus, 0),
-                                 ("mem_gb", mem_gb if mem_gb is not None else 1, 1)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < low:
-                raise ValidationError(name, value, f"a whole number >= {low}")
+        check_whole("time_min", time_min, 1)
+        if mem_gb is not None:
+            check_whole("mem_gb", mem_gb, 1)
         self.folder, self.partition, self.time_min = Path(folder), partition, time_min
-        self.cpus, self.gpus, self.mem_gb, self.cluster, self.poll_s = cpus, gpus, mem_gb, cluster, poll_s
-
-    def task(self) -> Callable[[list[str], dict[str, str]], tuple[int, str]]:
-        """What each job runs (tests replace it to kill a job mid-cell)."""
-        return run_worker_process
+        self.mem_gb, self.cluster, self.poll_s = mem_gb, cluster, poll_s
 
     def executor(self):
         ex = self.submitit.AutoExecutor(folder=str(self.folder / "%j"), cluster=self.cluster)
@@ -71,18 +67,13 @@ class SlurmExecutor(Executor):
         ex.update_parameters(**params)
         return ex
 
-    def run(self, cell: PlannedCell, files: CellFiles) -> dict[str, Any]:
-        records = []
-        self.run_all([cell], lambda c: files, lambda c, f, rec: records.append(rec))
-        return records[0]
-
     def run_all(self, cells: list[PlannedCell], files: Callable[[PlannedCell], CellFiles],
                 on_record: Callable[[PlannedCell, CellFiles, dict[str, Any]], None]) -> None:
         if not cells:
             return
         submitit = self.submitit
         ex = self.executor()
-        env = {"PEFTLAB_NUM_THREADS": str(self.cpus), "OMP_NUM_THREADS": str(self.cpus)}
+        env = self.worker_env()
         pending = []
         try:
             for cell in cells:
