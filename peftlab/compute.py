@@ -1,15 +1,94 @@
-"""The compute precision both training and generation run under."""
+"""The compute precision both training and generation run under, and the storage of frozen weights.
+
+Under bf16 autocast every linear layer casts its weight to bf16 on each call. A trainable weight's
+cast is cached for the step, but a frozen one is cast afresh every time: on SmolLM2-135M the casts
+took half of generation's time. :func:`frozen_to_compute` stores frozen linear weights in the
+compute dtype once instead. Autocast's cast is a plain ``.to(bfloat16)``, so every matmul sees the
+same bf16 numbers as before: losses, gradients and greedy outputs are bit-identical, and the frozen
+weights take half the memory.
+"""
 
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass, field
 
 import torch
+from torch import nn
 
 PRECISIONS = ("bf16", "fp32")
+#: ``train.frozen_dtype``: store frozen linear weights in the compute dtype, or keep the model's
+FROZEN_DTYPES = ("compute", "model")
 
 
 def autocast(precision: str, device: torch.device):
     if precision == "bf16":
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def compute_dtype(precision: str) -> torch.dtype | None:
+    """The dtype linear layers compute in, or ``None`` where nothing is cast (fp32)."""
+    return torch.bfloat16 if precision == "bf16" else None
+
+
+@dataclass
+class FrozenCast:
+    """What :func:`frozen_to_compute` changed: layer names, the dtype they had, bytes saved."""
+
+    layers: list[str] = field(default_factory=list)
+    dtype: torch.dtype | None = None
+    bytes_saved: int = 0
+    modules: list[nn.Module] = field(default_factory=list, repr=False)
+
+
+def _plain_linear(m: nn.Module) -> bool:
+    """``nn.Linear`` itself or GPT-2's ``Conv1D``: layers whose forward is one autocast matmul
+    (subclasses may compute otherwise, so they are left alone)."""
+    from peftlab.plugin.layers import is_conv1d
+
+    return type(m) is nn.Linear or is_conv1d(m)
+
+
+def frozen_to_compute(model: nn.Module, precision: str, keep: list[str] = ()) -> FrozenCast:
+    """Store the weight (and bias) of every frozen ``nn.Linear`` / GPT-2 ``Conv1D`` in the compute
+    dtype, where autocast would cast it on every call anyway. Left as they are: trainable layers,
+    layers with any trainable tensor, and weights shared with another module (a head tied to the
+    embedding: the embedding's lookup is not autocast, so casting it would change the residual
+    stream), and the modules named in ``keep`` with everything inside them (the targets of an
+    adapter that reads its base weights itself). Call it after the adapter is attached, so
+    adapters that start from the base weights see them as loaded."""
+    out = FrozenCast()
+    target = compute_dtype(precision)
+    if target is None:
+        return out
+    uses: dict[int, int] = {}
+    for _, p in model.named_parameters(remove_duplicate=False):
+        uses[id(p)] = uses.get(id(p), 0) + 1
+    for name, m in model.named_modules():
+        if not _plain_linear(m) or any(name == k or name.startswith(k + ".") for k in keep):
+            continue
+        params = [p for p in (m.weight, getattr(m, "bias", None)) if p is not None]
+        if any(p.requires_grad or uses.get(id(p), 0) > 1 or not p.is_floating_point() for p in params):
+            continue
+        if all(p.dtype == target for p in params):
+            continue
+        for p in params:
+            if p.dtype != target:
+                out.dtype = p.dtype
+                out.bytes_saved += p.numel() * (p.element_size() - torch.empty((), dtype=target).element_size())
+                p.data = p.data.to(target)
+        out.layers.append(name)
+        out.modules.append(m)
+    return out
+
+
+def restore_dtype(cast: FrozenCast) -> None:
+    """Undo :func:`frozen_to_compute`'s storage (the values stay the bf16-rounded ones the cell
+    computed with), e.g. before merging an adapter into the weights and saving them."""
+    if cast.dtype is None:
+        return
+    for m in cast.modules:
+        for p in (m.weight, getattr(m, "bias", None)):
+            if p is not None:
+                p.data = p.data.to(cast.dtype)

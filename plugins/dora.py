@@ -111,6 +111,7 @@ class DoRA(Adapter):
 
     size_setting = "r"
     mergeable = True
+    reads_base_weights = True  # the weight norms read the target layers' own weights
     peft_type = "LORA"  # peft's LoRA with use_dora = true
 
     @dataclass

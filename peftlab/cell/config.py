@@ -30,7 +30,7 @@ class CellConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     adapter_from: str | None = None  # a saved adapter folder (peftlab's or peft's) to start from
-    memory_mode: str = "rss"  # CPU peak memory: rss (fast) or rss-strict (exact-er, slower); see peftlab.cell.measure
+    memory_mode: str = "heap"  # CPU peak memory: heap (malloc's bytes in use), rss or rss-strict; see peftlab.cell.measure
 
     def __post_init__(self) -> None:
         if self.memory_mode not in MEMORY_MODES:

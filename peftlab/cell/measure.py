@@ -1,23 +1,33 @@
 """Peak memory, versions and device facts for one cell's record.
 
 On CUDA the peak is the allocator's peak allocated and reserved bytes since the counters were
-reset. On CPU there is no allocator counter, so the peak is the process's peak resident set
-(``VmHWM`` in ``/proc/self/status``) minus the resident set before the model was built: it is
-labelled ``cpu_peak_rss_delta`` and includes everything the process touched meanwhile (Python
-objects, the data), not only tensors. Linux lets a process reset its own VmHWM (``clear_refs``);
-peftlab resets it (and CUDA's counters) when training starts, so the recorded peak is the
-training peak, model included, and not a loading transient (GGUF dequantization briefly holds
-several copies of the weights).
+reset. On CPU torch has no allocator counter; ``memory_mode`` picks the reading. Each is taken
+from before the model is built, with its peak forgotten when training starts, so the recorded
+peak is the training peak, model included, and not a loading transient (GGUF dequantization
+briefly holds several copies of the weights).
 
-glibc keeps freed memory for reuse, so by default (``rss``) the CPU figure includes the
-allocator's cache: on SmolLM2-135M it read 4.3 GB for LoRA and 4.9 GB for QLoRA, hiding the
-smaller base. ``rss-strict`` fixes glibc's mmap threshold so freed tensors leave the resident
-set (2.4 GB vs 2.2 GB there, the QLoRA saving visible) at about a third less training throughput.
+``heap`` (the default) follows the bytes the allocator has handed out and not taken back (glibc's ``mallinfo2``: in-use heap chunks plus
+mmapped blocks), sampled by a background thread every millisecond and at the points of a
+training step where activations peak. Tensors live in such blocks, so the figure separates
+full fine-tuning, LoRA and QLoRA as ``rss-strict`` does, without changing how the allocator
+works: the run measured is the run timed. It leaves out what malloc does not hand out (Python's
+small-object arenas, files mapped into memory) and can miss a peak shorter than the sampling
+interval; where glibc is missing it falls back to ``rss`` and the record says so.
+
+``rss`` is the process's peak resident set (``VmHWM``, reset through ``clear_refs``) minus the
+resident set before the model was built (``cpu_peak_rss_delta``). glibc keeps freed memory for
+reuse, so it includes the allocator's cache: on SmolLM2-135M it read 4.3 GB for LoRA and 4.9 GB
+for QLoRA, hiding the smaller base. ``rss-strict`` fixes glibc's mmap threshold so freed tensors
+leave the resident set (2.4 GB vs 2.2 GB there, the QLoRA saving visible), at about a third less
+training throughput: the run it measures is not the run other modes time. Every mode also
+records the RSS figures.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import ctypes
+import threading
+from dataclasses import dataclass, field
 
 import torch
 
@@ -54,7 +64,75 @@ def _reset_rss_peak() -> bool:
         return False
 
 
-MEMORY_MODES = ("rss", "rss-strict")
+MEMORY_MODES = ("heap", "rss", "rss-strict")
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+def _mallinfo2():
+    """glibc's ``mallinfo2`` (2.33+), or ``None``."""
+    try:
+        fn = ctypes.CDLL("libc.so.6").mallinfo2
+    except (OSError, AttributeError):
+        return None
+    fn.restype = _MallInfo2
+    return fn
+
+
+def heap_in_use(info=None) -> int | None:
+    """Bytes malloc has handed out and not taken back (heap chunks in use plus mmapped blocks)."""
+    info = info or _mallinfo2()
+    if info is None:
+        return None
+    m = info()
+    return m.uordblks + m.hblkhd
+
+
+class HeapSampler:
+    """The peak of :func:`heap_in_use`, sampled every ``interval_s`` by a daemon thread and on
+    every :meth:`sample` call (the training loop calls it where activations peak)."""
+
+    def __init__(self, interval_s: float = 1e-3):
+        self.interval_s = interval_s
+        self._info = _mallinfo2()
+        self.peak = 0
+        self.samples = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @property
+    def available(self) -> bool:
+        return self._info is not None
+
+    def sample(self) -> None:
+        now = heap_in_use(self._info)
+        self.samples += 1
+        if now is not None and now > self.peak:
+            self.peak = now
+
+    def reset_peak(self) -> None:
+        self.peak = 0
+        self.sample()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self.sample()
+
+    def start(self) -> HeapSampler:
+        if self.available and self._thread is None:
+            self.sample()
+            self._thread = threading.Thread(target=self._loop, name="peftlab-heap-sampler", daemon=True)
+            self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
 
 
 def strict_heap() -> bool:
@@ -76,14 +154,21 @@ class PeakMemory:
     """Call :meth:`start` before building the model and :meth:`read` at the end."""
 
     device: torch.device
-    mode: str = "rss"
+    mode: str = "heap"
     baseline_rss: int = 0
+    baseline_heap: int = 0
     reset: bool = False
     strict: bool = False
+    sampler: HeapSampler | None = field(default=None, repr=False)
 
     def start(self) -> PeakMemory:
         if self.mode == "rss-strict":
             self.strict = strict_heap()
+        if self.mode == "heap" and self.device.type != "cuda":
+            sampler = HeapSampler()
+            if sampler.available:
+                self.baseline_heap = heap_in_use(sampler._info) or 0
+                self.sampler = sampler.start()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
@@ -98,6 +183,17 @@ class PeakMemory:
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
         self.reset = _reset_rss_peak()
+        if self.sampler is not None:
+            self.sampler.reset_peak()
+
+    def sample(self) -> None:
+        """Take a reading now (the training loop calls it where a step's memory peaks)."""
+        if self.sampler is not None:
+            self.sampler.sample()
+
+    def stop(self) -> None:
+        if self.sampler is not None:
+            self.sampler.stop()
 
     def read(self) -> dict[str, object]:
         hwm = (_status_kib("VmHWM") or 0) * 1024
@@ -107,11 +203,17 @@ class PeakMemory:
             "mem.cpu_peak_reset": self.reset,
             "mem.cpu_strict_heap": self.strict,
         }
+        if self.sampler is not None:
+            self.sampler.sample()
+            out["mem.cpu_heap_peak_delta_bytes"] = max(0, self.sampler.peak - self.baseline_heap)
+            out["mem.cpu_heap_samples"] = self.sampler.samples
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             out["mem.cuda_peak_allocated_bytes"] = torch.cuda.max_memory_allocated(self.device)
             out["mem.cuda_peak_reserved_bytes"] = torch.cuda.max_memory_reserved(self.device)
             out["mem.peak_bytes"], out["mem.peak_kind"] = out["mem.cuda_peak_allocated_bytes"], "cuda_peak_allocated"
+        elif self.sampler is not None:
+            out["mem.peak_bytes"], out["mem.peak_kind"] = out["mem.cpu_heap_peak_delta_bytes"], "cpu_heap_in_use_delta"
         else:
             kind = "cpu_peak_rss_delta_strict" if self.strict else "cpu_peak_rss_delta"
             out["mem.peak_bytes"], out["mem.peak_kind"] = out["mem.cpu_peak_rss_delta_bytes"], kind

@@ -75,6 +75,7 @@ def base_record(cfg: CellConfig) -> dict[str, Any]:
                            "data": cfg.data.source, "train.steps_planned": cfg.train.steps,
                            "train.optimizer": cfg.train.optimizer, "train.precision": cfg.train.precision,
                            "train.grad_checkpointing": cfg.train.grad_checkpointing,
+                           "train.frozen_dtype": cfg.train.frozen_dtype,
                            "train.batch_size": cfg.train.batch_size, "train.grad_accum": cfg.train.grad_accum,
                            "train.lr": cfg.train.lr, "train.seed": cfg.train.seed, "memory_mode": cfg.memory_mode}
     rec.update({f"version.{k}": v for k, v in versions().items()})
@@ -89,6 +90,7 @@ def run_cell(cfg: CellConfig, host: PluginHost, *, progress: bool = True,
     from peftlab.cell.measure import PeakMemory, backward_blocks, base_weight_bytes, trainable_bytes
     from peftlab.cell.models import load
     from peftlab.cell.train import train
+    from peftlab.compute import FrozenCast, frozen_to_compute
     from peftlab.data.prompts import encode
     from peftlab.data.splits import load_splits
     from peftlab.evaluate.generate import generate
@@ -132,6 +134,10 @@ def run_cell(cfg: CellConfig, host: PluginHost, *, progress: bool = True,
         rec.update({"adapter": adapter.name, "adapter.from": str(cfg.adapter_from), **adapter_fields(adapter)})
     else:
         report = attach(model, adapter)
+    cast = FrozenCast()
+    if cfg.train.frozen_dtype == "compute":
+        cast = frozen_to_compute(model, cfg.train.precision, keep=report.targets if adapter.reads_base_weights else [])
+    rec.update({"cast.layers": len(cast.layers), "cast.bytes_saved": cast.bytes_saved})
     rec.update({"params.trainable": report.trainable, "params.total": report.total,
                 "params.trainable_pct": 100 * report.trainable_share, "adapter.targets": len(report.targets),
                 "params.backward_blocks": backward_blocks(model),
@@ -141,7 +147,10 @@ def run_cell(cfg: CellConfig, host: PluginHost, *, progress: bool = True,
         gens = generate(model, tok, eval_items, cfg.eval, device=device, precision=cfg.train.precision, progress=progress)
         before, _ = score(gens.texts, eval_items, metrics)
         rec.update({f"before.{k}": v for k, v in before.items()})
-    rec["mem.load_peak_rss_delta_bytes"] = peak.read()["mem.cpu_peak_rss_delta_bytes"]
+    loaded_peak = peak.read()
+    rec["mem.load_peak_rss_delta_bytes"] = loaded_peak["mem.cpu_peak_rss_delta_bytes"]
+    if "mem.cpu_heap_peak_delta_bytes" in loaded_peak:
+        rec["mem.load_heap_peak_delta_bytes"] = loaded_peak["mem.cpu_heap_peak_delta_bytes"]
     peak.reset_peak()
     try:
         if cfg.train.steps == 0:  # evaluate only (a loaded adapter, or the base)
@@ -150,15 +159,17 @@ def run_cell(cfg: CellConfig, host: PluginHost, *, progress: bool = True,
             result = TrainResult()
         else:
             result = train(model, encoded.examples, cfg.train, pad_id=tok.pad_token_id, device=device, progress=progress,
-                           param_groups=adapter.param_groups(model))
+                           param_groups=adapter.param_groups(model), on_forward=peak.sample)
     except TrainingError as exc:
         rec.update(status="failed", reason=str(exc), **peak.read(), **{"time.wall_s": time.perf_counter() - wall})
+        peak.stop()
         return rec
     rec.update({"train.steps": result.steps, "train.epochs": result.epochs, "train.tokens": result.tokens,
                 "train.seconds": result.seconds, "train.tokens_per_s": result.tokens_per_s,
                 "loss.final": result.final_loss, "loss.mean": result.mean_loss,
                 "train.optimizer_note": result.optimizer_note})
     rec.update(peak.read())  # the training peak, before generation allocates its caches
+    peak.stop()
     gens = generate(model, tok, eval_items, cfg.eval, device=device, precision=cfg.train.precision, progress=progress)
     scores, settings = score(gens.texts, eval_items, metrics)
     rec.update(scores)
@@ -166,11 +177,11 @@ def run_cell(cfg: CellConfig, host: PluginHost, *, progress: bool = True,
                 "metric.settings": json.dumps(settings, sort_keys=True), "sample.prediction": gens.texts[0],
                 "sample.references": json.dumps(list(eval_items[0].references))})
     rec["time.wall_s"] = time.perf_counter() - wall
-    keep(outputs or CellOutputs(), rec, eval_items, gens.texts, model, adapter, report.targets, tok)
+    keep(outputs or CellOutputs(), rec, eval_items, gens.texts, model, adapter, report.targets, tok, cast)
     return rec
 
 
-def keep(out: CellOutputs, rec: dict[str, Any], items, texts, model, adapter, targets, tok) -> None:
+def keep(out: CellOutputs, rec: dict[str, Any], items, texts, model, adapter, targets, tok, cast=None) -> None:
     """Write what the cell made where ``out`` says, and say in the record where it went."""
     from peftlab.adapt.persist import merge_into, save_adapter
     from peftlab.evaluate.predictions import write_predictions
@@ -183,6 +194,10 @@ def keep(out: CellOutputs, rec: dict[str, Any], items, texts, model, adapter, ta
                      extra={"quantizer": rec.get("quantizer"), "cell": {k: rec.get(k) for k in ("label", "cell_id")}})
         rec["adapter.saved"] = str(out.adapter)
     if out.merged:
+        if cast is not None:  # merge in the model's dtype (values stay the ones the cell computed with)
+            from peftlab.compute import restore_dtype
+
+            restore_dtype(cast)
         merge_into(model, adapter, tok, out.merged)
         rec["adapter.merged"] = str(out.merged)
 

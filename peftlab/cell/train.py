@@ -11,13 +11,14 @@ from __future__ import annotations
 import math
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from peftlab.compute import PRECISIONS, autocast
+from peftlab.compute import FROZEN_DTYPES, PRECISIONS, autocast
 from peftlab.data.prompts import IGNORE, batches
 from peftlab.plugin.errors import PeftlabError, ValidationError
 
@@ -43,6 +44,7 @@ class TrainConfig:
     warmup_steps: int = 10
     schedule: str = "linear"
     precision: str = "bf16"  # compute dtype: bf16 autocast (CPU) / bf16 weights (CUDA), or fp32
+    frozen_dtype: str = "compute"  # frozen linear weights stored in the compute dtype, or the model's
     grad_checkpointing: bool = False
     max_grad_norm: float | None = 1.0
     seed: int = 0
@@ -52,6 +54,7 @@ class TrainConfig:
             ("optimizer", self.optimizer in OPTIMIZERS, f"one of {', '.join(OPTIMIZERS)}"),
             ("schedule", self.schedule in SCHEDULES, f"one of {', '.join(SCHEDULES)}"),
             ("precision", self.precision in PRECISIONS, f"one of {', '.join(PRECISIONS)}"),
+            ("frozen_dtype", self.frozen_dtype in FROZEN_DTYPES, f"one of {', '.join(FROZEN_DTYPES)}"),
             ("lr", _num(self.lr) and 0 < self.lr <= MAX_LR, f"a learning rate in (0, {MAX_LR:g}]"),
             ("weight_decay", _num(self.weight_decay) and 0 <= self.weight_decay <= 1, "a number in [0, 1]"),
             ("batch_size", _posint(self.batch_size), "a positive integer"),
@@ -195,8 +198,11 @@ def optimizer_groups(model, groups: list[dict] | None, lr: float) -> list[dict]:
 
 
 def train(model, examples: list[tuple[list[int], list[int]]], cfg: TrainConfig, *, pad_id: int,
-          device: torch.device, progress: bool = True, param_groups: list[dict] | None = None) -> TrainResult:
-    """Train ``model``'s trainable parameters, in the adapter's ``param_groups`` when given."""
+          device: torch.device, progress: bool = True, param_groups: list[dict] | None = None,
+          on_forward: Callable[[], None] | None = None) -> TrainResult:
+    """Train ``model``'s trainable parameters, in the adapter's ``param_groups`` when given.
+    ``on_forward`` is called after each forward pass, where the activations kept for backward
+    peak (a memory probe reads there)."""
     from tqdm.auto import tqdm
 
     groups = optimizer_groups(model, param_groups, cfg.lr)
@@ -226,6 +232,8 @@ def train(model, examples: list[tuple[list[int], list[int]]], cfg: TrainConfig, 
                 batch = {k: v.to(device) for k, v in batch.items()}
                 with autocast(cfg.precision, device):
                     loss = response_loss(model, batch)
+                if on_forward is not None:
+                    on_forward()
                 if not torch.isfinite(loss):
                     raise TrainingError(f"training diverged: the loss is {loss.item()} at step {step + 1} of {total} "
                                         f"(micro-batch {micro}); try a lower train.lr (now {cfg.lr})")

@@ -78,6 +78,8 @@ def add_parser(sub) -> None:
     g.add_argument("--grad-checkpointing", action="store_true", default=None,
                    help="recompute activations in backward" + dflt("train.grad_checkpointing"))
     g.add_argument("--seed", type=int, help="training, data and sampling seed" + dflt("train.seed"))
+    g.add_argument("--frozen-dtype", choices=["compute", "model"], help="store frozen linear weights in the "
+                   "compute dtype (same numbers, no per-call casts) or keep the model's" + dflt("train.frozen_dtype"))
     g = p.add_argument_group("evaluation")
     g.add_argument("--metrics", help="comma-separated metric names" + dflt("eval.metrics"))
     g.add_argument("--mset", action="append", metavar="METRIC:KEY=VALUE",
@@ -85,8 +87,9 @@ def add_parser(sub) -> None:
     g.add_argument("--max-new-tokens", type=int, help=dflt("eval.max_new_tokens").strip())
     g.add_argument("--beams", type=int, help="1 = greedy" + dflt("eval.num_beams"))
     g.add_argument("--eval-before", action="store_true", default=None, help="also score the untrained model")
-    g.add_argument("--memory-mode", help="CPU peak memory: rss (fast) or rss-strict (freed memory leaves "
-                                         "the resident set; about a third slower)" + dflt("memory_mode"))
+    g.add_argument("--memory-mode", help="CPU peak memory: heap (malloc's bytes in use, sampled), rss (resident "
+                                         "set, allocator cache included) or rss-strict (freed memory leaves the "
+                                         "resident set; about a third slower)" + dflt("memory_mode"))
     g = p.add_argument_group("output")
     g.add_argument("--json", action="store_true", help="print the record as JSON")
     g.add_argument("--out", help="also write the record as JSON to this file (atomically)")
@@ -145,7 +148,7 @@ def cell_dict(args: argparse.Namespace) -> dict[str, Any]:
     else:
         put("train", "steps", args.steps)
     for key in ("batch_size", "grad_accum", "lr", "optimizer", "schedule", "warmup_steps", "precision",
-                "grad_checkpointing", "seed"):
+                "grad_checkpointing", "seed", "frozen_dtype"):
         put("train", key, getattr(args, key))
     if args.seed is not None:
         put("data", "seed", args.seed)

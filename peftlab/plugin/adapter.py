@@ -68,6 +68,9 @@ class Adapter(ABC):
     - ``mergeable``: :meth:`merge` can fold the adapter into a float base (LoRA, IA3, DoRA);
     - ``supports_grad_checkpointing``: whether it trains with activation checkpointing (a KV prefix
       passed through the cache does not: transformers drops the cache inside checkpointed layers);
+    - ``reads_base_weights``: the method reads its target layers' frozen weights outside their
+      forward (DoRA's weight norms), so the engine keeps those layers in the model's dtype when it
+      stores the other frozen linear weights in the compute dtype (``train.frozen_dtype``);
     - ``peft_type`` and ``peft_key_prefix``: the peft method it is saved as and loaded from.
     """
 
@@ -75,6 +78,7 @@ class Adapter(ABC):
     size_setting: ClassVar[str | None] = None
     mergeable: ClassVar[bool] = False
     supports_grad_checkpointing: ClassVar[bool] = True
+    reads_base_weights: ClassVar[bool] = False
     #: the typed settings schema (a dataclass of :func:`peftlab.option` fields), or ``None``
     Settings: ClassVar[type | None] = None
     #: the peft method this adapter is saved as and loaded from (``"LORA"``), where peft has it;

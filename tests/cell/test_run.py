@@ -36,7 +36,10 @@ def test_one_cell_gives_one_flat_record(adapter, quantizer):
     for key in ("metric.bleu-e2e", "metric.rougeL-e2e", "metric.rougeL", "train.tokens_per_s", "gen.tokens_per_s",
                 "loss.final", "loss.mean", "mem.peak_bytes", "base.weight_bytes", "time.wall_s"):
         assert rec[key] is not None, key
-    assert rec["mem.peak_kind"] == "cpu_peak_rss_delta"
+    assert rec["mem.peak_kind"] == "cpu_heap_in_use_delta"
+    assert rec["mem.peak_bytes"] == rec["mem.cpu_heap_peak_delta_bytes"] > 0
+    assert rec["train.frozen_dtype"] == "compute"
+    assert (rec["cast.layers"] > 0) == (adapter != "full")  # full fine-tuning leaves nothing frozen
     assert json.loads(rec["metric.settings"])["bleu-e2e"]["signature"].startswith("nrefs:var|case:lc")
     if adapter == "full":
         assert rec["params.trainable"] == rec["params.total"]
@@ -192,7 +195,7 @@ def test_strict_memory_mode_is_recorded_and_bad_modes_are_refused():
     rec = run_cell(cell(memory_mode="rss-strict"), HOST, progress=False)
     assert rec["memory_mode"] == "rss-strict"
     assert rec["mem.peak_kind"] == ("cpu_peak_rss_delta_strict" if rec["mem.cpu_strict_heap"] else "cpu_peak_rss_delta")
-    with pytest.raises(ValidationError, match="memory_mode='exact'.*rss, rss-strict"):
+    with pytest.raises(ValidationError, match="memory_mode='exact'.*heap, rss, rss-strict"):
         cell(memory_mode="exact")
 
 

@@ -1,0 +1,66 @@
+"""The default CPU memory reading (``heap``: malloc's bytes in use, sampled): it sees tensors come
+and go, catches a short peak between steps, and tells full fine-tuning from LoRA by what the
+optimizer keeps (gradients and two AdamW moments per trained weight)."""
+
+import time
+
+import pytest
+import torch
+
+from peftlab import load_host
+from peftlab.adapt.attach import attach
+from peftlab.cell.measure import HeapSampler, PeakMemory, heap_in_use
+from peftlab.cell.models import ModelConfig, load
+from peftlab.cell.train import TrainConfig, train
+from peftlab.data.prompts import encode
+from peftlab.data.sources import DataConfig
+from peftlab.data.splits import load_splits
+
+HOST = load_host()
+MiB = 1 << 20
+pytestmark = pytest.mark.skipif(heap_in_use() is None, reason="needs glibc's mallinfo2")
+
+
+def test_heap_in_use_follows_a_tensor():
+    before = heap_in_use()
+    x = torch.ones(64 * MiB // 4)
+    during = heap_in_use()
+    del x
+    after = heap_in_use()
+    assert during - before >= 64 * MiB
+    assert during - after >= 64 * MiB
+
+
+def test_the_sampler_thread_catches_a_short_peak():
+    sampler = HeapSampler(interval_s=1e-3).start()
+    base = sampler.peak
+    x = torch.ones(96 * MiB // 4)
+    time.sleep(0.05)  # the peak lasts 50 ms; nothing calls sample() in between
+    del x
+    sampler.stop()
+    assert sampler.peak - base >= 96 * MiB
+    assert sampler.samples > 5
+
+
+def peak_of(adapter: str, **params) -> tuple[int, int]:
+    torch.manual_seed(0)
+    peak = PeakMemory(torch.device("cpu"), "heap").start()
+    loaded = load(ModelConfig("llama-512x6", max_positions=256))
+    attach(loaded.model, HOST.adapters.build(adapter, **params))
+    weights = sum(p.numel() * p.element_size() for p in loaded.model.parameters() if p.requires_grad)
+    rows, _, _ = load_splits(DataConfig(train_limit=16, eval_limit=1))
+    examples = encode(rows, loaded.tokenizer, 256).examples
+    peak.reset_peak()
+    train(loaded.model, examples, TrainConfig(steps=2, batch_size=4, warmup_steps=0), pad_id=loaded.tokenizer.pad_token_id,
+          device=torch.device("cpu"), progress=False, on_forward=peak.sample)
+    rec = peak.read()
+    peak.stop()
+    assert rec["mem.peak_kind"] == "cpu_heap_in_use_delta" and rec["mem.cpu_heap_samples"] > 2
+    return rec["mem.peak_bytes"], weights
+
+
+def test_full_fine_tuning_costs_the_optimizer_state_more_than_lora():
+    full, trained = peak_of("full")
+    lora, _ = peak_of("lora", r=8)
+    extra = full - lora  # full keeps a gradient and two AdamW moments of every weight; LoRA of almost none
+    assert 2.5 * trained < extra < 3.6 * trained, (full, lora, trained)
