@@ -38,8 +38,10 @@ class FrozenCast:
 
     layers: list[str] = field(default_factory=list)
     dtype: torch.dtype | None = None
-    bytes_saved: int = 0
+    bytes_saved: int = 0  # negative where a tied head's own copy costs more than the casts save
+    untied: list[str] = field(default_factory=list)  # linear layers given their own copy of a shared weight
     modules: list[nn.Module] = field(default_factory=list, repr=False)
+    _shared: list[tuple[nn.Module, str, nn.Parameter]] = field(default_factory=list, repr=False)
 
 
 def _plain_linear(m: nn.Module) -> bool:
@@ -52,12 +54,13 @@ def _plain_linear(m: nn.Module) -> bool:
 
 def frozen_to_compute(model: nn.Module, precision: str, keep: list[str] = ()) -> FrozenCast:
     """Store the weight (and bias) of every frozen ``nn.Linear`` / GPT-2 ``Conv1D`` in the compute
-    dtype, where autocast would cast it on every call anyway. Left as they are: trainable layers,
-    layers with any trainable tensor, and weights shared with another module (a head tied to the
-    embedding: the embedding's lookup is not autocast, so casting it would change the residual
-    stream), and the modules named in ``keep`` with everything inside them (the targets of an
-    adapter that reads its base weights itself). Call it after the adapter is attached, so
-    adapters that start from the base weights see them as loaded."""
+    dtype, where autocast would cast it on every call anyway. A frozen weight the layer shares
+    with another module (an output head tied to the input embedding, whose lookup is not autocast
+    and must keep the model's dtype) is not cast in place: the layer gets its own compute-dtype
+    copy (``untied``; :func:`restore_dtype` ties it back). Left as they are: trainable layers,
+    layers with any trainable tensor, and the modules named in ``keep`` with everything inside
+    them (the targets of an adapter that reads its base weights itself). Call it after the adapter
+    is attached, so adapters that start from the base weights see them as loaded."""
     out = FrozenCast()
     target = compute_dtype(precision)
     if target is None:
@@ -68,15 +71,23 @@ def frozen_to_compute(model: nn.Module, precision: str, keep: list[str] = ()) ->
     for name, m in model.named_modules():
         if not _plain_linear(m) or any(name == k or name.startswith(k + ".") for k in keep):
             continue
-        params = [p for p in (m.weight, getattr(m, "bias", None)) if p is not None]
-        if any(p.requires_grad or uses.get(id(p), 0) > 1 or not p.is_floating_point() for p in params):
+        params = {k: p for k in ("weight", "bias") if (p := getattr(m, k, None)) is not None}
+        if any(p.requires_grad or not p.is_floating_point() for p in params.values()):
             continue
-        if all(p.dtype == target for p in params):
+        if all(p.dtype == target for p in params.values()):
             continue
-        for p in params:
-            if p.dtype != target:
-                out.dtype = p.dtype
-                out.bytes_saved += p.numel() * (p.element_size() - torch.empty((), dtype=target).element_size())
+        width = torch.empty((), dtype=target).element_size()
+        for key, p in params.items():
+            if p.dtype == target:
+                continue
+            out.dtype = p.dtype
+            if uses.get(id(p), 0) > 1:  # shared: this layer gets its own copy, the others keep theirs
+                out._shared.append((m, key, p))
+                setattr(m, key, nn.Parameter(p.detach().to(target), requires_grad=False))
+                out.bytes_saved -= p.numel() * width
+                out.untied.append(name)
+            else:
+                out.bytes_saved += p.numel() * (p.element_size() - width)
                 p.data = p.data.to(target)
         out.layers.append(name)
         out.modules.append(m)
@@ -88,7 +99,10 @@ def restore_dtype(cast: FrozenCast) -> None:
     computed with), e.g. before merging an adapter into the weights and saving them."""
     if cast.dtype is None:
         return
+    for m, key, shared in cast._shared:
+        setattr(m, key, shared)
     for m in cast.modules:
         for p in (m.weight, getattr(m, "bias", None)):
             if p is not None:
                 p.data = p.data.to(cast.dtype)
+    cast._shared.clear()

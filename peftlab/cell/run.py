@@ -137,7 +137,7 @@ def run_cell(cfg: CellConfig, host: PluginHost, *, progress: bool = True,
     cast = FrozenCast()
     if cfg.train.frozen_dtype == "compute":
         cast = frozen_to_compute(model, cfg.train.precision, keep=report.targets if adapter.reads_base_weights else [])
-    rec.update({"cast.layers": len(cast.layers), "cast.bytes_saved": cast.bytes_saved})
+    rec.update({"cast.layers": len(cast.layers), "cast.bytes_saved": cast.bytes_saved, "cast.untied": ",".join(cast.untied)})
     rec.update({"params.trainable": report.trainable, "params.total": report.total,
                 "params.trainable_pct": 100 * report.trainable_share, "adapter.targets": len(report.targets),
                 "params.backward_blocks": backward_blocks(model),

@@ -45,7 +45,9 @@ def test_compute_dtype_storage_changes_no_bit(name, adapter, params, seed):
     assert done.layers, "nothing was cast: the test would prove nothing"
     assert losses_a == losses_b
     assert texts_a == texts_b
-    for (n, p), (_, q) in zip(model_a.named_parameters(), model_b.named_parameters()):
+    b = dict(model_b.named_parameters())
+    for n, p in model_a.named_parameters():
+        q = b[n]
         if p.requires_grad:
             assert q.dtype == p.dtype and torch.equal(p, q), n
         else:
@@ -60,19 +62,23 @@ def test_what_is_cast_and_what_stays():
     before = {n: p.dtype for n, p in model.named_parameters()}
     done = frozen_to_compute(model, "bf16", keep=report.targets)
     after = {n: p.dtype for n, p in model.named_parameters()}
+    params = dict(model.named_parameters())
     for n, dtype in after.items():
-        trainable = dict(model.named_parameters())[n].requires_grad
         in_target = any(n.startswith(t + ".") for t in report.targets)
         linear = any(n.startswith(layer + ".") for layer in done.layers)
-        if trainable or in_target or "wte" in n or "ln" in n or "wpe" in n:
+        if params[n].requires_grad or in_target or "wte" in n or "ln" in n or "wpe" in n:
             assert dtype == before[n], n  # trainable, DoRA's own targets, the tied embedding, norms
         if linear:
             assert dtype == torch.bfloat16, n
-    assert done.layers and all(".c_fc" in n or ".c_proj" in n for n in done.layers)
-    assert done.bytes_saved == sum(dict(model.named_parameters())[n].numel() * 2 for n in after
-                                   if after[n] != before[n])
+    # the tied head gets its own bf16 copy; the embedding keeps the model's
+    assert done.untied == ["lm_head"] and model.lm_head.weight is not model.transformer.wte.weight
+    assert torch.equal(model.lm_head.weight, model.transformer.wte.weight.to(torch.bfloat16))
+    assert all(".c_fc" in n or ".c_proj" in n for n in done.layers if n != "lm_head")
+    head = model.lm_head.weight.numel()
+    assert done.bytes_saved == sum(params[n].numel() * 2 for n in after if n in before and after[n] != before[n]) - 2 * head
     restore_dtype(done)
     assert {n: p.dtype for n, p in model.named_parameters()} == before
+    assert model.lm_head.weight is model.transformer.wte.weight
     assert frozen_to_compute(model, "fp32").layers == []
 
 
