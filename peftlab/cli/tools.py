@@ -39,6 +39,27 @@ def add_parsers(sub) -> None:
     e.add_argument("--out", help="with --report: write report.md and memory.csv into this folder")
     e.add_argument("--json", action="store_true")
     e.set_defaults(func=run_estimate)
+    c = sub.add_parser("cache", help="the cache of dequantized models and tokenized data: where, what, --clear")
+    c.add_argument("--clear", action="store_true", help="delete every entry")
+    c.set_defaults(func=run_cache)
+
+
+def run_cache(args: argparse.Namespace) -> int:
+    from peftlab.cell.cache import cache_root, clear
+
+    root = cache_root()
+    if root is None:
+        print("caching is off (PEFTLAB_CACHE=off)")
+        return 0
+    if args.clear:
+        print(f"cleared {root}: {clear() / 2**20:.1f} MiB freed")
+        return 0
+    files = [p for p in root.rglob("*") if p.is_file()] if root.exists() else []
+    print(f"{root}: {sum(p.stat().st_size for p in files) / 2**20:.1f} MiB")
+    for kind in ("models", "tokens"):
+        entries = sorted((root / kind).iterdir()) if (root / kind).exists() else []
+        print(f"  {kind}: {len([e for e in entries if not e.name.startswith('.tmp-')])} entries")
+    return 0
 
 
 def _architectures() -> list[str]:
