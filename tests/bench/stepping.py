@@ -34,10 +34,11 @@ def train_step(model: torch.nn.Module, loss_fn: Callable[[dict], torch.Tensor]) 
     return step
 
 
-def probe(script: str, *args: str) -> int:
-    """Peak RSS growth (bytes) of ``script *args`` run as the probe, in a fresh interpreter."""
+def probe(script: str, *args: str, key: str = "peak_rss_delta"):
+    """What ``script *args`` run in a fresh interpreter prints as the JSON object on its last line,
+    under ``key`` (by default the probe's peak RSS growth in bytes)."""
     out = subprocess.run([sys.executable, script, *args], capture_output=True, text=True, check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])["peak_rss_delta"]
+    return json.loads(out.stdout.strip().splitlines()[-1])[key]
 
 
 def _status_kib(field: str) -> int:
