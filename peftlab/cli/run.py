@@ -9,6 +9,7 @@ from typing import Any
 
 from peftlab.cell.config import parse_sets
 from peftlab.cli.common import metric_names, metric_settings
+from peftlab.compute import FROZEN_DTYPES
 from peftlab.plugin.errors import ValidationError
 
 
@@ -78,7 +79,7 @@ def add_parser(sub) -> None:
     g.add_argument("--grad-checkpointing", action="store_true", default=None,
                    help="recompute activations in backward" + dflt("train.grad_checkpointing"))
     g.add_argument("--seed", type=int, help="training, data and sampling seed" + dflt("train.seed"))
-    g.add_argument("--frozen-dtype", choices=["compute", "model"], help="store frozen linear weights in the "
+    g.add_argument("--frozen-dtype", choices=FROZEN_DTYPES, help="store frozen linear weights in the "
                    "compute dtype (same numbers, no per-call casts) or keep the model's" + dflt("train.frozen_dtype"))
     g = p.add_argument_group("evaluation")
     g.add_argument("--metrics", help="comma-separated metric names" + dflt("eval.metrics"))

@@ -45,7 +45,7 @@ def add_parsers(sub) -> None:
 
 
 def run_cache(args: argparse.Namespace) -> int:
-    from peftlab.cell.cache import cache_root, clear
+    from peftlab.cell.cache import cache_root, clear, size_bytes
 
     root = cache_root()
     if root is None:
@@ -54,8 +54,7 @@ def run_cache(args: argparse.Namespace) -> int:
     if args.clear:
         print(f"cleared {root}: {clear() / 2**20:.1f} MiB freed")
         return 0
-    files = [p for p in root.rglob("*") if p.is_file()] if root.exists() else []
-    print(f"{root}: {sum(p.stat().st_size for p in files) / 2**20:.1f} MiB")
+    print(f"{root}: {size_bytes() / 2**20:.1f} MiB")
     for kind in ("models", "tokens"):
         entries = sorted((root / kind).iterdir()) if (root / kind).exists() else []
         print(f"  {kind}: {len([e for e in entries if not e.name.startswith('.tmp-')])} entries")

