@@ -188,12 +188,7 @@ def render(folder: str | Path) -> Path:
         f"## Results ({len(df)} cells, {int((df['status'] == 'ok').sum())} ok)\n",
         "Mean over seeds, ± the half-width of a 95% Student t interval where there are several. "
         "Parameters are logical (a packed 4-bit weight counts as its elements); base MiB is the base "
-        "model's weights as stored; peak memory is "
-        + ("the CUDA allocator's peak during training" if "cuda" in " ".join(map(str, df["mem.peak_kind"].dropna()))
-           else "the process's peak resident set during training minus its resident set before the model was "
-                "loaded (CPU; it includes everything the process holds"
-                + ("; `rss-strict` mode, which returns freed memory to the system" if any(
-                    str(k).endswith("_strict") for k in df["mem.peak_kind"].dropna()) else "") + ")") + ".\n",
+        "model's weights as stored; peak memory is " + peak_sentence(df["mem.peak_kind"].dropna()) + ".\n",
         summary_markdown(summary) + "\n",
     ]
     if len(not_ok):
@@ -208,3 +203,32 @@ def render(folder: str | Path) -> Path:
     parts.append(f"Metric settings: `{settings}`\n")
     parts.append("Tables: `cells.csv` / `cells.parquet` (one row per cell), `summary.csv` / `summary.parquet`.\n")
     return write_text_atomic(store.artifact("report.md"), "\n".join(parts))
+
+
+#: what each ``mem.peak_kind`` measured, for the report's reading guide
+PEAK_KINDS = {
+    "cuda_peak_allocated": "the CUDA allocator's peak during training",
+    "cpu_heap_in_use_delta": "the peak of malloc's bytes in use during training (sampled; `heap` mode) minus "
+                             "the bytes in use before the model was loaded (CPU)",
+    "cpu_peak_rss_delta": "the process's peak resident set during training minus its resident set before the "
+                          "model was loaded (CPU; it includes everything the process holds, the allocator's "
+                          "cache too)",
+    "cpu_peak_rss_delta_strict": "the process's peak resident set during training minus its resident set before "
+                                 "the model was loaded (CPU; `rss-strict` mode, which returns freed memory to the "
+                                 "system)",
+}
+
+
+def peak_sentence(kinds) -> str:
+    """What the peak memory column measured, from the records' ``mem.peak_kind`` values; where
+    cells measured differently, each kind is named with how many cells used it."""
+    counts: dict[str, int] = {}
+    for k in kinds:
+        counts[str(k)] = counts.get(str(k), 0) + 1
+    if not counts:
+        return "not measured"
+    if len(counts) == 1:
+        kind = next(iter(counts))
+        return PEAK_KINDS.get(kind, f"`{kind}`")
+    return "measured differently across cells (not comparable between kinds): " + "; ".join(
+        f"{n} cell{'s' * (n != 1)}: {PEAK_KINDS.get(k, f'`{k}`')}" for k, n in sorted(counts.items()))
