@@ -101,7 +101,8 @@ class HeapSampler:
     fine-tuning of SmolLM2-135M). Read every millisecond it slowed that training by 28%. So after
     each reading the thread waits ``cost / duty`` (``cost``: its own CPU time for the reading),
     bounded by ``interval_s`` and ``max_interval_s``: the default reads every 25 ms there, about 4%
-    of one core, and steps alternating with and without it ran 0.99x to 1.00x as long. A peak that
+    of one core. Steps alternating with and without it ran 0.99x to 1.04x as long in a standalone
+    script, but 1.13x inside the benchmark process (results/bench/issue14-2026-11-24.md). A peak that
     lasts longer than ``max_interval_s`` is always seen, and the training loop's own reading after
     each forward pass catches the step's activation peak (full and LoRA read the same peaks as at
     1 ms). ``cpu_s`` is the CPU time the thread spent."""
