@@ -113,64 +113,65 @@ def run_cell(cfg: CellConfig, host: PluginHost, *, progress: bool = True,
     train_rows, eval_items, eval_info = load_splits(cfg.data)
     device = cfg.model.resolved_device()
     peak = PeakMemory(device, cfg.memory_mode).start()
-    torch.manual_seed(cfg.train.seed)
-    compute = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
-    loaded = load(cfg.model, seed=cfg.train.seed, quantizer=quantizer, compute_dtype=compute)
-    model, tok = loaded.model, loaded.tokenizer
-    encoded = encode_cached(train_rows, tok, cfg.data.max_length, encode)
-    rec.update({"device": device_name(device), "cell.threads": torch.get_num_threads(), "model.source": loaded.source, "model.from_cache": loaded.from_cache, "model.dtype": str(loaded.dtype).removeprefix("torch."),
-                "data.train_rows": len(train_rows), "data.dropped_too_long": encoded.dropped,
-                "data.truncated": encoded.truncated, "data.eval_inputs": len(eval_items),
-                "data.eval_references": sum(len(i.references) for i in eval_items), **eval_info})
-    if quantizer is not None:
-        qrep = loaded.quantized or quantize_(model, quantizer, compute_dtype=compute)
-        rec.update({"quant.layers": len(qrep.layers), "quant.bytes_before": qrep.bytes_before,
-                    "quant.bytes_after": qrep.bytes_after, "quant.while_loading": loaded.quantized is not None})
-    rec["base.weight_bytes"] = base_weight_bytes(model)
-    torch.manual_seed(cfg.train.seed)
-    if cfg.adapter_from:
-        from peftlab.adapt.persist import load_adapter
+    try:  # the sampler thread stops however this ends (a load error, a diverged or interrupted run)
+        torch.manual_seed(cfg.train.seed)
+        compute = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
+        loaded = load(cfg.model, seed=cfg.train.seed, quantizer=quantizer, compute_dtype=compute)
+        model, tok = loaded.model, loaded.tokenizer
+        encoded = encode_cached(train_rows, tok, cfg.data.max_length, encode)
+        rec.update({"device": device_name(device), "cell.threads": torch.get_num_threads(), "model.source": loaded.source, "model.from_cache": loaded.from_cache, "model.dtype": str(loaded.dtype).removeprefix("torch."),
+                    "data.train_rows": len(train_rows), "data.dropped_too_long": encoded.dropped,
+                    "data.truncated": encoded.truncated, "data.eval_inputs": len(eval_items),
+                    "data.eval_references": sum(len(i.references) for i in eval_items), **eval_info})
+        if quantizer is not None:
+            qrep = loaded.quantized or quantize_(model, quantizer, compute_dtype=compute)
+            rec.update({"quant.layers": len(qrep.layers), "quant.bytes_before": qrep.bytes_before,
+                        "quant.bytes_after": qrep.bytes_after, "quant.while_loading": loaded.quantized is not None})
+        rec["base.weight_bytes"] = base_weight_bytes(model)
+        torch.manual_seed(cfg.train.seed)
+        if cfg.adapter_from:
+            from peftlab.adapt.persist import load_adapter
 
-        adapter, report = load_adapter(model, cfg.adapter_from, host)
-        rec.update({"adapter": adapter.name, "adapter.from": str(cfg.adapter_from), **adapter_fields(adapter)})
-    else:
-        report = attach(model, adapter)
-    cast = FrozenCast()
-    if cfg.train.frozen_dtype == "compute":
-        cast = frozen_to_compute(model, cfg.train.precision, keep=report.targets if adapter.reads_base_weights else [])
-    rec.update({"cast.layers": len(cast.layers), "cast.bytes_saved": cast.bytes_saved, "cast.untied": ",".join(cast.untied)})
-    rec.update({"params.trainable": report.trainable, "params.total": report.total,
-                "params.trainable_pct": 100 * report.trainable_share, "adapter.targets": len(report.targets),
-                "params.backward_blocks": backward_blocks(model),
-                "params.trainable_bytes": trainable_bytes(model)})
-    model.to(device)
-    if cfg.eval.before:
-        gens = generate(model, tok, eval_items, cfg.eval, device=device, precision=cfg.train.precision, progress=progress)
-        before, _ = score(gens.texts, eval_items, metrics)
-        rec.update({f"before.{k}": v for k, v in before.items()})
-    loaded_peak = peak.read()
-    rec["mem.load_peak_rss_delta_bytes"] = loaded_peak["mem.cpu_peak_rss_delta_bytes"]
-    if "mem.cpu_heap_peak_delta_bytes" in loaded_peak:
-        rec["mem.load_heap_peak_delta_bytes"] = loaded_peak["mem.cpu_heap_peak_delta_bytes"]
-    peak.reset_peak()
-    try:
-        if cfg.train.steps == 0:  # evaluate only (a loaded adapter, or the base)
-            from peftlab.cell.train import TrainResult
-
-            result = TrainResult()
+            adapter, report = load_adapter(model, cfg.adapter_from, host)
+            rec.update({"adapter": adapter.name, "adapter.from": str(cfg.adapter_from), **adapter_fields(adapter)})
         else:
-            result = train(model, encoded.examples, cfg.train, pad_id=tok.pad_token_id, device=device, progress=progress,
-                           param_groups=adapter.param_groups(model), on_forward=peak.sample)
-    except TrainingError as exc:
-        rec.update(status="failed", reason=str(exc), **peak.read(), **{"time.wall_s": time.perf_counter() - wall})
+            report = attach(model, adapter)
+        cast = FrozenCast()
+        if cfg.train.frozen_dtype == "compute":
+            cast = frozen_to_compute(model, cfg.train.precision, keep=report.targets if adapter.reads_base_weights else [])
+        rec.update({"cast.layers": len(cast.layers), "cast.bytes_saved": cast.bytes_saved, "cast.untied": ",".join(cast.untied)})
+        rec.update({"params.trainable": report.trainable, "params.total": report.total,
+                    "params.trainable_pct": 100 * report.trainable_share, "adapter.targets": len(report.targets),
+                    "params.backward_blocks": backward_blocks(model),
+                    "params.trainable_bytes": trainable_bytes(model)})
+        model.to(device)
+        if cfg.eval.before:
+            gens = generate(model, tok, eval_items, cfg.eval, device=device, precision=cfg.train.precision, progress=progress)
+            before, _ = score(gens.texts, eval_items, metrics)
+            rec.update({f"before.{k}": v for k, v in before.items()})
+        loaded_peak = peak.read()
+        rec["mem.load_peak_rss_delta_bytes"] = loaded_peak["mem.cpu_peak_rss_delta_bytes"]
+        if "mem.cpu_heap_peak_delta_bytes" in loaded_peak:
+            rec["mem.load_heap_peak_delta_bytes"] = loaded_peak["mem.cpu_heap_peak_delta_bytes"]
+        peak.reset_peak()
+        try:
+            if cfg.train.steps == 0:  # evaluate only (a loaded adapter, or the base)
+                from peftlab.cell.train import TrainResult
+
+                result = TrainResult()
+            else:
+                result = train(model, encoded.examples, cfg.train, pad_id=tok.pad_token_id, device=device, progress=progress,
+                               param_groups=adapter.param_groups(model), on_forward=peak.sample)
+        except TrainingError as exc:
+            rec.update(status="failed", reason=str(exc), **peak.read(), **{"time.wall_s": time.perf_counter() - wall})
+            return rec
+        rec.update({"train.steps": result.steps, "train.epochs": result.epochs, "train.tokens": result.tokens,
+                    "train.seconds": result.seconds, "train.tokens_per_s": result.tokens_per_s,
+                    "loss.final": result.final_loss, "loss.mean": result.mean_loss,
+                    "train.optimizer_note": result.optimizer_note})
+        rec.update(peak.read())  # the training peak, before generation allocates its caches
+    finally:
         peak.stop()
-        return rec
-    rec.update({"train.steps": result.steps, "train.epochs": result.epochs, "train.tokens": result.tokens,
-                "train.seconds": result.seconds, "train.tokens_per_s": result.tokens_per_s,
-                "loss.final": result.final_loss, "loss.mean": result.mean_loss,
-                "train.optimizer_note": result.optimizer_note})
-    rec.update(peak.read())  # the training peak, before generation allocates its caches
-    peak.stop()
     gens = generate(model, tok, eval_items, cfg.eval, device=device, precision=cfg.train.precision, progress=progress)
     scores, settings = score(gens.texts, eval_items, metrics)
     rec.update(scores)

@@ -319,3 +319,17 @@ def test_a_full_disk_is_an_error_line_not_a_traceback(tmp_path, monkeypatch, cap
     assert main(["report", str(src)]) == 2
     err = capsys.readouterr().err
     assert "No space left on device" in err and "report.md" in err and "Traceback" not in err
+
+
+def test_a_cell_that_fails_after_the_memory_reading_started_stops_its_sampler(monkeypatch):
+    import threading
+
+    import peftlab.cell.models as models
+
+    def broken(*args, **kwargs):
+        raise OSError("disk went away while loading")
+
+    monkeypatch.setattr(models, "load", broken)
+    with pytest.raises(OSError, match="disk went away"):
+        run_cell(cell(memory_mode="heap"), HOST, progress=False)
+    assert not [t for t in threading.enumerate() if t.name == "peftlab-heap-sampler"]
