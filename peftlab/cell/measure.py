@@ -6,13 +6,14 @@ from before the model is built, with its peak forgotten when training starts, so
 peak is the training peak, model included, and not a loading transient (GGUF dequantization
 briefly holds several copies of the weights).
 
-``heap`` (the default) follows the bytes the allocator has handed out and not taken back (glibc's ``mallinfo2``: in-use heap chunks plus
-mmapped blocks), sampled by a background thread (every 1 to 25 ms, depending on what a reading costs: see
-:class:`HeapSampler`) and at the point of a training step where activations peak. Tensors live in such blocks, so the figure separates
-full fine-tuning, LoRA and QLoRA as ``rss-strict`` does, without changing how the allocator
-works: the run measured is the run timed. It leaves out what malloc does not hand out (Python's
-small-object arenas, files mapped into memory) and can miss a peak shorter than the sampling
-interval; where glibc is missing it falls back to ``rss`` and the record says so.
+``heap`` (the default) follows the bytes the allocator has handed out and not taken back
+(glibc's ``mallinfo2``: in-use heap chunks plus mmapped blocks), sampled by a background thread
+(every 1 to 25 ms, depending on what a reading costs: see :class:`HeapSampler`) and at the point of
+a training step where activations peak. Tensors live in such blocks, so the figure separates full
+fine-tuning, LoRA and QLoRA as ``rss-strict`` does, without changing how the allocator works: the
+run measured is the run timed. It leaves out what malloc does not hand out (Python's small-object
+arenas, files mapped into memory) and can miss a peak shorter than the sampling interval; where
+glibc is missing it falls back to ``rss`` and the record says so.
 
 ``rss`` is the process's peak resident set (``VmHWM``, reset through ``clear_refs``) minus the
 resident set before the model was built (``cpu_peak_rss_delta``). glibc keeps freed memory for
@@ -25,7 +26,9 @@ records the RSS figures.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import functools
 import threading
 import time
 from dataclasses import dataclass, field
@@ -44,15 +47,20 @@ def _status_kib(field: str) -> int | None:
     return None
 
 
+@functools.cache
+def _libc() -> ctypes.CDLL | None:
+    """glibc, loaded once, or ``None`` where there is none."""
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+
+
 def _trim_heap() -> None:
     """Hand freed heap memory back to the OS (glibc), so the resident set counts live data only;
     a quantized model's freed float weights would otherwise stay resident and hide the saving."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+    with contextlib.suppress(AttributeError):  # no glibc, or one without malloc_trim
+        _libc().malloc_trim(0)
 
 
 def _reset_rss_peak() -> bool:
@@ -76,8 +84,8 @@ class _MallInfo2(ctypes.Structure):
 def _mallinfo2():
     """glibc's ``mallinfo2`` (2.33+), or ``None``."""
     try:
-        fn = ctypes.CDLL("libc.so.6").mallinfo2
-    except (OSError, AttributeError):
+        fn = _libc().mallinfo2
+    except AttributeError:  # no glibc, or one older than 2.33
         return None
     fn.restype = _MallInfo2
     return fn
@@ -161,11 +169,9 @@ def strict_heap() -> bool:
     It costs training throughput (each large allocation page-faults afresh: about a third slower
     here), which is why it is a mode of its own. Returns False where glibc is not available."""
     try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6")
+        libc = _libc()
         return bool(libc.mallopt(-3, 1 << 16)) and bool(libc.mallopt(-1, 1 << 20))  # M_MMAP_, M_TRIM_THRESHOLD
-    except (OSError, AttributeError):
+    except AttributeError:  # no glibc
         return False
 
 
@@ -187,8 +193,8 @@ class PeakMemory:
         if self.mode == "heap" and self.device.type != "cuda":
             sampler = HeapSampler()
             if sampler.available:
-                self.baseline_heap = heap_in_use(sampler._info) or 0
                 self.sampler = sampler.start()
+                self.baseline_heap = sampler.peak  # start() took the first reading
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections import Counter
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -222,9 +223,7 @@ PEAK_KINDS = {
 def peak_sentence(kinds) -> str:
     """What the peak memory column measured, from the records' ``mem.peak_kind`` values; where
     cells measured differently, each kind is named with how many cells used it."""
-    counts: dict[str, int] = {}
-    for k in kinds:
-        counts[str(k)] = counts.get(str(k), 0) + 1
+    counts = Counter(map(str, kinds))
     if not counts:
         return "not measured"
     if len(counts) == 1:
