@@ -6,7 +6,7 @@ import torch
 
 bnbF = pytest.importorskip("bitsandbytes.functional")
 
-from peftlab_plugins.fourbit import FourBitQuantizer  # noqa: E402
+from peftlab_plugins.fourbit import DQ_BLOCK, FourBitQuantizer  # noqa: E402
 
 SHAPES = [(64,), (1, 1), (3, 5), (7, 64), (33, 65), (128, 96), (257, 131), (1000, 1)]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -92,15 +92,20 @@ def test_dequantize_paths_equal_bitsandbytes(kind, dtype, gen):
 
 def test_pure_torch_second_level_is_exact_nearest(gen):
     """Without bitsandbytes the 8-bit second level rounds to the exactly nearest code. (The
-    bitsandbytes CPU kernel's table-driven search occasionally takes a neighbour instead, so
-    its codes may differ there by one step; the dequantized absmax is then no worse.)"""
+    bitsandbytes CPU kernel's table-driven search occasionally takes another code: a neighbour, or,
+    for a block whose absmax sits within about 1e-4 of the offset, where the dynamic map's codes
+    are about 1e-5 apart, a code two or three steps away (seeds 26, 169, 180, 536118393). Its
+    dequantized absmax is then further from the true one by at most about 3e-5 of the group's
+    scale over 300 seeds; the bound below is 1e-4.)"""
     w = weight((512, 512), torch.float32, gen, outliers=True)
-    fast = FourBitQuantizer("nf4", double_quant=True).quantize(w)
-    slow = FourBitQuantizer("nf4", double_quant=True, fast=False).quantize(w)
+    dq_fast, dq_slow = FourBitQuantizer("nf4", double_quant=True), FourBitQuantizer("nf4", double_quant=True, fast=False)
+    fast, slow = dq_fast.quantize(w), dq_slow.quantize(w)
     assert torch.equal(fast.tensors["packed"], slow.tensors["packed"])
     diff = (fast.tensors["absmax_codes"].int() - slow.tensors["absmax_codes"].int()).abs()
-    assert int(diff.max()) <= 1 and float((diff > 0).float().mean()) < 0.02
+    assert float((diff > 0).float().mean()) < 0.02
     true = FourBitQuantizer("nf4").quantize(w).tensors["absmax"]
-    err_fast = (FourBitQuantizer("nf4", double_quant=True).absmax(fast) - true).abs().sum()
-    err_slow = (FourBitQuantizer("nf4", double_quant=True, fast=False).absmax(slow) - true).abs().sum()
+    abs_fast, abs_slow = (dq_fast.absmax(fast) - true).abs(), (dq_slow.absmax(slow) - true).abs()
+    group = fast.tensors["absmax_absmax"].repeat_interleave(DQ_BLOCK)[: true.numel()]
+    assert float(((abs_fast - abs_slow) / group).max()) <= 1e-4
+    err_fast, err_slow = abs_fast.sum(), abs_slow.sum()
     assert err_slow <= err_fast * (1 + 1e-6)
