@@ -75,7 +75,7 @@ def base_record(cfg: CellConfig) -> dict[str, Any]:
                            "data": cfg.data.source, "train.steps_planned": cfg.train.steps,
                            "train.optimizer": cfg.train.optimizer, "train.precision": cfg.train.precision,
                            "train.grad_checkpointing": cfg.train.grad_checkpointing,
-                           "train.frozen_dtype": cfg.train.frozen_dtype,
+                           "train.frozen_dtype": cfg.train.frozen_dtype, "train.attention": cfg.train.attention,
                            "train.batch_size": cfg.train.batch_size, "train.grad_accum": cfg.train.grad_accum,
                            "train.lr": cfg.train.lr, "train.seed": cfg.train.seed, "memory_mode": cfg.memory_mode}
     rec.update({f"version.{k}": v for k, v in versions().items()})
@@ -168,7 +168,7 @@ def run_cell(cfg: CellConfig, host: PluginHost, *, progress: bool = True,
         rec.update({"train.steps": result.steps, "train.epochs": result.epochs, "train.tokens": result.tokens,
                     "train.seconds": result.seconds, "train.tokens_per_s": result.tokens_per_s,
                     "loss.final": result.final_loss, "loss.mean": result.mean_loss,
-                    "train.optimizer_note": result.optimizer_note})
+                    "train.optimizer_note": result.optimizer_note, "train.attention_impl": result.attention})
         rec.update(peak.read())  # the training peak, before generation allocates its caches
     finally:
         peak.stop()

@@ -2,7 +2,7 @@
 
 The loss is the mean cross-entropy over response tokens. The output head runs only at those
 positions (prompt and padding positions never need logits), which on a 135M model with a 49k
-vocabulary saves a third of the step. A non-finite loss stops training with the step it
+vocabulary saves a third of the step, and in chunks of rows (``peftlab.cell.head_loss``). A non-finite loss stops training with the step it
 happened at.
 """
 
@@ -16,8 +16,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
+from peftlab.cell.attention import ATTENTION_SETTINGS, attention, resolve
+from peftlab.cell.head_loss import head_loss
 from peftlab.compute import FROZEN_DTYPES, PRECISIONS, autocast
 from peftlab.data.prompts import IGNORE, batches
 from peftlab.plugin.errors import PeftlabError, ValidationError
@@ -48,6 +49,7 @@ class TrainConfig:
     grad_checkpointing: bool = False
     max_grad_norm: float | None = 1.0
     seed: int = 0
+    attention: str = "auto"  # auto: peftlab-cpu on CPU (peftlab.cell.attention), the model's own elsewhere
 
     def __post_init__(self) -> None:
         checks = [
@@ -61,6 +63,7 @@ class TrainConfig:
             ("grad_accum", _posint(self.grad_accum), "a positive integer"),
             ("warmup_steps", _int(self.warmup_steps) and self.warmup_steps >= 0, "an integer >= 0"),
             ("seed", _int(self.seed), "an integer"),
+            ("attention", self.attention in ATTENTION_SETTINGS, f"one of {', '.join(ATTENTION_SETTINGS)}"),
             ("grad_checkpointing", isinstance(self.grad_checkpointing, bool), "true or false"),
             ("max_grad_norm", self.max_grad_norm is None or (_num(self.max_grad_norm) and self.max_grad_norm > 0),
              "a positive number or none"),
@@ -103,6 +106,7 @@ class TrainResult:
     seconds: float = 0.0  # time inside training steps only
     epochs: float = 0.0
     optimizer_note: str = ""
+    attention: str = ""  # the attention implementation training ran with
 
     @property
     def tokens_per_s(self) -> float:
@@ -164,8 +168,7 @@ def response_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     hidden = backbone(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
     targets = batch["labels"][:, 1:]
     keep = targets != IGNORE
-    logits = head(hidden[:, :-1][keep])
-    return F.cross_entropy(logits.float(), targets[keep])
+    return head_loss(head, hidden[:, :-1][keep], targets[keep])
 
 
 def optimizer_groups(model, groups: list[dict] | None, lr: float) -> list[dict]:
@@ -222,36 +225,38 @@ def train(model, examples: list[tuple[list[int], list[int]]], cfg: TrainConfig, 
     micro = 0
     bar = tqdm(total=total, desc="train", unit="step", disable=not progress, dynamic_ncols=True)
     try:
-        for step in range(total):
-            start = time.perf_counter()
-            step_loss = 0.0
-            for _ in range(cfg.grad_accum):
-                batch = next(stream)
-                batch.pop("epoch")
-                micro += 1
-                batch = {k: v.to(device) for k, v in batch.items()}
-                with autocast(cfg.precision, device):
-                    loss = response_loss(model, batch)
-                if on_forward is not None:
-                    on_forward()
-                if not torch.isfinite(loss):
-                    raise TrainingError(f"training diverged: the loss is {loss.item()} at step {step + 1} of {total} "
-                                        f"(micro-batch {micro}); try a lower train.lr (now {cfg.lr})")
-                (loss / cfg.grad_accum).backward()
-                step_loss += loss.item() / cfg.grad_accum
-                result.tokens += int(batch["attention_mask"].sum())
-            if cfg.max_grad_norm:
-                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            result.seconds += time.perf_counter() - start
-            result.steps += 1
-            result.losses.append(step_loss)
-            bar.update(1)
-            bar.set_postfix(loss=f"{step_loss:.3f}", tok_s=f"{result.tokens_per_s:.0f}")
+        with attention(model, resolve(cfg.attention, device)) as implementation:
+            result.attention = implementation or ""
+            for step in range(total):
+                start = time.perf_counter()
+                step_loss = 0.0
+                for _ in range(cfg.grad_accum):
+                    batch = next(stream)
+                    batch.pop("epoch")
+                    micro += 1
+                    batch = {k: v.to(device) for k, v in batch.items()}
+                    with autocast(cfg.precision, device):
+                        loss = response_loss(model, batch)
+                    if on_forward is not None:
+                        on_forward()
+                    if not torch.isfinite(loss):
+                        raise TrainingError(f"training diverged: the loss is {loss.item()} at step {step + 1} of {total} "
+                                            f"(micro-batch {micro}); try a lower train.lr (now {cfg.lr})")
+                    (loss / cfg.grad_accum).backward()
+                    step_loss += loss.item() / cfg.grad_accum
+                    result.tokens += int(batch["attention_mask"].sum())
+                if cfg.max_grad_norm:
+                    torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                result.seconds += time.perf_counter() - start
+                result.steps += 1
+                result.losses.append(step_loss)
+                bar.update(1)
+                bar.set_postfix(loss=f"{step_loss:.3f}", tok_s=f"{result.tokens_per_s:.0f}")
     finally:
         bar.close()
         if cfg.grad_checkpointing:

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from peftlab.cell.attention import ATTENTION_SETTINGS
 from peftlab.cell.config import parse_sets
 from peftlab.cli.common import metric_names, metric_settings
 from peftlab.compute import FROZEN_DTYPES
@@ -81,6 +82,8 @@ def add_parser(sub) -> None:
     g.add_argument("--seed", type=int, help="training, data and sampling seed" + dflt("train.seed"))
     g.add_argument("--frozen-dtype", choices=FROZEN_DTYPES, help="store frozen linear weights in the "
                    "compute dtype (same numbers, no per-call casts) or keep the model's" + dflt("train.frozen_dtype"))
+    g.add_argument("--attention", choices=ATTENTION_SETTINGS, help="attention in training: auto is peftlab-cpu on "
+                   "CPU (flash attention's memory, plain matmuls), the model's own elsewhere" + dflt("train.attention"))
     g = p.add_argument_group("evaluation")
     g.add_argument("--metrics", help="comma-separated metric names" + dflt("eval.metrics"))
     g.add_argument("--mset", action="append", metavar="METRIC:KEY=VALUE",
@@ -149,7 +152,7 @@ def cell_dict(args: argparse.Namespace) -> dict[str, Any]:
     else:
         put("train", "steps", args.steps)
     for key in ("batch_size", "grad_accum", "lr", "optimizer", "schedule", "warmup_steps", "precision",
-                "grad_checkpointing", "seed", "frozen_dtype"):
+                "grad_checkpointing", "seed", "frozen_dtype", "attention"):
         put("train", key, getattr(args, key))
     if args.seed is not None:
         put("data", "seed", args.seed)

@@ -5,7 +5,7 @@ LoRA r=8 alpha=16 on q/v; QLoRA puts it over an NF4-DQ base (peer: peft + bitsan
 NF4 with double quantization, bf16 compute). Batch 8 x 128 tokens, half of them prompt.
 
 - **Training step** (one round = one AdamW step): peftlab as a cell runs it (frozen linear weights
-  stored in bf16, the head only at response positions) against peft on the same model under the
+  stored in bf16, the head only at response positions and in chunks, ``peftlab-cpu`` attention) against peft on the same model under the
   same autocast (``model(**batch).loss``). Goal: tokens/s at least 1.3x peft's, peak memory no higher.
 - **Memory reading** (one round = one step): the same peftlab step with the ``heap`` reading running
   (its sampler thread, a reading after the forward pass) against no reading at all (the "peer").
@@ -31,7 +31,7 @@ import time
 
 import pytest
 import torch
-from stepping import TOKENS, probe, run_probe, train_step
+from stepping import TOKENS, cell_loss, probe, run_probe, train_step
 
 from peftlab import load_host
 
@@ -73,7 +73,6 @@ def build(variant: str):
     """(model, loss function) for ``peftlab-lora``, ``peft-lora``, ``peftlab-qlora``, ``peft-qlora``."""
     from peftlab.adapt.attach import attach
     from peftlab.cell.cache import cached_gguf_folder
-    from peftlab.cell.train import response_loss
     from peftlab.compute import autocast, frozen_to_compute
     from peftlab.quantize.apply import quantize_
 
@@ -98,10 +97,7 @@ def build(variant: str):
         attach(base, HOST.adapters.build("lora", r=8, alpha=16))
         frozen_to_compute(base, "bf16")
         model = base
-
-        def loss_fn(batch):
-            with autocast("bf16", CPU):
-                return response_loss(model, batch)
+        loss_fn = cell_loss(model, "bf16")
     return model, loss_fn, loaded.tokenizer
 
 

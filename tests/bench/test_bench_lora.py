@@ -17,7 +17,7 @@ import sys
 
 import pytest
 import torch
-from stepping import SEQ, TOKENS, probe, run_probe, train_step
+from stepping import SEQ, TOKENS, cell_loss, probe, run_probe, train_step
 
 from peftlab import load_host, quantize_
 
@@ -34,8 +34,6 @@ def build(variant: str, tmpdir: str):
     """(model, step function) for one variant, deterministic from seed 0."""
     from peftlab.adapt.attach import attach
     from peftlab.cell.models import build_from_config
-    from peftlab.cell.train import response_loss
-
     torch.manual_seed(0)
     base, _ = build_from_config("llama-512x6", max_positions=SEQ)
     if variant == "peft-qlora":
@@ -55,7 +53,7 @@ def build(variant: str, tmpdir: str):
     else:
         attach(base, HOST.adapters.build("lora", r=8, alpha=16))
         model = base
-        loss_fn = lambda batch: response_loss(model, batch)  # noqa: E731
+        loss_fn = cell_loss(model)
     return model, train_step(model, loss_fn)
 
 

@@ -14,7 +14,7 @@ import sys
 
 import pytest
 import torch
-from stepping import SEQ, TOKENS, probe, run_probe, train_step
+from stepping import SEQ, TOKENS, cell_loss, probe, run_probe, train_step
 
 from peftlab import load_host
 
@@ -34,8 +34,6 @@ VARIANTS = [f"{impl}-{m}" for m in OURS for impl in ("peftlab", "peft") if impl 
 def build(variant: str):
     from peftlab.adapt.attach import attach
     from peftlab.cell.models import build_from_config
-    from peftlab.cell.train import response_loss
-
     impl, method = variant.split("-", 1)
     torch.manual_seed(0)
     base, _ = build_from_config("llama-512x6", max_positions=SEQ + 16)
@@ -47,7 +45,7 @@ def build(variant: str):
         name, settings = OURS[method]
         attach(base, HOST.adapters.build(name, **settings))
         model = base
-        loss_fn = lambda batch: response_loss(model, batch)  # noqa: E731
+        loss_fn = cell_loss(model)
     return model, train_step(model, loss_fn)
 
 
