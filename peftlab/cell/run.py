@@ -88,6 +88,7 @@ def run_cell(cfg: CellConfig, host: PluginHost, *, progress: bool = True,
              outputs: CellOutputs | None = None) -> dict[str, Any]:
     from peftlab.adapt.attach import attach
     from peftlab.cell.cache import encode_cached
+    from peftlab.cell.heap import reuse_freed_memory
     from peftlab.cell.measure import PeakMemory, backward_blocks, base_weight_bytes, trainable_bytes
     from peftlab.cell.models import load
     from peftlab.cell.train import train
@@ -160,8 +161,11 @@ def run_cell(cfg: CellConfig, host: PluginHost, *, progress: bool = True,
 
                 result = TrainResult()
             else:
-                result = train(model, encoded.examples, cfg.train, pad_id=tok.pad_token_id, device=device, progress=progress,
-                               param_groups=adapter.param_groups(model), on_forward=peak.sample)
+                keep = device.type == "cpu" and cfg.memory_mode != "rss-strict"
+                with reuse_freed_memory(keep) as kept:
+                    rec["mem.cpu_heap_kept"] = kept
+                    result = train(model, encoded.examples, cfg.train, pad_id=tok.pad_token_id, device=device,
+                                   progress=progress, param_groups=adapter.param_groups(model), on_forward=peak.sample)
         except TrainingError as exc:
             rec.update(status="failed", reason=str(exc), **peak.read(), **{"time.wall_s": time.perf_counter() - wall})
             return rec

@@ -65,9 +65,18 @@ def _status_kib(field: str) -> int:
         return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
 
 
-def run_probe(build_step: Callable[[], Callable[[], float]]) -> None:
+def cell_heap(variant: str):
+    """The allocator setting a CPU cell trains under (``peftlab.cell.heap``: freed memory kept for
+    the next step) for peftlab's variants; a peer runs under glibc's own."""
+    from peftlab.cell.heap import reuse_freed_memory
+
+    return reuse_freed_memory(variant.startswith("peftlab"))
+
+
+def run_probe(build_step: Callable[[], Callable[[], float]], variant: str) -> None:
     """The probe's body: VmHWM over 3 steps minus VmRSS before the model was built (so the weights
-    count), with the peak reset after building so load-time transients do not; printed as JSON."""
+    count), with the peak reset after building so load-time transients do not; printed as JSON.
+    Steps run under the variant's allocator setting (:func:`cell_heap`)."""
     import peftlab.cell.train  # noqa: F401
     import peftlab.plugin.adapter  # noqa: F401  (imports are not the model's memory)
 
@@ -75,6 +84,7 @@ def run_probe(build_step: Callable[[], Callable[[], float]]) -> None:
     step = build_step()
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
-    for _ in range(3):
-        step()
+    with cell_heap(variant):
+        for _ in range(3):
+            step()
     print(json.dumps({"peak_rss_delta": (_status_kib("VmHWM") - base) * 1024}))

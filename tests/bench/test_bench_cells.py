@@ -7,6 +7,8 @@ NF4 with double quantization, bf16 compute). Batch 8 x 128 tokens, half of them 
 - **Training step** (one round = one AdamW step): peftlab as a cell runs it (frozen linear weights
   stored in bf16, the head only at response positions and in chunks, ``peftlab-cpu`` attention) against peft on the same model under the
   same autocast (``model(**batch).loss``). Goal: tokens/s at least 1.3x peft's, peak memory no higher.
+- Each peftlab variant runs under the allocator setting a CPU cell trains under (freed memory kept
+  for the next step, ``peftlab.cell.heap``); the peers under glibc's own.
 - **Memory reading** (one round = one step): the same peftlab step with the ``heap`` reading running
   (its sampler thread, a reading after the forward pass) against no reading at all (the "peer").
   Goal: at most 5% slower. Since two benchmarks run one after the other on two model instances,
@@ -31,7 +33,7 @@ import time
 
 import pytest
 import torch
-from stepping import TOKENS, cell_loss, probe, run_probe, train_step
+from stepping import TOKENS, cell_heap, cell_loss, probe, run_probe, train_step
 
 from peftlab import load_host
 
@@ -109,7 +111,8 @@ def test_cell_train_step(benchmark, variant):
     step = train_step(model, loss_fn)
     benchmark.extra_info.update(impl="peftlab" if impl == "peftlab" else "peer", tokens=TOKENS,
                                 peak_rss=probe(__file__, "step", variant))
-    benchmark.pedantic(step, **PEDANTIC)
+    with cell_heap(variant):
+        benchmark.pedantic(step, **PEDANTIC)
 
 
 @pytest.mark.parametrize("reading", ["heap", "none"])
@@ -131,7 +134,8 @@ def test_memory_reading_overhead(benchmark, reading):
     if reading == "heap":
         benchmark.extra_info["rss_strict_step_s"] = float(probe(__file__, "strict", "peftlab-lora", key="step_s"))
     try:
-        benchmark.pedantic(step, **PEDANTIC)
+        with cell_heap("peftlab"):
+            benchmark.pedantic(step, **PEDANTIC)
     finally:
         if peak is not None:
             benchmark.extra_info["heap_samples"] = peak.read()["mem.cpu_heap_samples"]
@@ -140,7 +144,8 @@ def test_memory_reading_overhead(benchmark, reading):
         print(f"\nrss-strict step (fresh interpreter, median of 5): {benchmark.extra_info['rss_strict_step_s']:.3f} s; "
               f"heap-reading step: {benchmark.stats.stats.median:.3f} s")
     else:  # no sampler runs here but the one interleaved_ratio starts and stops
-        ratio = interleaved_ratio(step)
+        with cell_heap("peftlab"):
+            ratio = interleaved_ratio(step)
         benchmark.extra_info["interleaved_heap_over_none"] = ratio
         print(f"\nsteps alternating with and without the heap reading on one model: {ratio:.3f}x as long with it")
 
@@ -240,4 +245,4 @@ if __name__ == "__main__":  # fresh-interpreter probes: memory of one variant, o
     if sys.argv[1] == "strict":
         _strict_step_seconds(sys.argv[2])
     else:
-        run_probe(lambda: train_step(*build(sys.argv[2])[:2]))
+        run_probe(lambda: train_step(*build(sys.argv[2])[:2]), sys.argv[2])

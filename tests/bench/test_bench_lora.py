@@ -17,7 +17,7 @@ import sys
 
 import pytest
 import torch
-from stepping import SEQ, TOKENS, cell_loss, probe, run_probe, train_step
+from stepping import SEQ, TOKENS, cell_heap, cell_loss, probe, run_probe, train_step
 
 from peftlab import load_host, quantize_
 
@@ -64,8 +64,9 @@ def test_train_step(benchmark, variant, tmp_path):
     _, step = build(variant, str(tmp_path))
     benchmark.extra_info.update(impl="peftlab" if variant.startswith("peftlab") else "peer", tokens=TOKENS,
                                 peak_rss=probe(__file__, variant, str(tmp_path / "probe")))
-    benchmark.pedantic(step, **PEDANTIC)
+    with cell_heap(variant):
+        benchmark.pedantic(step, **PEDANTIC)
 
 
 if __name__ == "__main__":  # the memory probe: one variant, fresh process
-    run_probe(lambda: build(sys.argv[1], sys.argv[2])[1])
+    run_probe(lambda: build(sys.argv[1], sys.argv[2])[1], sys.argv[1])

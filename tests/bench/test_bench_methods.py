@@ -14,7 +14,7 @@ import sys
 
 import pytest
 import torch
-from stepping import SEQ, TOKENS, cell_loss, probe, run_probe, train_step
+from stepping import SEQ, TOKENS, cell_heap, cell_loss, probe, run_probe, train_step
 
 from peftlab import load_host
 
@@ -55,8 +55,9 @@ def test_method_train_step(benchmark, variant):
     benchmark.group = f"{method} train step llama-512x6 bf16, {TOKENS} tokens"
     _, step = build(variant)
     benchmark.extra_info.update(impl="peftlab" if impl == "peftlab" else "peer", tokens=TOKENS, peak_rss=probe(__file__, variant))
-    benchmark.pedantic(step, **PEDANTIC)
+    with cell_heap(variant):
+        benchmark.pedantic(step, **PEDANTIC)
 
 
 if __name__ == "__main__":  # the memory probe: one variant, fresh process
-    run_probe(lambda: build(sys.argv[1])[1])
+    run_probe(lambda: build(sys.argv[1])[1], sys.argv[1])
