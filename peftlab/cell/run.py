@@ -161,11 +161,11 @@ def run_cell(cfg: CellConfig, host: PluginHost, *, progress: bool = True,
 
                 result = TrainResult()
             else:
-                keep = device.type == "cpu" and cfg.memory_mode != "rss-strict"
-                with reuse_freed_memory(keep) as kept:
+                reuse = device.type == "cpu" and cfg.memory_mode != "rss-strict"
+                with reuse_freed_memory(reuse) as kept:
                     rec["mem.cpu_heap_kept"] = kept
                     result = train(model, encoded.examples, cfg.train, pad_id=tok.pad_token_id, device=device,
-                                   progress=progress, param_groups=adapter.param_groups(model), on_forward=peak.sample)
+                                   progress=progress, param_groups=adapter.param_groups(model), on_peak=peak.sample)
         except TrainingError as exc:
             rec.update(status="failed", reason=str(exc), **peak.read(), **{"time.wall_s": time.perf_counter() - wall})
             return rec

@@ -202,10 +202,11 @@ def optimizer_groups(model, groups: list[dict] | None, lr: float) -> list[dict]:
 
 def train(model, examples: list[tuple[list[int], list[int]]], cfg: TrainConfig, *, pad_id: int,
           device: torch.device, progress: bool = True, param_groups: list[dict] | None = None,
-          on_forward: Callable[[], None] | None = None) -> TrainResult:
+          on_peak: Callable[[], None] | None = None) -> TrainResult:
     """Train ``model``'s trainable parameters, in the adapter's ``param_groups`` when given.
-    ``on_forward`` is called after each forward pass, where the activations kept for backward
-    peak (a memory probe reads there)."""
+    ``on_peak`` is called where a step's memory peaks (a memory probe reads there): after each
+    forward pass (the activations kept for backward) and after each optimizer step (gradients and
+    optimizer state, before the gradients are freed)."""
     from tqdm.auto import tqdm
 
     groups = optimizer_groups(model, param_groups, cfg.lr)
@@ -237,8 +238,8 @@ def train(model, examples: list[tuple[list[int], list[int]]], cfg: TrainConfig, 
                     batch = {k: v.to(device) for k, v in batch.items()}
                     with autocast(cfg.precision, device):
                         loss = response_loss(model, batch)
-                    if on_forward is not None:
-                        on_forward()
+                    if on_peak is not None:
+                        on_peak()
                     if not torch.isfinite(loss):
                         raise TrainingError(f"training diverged: the loss is {loss.item()} at step {step + 1} of {total} "
                                             f"(micro-batch {micro}); try a lower train.lr (now {cfg.lr})")
@@ -248,6 +249,8 @@ def train(model, examples: list[tuple[list[int], list[int]]], cfg: TrainConfig, 
                 if cfg.max_grad_norm:
                     torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
                 optimizer.step()
+                if on_peak is not None:
+                    on_peak()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 if device.type == "cuda":

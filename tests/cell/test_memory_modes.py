@@ -75,7 +75,7 @@ def peak_of(adapter: str, **params) -> tuple[int, int]:
     examples = encode(rows, loaded.tokenizer, 256).examples
     peak.reset_peak()
     train(loaded.model, examples, TrainConfig(steps=2, batch_size=4, warmup_steps=0), pad_id=loaded.tokenizer.pad_token_id,
-          device=torch.device("cpu"), progress=False, on_forward=peak.sample)
+          device=torch.device("cpu"), progress=False, on_peak=peak.sample)
     rec = peak.read()
     peak.stop()
     assert rec["mem.peak_kind"] == "cpu_heap_in_use_delta" and rec["mem.cpu_heap_samples"] > 2
