@@ -5,8 +5,9 @@ On CPU, torch's fused attention (SDPA's flash kernel for CPU) is slow at the sho
 cell: forward and backward of SmolLM2-135M's 30 attention layers on 8 x 128 tokens in bf16 took
 555 ms per step here, a fifth of the LoRA step. The same attention as three batched matmuls and a
 softmax took 214 ms, but autograd then keeps the softmax output of every layer for backward,
-O(sequence²) memory per layer. This function keeps what flash attention keeps (q, k, v and the output)
-and recomputes the probabilities in backward from them. The scores are taken in fp32, as eager attention does.
+O(sequence²) memory per layer. This function keeps what flash attention keeps (q, k, v and the
+output) and recomputes the probabilities in backward from them. The scores are taken in fp32, as
+eager attention does.
 
 Grouped key/value heads are used as they are, never repeated. The function runs only where it
 is built for: CPU tensors with gradients on, no dropout, no soft cap, no position bias, no paged
@@ -79,9 +80,7 @@ def _bias(mask: torch.Tensor | None, causal: bool, s: int, t: int, device) -> to
         bias = torch.zeros(mask.shape, device=device).masked_fill_(~mask, low)
     else:
         bias = mask.float().clamp(min=low)
-    if bias.shape[1] != 1:  # a per-head mask: SDPA's order of heads is (KV, G)
-        raise ValueError(f"attention mask with {bias.shape[1]} heads: {NAME} takes a mask shared by all heads")
-    return bias.unsqueeze(1)
+    return bias.unsqueeze(1)  # (B, 1, S, T): a mask shared by all heads (per-head masks go to SDPA)
 
 
 def attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0, scaling: float | None = None,

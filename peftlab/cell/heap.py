@@ -20,30 +20,21 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 
-from peftlab.cell.measure import _libc
+from peftlab.cell.measure import _trim_heap, set_malloc_thresholds
 
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
 KEEP = 1 << 30
 #: where glibc's dynamic thresholds settle once a block of 32 MiB or more has been freed
-SETTLED = {M_MMAP_THRESHOLD: 32 << 20, M_TRIM_THRESHOLD: 64 << 20}
-
-
-def _set(values: dict[int, int]) -> bool:
-    try:
-        libc = _libc()
-        return all(bool(libc.mallopt(option, value)) for option, value in values.items())
-    except AttributeError:  # no glibc
-        return False
+SETTLED_MMAP, SETTLED_TRIM = 32 << 20, 64 << 20
 
 
 @contextlib.contextmanager
 def reuse_freed_memory(on: bool = True) -> Iterator[bool]:
     """Keep freed memory in the process for the block (``on``); yields whether the allocator was
     changed (``False`` where glibc is not available or ``on`` is false)."""
-    changed = on and _set({M_MMAP_THRESHOLD: KEEP, M_TRIM_THRESHOLD: KEEP})
+    changed = on and set_malloc_thresholds(mmap=KEEP, trim=KEEP)
     try:
         yield changed
     finally:
         if changed:
-            _set(SETTLED)
-            _libc().malloc_trim(0)
+            set_malloc_thresholds(mmap=SETTLED_MMAP, trim=SETTLED_TRIM)
+            _trim_heap()

@@ -9,9 +9,10 @@ briefly holds several copies of the weights).
 ``heap`` (the default) follows the bytes the allocator has handed out and not taken back
 (glibc's ``mallinfo2``: in-use heap chunks plus mmapped blocks), read where a training step's
 memory peaks (after each forward pass and after each optimizer step) and sampled by a background
-thread between them (every 1 to 250 ms, depending on what a reading costs: see :class:`HeapSampler`). Tensors live in such blocks, so the figure separates full
-fine-tuning, LoRA and QLoRA as ``rss-strict`` does, without changing how the allocator works: the
-run measured is the run timed. It leaves out what malloc does not hand out (Python's small-object
+thread between them (every 1 to 250 ms, depending on what a reading costs: see
+:class:`HeapSampler`). Tensors live in such blocks, so the figure separates full fine-tuning, LoRA
+and QLoRA as ``rss-strict`` does, without changing how the allocator works: the run measured is the
+run timed. It leaves out what malloc does not hand out (Python's small-object
 arenas, files mapped into memory) and can miss a peak shorter than the sampling interval; where
 glibc is missing it falls back to ``rss`` and the record says so.
 
@@ -166,16 +167,25 @@ class HeapSampler:
             self._thread = None
 
 
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt options
+
+
+def set_malloc_thresholds(mmap: int, trim: int) -> bool:
+    """Fix glibc's mmap and trim thresholds (bytes; fixing either ends glibc's own adjustment of
+    both). Returns False where glibc is not available."""
+    try:
+        libc = _libc()
+        return bool(libc.mallopt(M_MMAP_THRESHOLD, mmap)) and bool(libc.mallopt(M_TRIM_THRESHOLD, trim))
+    except AttributeError:  # no glibc
+        return False
+
+
 def strict_heap() -> bool:
     """Make glibc return every freed block of 64 KiB or more to the OS at once (a fixed mmap
     threshold, instead of one that grows after frees), so the resident set follows live tensors.
     It costs training throughput (each large allocation page-faults afresh: about a third slower
     here), which is why it is a mode of its own. Returns False where glibc is not available."""
-    try:
-        libc = _libc()
-        return bool(libc.mallopt(-3, 1 << 16)) and bool(libc.mallopt(-1, 1 << 20))  # M_MMAP_, M_TRIM_THRESHOLD
-    except AttributeError:  # no glibc
-        return False
+    return set_malloc_thresholds(mmap=1 << 16, trim=1 << 20)
 
 
 @dataclass

@@ -2,8 +2,8 @@
 
 The loss is the mean cross-entropy over response tokens. The output head runs only at those
 positions (prompt and padding positions never need logits), which on a 135M model with a 49k
-vocabulary saves a third of the step, and in chunks of rows (``peftlab.cell.head_loss``). A non-finite loss stops training with the step it
-happened at.
+vocabulary saves a third of the step, and in chunks of rows (``peftlab.cell.head_loss``). A
+non-finite loss stops training with the step it happened at.
 """
 
 from __future__ import annotations

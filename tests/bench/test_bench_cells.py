@@ -5,8 +5,9 @@ LoRA r=8 alpha=16 on q/v; QLoRA puts it over an NF4-DQ base (peer: peft + bitsan
 NF4 with double quantization, bf16 compute). Batch 8 x 128 tokens, half of them prompt.
 
 - **Training step** (one round = one AdamW step): peftlab as a cell runs it (frozen linear weights
-  stored in bf16, the head only at response positions and in chunks, ``peftlab-cpu`` attention) against peft on the same model under the
-  same autocast (``model(**batch).loss``). Goal: tokens/s at least 1.3x peft's, peak memory no higher.
+  stored in bf16, the head only at response positions and in chunks, ``peftlab-cpu`` attention)
+  against peft on the same model under the same autocast (``model(**batch).loss``). Goal: tokens/s
+  at least 1.3x peft's, peak memory no higher.
 - Each peftlab variant runs under the allocator setting a CPU cell trains under (freed memory kept
   for the next step, ``peftlab.cell.heap``); the peers under glibc's own.
 - **Memory reading** (one round = one step): the same peftlab step with the ``heap`` reading running

@@ -32,7 +32,7 @@ def test_heap_in_use_follows_a_tensor():
 
 
 def test_the_sampler_thread_catches_a_short_peak():
-    # every millisecond, as asked: the default backs off to 25 ms when readings are slow (a large
+    # every millisecond, as asked: the default backs off to 250 ms when readings are slow (a large
     # heap late in a test session), which test_a_slow_reading_backs_the_sampler_off covers
     sampler = HeapSampler(interval_s=1e-3, max_interval_s=1e-3).start()
     base = sampler.peak
