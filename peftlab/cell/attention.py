@@ -1,5 +1,5 @@
-"""A training attention for CPU: plain matmuls with flash attention's memory, registered with
-transformers as ``peftlab-cpu``.
+"""A CPU attention for training and inference: plain matmuls with flash attention's memory,
+registered with transformers as ``peftlab-cpu``.
 
 On CPU, torch's fused attention (SDPA's flash kernel for CPU) is slow at the short sequences of a
 cell: forward and backward of SmolLM2-135M's 30 attention layers on 8 x 128 tokens in bf16 took
@@ -9,10 +9,16 @@ O(sequence²) memory per layer. This function keeps what flash attention keeps (
 output) and recomputes the probabilities in backward from them. The scores are taken in fp32, as
 eager attention does.
 
+Without gradients (evaluation, generation) it runs the same forward and keeps nothing. There it
+is also batch-invariant, which SDPA's CPU kernel is not: a row's output does not depend on the
+other rows of its batch. SDPA's decoding step (one query, grouped heads packed as three queries)
+gave some rows other roundings at batch 32 than at batch 16, so an input's greedy output changed
+with its batch-mates (``peftlab.evaluate.decode`` relies on invariance).
+
 Grouped key/value heads are used as they are, never repeated. The function runs only where it
-is built for: CPU tensors with gradients on, no dropout, no soft cap, no position bias, no paged
-cache. Any other call (inference, generation, CUDA) goes to transformers' SDPA attention, and the
-masks are SDPA's, so the same model and batch mean the same attention either way.
+is built for: CPU tensors, no dropout, no soft cap, no position bias, no paged cache, a mask shared
+by all heads. Any other call (CUDA, say) goes to transformers' SDPA attention, and the masks are
+SDPA's, so the same model and batch mean the same attention either way.
 """
 
 from __future__ import annotations
@@ -31,10 +37,7 @@ class _Attention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, bias, scale):
-        b, h, s, d = q.shape
-        kv, t = k.shape[1], k.shape[2]
-        probs = _probs(q, k, bias, scale)
-        out = torch.matmul(probs.to(q.dtype).view(b, kv, -1, t), v).view(b, h, s, d)
+        out = _attend(q, k, v, bias, scale)
         ctx.save_for_backward(q, k, v, out, bias)
         ctx.scale = scale
         return out
@@ -53,6 +56,14 @@ class _Attention(torch.autograd.Function):
         grad_q = torch.matmul(grad_s, k).view(b, h, s, d)
         grad_k = torch.matmul(grad_s.transpose(-1, -2), q.reshape(b, kv, -1, d))
         return grad_q, grad_k, grad_v, None, None
+
+
+def _attend(q, k, v, bias, scale):
+    """The forward: (B, H, S, D) from q (B, H, S, D), k and v (B, KV, T, D)."""
+    b, h, s, d = q.shape
+    kv, t = k.shape[1], k.shape[2]
+    probs = _probs(q, k, bias, scale)
+    return torch.matmul(probs.to(q.dtype).view(b, kv, -1, t), v).view(b, h, s, d)
 
 
 def _probs(q, k, bias, scale):
@@ -89,7 +100,7 @@ def attention_forward(module, query, key, value, attention_mask, dropout: float 
     output as (B, S, H, D) and no attention weights."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    unsupported = (dropout or not torch.is_grad_enabled() or query.device.type != "cpu"
+    unsupported = (dropout or query.device.type != "cpu"
                    or kwargs.get("softcap") is not None or kwargs.get("position_bias") is not None
                    or kwargs.get("cache") is not None or kwargs.get("output_attentions")
                    or (attention_mask is not None and attention_mask.shape[1] != 1))
@@ -104,7 +115,8 @@ def attention_forward(module, query, key, value, attention_mask, dropout: float 
     bias = _bias(attention_mask, causal, s, key.shape[2], query.device)
     # one dtype for q, k and v, as SDPA under autocast (rotary embeddings leave q and k in fp32)
     dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else query.dtype
-    out = _Attention.apply(query.to(dtype), key.to(dtype), value.to(dtype), bias, scale)
+    q, k, v = query.to(dtype), key.to(dtype), value.to(dtype)
+    out = _Attention.apply(q, k, v, bias, scale) if torch.is_grad_enabled() else _attend(q, k, v, bias, scale)
     return out.transpose(1, 2).contiguous(), None
 
 

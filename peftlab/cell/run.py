@@ -77,7 +77,8 @@ def base_record(cfg: CellConfig) -> dict[str, Any]:
                            "train.grad_checkpointing": cfg.train.grad_checkpointing,
                            "train.frozen_dtype": cfg.train.frozen_dtype, "train.attention": cfg.train.attention,
                            "train.batch_size": cfg.train.batch_size, "train.grad_accum": cfg.train.grad_accum,
-                           "train.lr": cfg.train.lr, "train.seed": cfg.train.seed, "memory_mode": cfg.memory_mode}
+                           "train.lr": cfg.train.lr, "train.seed": cfg.train.seed, "memory_mode": cfg.memory_mode,
+                           "eval.batch_size": cfg.eval.batch_size, "eval.attention": cfg.eval.attention}
     rec.update({f"version.{k}": v for k, v in versions().items()})
     rec["version.commit"] = git_commit()  # of the working tree the cell ran from
     rec["machine.id"] = machine_id()
@@ -180,6 +181,7 @@ def run_cell(cfg: CellConfig, host: PluginHost, *, progress: bool = True,
     scores, settings = score(gens.texts, eval_items, metrics)
     rec.update(scores)
     rec.update({"gen.tokens": gens.new_tokens, "gen.seconds": gens.seconds, "gen.tokens_per_s": gens.tokens_per_s,
+                "gen.attention_impl": gens.attention, "gen.packed_linears": gens.packed_linears,
                 "metric.settings": json.dumps(settings, sort_keys=True), "sample.prediction": gens.texts[0],
                 "sample.references": json.dumps(list(eval_items[0].references))})
     rec["time.wall_s"] = time.perf_counter() - wall

@@ -91,6 +91,9 @@ def add_parser(sub) -> None:
     g.add_argument("--max-new-tokens", type=int, help=dflt("eval.max_new_tokens").strip())
     g.add_argument("--beams", type=int, help="1 = greedy" + dflt("eval.num_beams"))
     g.add_argument("--eval-before", action="store_true", default=None, help="also score the untrained model")
+    g.add_argument("--eval-attention", choices=ATTENTION_SETTINGS, help="attention in generation: auto is peftlab-cpu "
+                   "on CPU (batch-invariant: an output depends on its input alone), the model's own elsewhere"
+                   + dflt("eval.attention"))
     g.add_argument("--memory-mode", help="CPU peak memory: heap (malloc's bytes in use, sampled), rss (resident "
                                          "set, allocator cache included) or rss-strict (freed memory leaves the "
                                          "resident set; about a third slower)" + dflt("memory_mode"))
@@ -163,6 +166,7 @@ def cell_dict(args: argparse.Namespace) -> dict[str, Any]:
     put("eval", "max_new_tokens", args.max_new_tokens)
     put("eval", "num_beams", args.beams)
     put("eval", "before", args.eval_before)
+    put("eval", "attention", args.eval_attention)
     return d
 
 

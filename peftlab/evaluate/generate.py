@@ -1,18 +1,25 @@
-"""Batched generation on the evaluation inputs.
+"""Batched generation on the evaluation inputs: an input's output depends on that input alone.
 
-In bf16 a prompt's greedy output depends on how much left padding it gets: the attention kernels
-sum over the padded key positions in blocks, and shifting the real keys by the padding changes
-the rounding. Padding each batch to its longest prompt (what ``generate`` callers usually do)
+In bf16 a prompt's greedy output depends on how much left padding it gets: the attention sums
+over the padded key positions in blocks, and shifting the real keys by the padding changes the
+rounding. Padding each batch to its longest prompt (what ``generate`` callers usually do)
 therefore makes an input's output depend on which other inputs share its batch: on SmolLM2-135M,
 changing only the batch size changed 17 of 50 E2E outputs. Here every prompt is left-padded to its
 own width, the next multiple of ``eval.pad_to``, and batches hold prompts of one width only.
-Linear layers and attention compute each row independently, so padding no longer ties an input's
-output to its batch-mates (tested on tiny models: the same outputs for any batch size, order and
-company). On SmolLM2-135M in bf16 the matmul library still rounds a row differently with the number
-of rows in its batch (it picks kernels by shape): 48 of 50 quickstart outputs were the same at
-``eval.batch_size`` 32 and 64, 47 of 50 at 32 and 16. Outputs are reproducible for a given set of
-inputs and ``eval.batch_size``; compare runs at one batch size. Inputs are batched longest first,
-so prompts of near lengths, which tend to have near output lengths, share batches.
+
+The rest of batch invariance is the kernels'. Linear layers compute a row the same way whatever
+the number of rows (two or more: a lone row takes a matrix-vector kernel that rounds otherwise,
+so :mod:`peftlab.evaluate.decode` never runs one). torch's CPU SDPA kernel is not invariant: in
+its decoding step some rows rounded otherwise at batch 32 than at 16, and 3 of 50 SmolLM2-135M
+outputs changed with ``eval.batch_size``. ``eval.attention = "auto"`` therefore runs
+``peftlab-cpu`` attention on CPU, which is (:mod:`peftlab.cell.attention`); the same 50 outputs came
+out at batch sizes 1 (12 inputs), 16, 32 and 64. So ``eval.batch_size`` is a speed and memory
+setting only, and finished rows can leave a batch without changing anyone's output (tested:
+``tests/cell/test_generate_batching.py``, ``tests/cell/test_decode.py``).
+
+Greedy decoding runs :func:`peftlab.evaluate.decode.greedy`; on CPU in bf16 the linear layers
+multiply with weights laid out once (:mod:`peftlab.evaluate.packed`, the same bits). Beam search
+runs ``transformers.generate``. Inputs are batched longest first.
 """
 
 from __future__ import annotations
@@ -24,7 +31,8 @@ from typing import Any
 import torch
 
 import peftlab.defaults as defaults
-from peftlab.compute import autocast
+from peftlab.cell.attention import ATTENTION_SETTINGS, NAME, attention, resolve
+from peftlab.compute import autocast, compute_dtype
 from peftlab.data.prompts import prompt_ids
 from peftlab.data.splits import EvalItem
 from peftlab.plugin.errors import ValidationError
@@ -34,17 +42,20 @@ from peftlab.plugin.errors import ValidationError
 class EvalConfig:
     metrics: tuple[str, ...] = defaults.METRICS
     metric_params: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> settings
-    batch_size: int = 32
+    batch_size: int = 64  # speed and memory only: outputs do not depend on it
     max_new_tokens: int = 64
     pad_to: int = 32  # prompts are left-padded to a multiple of this (1: no padding beyond the prompt)
     num_beams: int = 1  # 1: greedy
     before: bool = False  # also score the untrained model
+    attention: str = "auto"  # auto: peftlab-cpu on CPU (batch-invariant), the model's own elsewhere
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "max_new_tokens", "num_beams", "pad_to"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
                 raise ValidationError(f"eval.{name}", v, "a positive integer")
+        if self.attention not in ATTENTION_SETTINGS:
+            raise ValidationError("eval.attention", self.attention, f"one of {', '.join(ATTENTION_SETTINGS)}")
         if isinstance(self.metrics, str) or not all(isinstance(m, str) for m in self.metrics):
             raise ValidationError("eval.metrics", self.metrics, "a list of metric names")
         stray = sorted(set(self.metric_params) - set(self.metrics))
@@ -57,6 +68,8 @@ class Generations:
     texts: list[str] = field(default_factory=list)
     new_tokens: int = 0
     seconds: float = 0.0
+    attention: str = ""  # the attention implementation generation ran with
+    packed_linears: int = 0  # linear layers that multiplied with weights laid out once (peftlab.evaluate.packed)
 
     @property
     def tokens_per_s(self) -> float:
@@ -93,8 +106,13 @@ def left_padded(prompts: list[list[int]], width: int, pad: int) -> tuple[torch.T
 def generate(model, tokenizer, items: list[EvalItem], cfg: EvalConfig, *, device: torch.device,
              precision: str = "bf16", progress: bool = True) -> Generations:
     """Greedy (or beam search with ``num_beams > 1``) completions of every input, without the
-    prompt, in input order; batched as the module docstring says."""
+    prompt, in input order; batched as the module docstring says. Greedy decoding runs
+    :func:`peftlab.evaluate.decode.greedy` (finished rows leave the batch); beam search runs
+    ``transformers.generate``."""
     from tqdm.auto import tqdm
+
+    from peftlab.evaluate.decode import greedy
+    from peftlab.evaluate.packed import packed_linears
 
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     prompts = [prompt_ids(tokenizer, it.instruction, it.context) for it in items]
@@ -102,17 +120,26 @@ def generate(model, tokenizer, items: list[EvalItem], cfg: EvalConfig, *, device
     texts: list[str | None] = [None] * len(prompts)
     out = Generations()
     model.eval()
-    for width, rows in tqdm(plan, desc="generate", unit="batch", disable=not progress, dynamic_ncols=True):
-        ids, mask = left_padded([prompts[i] for i in rows], width, pad)
-        start = time.perf_counter()
-        with torch.inference_mode(), autocast(precision, device):
-            seq = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False,
-                                 num_beams=cfg.num_beams, max_new_tokens=cfg.max_new_tokens,
-                                 eos_token_id=eos, pad_token_id=pad, use_cache=True)
-        out.seconds += time.perf_counter() - start
-        for i, row in zip(rows, seq[:, width:].tolist()):
-            n = row.index(eos) + 1 if eos in row else len(row)
-            out.new_tokens += n
-            texts[i] = tokenizer.decode(row[:n], skip_special_tokens=True).strip()
+    with attention(model, resolve(cfg.attention, device)) as implementation, \
+            packed_linears(model, compute_dtype(precision), device) as out.packed_linears:
+        out.attention = implementation or ""
+        # peftlab-cpu casts keys and values to the autocast dtype: the cache may as well hold them so
+        store = compute_dtype(precision) if implementation == NAME and device.type == "cpu" else None
+        for width, rows in tqdm(plan, desc="generate", unit="batch", disable=not progress, dynamic_ncols=True):
+            ids, mask = left_padded([prompts[i] for i in rows], width, pad)
+            ids, mask = ids.to(device), mask.to(device)
+            start = time.perf_counter()
+            with torch.inference_mode(), autocast(precision, device):
+                if cfg.num_beams == 1:
+                    seqs = greedy(model, ids, mask, cfg.max_new_tokens, eos, store_dtype=store)
+                else:
+                    seqs = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, num_beams=cfg.num_beams,
+                                          max_new_tokens=cfg.max_new_tokens, eos_token_id=eos, pad_token_id=pad,
+                                          use_cache=True)[:, width:].tolist()
+            out.seconds += time.perf_counter() - start
+            for i, row in zip(rows, seqs):
+                n = row.index(eos) + 1 if eos in row else len(row)
+                out.new_tokens += n
+                texts[i] = tokenizer.decode(row[:n], skip_special_tokens=True).strip()
     out.texts = texts
     return out

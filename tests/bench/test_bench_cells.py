@@ -17,11 +17,12 @@ NF4 with double quantization, bf16 compute). Batch 8 x 128 tokens, half of them 
   ``rss-strict`` step's time is measured in a fresh interpreter (it changes the allocator for the
   whole process) and printed beside it.
 - **Generation** (one round = the quickstart's 50 evaluation inputs, greedy, up to 64 new tokens):
-  peftlab's ``generate`` against peft's model under ``transformers.generate``, batches of 16 padded
-  to their longest prompt (what peftlab did before). Goal: at least 2x the generated tokens/s.
-  Both hold the same LoRA weights (seeded A and B). How many of the 50 outputs are the same is
-  printed (some may differ: in bf16 the peer's outputs depend on their batch-mates' padding, see
-  ``peftlab.evaluate.generate``).
+  peftlab's ``generate`` at its defaults (its own decoding loop, finished rows leaving the batch,
+  ``peftlab-cpu`` attention, packed linear layers, batches of 64) against peft's model under
+  ``transformers.generate``, batches of 16 padded to their longest prompt (what peftlab did before
+  issue 14). Goal: at least 2x the generated tokens/s. Both hold the same LoRA weights (seeded A and
+  B). How many of the 50 outputs are the same is printed: they differ by rounding (the attention
+  kernel, and in the peer an input's batch-mates' padding, see ``peftlab.evaluate.generate``).
 
 Peak memory of the training variants comes from a fresh interpreter per variant (VmHWM over 3
 steps, this module run as a script).

@@ -98,16 +98,42 @@ def test_bf16_is_as_close_to_exact_as_sdpa(gen):
         assert err_ours < 1e-2 and err_ours <= 1.5 * err_peer, (name, err_ours, err_peer)
 
 
-def test_inference_and_dropout_go_to_sdpa(gen):
-    """Without gradients (generation) the function is transformers' SDPA attention, bit for bit."""
+def test_without_gradients_it_is_the_same_forward(gen, monkeypatch):
+    """Without gradients (evaluation, generation) the function runs the training forward, bit for
+    bit, and keeps nothing for backward; with dropout it is transformers' SDPA attention."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     module = torch.nn.Module()
     module.is_causal, module.num_key_value_groups = True, 2
     q, k, v = torch.randn(2, 4, 6, 8, generator=gen), torch.randn(2, 2, 6, 8, generator=gen), torch.randn(2, 2, 6, 8, generator=gen)
-    with torch.no_grad():
-        assert torch.equal(attention_forward(module, q, k, v, None, scaling=0.25)[0],
-                           sdpa_attention_forward(module, q, k, v, None, scaling=0.25)[0])
+    with torch.enable_grad():
+        trained = attention_forward(module, *(x.clone().requires_grad_() for x in (q, k, v)), None, scaling=0.25)[0]
+    with torch.inference_mode():
+        inferred = attention_forward(module, q, k, v, None, scaling=0.25)[0]
+    assert torch.equal(inferred, trained.detach()) and not inferred.requires_grad
+    import transformers.integrations.sdpa_attention as sdpa_module
+
+    calls = []
+    monkeypatch.setattr(sdpa_module, "sdpa_attention_forward", lambda *a, **kw: calls.append(kw) or sdpa_attention_forward(*a, **kw))
+    attention_forward(module, q, k, v, None, dropout=0.5, scaling=0.25)
+    assert calls and calls[0]["dropout"] == 0.5
+
+
+@pytest.mark.parametrize("queries", [1, 3, 17])
+def test_a_rows_output_does_not_depend_on_its_batch(queries, gen):
+    """Batch invariance in bf16 (what generation relies on): each row computed alone, in pairs
+    and in the whole batch gives the same bits. Decoding steps (one query) and prompts."""
+    b, h, kv, t, d = 32, 9, 3, 97, 64
+    q = torch.randn(b, h, queries, d, generator=gen).bfloat16()
+    k, v = torch.randn(b, kv, t, d, generator=gen).bfloat16(), torch.randn(b, kv, t, d, generator=gen).bfloat16()
+    mask = padding_mask(gen, b, queries, t) if queries > 1 else (torch.arange(t) >= torch.randint(0, 30, (b, 1, 1, 1), generator=gen))
+    module = torch.nn.Module()
+    module.is_causal, module.num_key_value_groups = True, h // kv
+    with torch.inference_mode():
+        whole = attention_forward(module, q, k, v, mask, scaling=0.125)[0]
+        for lo, hi in [(j, j + 1) for j in range(b)] + [(j, j + 2) for j in range(0, b, 2)] + [(0, 16), (5, 29)]:
+            assert torch.equal(attention_forward(module, q[lo:hi], k[lo:hi], v[lo:hi], mask[lo:hi], scaling=0.125)[0],
+                               whole[lo:hi]), (lo, hi)
 
 
 def fit(attention_setting, seed):
