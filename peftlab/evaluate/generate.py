@@ -7,13 +7,13 @@ therefore makes an input's output depend on which other inputs share its batch: 
 changing only the batch size changed 17 of 50 E2E outputs. Here every prompt is left-padded to its
 own width, the next multiple of ``eval.pad_to``, and batches hold prompts of one width only.
 
-The rest of batch invariance is the kernels'. Linear layers compute a row the same way whatever
-the number of rows (two or more: a lone row takes a matrix-vector kernel that rounds otherwise,
-so :mod:`peftlab.evaluate.decode` never runs one). torch's CPU SDPA kernel is not invariant: in
-its decoding step some rows rounded otherwise at batch 32 than at 16, and 3 of 50 SmolLM2-135M
-outputs changed with ``eval.batch_size``. ``eval.attention = "auto"`` therefore runs
-``peftlab-cpu`` attention on CPU, which is (:mod:`peftlab.cell.attention`); the same 50 outputs came
-out at batch sizes 1 (12 inputs), 16, 32 and 64. So ``eval.batch_size`` is a speed and memory
+The rest of batch invariance is the kernels'. Linear layers compute a row the same way whatever the
+number of rows (two or more: a lone row takes a matrix-vector kernel that rounds otherwise, so
+:mod:`peftlab.evaluate.decode` never runs one). torch's CPU SDPA kernel is not invariant: in its
+decoding step some rows rounded otherwise at batch 32 than at 16, and 3 of 50 SmolLM2-135M outputs
+changed with ``eval.batch_size``. ``eval.attention = "auto"`` therefore runs ``peftlab-cpu``
+attention on CPU, which is (:mod:`peftlab.cell.attention`); the same 50 outputs came out at batch
+sizes 16, 32 and 64, and the first 12 one at a time. So ``eval.batch_size`` is a speed and memory
 setting only, and finished rows can leave a batch without changing anyone's output (tested:
 ``tests/cell/test_generate_batching.py``, ``tests/cell/test_decode.py``).
 
