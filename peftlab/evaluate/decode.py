@@ -20,6 +20,7 @@ the last finished row stays as a companion, and a batch of one prompt runs it tw
 
 from __future__ import annotations
 
+import functools
 import inspect
 
 import torch
@@ -27,6 +28,7 @@ import torch
 MIN_ROWS = 2  # below this the matrix products take the matrix-vector kernel, which rounds otherwise
 
 
+@functools.cache
 def _layer_class():
     from transformers.cache_utils import DynamicLayer
 
@@ -121,18 +123,19 @@ def greedy(model, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int, eo
     position = positions[:, -1:] + 1
     for step in range(max_new_tokens):
         token = logits.argmax(-1)
-        listed = token.tolist()
-        for r, t in zip(rows.tolist(), listed):
-            if r < n and (not out[r] or out[r][-1] != eos):
+        live = []  # per batch row: its input goes on (a finished row here is a companion)
+        for r, t in zip(rows.tolist(), token.tolist()):
+            open_ = r < n and (not out[r] or out[r][-1] != eos)
+            if open_:
                 out[r].append(t)
-        if step == max_new_tokens - 1 or all(len(o) and o[-1] == eos for o in out):
+            live.append(open_ and t != eos)
+        if step == max_new_tokens - 1 or not any(live):
             break
-        live = [r < n and out[r][-1] != eos for r in rows.tolist()]
         if not all(live):  # rows ended: keep the others (and companions up to MIN_ROWS)
             going = [j for j, alive in enumerate(live) if alive]
             ended = [j for j, alive in enumerate(live) if not alive]
             keep = torch.tensor(sorted(going + ended[: max(0, MIN_ROWS - len(going))]), device=ids.device)
-            if len(keep) < len(listed):
+            if len(keep) < len(live):
                 rows, token, mask, position = rows[keep], token[keep], mask[keep], position[keep]
                 cache.batch_select_indices(keep)
         mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
