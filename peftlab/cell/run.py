@@ -76,6 +76,7 @@ def base_record(cfg: CellConfig) -> dict[str, Any]:
                            "train.optimizer": cfg.train.optimizer, "train.precision": cfg.train.precision,
                            "train.grad_checkpointing": cfg.train.grad_checkpointing,
                            "train.frozen_dtype": cfg.train.frozen_dtype, "train.attention": cfg.train.attention,
+                           "train.norm": cfg.train.norm,
                            "train.batch_size": cfg.train.batch_size, "train.grad_accum": cfg.train.grad_accum,
                            "train.lr": cfg.train.lr, "train.seed": cfg.train.seed, "memory_mode": cfg.memory_mode,
                            "eval.batch_size": cfg.eval.batch_size, "eval.attention": cfg.eval.attention}
@@ -173,7 +174,8 @@ def run_cell(cfg: CellConfig, host: PluginHost, *, progress: bool = True,
         rec.update({"train.steps": result.steps, "train.epochs": result.epochs, "train.tokens": result.tokens,
                     "train.seconds": result.seconds, "train.tokens_per_s": result.tokens_per_s,
                     "loss.final": result.final_loss, "loss.mean": result.mean_loss,
-                    "train.optimizer_note": result.optimizer_note, "train.attention_impl": result.attention})
+                    "train.optimizer_note": result.optimizer_note, "train.attention_impl": result.attention,
+                    "train.lean_norms": result.lean_norms})
         rec.update(peak.read())  # the training peak, before generation allocates its caches
     finally:
         peak.stop()

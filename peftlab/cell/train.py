@@ -19,6 +19,8 @@ import torch
 
 from peftlab.cell.attention import ATTENTION_SETTINGS, attention, resolve
 from peftlab.cell.head_loss import head_loss
+from peftlab.cell.norm import NORM_SETTINGS, lean_norms
+from peftlab.cell.norm import resolve as resolve_norm
 from peftlab.compute import FROZEN_DTYPES, PRECISIONS, autocast
 from peftlab.data.prompts import IGNORE, batches
 from peftlab.plugin.errors import PeftlabError, ValidationError
@@ -50,6 +52,7 @@ class TrainConfig:
     max_grad_norm: float | None = 1.0
     seed: int = 0
     attention: str = "auto"  # auto: peftlab-cpu on CPU (peftlab.cell.attention), the model's own elsewhere
+    norm: str = "auto"  # auto: RMSNorm keeping bf16 inputs for backward on CPU (peftlab.cell.norm); model: its own
 
     def __post_init__(self) -> None:
         checks = [
@@ -64,6 +67,7 @@ class TrainConfig:
             ("warmup_steps", _int(self.warmup_steps) and self.warmup_steps >= 0, "an integer >= 0"),
             ("seed", _int(self.seed), "an integer"),
             ("attention", self.attention in ATTENTION_SETTINGS, f"one of {', '.join(ATTENTION_SETTINGS)}"),
+            ("norm", self.norm in NORM_SETTINGS, f"one of {', '.join(NORM_SETTINGS)}"),
             ("grad_checkpointing", isinstance(self.grad_checkpointing, bool), "true or false"),
             ("max_grad_norm", self.max_grad_norm is None or (_num(self.max_grad_norm) and self.max_grad_norm > 0),
              "a positive number or none"),
@@ -107,6 +111,7 @@ class TrainResult:
     epochs: float = 0.0
     optimizer_note: str = ""
     attention: str = ""  # the attention implementation training ran with
+    lean_norms: int = 0  # RMSNorm modules that ran peftlab.cell.norm's forward
 
     @property
     def tokens_per_s(self) -> float:
@@ -226,7 +231,8 @@ def train(model, examples: list[tuple[list[int], list[int]]], cfg: TrainConfig, 
     micro = 0
     bar = tqdm(total=total, desc="train", unit="step", disable=not progress, dynamic_ncols=True)
     try:
-        with attention(model, resolve(cfg.attention, device)) as implementation:
+        with (attention(model, resolve(cfg.attention, device)) as implementation,
+              lean_norms(model, resolve_norm(cfg.norm, device)) as result.lean_norms):
             result.attention = implementation or ""
             for step in range(total):
                 start = time.perf_counter()

@@ -9,6 +9,7 @@ from typing import Any
 
 from peftlab.cell.attention import ATTENTION_SETTINGS
 from peftlab.cell.config import parse_sets
+from peftlab.cell.norm import NORM_SETTINGS
 from peftlab.cli.common import metric_names, metric_settings
 from peftlab.compute import FROZEN_DTYPES
 from peftlab.plugin.errors import ValidationError
@@ -84,6 +85,9 @@ def add_parser(sub) -> None:
                    "compute dtype (same numbers, no per-call casts) or keep the model's" + dflt("train.frozen_dtype"))
     g.add_argument("--attention", choices=ATTENTION_SETTINGS, help="attention in training: auto is peftlab-cpu on "
                    "CPU (flash attention's memory, plain matmuls), the model's own elsewhere" + dflt("train.attention"))
+    g.add_argument("--norm", choices=NORM_SETTINGS, help="RMSNorm in training: auto keeps its bf16 input for "
+                   "backward instead of an fp32 copy (same forward bits) on CPU, the model's own elsewhere"
+                   + dflt("train.norm"))
     g = p.add_argument_group("evaluation")
     g.add_argument("--metrics", help="comma-separated metric names" + dflt("eval.metrics"))
     g.add_argument("--mset", action="append", metavar="METRIC:KEY=VALUE",
@@ -155,7 +159,7 @@ def cell_dict(args: argparse.Namespace) -> dict[str, Any]:
     else:
         put("train", "steps", args.steps)
     for key in ("batch_size", "grad_accum", "lr", "optimizer", "schedule", "warmup_steps", "precision",
-                "grad_checkpointing", "seed", "frozen_dtype", "attention"):
+                "grad_checkpointing", "seed", "frozen_dtype", "attention", "norm"):
         put("train", key, getattr(args, key))
     if args.seed is not None:
         put("data", "seed", args.seed)

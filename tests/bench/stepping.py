@@ -36,18 +36,22 @@ def train_step(model: torch.nn.Module, loss_fn: Callable[[dict], torch.Tensor]) 
 
 def cell_loss(model: torch.nn.Module, precision: str | None = None) -> Callable[[dict], torch.Tensor]:
     """The loss as a cell's training step computes it on CPU: the head only at response positions,
-    in chunks, under the attention ``train.attention = "auto"`` picks (``peftlab-cpu``), and under
-    bf16 autocast when ``precision`` is ``"bf16"``."""
+    in chunks, under the attention ``train.attention = "auto"`` picks (``peftlab-cpu``) and the
+    norms ``train.norm = "auto"`` picks (``peftlab.cell.norm``), and under bf16 autocast when
+    ``precision`` is ``"bf16"``."""
     import contextlib
 
     from peftlab.cell.attention import attention, resolve
+    from peftlab.cell.norm import lean_norms
+    from peftlab.cell.norm import resolve as resolve_norm
     from peftlab.cell.train import response_loss
     from peftlab.compute import autocast
 
     cpu = torch.device("cpu")
 
     def loss_fn(batch: dict) -> torch.Tensor:
-        with attention(model, resolve("auto", cpu)), (autocast(precision, cpu) if precision else contextlib.nullcontext()):
+        with (attention(model, resolve("auto", cpu)), lean_norms(model, resolve_norm("auto", cpu)),
+              autocast(precision, cpu) if precision else contextlib.nullcontext()):
             return response_loss(model, batch)
 
     return loss_fn

@@ -39,6 +39,7 @@ def test_one_cell_gives_one_flat_record(adapter, quantizer):
     assert rec["mem.peak_kind"] == "cpu_heap_in_use_delta"
     assert rec["mem.peak_bytes"] == rec["mem.cpu_heap_peak_delta_bytes"] > 0
     assert rec["train.frozen_dtype"] == "compute"
+    assert rec["train.norm"] == "auto" and rec["train.lean_norms"] > 0  # tiny-llama's norms, on CPU
     assert (rec["cast.layers"] > 0) == (adapter != "full")  # full fine-tuning leaves nothing frozen
     assert json.loads(rec["metric.settings"])["bleu-e2e"]["signature"].startswith("nrefs:var|case:lc")
     if adapter == "full":
