@@ -85,5 +85,10 @@ def peak_of(adapter: str, **params) -> tuple[int, int]:
 def test_full_fine_tuning_costs_the_optimizer_state_more_than_lora():
     full, trained = peak_of("full")
     lora, _ = peak_of("lora", r=8)
-    extra = full - lora  # full keeps a gradient and two AdamW moments of every weight; LoRA of almost none
-    assert 2.5 * trained < extra < 3.6 * trained, (full, lora, trained)
+    # Full fine-tuning keeps two AdamW moments of every weight all step, and a gradient of each
+    # after backward, when the activations are gone; LoRA keeps almost none. So its peak exceeds
+    # LoRA's by 2x the weights plus whatever of the gradient the activations do not already
+    # cover: about 2x to 3x. Seen: 2.49x-2.59x with peftlab.cell.norm, 3.4x with transformers'
+    # RMSNorm (train.norm = "model"), which also keeps its fp32 output for the norm weights' gradient.
+    extra = full - lora
+    assert 2.0 * trained < extra < 3.6 * trained, (full, lora, trained)
