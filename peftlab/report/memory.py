@@ -53,7 +53,9 @@ def record_estimate(rec: dict[str, Any]) -> dict[str, float]:
     """The estimator's terms for one measured cell, from its record. The base counts as stored
     (``base.weight_bytes``, measured exactly). Trained parameters get gradients in their own dtype
     and the optimizer's states. With bf16 autocast over an fp32 float base, every matmul saves
-    a bf16 copy of its weight for the backward pass (2 bytes per parameter); a quantized base
+    a bf16 copy of its weight for the backward pass (2 bytes per parameter), except weights the
+    cell stored in bf16 already (``cast.layers``, ``train.frozen_dtype = "compute"``: the frozen
+    linear layers; their bytes saved, ``cast.bytes_saved``, come off the base); a quantized base
     dequantizes again in backward instead. Activations: 34 s b h bytes per block that the
     backward pass goes through (``params.backward_blocks``: only the top k for FT-Top-k), s b =
     training tokens per step. Nothing here knows an adapter by name: what trains the base, and the
@@ -61,7 +63,11 @@ def record_estimate(rec: dict[str, Any]) -> dict[str, float]:
     trainable = float(rec["params.trainable"])
     full_like = bool(rec["adapter.trains_base"])
     own = float(rec["params.trainable_bytes"]) / trainable
-    weights = float(rec["base.weight_bytes"]) + (0 if full_like else trainable * own)
+    # train.frozen_dtype = "compute": frozen linear weights were stored in bf16 after the base was
+    # measured (cast.bytes_saved, net of a tied head's own copy), so autocast copies only what trains
+    cast = int(rec.get("cast.layers") or 0) > 0
+    stored = float(rec["base.weight_bytes"]) - (float(rec.get("cast.bytes_saved") or 0) if cast else 0.0)
+    weights = stored + (0 if full_like else trainable * own)
     optim = "adamw8bit" if "8bit" in str(rec["train.optimizer"]) else "adamw"
     hidden, layers = shape(rec["model"])
     if rec.get("params.backward_blocks") is not None:
@@ -70,7 +76,7 @@ def record_estimate(rec: dict[str, Any]) -> dict[str, float]:
     copies = 0.0
     if rec.get("train.precision") == "bf16" and rec.get("quantizer", "none") == "none" \
             and rec.get("model.dtype") == "float32":
-        copies = 2.0 * float(rec["params.total"] - (0 if full_like else trainable))
+        copies = 2.0 * (trainable if cast else float(rec["params.total"] - (0 if full_like else trainable)))
     return {"weights": weights, "gradients": trainable * own, "optimizer": trainable * OPTIMIZER_BYTES[optim],
             "autocast_copies": copies,
             "activations": activation_bytes(round(tokens_per_step), 1, hidden, layers,

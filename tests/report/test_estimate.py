@@ -89,6 +89,13 @@ def test_record_estimate_terms():
     top = record_estimate(_record(adapter="ft-top", **{"adapter.trains_base": True, "params.backward_blocks": 2,
                                                        "params.trainable": 100, "params.trainable_bytes": 400}))
     assert top["weights"] == 4000 and top["gradients"] == 400 and top["activations"] == 34 * 100 * 576 * 2
+    # frozen linear weights stored in bf16 by the cell: fewer bytes stored, copies only of what trains
+    cast = record_estimate(_record(**{"cast.layers": 7, "cast.bytes_saved": 1500}))
+    assert cast["weights"] == 4000 - 1500 + 40 and cast["autocast_copies"] == 2 * 10
+    full = record_estimate(_record(adapter="full", **{"adapter.trains_base": True, "params.trainable": 1000,
+                                                      "params.trainable_bytes": 4000, "cast.layers": 0,
+                                                      "cast.bytes_saved": 0}))
+    assert full["weights"] == 4000 and full["autocast_copies"] == 2 * 1000
     ck = record_estimate(_record(**{"train.grad_checkpointing": True}))
     assert ck["activations"] == 2 * 100 * 576 * 30
 
