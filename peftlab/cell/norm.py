@@ -90,7 +90,7 @@ def _forward(module: nn.Module):
 def lean_norms(model: nn.Module, on: bool = True) -> Iterator[int]:
     """Run ``model``'s qualifying RMSNorm modules with :func:`rms_norm` for the block (``on``), then
     restore their own forward; yields how many were swapped. The check runs once per class, weight
-    dtype and device."""
+    dtype, device and width."""
     swapped: list[nn.Module] = []
     verdicts: dict[tuple, bool] = {}
     if on:
