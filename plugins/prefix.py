@@ -33,6 +33,7 @@ from peftlab import (
     hookimpl,
     install_kv_prefix,
     option,
+    returned_cache,
 )
 
 MODULE = "peftlab_prefix"  # the prefix's parameters live in model.peftlab_prefix
@@ -71,7 +72,7 @@ def token_prefix(model: nn.Module, length: int, geo: dict[str, int]) -> torch.Te
     model.eval()
     try:
         with torch.no_grad():
-            cache = model(input_ids=ids, use_cache=True).past_key_values
+            cache = returned_cache(model(input_ids=ids, use_cache=True))
     finally:
         model.train(was_training)
     layers = [(layer.keys, layer.values) for layer in cache.layers]

@@ -20,7 +20,13 @@ from peftlab.plugin.adapter import (
 from peftlab.plugin.errors import PeftlabError, PluginError, UnknownNameError, ValidationError
 from peftlab.plugin.hookspecs import CellView, hookimpl
 from peftlab.plugin.insert import block_sublayers, insert_after, norm_layers, remove_inserted
-from peftlab.plugin.kv_prefix import attention_geometry, backbone_of, install_kv_prefix
+from peftlab.plugin.kv_prefix import (
+    attention_geometry,
+    backbone_of,
+    cache_argument,
+    install_kv_prefix,
+    returned_cache,
+)
 from peftlab.plugin.layers import (
     QuantizedLinear,
     is_conv1d,
@@ -40,6 +46,6 @@ __all__ = [
     "check_block_size", "check_weight", "hookimpl", "is_conv1d", "is_linear_like", "kernels", "linear_dims",
     "logical_parameter_count", "match_modules", "ptb_backend", "ptb_tokenize", "quantized_layers",
     "transformer_blocks", "option", "describe_schema", "block_sublayers", "insert_after", "remove_inserted",
-    "norm_layers", "install_kv_prefix", "attention_geometry", "backbone_of", "linear_targets", "peft_fan_in_fan_out",
-    "peft_target_names", "replace_module", "unwrap_layers",
+    "norm_layers", "install_kv_prefix", "cache_argument", "returned_cache", "attention_geometry", "backbone_of",
+    "linear_targets", "peft_fan_in_fan_out", "peft_target_names", "replace_module", "unwrap_layers",
 ]

@@ -18,6 +18,7 @@ checkpointed layers (transformers does), so an adapter using this declares
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 
 import torch
@@ -55,6 +56,25 @@ def backbone_of(model: nn.Module) -> nn.Module:
     return backbone
 
 
+def cache_argument(module: nn.Module) -> str:
+    """The keyword ``module.forward`` takes its key/value cache by: ``cache`` from transformers 5.24
+    on, ``past_key_values`` before. 5.24 still accepts the old name with a warning, but ignores it
+    where the caller also passes ``cache`` (as a causal LM passes ``cache=None`` to its backbone)."""
+    params = inspect.signature(module.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def cache_field(output) -> str:
+    """The field a transformers model output holds its returned cache in (``cache`` or, before
+    transformers 5.24, ``past_key_values``)."""
+    return "cache" if "cache" in getattr(output, "__dataclass_fields__", {}) else "past_key_values"
+
+
+def returned_cache(output):
+    """The key/value cache a transformers forward returned (None where it returned none)."""
+    return getattr(output, cache_field(output), None)
+
+
 def _prefix_dtype(model: nn.Module, device: torch.device) -> torch.dtype:
     if torch.is_autocast_enabled(device.type):
         return torch.get_autocast_dtype(device.type)
@@ -67,17 +87,18 @@ def install_kv_prefix(model: nn.Module, length: int, prefix_fn: PrefixFn):
     from transformers import Cache, DynamicCache
 
     backbone = backbone_of(model)
+    key = cache_argument(backbone)
     injected = [False]  # whether this call's cache was made here (then it must not outlive a no-cache call)
 
     def pre_hook(module: nn.Module, args: tuple, kwargs: dict):
         ids = kwargs.get("input_ids", args[0] if args else None)
         ref = ids if ids is not None else kwargs.get("inputs_embeds")
         batch, n = ref.shape[0], ref.shape[1]
-        cache = kwargs.get("past_key_values")
+        cache = kwargs.get(key)
         if cache is not None and not isinstance(cache, DynamicCache):
             kind = type(cache).__name__
             if not isinstance(cache, Cache) or cache.get_seq_length() == 0:
-                raise ValidationError("past_key_values", kind, "None or a DynamicCache (a KV prefix lives in the "
+                raise ValidationError(key, kind, "None or a DynamicCache (a KV prefix lives in the "
                                       "cache; use generate's default dynamic cache)")
         injected[0] = cache is None
         if cache is None or cache.get_seq_length() == 0:
@@ -85,7 +106,7 @@ def install_kv_prefix(model: nn.Module, length: int, prefix_fn: PrefixFn):
             device = ref.device
             for i, (k, v) in enumerate(prefix_fn(batch, _prefix_dtype(model, device), device)):
                 cache.update(k, v, i)
-            kwargs["past_key_values"] = cache
+            kwargs[key] = cache
         past = cache.get_seq_length()  # the prefix included
         mask = kwargs.get("attention_mask")
         if mask is not None and mask.dim() == 2 and mask.shape[1] == past + n - length:
@@ -98,8 +119,8 @@ def install_kv_prefix(model: nn.Module, length: int, prefix_fn: PrefixFn):
 
     def post_hook(module: nn.Module, args: tuple, kwargs: dict, output):
         # a caller that asked for no cache gets none back (generate would otherwise feed it to the next step)
-        if injected[0] and kwargs.get("use_cache") is False and getattr(output, "past_key_values", None) is not None:
-            output.past_key_values = None
+        if injected[0] and kwargs.get("use_cache") is False and returned_cache(output) is not None:
+            setattr(output, cache_field(output), None)
         return output
 
     pre = backbone.register_forward_pre_hook(pre_hook, with_kwargs=True)

@@ -5,6 +5,7 @@ padding. Saved adapters cross over both ways (peftlab -> peft, peft -> peftlab).
 
 import copy
 import random
+import warnings
 
 import pytest
 import torch
@@ -106,19 +107,38 @@ def test_initial_weights_equal_peft(method):
             torch.testing.assert_close(p, theirs[n])
 
 
+def forward_greedy(model, ids: torch.Tensor, mask: torch.Tensor, n: int) -> torch.Tensor:
+    """``n`` greedy tokens by plain forwards over the whole sequence (no cache, no ``generate``),
+    with the positions ``generate`` gives left-padded rows."""
+    for _ in range(n):
+        positions = (mask.long().cumsum(-1) - 1).masked_fill_(mask == 0, 1)
+        token = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits[:, -1].argmax(-1, keepdim=True)
+        ids, mask = torch.cat([ids, token], 1), torch.cat([mask, torch.ones_like(token)], 1)
+    return ids
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_prefix_generation_with_kv_cache_equals_peft(arch):
+    """Our cached ``generate`` equals greedy decoding by peft's plain forward, and our own no-cache
+    ``generate``; and it equals peft's ``generate`` wherever that agrees with peft's own forward
+    (peft 0.21.2's prefix generation does not under transformers 5.24, which renamed the cache
+    argument: then the comparison is reported as a warning, not made)."""
     seed = fresh_seed()
     ours, ref, _, _ = pair("prefix", arch, seed)
     ids, mask = batch(torch.Generator().manual_seed(seed))
     kw = {"max_new_tokens": 6, "do_sample": False, "pad_token_id": 0}
     with torch.no_grad():
         a = ours.generate(input_ids=ids, attention_mask=mask, **kw)
-        b = ref.generate(input_ids=ids, attention_mask=mask, **kw)
-        # the cache path equals recomputing the whole sequence at every step (no cache)
         c = ours.generate(input_ids=ids, attention_mask=mask, use_cache=False, **kw)
-    assert torch.equal(a, b)
-    assert torch.equal(a, c)
+        want = forward_greedy(ref, ids, mask, kw["max_new_tokens"])
+        b = ref.generate(input_ids=ids, attention_mask=mask, **kw)
+    assert torch.equal(a, want)
+    assert torch.equal(a, c)  # the cache path equals recomputing the whole sequence at every step
+    if torch.equal(b, want):
+        assert torch.equal(a, b)
+    else:
+        warnings.warn(f"peft {peft.__version__}'s prefix generate under transformers {transformers.__version__} "
+                      f"differs from peft's own forward ({arch}, seed {seed}): not compared with ours", stacklevel=1)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
