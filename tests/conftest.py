@@ -8,6 +8,31 @@ import torch
 from peftlab.host import PluginHost, load_host
 
 
+def pytest_terminal_summary(terminalreporter) -> None:
+    """Ends every run's log (``-q`` included) with the machine it ran on."""
+    terminalreporter.write_line(machine_line())
+
+
+def machine_line() -> str:
+    """The CPU and the libraries whose kernels decide bits: results that hold on one CPU may not on
+    another (oneDNN picks kernels by ISA), so a failure's log should say which machine it ran on."""
+    import platform
+
+    cpu = platform.processor() or "unknown"
+    try:
+        with open("/proc/cpuinfo") as f:
+            info = f.read()
+        cpu = next(line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name"))
+        flags = next(line for line in info.splitlines() if line.startswith("flags")).split()
+        cpu += f" ({', '.join(f for f in ('avx512_bf16', 'amx_bf16', 'amx_tile') if f in flags) or 'no bf16 or AMX flags'})"
+    except (OSError, StopIteration):
+        pass
+    import transformers
+
+    return (f"ran on: {cpu}, {os.cpu_count()} cores; torch {torch.__version__} (threads {torch.get_num_threads()}), "
+            f"transformers {transformers.__version__}")
+
+
 @pytest.fixture(scope="session")
 def host() -> PluginHost:
     """Every installed entry point, loaded the way the CLI loads them."""

@@ -184,6 +184,7 @@ def run_cell(cfg: CellConfig, host: PluginHost, *, progress: bool = True,
     rec.update(scores)
     rec.update({"gen.tokens": gens.new_tokens, "gen.seconds": gens.seconds, "gen.tokens_per_s": gens.tokens_per_s,
                 "gen.attention_impl": gens.attention, "gen.packed_linears": gens.packed_linears,
+                "gen.rows_leave": gens.rows_leave,
                 "metric.settings": json.dumps(settings, sort_keys=True), "sample.prediction": gens.texts[0],
                 "sample.references": json.dumps(list(eval_items[0].references))})
     rec["time.wall_s"] = time.perf_counter() - wall

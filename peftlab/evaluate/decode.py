@@ -12,10 +12,16 @@ stopping criteria. This loop does what greedy decoding needs and no more:
 - the prompt's forward computes the head at the last position only.
 
 Dropping rows keeps outputs identical only where a row's result does not depend on the other rows
-of its batch. That holds for ``peftlab-cpu`` attention and for the matrix products at two or more
-rows; a single row takes another kernel (matrix-vector) that rounds differently (seen on
-SmolLM2-135M's down projection, K=1536: 2 of 32 rows). So a batch never shrinks below two rows:
-the last finished row stays as a companion, and a batch of one prompt runs it twice.
+of its batch. ``peftlab-cpu`` attention is built so; the matrix products are so only on some CPUs.
+A single row takes another kernel (matrix-vector) that rounds differently (seen on SmolLM2-135M's
+down projection, K=1536: 2 of 32 rows), so a batch never shrinks below two rows: the last finished
+row stays as a companion, and a batch of one prompt runs it twice. From two rows up, the 2-core AMD
+EPYC (AVX512-BF16) this was written on computes every row alike; oneDNN on CPUs with AMX picks its
+kernel and how it splits the sum by the number of rows (its source's small-shape dispatch and
+blocking), and on a CI machine (its CPU unrecorded) a row's tokens changed when its companions left. :func:`rows_round_alike` therefore
+checks, once per layer shape, that every linear layer gives each row the same bits at every row
+count a batch can shrink through; where one does not, finished rows stay in the batch (as in
+``generate``) and only their outputs are ignored.
 """
 
 from __future__ import annotations
@@ -25,7 +31,10 @@ import inspect
 
 import torch
 
+from peftlab.plugin.kv_prefix import cache_argument
+
 MIN_ROWS = 2  # below this the matrix products take the matrix-vector kernel, which rounds otherwise
+_ALIKE: dict[tuple, bool] = {}  # rows_round_alike's verdicts, per layer kind and the conditions it ran under
 
 
 @functools.cache
@@ -100,23 +109,75 @@ def decoding_cache(model, room: int, store_dtype: torch.dtype | None):
     return cache
 
 
+def _linear_layers(model) -> list[torch.nn.Module]:
+    from peftlab.plugin.layers import QuantizedLinear, is_linear_like
+
+    return [m for m in model.modules() if is_linear_like(m) or isinstance(m, QuantizedLinear)]
+
+
+def _layer_key(layer, rows: int, device: torch.device) -> tuple:
+    from peftlab.plugin.layers import linear_dims
+
+    weight = getattr(layer, "weight", None)
+    autocast_dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
+    return (type(layer).__qualname__, linear_dims(layer), weight.dtype if weight is not None else None,
+            getattr(layer, "bias", None) is not None, _instance_forward(layer),
+            autocast_dtype, device.type, torch.get_num_threads(), rows)
+
+
+def _instance_forward(layer) -> str | None:
+    """The qualified name of a forward set on the instance (packed.py's, say), None for the class's."""
+    own = vars(layer).get("forward")
+    if own is None:
+        return None
+    own = getattr(own, "func", own)  # a functools.partial
+    return f"{getattr(own, '__module__', '')}.{getattr(own, '__qualname__', type(own).__qualname__)}"
+
+
+def rows_round_alike(model, rows: int) -> bool:
+    """Whether every linear layer of ``model`` gives each row of a decoding step (one token a row)
+    the same bits at every row count from ``MIN_ROWS`` to ``rows``, under the autocast in force.
+    Checked on random inputs, once per layer kind (class, shape, dtype, bias, an instance forward)
+    and thread count, autocast and device; the verdicts are kept for the process."""
+    if rows <= MIN_ROWS:
+        return True
+    device = next(model.parameters()).device
+    for layer in _linear_layers(model):
+        key = _layer_key(layer, rows, device)
+        if key not in _ALIKE:
+            fan_in = key[1][0]
+            weight = getattr(layer, "weight", None)
+            dtype = weight.dtype if weight is not None and weight.is_floating_point() else torch.float32
+            x = torch.randn(rows, 1, fan_in, generator=torch.Generator().manual_seed(0)).to(device, dtype)
+            with torch.inference_mode():
+                full = layer(x)
+                _ALIKE[key] = all(torch.equal(layer(x[:m]), full[:m]) for m in range(MIN_ROWS, rows))
+        if not _ALIKE[key]:
+            return False
+    return True
+
+
 def _keeps_logits(model) -> bool:
     return "logits_to_keep" in inspect.signature(model.forward).parameters
 
 
 @torch.inference_mode()
 def greedy(model, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int, eos: int | None,
-           store_dtype: torch.dtype | None = None) -> list[list[int]]:
+           store_dtype: torch.dtype | None = None, drop_finished: bool | None = None) -> list[list[int]]:
     """Each row's greedy continuation of ``ids`` (left-padded, ``mask`` 1 at real tokens), up to
     and including its ``eos`` token or ``max_new_tokens`` tokens. Run it under the autocast and
-    attention the outputs are meant for."""
+    attention the outputs are meant for. Finished rows leave the batch with ``drop_finished``;
+    None: where :func:`rows_round_alike` finds that changes no output."""
     n = ids.shape[0]
+    if drop_finished is None:
+        drop_finished = rows_round_alike(model, max(n, MIN_ROWS))
     if n < MIN_ROWS:  # the lone row runs as two, so it takes the same kernels as in any batch
         ids, mask = ids.repeat(MIN_ROWS, 1), mask.repeat(MIN_ROWS, 1)
     cache = decoding_cache(model, max_new_tokens, store_dtype)
     positions = (mask.long().cumsum(-1) - 1).masked_fill_(mask == 0, 1)  # as generate computes them
     extra = {"logits_to_keep": 1} if _keeps_logits(model) else {}
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True,
+    key = cache_argument(model)
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **{key: cache},
                    **extra).logits[:, -1]
     out: list[list[int]] = [[] for _ in range(n)]
     rows = torch.arange(ids.shape[0], device=ids.device)  # which input each batch row is (>= n: a duplicate)
@@ -131,7 +192,7 @@ def greedy(model, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int, eo
             live.append(open_ and t != eos)
         if step == max_new_tokens - 1 or not any(live):
             break
-        if not all(live):  # rows ended: keep the others (and companions up to MIN_ROWS)
+        if drop_finished and not all(live):  # rows ended: keep the others (and companions up to MIN_ROWS)
             going = [j for j, alive in enumerate(live) if alive]
             ended = [j for j, alive in enumerate(live) if not alive]
             keep = torch.tensor(sorted(going + ended[: max(0, MIN_ROWS - len(going))]), device=ids.device)
@@ -139,7 +200,7 @@ def greedy(model, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int, eo
                 rows, token, mask, position = rows[keep], token[keep], mask[keep], position[keep]
                 cache.batch_select_indices(keep)
         mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
-        logits = model(input_ids=token[:, None], attention_mask=mask, position_ids=position, past_key_values=cache,
-                       use_cache=True).logits[:, -1]
+        logits = model(input_ids=token[:, None], attention_mask=mask, position_ids=position, use_cache=True,
+                       **{key: cache}).logits[:, -1]
         position = position + 1
     return out

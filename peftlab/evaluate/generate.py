@@ -7,15 +7,19 @@ therefore makes an input's output depend on which other inputs share its batch: 
 changing only the batch size changed 17 of 50 E2E outputs. Here every prompt is left-padded to its
 own width, the next multiple of ``eval.pad_to``, and batches hold prompts of one width only.
 
-The rest of batch invariance is the kernels'. Linear layers compute a row the same way whatever the
-number of rows (two or more: a lone row takes a matrix-vector kernel that rounds otherwise, so
-:mod:`peftlab.evaluate.decode` never runs one). torch's CPU SDPA kernel is not invariant: in its
+The rest of batch invariance is the kernels'. torch's CPU SDPA kernel is not invariant: in its
 decoding step some rows rounded otherwise at batch 32 than at 16, and 3 of 50 SmolLM2-135M outputs
 changed with ``eval.batch_size``. ``eval.attention = "auto"`` therefore runs ``peftlab-cpu``
-attention on CPU, which is (:mod:`peftlab.cell.attention`); the same 50 outputs came out at batch
-sizes 16, 32 and 64, and the first 12 one at a time. So ``eval.batch_size`` is a speed and memory
-setting only, and finished rows can leave a batch without changing anyone's output (tested:
-``tests/cell/test_generate_batching.py``, ``tests/cell/test_decode.py``).
+attention on CPU, which is (:mod:`peftlab.cell.attention`). Linear layers compute a row the same
+way whatever the number of rows (two or more: a lone row takes a matrix-vector kernel that rounds
+otherwise, so :mod:`peftlab.evaluate.decode` never runs one) on the 2-core AMD EPYC this was
+measured on: the same 50 outputs came out at batch sizes 16, 32 and 64, and the first 12 one at a
+time. oneDNN on CPUs with AMX chooses its kernel by the number of rows (its source dispatches
+small shapes away from AMX), so there the batch size can
+change outputs (as it does in ``generate``); decoding checks the layers it runs
+(:func:`peftlab.evaluate.decode.rows_round_alike`) and lets finished rows leave a batch only where
+that changes no output (the record's ``gen.rows_leave``; tested: ``tests/cell/test_generate_batching.py``,
+``tests/cell/test_decode.py``).
 
 Greedy decoding runs :func:`peftlab.evaluate.decode.greedy`; on CPU in bf16 the linear layers
 multiply with weights laid out once (:mod:`peftlab.evaluate.packed`, the same bits). Beam search
@@ -42,7 +46,7 @@ from peftlab.plugin.errors import ValidationError
 class EvalConfig:
     metrics: tuple[str, ...] = defaults.METRICS
     metric_params: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> settings
-    batch_size: int = 64  # speed and memory only: outputs do not depend on it
+    batch_size: int = 64  # speed and memory; outputs depend on it only where linear kernels are not row-invariant
     max_new_tokens: int = 64
     pad_to: int = 32  # prompts are left-padded to a multiple of this (1: no padding beyond the prompt)
     num_beams: int = 1  # 1: greedy
@@ -70,6 +74,7 @@ class Generations:
     seconds: float = 0.0
     attention: str = ""  # the attention implementation generation ran with
     packed_linears: int = 0  # linear layers that multiplied with weights laid out once (peftlab.evaluate.packed)
+    rows_leave: bool | None = None  # greedy: finished rows left their batch (decode.rows_round_alike); beams: None
 
     @property
     def tokens_per_s(self) -> float:
@@ -111,7 +116,7 @@ def generate(model, tokenizer, items: list[EvalItem], cfg: EvalConfig, *, device
     ``transformers.generate``."""
     from tqdm.auto import tqdm
 
-    from peftlab.evaluate.decode import greedy
+    from peftlab.evaluate.decode import greedy, rows_round_alike
     from peftlab.evaluate.packed import packed_linears
 
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
@@ -125,13 +130,16 @@ def generate(model, tokenizer, items: list[EvalItem], cfg: EvalConfig, *, device
         out.attention = implementation or ""
         # peftlab-cpu casts keys and values to the autocast dtype: the cache may as well hold them so
         store = compute_dtype(precision) if implementation == NAME and device.type == "cpu" else None
+        if cfg.num_beams == 1:
+            with torch.inference_mode(), autocast(precision, device):
+                out.rows_leave = rows_round_alike(model, max(len(rows) for _, rows in plan))
         for width, rows in tqdm(plan, desc="generate", unit="batch", disable=not progress, dynamic_ncols=True):
             ids, mask = left_padded([prompts[i] for i in rows], width, pad)
             ids, mask = ids.to(device), mask.to(device)
             start = time.perf_counter()
             with torch.inference_mode(), autocast(precision, device):
                 if cfg.num_beams == 1:
-                    seqs = greedy(model, ids, mask, cfg.max_new_tokens, eos, store_dtype=store)
+                    seqs = greedy(model, ids, mask, cfg.max_new_tokens, eos, store_dtype=store, drop_finished=out.rows_leave)
                 else:
                     seqs = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, num_beams=cfg.num_beams,
                                           max_new_tokens=cfg.max_new_tokens, eos_token_id=eos, pad_token_id=pad,

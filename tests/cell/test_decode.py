@@ -13,7 +13,7 @@ from peftlab.compute import autocast, frozen_to_compute
 from peftlab.data.prompts import prompt_ids
 from peftlab.data.sources import DataConfig
 from peftlab.data.splits import load_splits
-from peftlab.evaluate.decode import decoding_cache, greedy
+from peftlab.evaluate.decode import decoding_cache, greedy, rows_round_alike
 from peftlab.evaluate.generate import left_padded, padded_width
 
 HOST = load_host()
@@ -79,23 +79,51 @@ def spread_end_token(outputs: list[list[int]]) -> int:
 
 def test_rows_leaving_change_no_output(seed):
     """llama-512x6 in bf16 (its down projection, K=1376, rounds a lone row differently from a row
-    among others on the CPUs this was written on): every prompt decoded alone equals the batch's
-    decoding, where rows end at different steps and the last ones run with a companion."""
+    among others on the CPUs this was written on): where ``rows_round_alike`` finds every linear
+    layer row-invariant, the batch's decoding with finished rows leaving (the last ones with a
+    companion) equals its decoding with every row kept to the end; where it does not, no row
+    leaves."""
     model, tok = bf16_lora("llama-512x6", seed)
     prompts = prompts_of(tok, 6)
     ids, mask = left_padded(prompts, padded_width(max(map(len, prompts)), 32), tok.pad_token_id)
     rows: list[int] = []
     model.register_forward_pre_hook(lambda m, a, kw: rows.append(kw["input_ids"].shape[0]), with_kwargs=True)
     with torch.inference_mode(), autocast("bf16", CPU), attention(model, NAME):
+        alike = rows_round_alike(model, len(prompts))
         eos = spread_end_token(greedy(model, ids, mask, 16, None, store_dtype=torch.bfloat16))
         rows.clear()
         batch = greedy(model, ids, mask, 16, eos, store_dtype=torch.bfloat16)
         shrank = rows[:]
-        alone = [greedy(model, ids[j: j + 1], mask[j: j + 1], 16, eos, store_dtype=torch.bfloat16)[0] for j in range(len(prompts))]
-    assert batch == alone
-    assert len({len(o) for o in batch}) >= 2, batch  # rows left at different steps ...
-    assert shrank[0] == len(prompts) and min(shrank) < len(prompts)  # ... and their work went
-    assert min(rows) == 2  # never a lone row (alone: the prompt runs twice)
+        kept = greedy(model, ids, mask, 16, eos, store_dtype=torch.bfloat16, drop_finished=False)
+    assert batch == kept
+    assert len({len(o) for o in batch}) >= 2, batch  # rows ended at different steps ...
+    if not alike:
+        print("this CPU's linear kernels round a row by its batch's row count: no row left")
+        assert set(shrank) == {len(prompts)}
+        return
+    assert shrank[0] == len(prompts) and 2 <= min(shrank) < len(prompts)  # ... their work went, never a lone row
+
+
+def test_a_layer_that_rounds_by_row_count_keeps_every_row(seed):
+    """A head whose rows depend on how many rows it gets (as oneDNN's kernel choice makes them on
+    AMX CPUs): ``rows_round_alike`` says so and no finished row leaves its batch."""
+    loaded = load(ModelConfig("tiny-llama"), seed=seed % 1000)
+    model, tok = loaded.model, loaded.tokenizer
+    head = model.lm_head
+    head.forward = lambda x: torch.nn.functional.linear(x, head.weight) * (1 + x.shape[0] * 2.0**-10)
+    prompts = prompts_of(tok, 5)
+    ids, mask = left_padded(prompts, max(map(len, prompts)), tok.pad_token_id)
+    rows: list[int] = []
+    model.register_forward_pre_hook(lambda m, a, kw: rows.append(kw["input_ids"].shape[0]), with_kwargs=True)
+    with torch.inference_mode():
+        assert not rows_round_alike(model, len(prompts))
+        assert rows_round_alike(model, 2)  # nothing to shrink through
+        first = greedy(model, ids, mask, 6, None)
+        eos = spread_end_token(first)
+        rows.clear()
+        out = greedy(model, ids, mask, 12, eos)
+    assert set(rows) == {len(prompts)}
+    assert any(eos in o and len(o) < 12 for o in out)  # a row ended early, yet stayed
 
 
 def test_the_cache_grows_past_its_room(gen):
@@ -110,3 +138,24 @@ def test_the_cache_grows_past_its_room(gen):
     cache.batch_select_indices(torch.tensor([1]))
     got, vals = cache.update(keys[0][1:, :, :1], keys[0][1:, :, :1] * 2, 0)
     assert torch.equal(got[:, :, :12], want[1:]) and torch.equal(vals[:, :, -1:], (keys[0][1:, :, :1] * 2).bfloat16())
+
+
+def test_a_prefix_decodes_as_generate_with_no_deprecated_cache_argument(seed):
+    """A KV-prefix adapter under greedy decoding: the tokens of ``generate``, and no warning that a
+    cache went by a name the installed transformers deprecates (5.24 renamed ``past_key_values`` to
+    ``cache``, and ignores the old name where the new one is also passed)."""
+    import warnings
+
+    loaded = load(ModelConfig("tiny-llama"), seed=seed % 1000)
+    model, tok = loaded.model, loaded.tokenizer
+    torch.manual_seed(seed)
+    attach(model, HOST.adapters.build("prefix", length=3))
+    prompts = prompts_of(tok, 4)
+    width = max(map(len, prompts))
+    ids, mask = left_padded(prompts, width, tok.pad_token_id)
+    with torch.inference_mode(), warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*(past_key_values|cache_params).*")
+        want = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=8, eos_token_id=None,
+                              pad_token_id=tok.pad_token_id)[:, width:].tolist()
+        got = greedy(model, ids, mask, 8, None)
+    assert got == want
