@@ -33,10 +33,18 @@ class Estimate:
 
     @property
     def total(self) -> float:
+        """Every term added up: the lecture's per-parameter accounting (plus activations, if any)."""
         return self.weights + self.gradients + self.optimizer + self.activations
 
+    @property
+    def peak(self) -> float:
+        """The most held at once in a training step: gradients appear in backward as the activations
+        they come from are freed (and go to None after the optimizer's step), so the step holds the
+        larger of the two, not both."""
+        return self.weights + self.optimizer + max(self.gradients, self.activations)
+
     def to_dict(self) -> dict[str, float | str]:
-        return {**asdict(self), "total": self.total}
+        return {**asdict(self), "total": self.total, "peak": self.peak}
 
 
 def estimate(params: float, *, method: str = "full", trainable: float | None = None, base: str = "fp16",

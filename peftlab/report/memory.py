@@ -83,6 +83,14 @@ def record_estimate(rec: dict[str, Any]) -> dict[str, float]:
                                             bool(rec.get("train.grad_checkpointing")))}
 
 
+def peak_bytes(terms: dict[str, float]) -> float:
+    """A step's peak from :func:`record_estimate`'s terms: gradients and activations do not peak
+    together (backward frees an activation as it makes the gradient; the step sets gradients to
+    None), autocast's weight copies live from forward through backward."""
+    return (terms["weights"] + terms["optimizer"] + terms["autocast_copies"]
+            + max(terms["gradients"], terms["activations"]))
+
+
 def _gb(x: float) -> str:
     return f"{x / GB:,.2f}"
 
@@ -120,14 +128,15 @@ def lecture_section() -> list[str]:
 def architecture_section(host: PluginHost, seq: int, batch: int, rank: int) -> list[str]:
     lines = [f"## 2. Real architectures: LoRA r = {rank} on q/v, AdamW, {batch} x {seq} tokens per step\n",
              "Parameter counts are exact (configurations on the meta device). Activations: 34 s b h L bytes "
-             "without checkpointing, 2 s b h L with it.\n",
+             "without checkpointing, 2 s b h L with it. Each figure is a step's peak: weights and optimizer "
+             "states plus the larger of gradients and activations.\n",
              "| model | parameters | LoRA trainable | full GB | LoRA GB | QLoRA GB | QLoRA GB, checkpointing |",
              "|---|---|---|---|---|---|---|"]
     for name in ("SmolLM2-135M", "Llama-2-7B", "Llama-2-13B", "Llama-2-70B"):
         full, lora, qlora = model_estimates(name, host, rank=rank, seq=seq, batch=batch)
         ckpt = model_estimates(name, host, rank=rank, seq=seq, batch=batch, checkpointing=True)[2]
-        lines.append(f"| {name} | {full.params:,.0f} | {lora.trainable:,.0f} | {_gb(full.total)} | {_gb(lora.total)} "
-                     f"| {_gb(qlora.total)} | {_gb(ckpt.total)} |")
+        lines.append(f"| {name} | {full.params:,.0f} | {lora.trainable:,.0f} | {_gb(full.peak)} | {_gb(lora.peak)} "
+                     f"| {_gb(qlora.peak)} | {_gb(ckpt.peak)} |")
     lines.append("\nFor a 70B model only QLoRA fits one 80 GB GPU, the QLoRA paper's claim; LoRA's frozen fp16 base "
                  "alone is 138 GB.\n")
     return lines
@@ -152,7 +161,7 @@ def check_section(folder: Path) -> tuple[list[str], list[dict[str, Any]]]:
         rows.append({"group": r["group"], "adapter": r["adapter"], "size": r.get("adapter.size"),
                      "trains_base": bool(r["adapter.trains_base"]), "trainable": float(r["params.trainable"]),
                      "quantizer": r.get("quantizer", "none"), "kind": r["mem.peak_kind"],
-                     **{f"est.{k}": v for k, v in est.items()}, "est.total": sum(est.values()),
+                     **{f"est.{k}": v for k, v in est.items()}, "est.total": peak_bytes(est),
                      "measured": float(r["mem.peak_bytes"])})
     df = pd.DataFrame(rows).groupby(["group", "adapter", "quantizer", "kind", "trains_base"], as_index=False,
                                     dropna=False).mean(numeric_only=True)
@@ -162,7 +171,9 @@ def check_section(folder: Path) -> tuple[list[str], list[dict[str, Any]]]:
              f"Measured on {', '.join(sorted({str(r.get('device', '?')) for r in recs}))}: the cells' peak memory "
              f"({kinds}; mean over seeds). Estimated: the terms above from each "
              "cell's record (base bytes as stored, fp32 adapters and gradients, AdamW states, bf16 weight copies "
-             "saved by autocast, activations at the run's tokens per step). MB = 10^6 bytes.\n",
+             "saved by autocast, activations at the run's tokens per step), combined as a step's peak: weights, "
+             "optimizer states and copies, plus the larger of gradients and activations (backward frees each "
+             "activation as it makes a gradient). MB = 10^6 bytes.\n",
              "| cell | weights | grads + optimizer | autocast copies | activations | estimate | measured | gap | "
              "measured / estimate |", "|---|---|---|---|---|---|---|---|---|"]
     for _, r in df.sort_values("measured").iterrows():

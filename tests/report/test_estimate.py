@@ -130,3 +130,18 @@ def test_estimate_refuses_negative_and_infinite_numbers(args, capsys):
     with pytest.raises(SystemExit) as info:
         main(["estimate", *args])
     assert info.value.code == 2 and "is not allowed" in capsys.readouterr().err
+
+
+def test_a_steps_peak_holds_the_larger_of_gradients_and_activations():
+    """Backward frees each activation as it makes a gradient, so full fine-tuning's peak is not
+    gradients plus activations; LoRA's tiny gradients leave its peak at the activations."""
+    from peftlab.report.memory import peak_bytes, record_estimate
+
+    full = estimate(10e9, activations=5 * GB)
+    assert full.peak == full.total - 5 * GB  # 20 GB of gradients outweigh 5 GB of activations
+    lora = estimate(10e9, method="lora", trainable=20e6, activations=5 * GB)
+    assert lora.peak == lora.weights + lora.optimizer + 5 * GB
+    e = record_estimate(_record())
+    assert peak_bytes(e) == e["weights"] + e["optimizer"] + e["autocast_copies"] + e["activations"]
+    big = {**e, "gradients": e["activations"] + 1}
+    assert peak_bytes(big) == e["weights"] + e["optimizer"] + e["autocast_copies"] + e["activations"] + 1
