@@ -172,6 +172,7 @@ def run_cell(cfg: CellConfig, host: PluginHost, *, progress: bool = True,
             rec.update(status="failed", reason=str(exc), **peak.read(), **{"time.wall_s": time.perf_counter() - wall})
             return rec
         rec.update({"train.steps": result.steps, "train.epochs": result.epochs, "train.tokens": result.tokens,
+                    "train.max_batch_positions": result.max_batch_positions,
                     "train.seconds": result.seconds, "train.tokens_per_s": result.tokens_per_s,
                     "loss.final": result.final_loss, "loss.mean": result.mean_loss,
                     "train.optimizer_note": result.optimizer_note, "train.attention_impl": result.attention,

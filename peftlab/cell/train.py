@@ -107,6 +107,7 @@ class TrainResult:
     steps: int = 0
     losses: list[float] = field(default_factory=list)
     tokens: int = 0  # non-padding tokens seen in training steps
+    max_batch_positions: int = 0  # the largest micro-batch's positions, padding included (what activations scale with)
     seconds: float = 0.0  # time inside training steps only
     epochs: float = 0.0
     optimizer_note: str = ""
@@ -252,6 +253,7 @@ def train(model, examples: list[tuple[list[int], list[int]]], cfg: TrainConfig, 
                     (loss / cfg.grad_accum).backward()
                     step_loss += loss.item() / cfg.grad_accum
                     result.tokens += int(batch["attention_mask"].sum())
+                    result.max_batch_positions = max(result.max_batch_positions, batch["attention_mask"].numel())
                 if cfg.max_grad_norm:
                     torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
                 optimizer.step()

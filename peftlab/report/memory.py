@@ -58,7 +58,8 @@ def record_estimate(rec: dict[str, Any]) -> dict[str, float]:
     linear layers; their bytes saved, ``cast.bytes_saved``, come off the base); a quantized base
     dequantizes again in backward instead. Activations: 34 s b h bytes per block that the
     backward pass goes through (``params.backward_blocks``: only the top k for FT-Top-k), s b =
-    training tokens per step. Nothing here knows an adapter by name: what trains the base, and the
+    the largest micro-batch's positions, padding included (``train.max_batch_positions``; older
+    records: the mean training tokens per step). Nothing here knows an adapter by name: what trains the base, and the
     bytes of what trains, come from the record."""
     trainable = float(rec["params.trainable"])
     full_like = bool(rec["adapter.trains_base"])
@@ -72,7 +73,10 @@ def record_estimate(rec: dict[str, Any]) -> dict[str, float]:
     hidden, layers = shape(rec["model"])
     if rec.get("params.backward_blocks") is not None:
         layers = int(rec["params.backward_blocks"])
-    tokens_per_step = float(rec["train.tokens"]) / max(1, int(rec["train.steps"]))
+    # activations live one micro-batch at a time and the peak comes with the largest, padding included
+    # (train.max_batch_positions); records made before it was recorded give the mean real tokens per step
+    tokens_per_step = float(rec.get("train.max_batch_positions") or 0) or \
+        float(rec["train.tokens"]) / max(1, int(rec["train.steps"]))
     copies = 0.0
     if rec.get("train.precision") == "bf16" and rec.get("quantizer", "none") == "none" \
             and rec.get("model.dtype") == "float32":
@@ -171,7 +175,8 @@ def check_section(folder: Path) -> tuple[list[str], list[dict[str, Any]]]:
              f"Measured on {', '.join(sorted({str(r.get('device', '?')) for r in recs}))}: the cells' peak memory "
              f"({kinds}; mean over seeds). Estimated: the terms above from each "
              "cell's record (base bytes as stored, fp32 adapters and gradients, AdamW states, bf16 weight copies "
-             "saved by autocast, activations at the run's tokens per step), combined as a step's peak: weights, "
+             "saved by autocast, activations at the run's largest micro-batch, padding included, or where the record "
+             "predates that field at its mean tokens per step), combined as a step's peak: weights, "
              "optimizer states and copies, plus the larger of gradients and activations (backward frees each "
              "activation as it makes a gradient). MB = 10^6 bytes.\n",
              "| cell | weights | grads + optimizer | autocast copies | activations | estimate | measured | gap | "

@@ -75,6 +75,10 @@ def test_gradient_checkpointing_gives_the_same_step():
 def test_gradient_accumulation_steps_count_optimizer_steps():
     result, _ = run(TrainConfig(steps=2, batch_size=2, grad_accum=3))
     assert result.steps == 2 and result.epochs == pytest.approx(6 / 32)
+    # the largest of the 6 micro-batches, padding included: not a step's sum, not a mean of real tokens
+    longest = max(len(ids) for ids, _ in setup()[1])
+    assert result.tokens / 6 <= result.max_batch_positions <= 2 * longest
+    assert result.max_batch_positions % 2 == 0
 
 
 def test_a_non_finite_loss_fails_with_its_step():

@@ -98,6 +98,9 @@ def test_record_estimate_terms():
     assert full["weights"] == 4000 and full["autocast_copies"] == 2 * 1000
     ck = record_estimate(_record(**{"train.grad_checkpointing": True}))
     assert ck["activations"] == 2 * 100 * 576 * 30
+    # the largest micro-batch, padding included, where the record has it (not the mean tokens per step)
+    big = record_estimate(_record(**{"train.max_batch_positions": 256}))
+    assert big["activations"] == 34 * 256 * 576 * 30
 
 
 def test_memory_report_cli_checks_a_sweep_folder(tmp_path, capsys):
