@@ -21,6 +21,13 @@ WEIGHT_BYTES = {"fp32": 4.0, "bf16": 2.0, "fp16": 2.0, "int8": 1.0, "nf4": 4.5 /
 OPTIMIZER_BYTES = {"adamw": 8.0, "adamw8bit": 2.0, "sgd": 0.0}
 
 
+def step_peak(weights: float, gradients: float, optimizer: float, activations: float, held: float = 0.0) -> float:
+    """The most a training step holds at once: gradients appear in backward as the activations they
+    come from are freed (and go to None after the optimizer's step), so the step holds the larger of
+    the two, not both; ``held`` is what lives through both (autocast's weight copies)."""
+    return weights + optimizer + held + max(gradients, activations)
+
+
 @dataclass(frozen=True)
 class Estimate:
     method: str
@@ -38,10 +45,8 @@ class Estimate:
 
     @property
     def peak(self) -> float:
-        """The most held at once in a training step: gradients appear in backward as the activations
-        they come from are freed (and go to None after the optimizer's step), so the step holds the
-        larger of the two, not both."""
-        return self.weights + self.optimizer + max(self.gradients, self.activations)
+        """The most held at once in a training step (:func:`step_peak`)."""
+        return step_peak(self.weights, self.gradients, self.optimizer, self.activations)
 
     def to_dict(self) -> dict[str, float | str]:
         return {**asdict(self), "total": self.total, "peak": self.peak}

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import peftlab.defaults as defaults
-from peftlab.report.estimate import OPTIMIZER_BYTES, Estimate, activation_bytes, estimate
+from peftlab.report.estimate import OPTIMIZER_BYTES, Estimate, activation_bytes, estimate, step_peak
 from peftlab.report.ranks import ALIASES, ARCHITECTURES, architecture_counts, shape, sized_adapter
 
 if TYPE_CHECKING:
@@ -88,11 +88,10 @@ def record_estimate(rec: dict[str, Any]) -> dict[str, float]:
 
 
 def peak_bytes(terms: dict[str, float]) -> float:
-    """A step's peak from :func:`record_estimate`'s terms: gradients and activations do not peak
-    together (backward frees an activation as it makes the gradient; the step sets gradients to
-    None), autocast's weight copies live from forward through backward."""
-    return (terms["weights"] + terms["optimizer"] + terms["autocast_copies"]
-            + max(terms["gradients"], terms["activations"]))
+    """A step's peak (:func:`peftlab.report.estimate.step_peak`) from :func:`record_estimate`'s
+    terms; autocast's weight copies live from forward through backward."""
+    return step_peak(terms["weights"], terms["gradients"], terms["optimizer"], terms["activations"],
+                     held=terms["autocast_copies"])
 
 
 def _gb(x: float) -> str:
