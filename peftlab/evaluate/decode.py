@@ -18,10 +18,10 @@ down projection, K=1536: 2 of 32 rows), so a batch never shrinks below two rows:
 row stays as a companion, and a batch of one prompt runs it twice. From two rows up, the 2-core AMD
 EPYC (AVX512-BF16) this was written on computes every row alike; oneDNN on CPUs with AMX picks its
 kernel and how it splits the sum by the number of rows (its source's small-shape dispatch and
-blocking), and on a CI machine (its CPU unrecorded) a row's tokens changed when its companions left. :func:`rows_round_alike` therefore
-checks, once per layer shape, that every linear layer gives each row the same bits at every row
-count a batch can shrink through; where one does not, finished rows stay in the batch (as in
-``generate``) and only their outputs are ignored.
+blocking), and on a CI machine (its CPU unrecorded) a row's tokens changed when its companions
+left. :func:`rows_round_alike` therefore checks, once per layer kind, that every linear layer
+gives each row the same bits at every row count a batch can shrink through; where one does not,
+finished rows stay in the batch (as in ``generate``) and only their outputs are ignored.
 """
 
 from __future__ import annotations
@@ -115,39 +115,36 @@ def _linear_layers(model) -> list[torch.nn.Module]:
     return [m for m in model.modules() if is_linear_like(m) or isinstance(m, QuantizedLinear)]
 
 
-def _layer_key(layer, rows: int, device: torch.device) -> tuple:
+def _layer_kind(layer) -> tuple:
+    """What decides a linear layer's kernels: class, (in, out) features, weight dtype, bias, and a
+    forward set on the instance (packed.py's) by its qualified name."""
     from peftlab.plugin.layers import linear_dims
 
     weight = getattr(layer, "weight", None)
-    autocast_dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
-    return (type(layer).__qualname__, linear_dims(layer), weight.dtype if weight is not None else None,
-            getattr(layer, "bias", None) is not None, _instance_forward(layer),
-            autocast_dtype, device.type, torch.get_num_threads(), rows)
-
-
-def _instance_forward(layer) -> str | None:
-    """The qualified name of a forward set on the instance (packed.py's, say), None for the class's."""
     own = vars(layer).get("forward")
-    if own is None:
-        return None
-    own = getattr(own, "func", own)  # a functools.partial
-    return f"{getattr(own, '__module__', '')}.{getattr(own, '__qualname__', type(own).__qualname__)}"
+    if own is not None:
+        own = getattr(own, "func", own)  # a functools.partial
+        own = f"{getattr(own, '__module__', '')}.{getattr(own, '__qualname__', type(own).__qualname__)}"
+    return (type(layer).__qualname__, linear_dims(layer), weight.dtype if weight is not None else None,
+            getattr(layer, "bias", None) is not None, own)
 
 
 def rows_round_alike(model, rows: int) -> bool:
     """Whether every linear layer of ``model`` gives each row of a decoding step (one token a row)
     the same bits at every row count from ``MIN_ROWS`` to ``rows``, under the autocast in force.
-    Checked on random inputs, once per layer kind (class, shape, dtype, bias, an instance forward)
-    and thread count, autocast and device; the verdicts are kept for the process."""
+    Checked on random inputs, once per layer kind (:func:`_layer_kind`) under the same thread
+    count, autocast and device; the verdicts are kept for the process."""
     if rows <= MIN_ROWS:
         return True
     device = next(model.parameters()).device
+    autocast_dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
+    conditions = (autocast_dtype, device.type, torch.get_num_threads(), rows)
     for layer in _linear_layers(model):
-        key = _layer_key(layer, rows, device)
+        kind = _layer_kind(layer)
+        key = (*kind, *conditions)
         if key not in _ALIKE:
-            fan_in = key[1][0]
-            weight = getattr(layer, "weight", None)
-            dtype = weight.dtype if weight is not None and weight.is_floating_point() else torch.float32
+            fan_in, _ = kind[1]
+            dtype = kind[2] if kind[2] is not None and kind[2].is_floating_point else torch.float32
             x = torch.randn(rows, 1, fan_in, generator=torch.Generator().manual_seed(0)).to(device, dtype)
             with torch.inference_mode():
                 full = layer(x)

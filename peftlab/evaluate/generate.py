@@ -15,11 +15,10 @@ way whatever the number of rows (two or more: a lone row takes a matrix-vector k
 otherwise, so :mod:`peftlab.evaluate.decode` never runs one) on the 2-core AMD EPYC this was
 measured on: the same 50 outputs came out at batch sizes 16, 32 and 64, and the first 12 one at a
 time. oneDNN on CPUs with AMX chooses its kernel by the number of rows (its source dispatches
-small shapes away from AMX), so there the batch size can
-change outputs (as it does in ``generate``); decoding checks the layers it runs
-(:func:`peftlab.evaluate.decode.rows_round_alike`) and lets finished rows leave a batch only where
-that changes no output (the record's ``gen.rows_leave``; tested: ``tests/cell/test_generate_batching.py``,
-``tests/cell/test_decode.py``).
+small shapes away from AMX), so there the batch size can change outputs (as it does in
+``generate``); decoding checks the layers it runs (:func:`peftlab.evaluate.decode.rows_round_alike`)
+and lets finished rows leave a batch only where that changes no output (the record's
+``gen.rows_leave``; tested: ``tests/cell/test_generate_batching.py``, ``tests/cell/test_decode.py``).
 
 Greedy decoding runs :func:`peftlab.evaluate.decode.greedy`; on CPU in bf16 the linear layers
 multiply with weights laid out once (:mod:`peftlab.evaluate.packed`, the same bits). Beam search

@@ -59,8 +59,8 @@ def record_estimate(rec: dict[str, Any]) -> dict[str, float]:
     dequantizes again in backward instead. Activations: 34 s b h bytes per block that the
     backward pass goes through (``params.backward_blocks``: only the top k for FT-Top-k), s b =
     the largest micro-batch's positions, padding included (``train.max_batch_positions``; older
-    records: the mean training tokens per step). Nothing here knows an adapter by name: what trains the base, and the
-    bytes of what trains, come from the record."""
+    records: the mean training tokens per step). Nothing here knows an adapter by name: what trains
+    the base, and the bytes of what trains, come from the record."""
     trainable = float(rec["params.trainable"])
     full_like = bool(rec["adapter.trains_base"])
     own = float(rec["params.trainable_bytes"]) / trainable
