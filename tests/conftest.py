@@ -16,20 +16,17 @@ def pytest_terminal_summary(terminalreporter) -> None:
 def machine_line() -> str:
     """The CPU and the libraries whose kernels decide bits: results that hold on one CPU may not on
     another (oneDNN picks kernels by ISA), so a failure's log should say which machine it ran on."""
-    import platform
-
-    cpu = platform.processor() or "unknown"
-    try:
-        with open("/proc/cpuinfo") as f:
-            info = f.read()
-        cpu = next(line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name"))
-        flags = next(line for line in info.splitlines() if line.startswith("flags")).split()
-        cpu += f" ({', '.join(f for f in ('avx512_bf16', 'amx_bf16', 'amx_tile') if f in flags) or 'no bf16 or AMX flags'})"
-    except (OSError, StopIteration):
-        pass
     import transformers
 
-    return (f"ran on: {cpu}, {os.cpu_count()} cores; torch {torch.__version__} (threads {torch.get_num_threads()}), "
+    from peftlab.provenance import device_name
+
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        flags = []
+    isa = ", ".join(f for f in ("avx512_bf16", "amx_bf16", "amx_tile") if f in flags) or "no bf16 or AMX flags"
+    return (f"ran on: {device_name(torch.device('cpu'))} [{isa}]; torch {torch.__version__}, "
             f"transformers {transformers.__version__}")
 
 
