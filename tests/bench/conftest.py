@@ -35,6 +35,10 @@ def pytest_terminal_summary(terminalreporter, config):
             theirs = peer.extra_info.get("peak_rss") if peer else None
             mem = f"{ours.extra_info['peak_rss'] / 2**20:.0f}" + (f" / {theirs / 2**20:.0f}" if theirs else "")
         tr.write_line(f"{group:58} {ours.stats.median * 1e3:11.2f} {peer_ms} {ratio} {thr:>14} {mem:>20}")
+    for b in bs.benchmarks:
+        turns = {k[len("in_turn_ratio_"):]: v for k, v in b.extra_info.items() if k.startswith("in_turn_ratio_")}
+        if turns:
+            tr.write_line(f"{b.group}: ratio " + ", ".join(f"{k} {v:.2f}" for k, v in turns.items()))
     if ceiling:
         tr.write_line(f"copy ceiling (torch copy_ into a reused buffer): {ceiling:.1f} GB/s")
 

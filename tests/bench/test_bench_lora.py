@@ -9,11 +9,18 @@ step. Targets (issue 3): LoRA tokens/s >= peft's with no higher peak memory; LoR
 Peak memory is measured in a fresh interpreter per variant (``python -m`` this module's probe):
 VmHWM over 3 steps minus VmRSS before the model was built (so the weights count, and a QLoRA
 base's smaller weights show), with the peak reset after building so load-time transients do not.
+
+The four variants also run in turn in one process (``test_variants_in_turn``: one round = one step
+of each, the order rotating every round). The separate benchmarks run one variant's rounds after
+the other's, so the machine's speed drifting between them moves the ratio (one code read 1.09 and
+1.41 in two runs); in turn, drift falls on ours and the peer's steps alike. It prints both ratios.
 """
 
 from __future__ import annotations
 
+import statistics
 import sys
+import time
 
 import pytest
 import torch
@@ -66,6 +73,35 @@ def test_train_step(benchmark, variant, tmp_path):
                                 peak_rss=probe(__file__, variant, str(tmp_path / "probe")))
     with cell_heap(variant):
         benchmark.pedantic(step, **PEDANTIC)
+
+
+def test_variants_in_turn(benchmark, tmp_path):
+    steps = {v: build(v, str(tmp_path / v))[1] for v in VARIANTS}
+    times: dict[str, list[float]] = {v: [] for v in VARIANTS}
+    turn = [0]
+
+    def one_round() -> None:
+        k = turn[0] % len(VARIANTS)
+        for v in VARIANTS[k:] + VARIANTS[:k]:
+            with cell_heap(v):
+                start = time.perf_counter()
+                steps[v]()
+                times[v].append(time.perf_counter() - start)
+        turn[0] += 1
+
+    benchmark.group = f"all four variants in turn (one round = one step each), llama-512x6, {TOKENS} tokens"
+    benchmark.extra_info.update(impl="in-turn")
+    benchmark.pedantic(one_round, **PEDANTIC)
+    warm = PEDANTIC["warmup_rounds"]
+    median = {v: statistics.median(ts[warm:]) for v, ts in times.items()}
+    assert all(len(ts) == PEDANTIC["rounds"] + warm for ts in times.values())
+    lines = []
+    for kind in ("lora", "qlora"):
+        ours, peer = median[f"peftlab-{kind}"], median[f"peft-{kind}"]
+        benchmark.extra_info[f"in_turn_ratio_{kind}"] = peer / ours
+        lines.append(f"{'QLoRA nf4-dq' if kind == 'qlora' else 'LoRA bf16'}: peftlab {ours * 1e3:.1f} ms, "
+                     f"peer {peer * 1e3:.1f} ms, ratio {peer / ours:.2f}")
+    print(f"\nsteps in turn, medians of {PEDANTIC['rounds']}: " + "; ".join(lines))
 
 
 if __name__ == "__main__":  # the memory probe: one variant, fresh process
