@@ -72,3 +72,23 @@ def test_the_embedded_model_loads_from_its_cached_float_copy(folder, capsys, emb
     assert (fast.tokenizer.eos_token_id, fast.tokenizer.pad_token_id) == (slow.tokenizer.eos_token_id, slow.tokenizer.pad_token_id)
     assert main(["cache"]) == 0 and "models: 1 entries" in capsys.readouterr().out
     assert main(["cache", "--clear"]) == 0 and not folder.exists()
+
+
+def test_a_miss_trains_on_the_stored_copy_which_holds_the_gguf_weights(folder, embedded_model):
+    """On a miss the cell's model is read back from the copy just stored, as every later cell reads
+    it (the model transformers loaded from the GGUF left about 430 MiB more in use through a full
+    fine-tuning run), and it holds what transformers' GGUF reader gives."""
+    import os
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    miss = load(ModelConfig(embedded_model))
+    assert not miss.from_cache and cache.cached_gguf_folder(miss.source, "float32") is not None
+    assert getattr(miss.model, "hf_quantizer", None) is None  # not the GGUF-loaded object
+    where, name = os.path.dirname(miss.source), os.path.basename(miss.source)
+    direct = AutoModelForCausalLM.from_pretrained(where, gguf_file=name, dtype=torch.float32)
+    a, b = direct.state_dict(), miss.model.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    tok = AutoTokenizer.from_pretrained(where, gguf_file=name)
+    text = "Name: Aromi. Food: Thai. Area: city centre."
+    assert miss.tokenizer(text)["input_ids"] == tok(text)["input_ids"]
