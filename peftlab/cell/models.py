@@ -188,19 +188,17 @@ def load(cfg: ModelConfig, seed: int = 0, quantizer: Any = None, compute_dtype: 
         from peftlab.cell.cache import cached_gguf_folder, store_gguf_copy
 
         source = os.path.join(args["folder"], args["gguf_file"])
-        cached = cached_gguf_folder(source, "float32")
-        if cached is not None:  # the float copy an earlier cell saved: the same weights, read in a second
-            tok = AutoTokenizer.from_pretrained(cached)
-            model = AutoModelForCausalLM.from_pretrained(cached, dtype=torch.float32)
-        else:
+        cached = float_copy = cached_gguf_folder(source, "float32")
+        if cached is None:
             tok = AutoTokenizer.from_pretrained(args["folder"], gguf_file=args["gguf_file"])
             model = AutoModelForCausalLM.from_pretrained(args["folder"], gguf_file=args["gguf_file"], dtype=torch.float32)
-            stored = store_gguf_copy(source, "float32", model, tok)
-            if stored is not None:  # train on what every later cell reads: the GGUF load leaves
-                del model           # about 430 MiB more in use through training (measured)
+            float_copy = store_gguf_copy(source, "float32", model, tok)
+            if float_copy is not None:  # trained on, the GGUF-loaded model left about 430 MiB
+                del model               # more in use than the copy every later cell reads (measured)
                 gc.collect()
-                tok = AutoTokenizer.from_pretrained(stored)
-                model = AutoModelForCausalLM.from_pretrained(stored, dtype=torch.float32)
+        if float_copy is not None:  # the float copy (an earlier cell's or just stored): the same weights
+            tok = AutoTokenizer.from_pretrained(float_copy)
+            model = AutoModelForCausalLM.from_pretrained(float_copy, dtype=torch.float32)
     else:
         tok = AutoTokenizer.from_pretrained(args["id"])
         model = AutoModelForCausalLM.from_pretrained(args["id"], dtype=dtype)

@@ -143,8 +143,8 @@ def rows_round_alike(model, rows: int) -> bool:
         kind = _layer_kind(layer)
         key = (*kind, *conditions)
         if key not in _ALIKE:
-            fan_in, _ = kind[1]
-            dtype = kind[2] if kind[2] is not None and kind[2].is_floating_point else torch.float32
+            _, (fan_in, _), weight_dtype, _, _ = kind
+            dtype = weight_dtype if weight_dtype is not None and weight_dtype.is_floating_point else torch.float32
             x = torch.randn(rows, 1, fan_in, generator=torch.Generator().manual_seed(0)).to(device, dtype)
             with torch.inference_mode():
                 full = layer(x)

@@ -78,16 +78,14 @@ def test_train_step(benchmark, variant, tmp_path):
 def test_variants_in_turn(benchmark, tmp_path):
     steps = {v: build(v, str(tmp_path / v))[1] for v in VARIANTS}
     times: dict[str, list[float]] = {v: [] for v in VARIANTS}
-    turn = [0]
 
     def one_round() -> None:
-        k = turn[0] % len(VARIANTS)
+        k = len(times[VARIANTS[0]]) % len(VARIANTS)  # rounds so far, so the first variant rotates
         for v in VARIANTS[k:] + VARIANTS[:k]:
             with cell_heap(v):
                 start = time.perf_counter()
                 steps[v]()
                 times[v].append(time.perf_counter() - start)
-        turn[0] += 1
 
     benchmark.group = f"all four variants in turn (one round = one step each), llama-512x6, {TOKENS} tokens"
     benchmark.extra_info.update(impl="in-turn")
