@@ -4,6 +4,7 @@ that runs one variant in a fresh interpreter (each benchmark module doubles as t
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from collections.abc import Callable
@@ -29,7 +30,10 @@ def train_step(model: torch.nn.Module, loss_fn: Callable[[dict], torch.Tensor]) 
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        return loss.item()
+        value = loss.item()
+        if not math.isfinite(value):  # a step that computes NaN times nothing worth timing (see test_layers' casts)
+            raise AssertionError(f"the benchmarked step's loss is {value}")
+        return value
 
     return step
 

@@ -132,3 +132,25 @@ def test_output_dtype_follows_autocast_like_nn_linear(gen):
     assert x.grad is not None and x.grad.dtype == torch.float32
     with torch.autocast("cpu", dtype=torch.float16):  # autocast casts the matmul itself, as for nn.Linear
         assert ql(x).dtype == lin(x).dtype == torch.float16
+
+
+@pytest.mark.parametrize("method", HOST.quantizers.names())
+@pytest.mark.parametrize("cast", ["to-bf16", "half", "float"])
+def test_dtype_casts_of_the_model_leave_the_packed_weight_as_it_was(method, cast, gen):
+    """``model.to(torch.bfloat16)`` after quantizing (as the Llama benchmark did) once rounded NF4-DQ's
+    fp32 absmax scales to bf16 and the loss became NaN; casts now leave every packed buffer, and so
+    the dequantized weight, bit for bit as they were, and still cast the float layers around them."""
+    model = tiny_llama()
+    quantize_(model, HOST.quantizers.build(method))
+    layers = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
+    before = [(dict(m.named_buffers()), m.dequantized_weight(torch.float32)) for m in layers]
+    {"to-bf16": lambda: model.to(torch.bfloat16), "half": model.half, "float": model.float}[cast]()
+    dtype = {"to-bf16": torch.bfloat16, "half": torch.float16, "float": torch.float32}[cast]
+    assert model.model.embed_tokens.weight.dtype == dtype
+    for m, (buffers, weight) in zip(layers, before):
+        for name, b in m.named_buffers():
+            assert b.dtype == buffers[name].dtype and torch.equal(b, buffers[name]), name
+        assert torch.equal(m.dequantized_weight(torch.float32), weight)
+    ids = torch.randint(0, 100, (2, 8), generator=gen)
+    with torch.no_grad():
+        assert torch.isfinite(model(input_ids=ids).logits.float()).all()
