@@ -76,7 +76,7 @@ def base_record(cfg: CellConfig) -> dict[str, Any]:
                            "train.optimizer": cfg.train.optimizer, "train.precision": cfg.train.precision,
                            "train.grad_checkpointing": cfg.train.grad_checkpointing,
                            "train.frozen_dtype": cfg.train.frozen_dtype, "train.attention": cfg.train.attention,
-                           "train.norm": cfg.train.norm,
+                           "train.norm": cfg.train.norm, "train.compile": cfg.train.compile,
                            "train.batch_size": cfg.train.batch_size, "train.grad_accum": cfg.train.grad_accum,
                            "train.lr": cfg.train.lr, "train.seed": cfg.train.seed, "memory_mode": cfg.memory_mode,
                            "eval.batch_size": cfg.eval.batch_size, "eval.attention": cfg.eval.attention}
@@ -90,6 +90,7 @@ def run_cell(cfg: CellConfig, host: PluginHost, *, progress: bool = True,
              outputs: CellOutputs | None = None) -> dict[str, Any]:
     from peftlab.adapt.attach import attach
     from peftlab.cell.cache import encode_cached
+    from peftlab.cell.compiled import check as check_compile
     from peftlab.cell.heap import reuse_freed_memory
     from peftlab.cell.measure import PeakMemory, backward_blocks, base_weight_bytes, trainable_bytes
     from peftlab.cell.models import load
@@ -115,6 +116,7 @@ def run_cell(cfg: CellConfig, host: PluginHost, *, progress: bool = True,
         return rec
     train_rows, eval_items, eval_info = load_splits(cfg.data)
     device = cfg.model.resolved_device()
+    check_compile(cfg.train.compile, device)  # a setting this machine cannot run fails before the model loads
     peak = PeakMemory(device, cfg.memory_mode).start()
     try:  # the sampler thread stops however this ends (a load error, a diverged or interrupted run)
         torch.manual_seed(cfg.train.seed)
@@ -176,7 +178,8 @@ def run_cell(cfg: CellConfig, host: PluginHost, *, progress: bool = True,
                     "train.seconds": result.seconds, "train.tokens_per_s": result.tokens_per_s,
                     "loss.final": result.final_loss, "loss.mean": result.mean_loss,
                     "train.optimizer_note": result.optimizer_note, "train.attention_impl": result.attention,
-                    "train.lean_norms": result.lean_norms})
+                    "train.lean_norms": result.lean_norms, "train.compiled_layers": result.compiled_layers,
+                    "train.compiled_from_step": result.compiled_from_step})
         rec.update(peak.read())  # the training peak, before generation allocates its caches
     finally:
         peak.stop()

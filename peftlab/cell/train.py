@@ -8,6 +8,7 @@ non-finite loss stops training with the step it happened at.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 import warnings
@@ -17,6 +18,7 @@ from typing import Any
 
 import torch
 
+from peftlab.cell import compiled
 from peftlab.cell.attention import ATTENTION_SETTINGS, attention, resolve
 from peftlab.cell.head_loss import head_loss
 from peftlab.cell.norm import NORM_SETTINGS, lean_norms
@@ -53,6 +55,7 @@ class TrainConfig:
     seed: int = 0
     attention: str = "auto"  # auto: peftlab-cpu on CPU (peftlab.cell.attention), the model's own elsewhere
     norm: str = "auto"  # auto: RMSNorm keeping bf16 inputs for backward on CPU (peftlab.cell.norm); model: its own
+    compile: str = "auto"  # auto: decoder layers compiled on CPU once the run is long enough to pay (peftlab.cell.compiled)
 
     def __post_init__(self) -> None:
         checks = [
@@ -68,6 +71,7 @@ class TrainConfig:
             ("seed", _int(self.seed), "an integer"),
             ("attention", self.attention in ATTENTION_SETTINGS, f"one of {', '.join(ATTENTION_SETTINGS)}"),
             ("norm", self.norm in NORM_SETTINGS, f"one of {', '.join(NORM_SETTINGS)}"),
+            ("compile", self.compile in compiled.COMPILE_SETTINGS, f"one of {', '.join(compiled.COMPILE_SETTINGS)}"),
             ("grad_checkpointing", isinstance(self.grad_checkpointing, bool), "true or false"),
             ("max_grad_norm", self.max_grad_norm is None or (_num(self.max_grad_norm) and self.max_grad_norm > 0),
              "a positive number or none"),
@@ -113,6 +117,8 @@ class TrainResult:
     optimizer_note: str = ""
     attention: str = ""  # the attention implementation training ran with
     lean_norms: int = 0  # RMSNorm modules that ran peftlab.cell.norm's forward
+    compiled_layers: int = 0  # decoder layers that trained compiled (peftlab.cell.compiled)
+    compiled_from_step: int = 0  # the first step they ran compiled (1-based; 0: none did)
 
     @property
     def tokens_per_s(self) -> float:
@@ -215,6 +221,7 @@ def train(model, examples: list[tuple[list[int], list[int]]], cfg: TrainConfig, 
     optimizer state, before the gradients are freed)."""
     from tqdm.auto import tqdm
 
+    compile_now = compiled.from_start(cfg.compile, device)  # a setting this machine cannot run fails here
     groups = optimizer_groups(model, param_groups, cfg.lr)
     params = [p for g in groups for p in g["params"]]
     total = cfg.total_steps(len(examples))
@@ -233,9 +240,14 @@ def train(model, examples: list[tuple[list[int], list[int]]], cfg: TrainConfig, 
     bar = tqdm(total=total, desc="train", unit="step", disable=not progress, dynamic_ncols=True)
     try:
         with (attention(model, resolve(cfg.attention, device)) as implementation,
-              lean_norms(model, resolve_norm(cfg.norm, device)) as result.lean_norms):
+              lean_norms(model, resolve_norm(cfg.norm, device)) as result.lean_norms,
+              contextlib.ExitStack() as compiling):
             result.attention = implementation or ""
             for step in range(total):
+                if compile_now or (step == 1 and compiled.pays(cfg.compile, device, result.seconds, total - 1)):
+                    compile_now = False
+                    result.compiled_layers = compiling.enter_context(compiled.compiled_layers(model))
+                    result.compiled_from_step = step + 1 if result.compiled_layers else 0
                 start = time.perf_counter()
                 step_loss = 0.0
                 for _ in range(cfg.grad_accum):

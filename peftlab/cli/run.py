@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from peftlab.cell.attention import ATTENTION_SETTINGS
+from peftlab.cell.compiled import COMPILE_SETTINGS
 from peftlab.cell.config import parse_sets
 from peftlab.cell.norm import NORM_SETTINGS
 from peftlab.cli.common import metric_names, metric_settings
@@ -88,6 +89,10 @@ def add_parser(sub) -> None:
     g.add_argument("--norm", choices=NORM_SETTINGS, help="RMSNorm in training: auto keeps its bf16 input for "
                    "backward instead of an fp32 copy (same forward bits) on CPU, the model's own elsewhere"
                    + dflt("train.norm"))
+    g.add_argument("--compile", choices=COMPILE_SETTINGS, help="decoder layers in training: auto compiles them "
+                   "(torch.compile, inductor) on CPU after the first step when the steps left would take 10 minutes "
+                   "or more, layers from the first step, off never"
+                   + dflt("train.compile"))
     g = p.add_argument_group("evaluation")
     g.add_argument("--metrics", help="comma-separated metric names" + dflt("eval.metrics"))
     g.add_argument("--mset", action="append", metavar="METRIC:KEY=VALUE",
@@ -159,7 +164,7 @@ def cell_dict(args: argparse.Namespace) -> dict[str, Any]:
     else:
         put("train", "steps", args.steps)
     for key in ("batch_size", "grad_accum", "lr", "optimizer", "schedule", "warmup_steps", "precision",
-                "grad_checkpointing", "seed", "frozen_dtype", "attention", "norm"):
+                "grad_checkpointing", "seed", "frozen_dtype", "attention", "norm", "compile"):
         put("train", key, getattr(args, key))
     if args.seed is not None:
         put("data", "seed", args.seed)

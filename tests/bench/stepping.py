@@ -13,6 +13,9 @@ import torch
 
 BATCH, SEQ = 8, 128
 TOKENS = BATCH * SEQ
+# a benchmark process builds several models whose decoder layers share one class's compiled code;
+# past torch's default of 8 graphs per function it would run them eager, unannounced but for a warning
+torch._dynamo.config.recompile_limit = 64
 
 
 def train_step(model: torch.nn.Module, loss_fn: Callable[[dict], torch.Tensor]) -> Callable[[], float]:
@@ -38,14 +41,16 @@ def train_step(model: torch.nn.Module, loss_fn: Callable[[dict], torch.Tensor]) 
     return step
 
 
-def cell_loss(model: torch.nn.Module, precision: str | None = None) -> Callable[[dict], torch.Tensor]:
+def cell_loss(model: torch.nn.Module, precision: str | None = None, compiled: bool = False) -> Callable[[dict], torch.Tensor]:
     """The loss as a cell's training step computes it on CPU: the head only at response positions,
     in chunks, under the attention ``train.attention = "auto"`` picks (``peftlab-cpu``) and the
     norms ``train.norm = "auto"`` picks (``peftlab.cell.norm``), and under bf16 autocast when
-    ``precision`` is ``"bf16"``."""
+    ``precision`` is ``"bf16"``; with ``compiled``, through compiled decoder layers, as a cell runs
+    once ``train.compile`` compiles (``peftlab.cell.compiled``)."""
     import contextlib
 
     from peftlab.cell.attention import attention, resolve
+    from peftlab.cell.compiled import compiled_layers
     from peftlab.cell.norm import lean_norms
     from peftlab.cell.norm import resolve as resolve_norm
     from peftlab.cell.train import response_loss
@@ -55,6 +60,7 @@ def cell_loss(model: torch.nn.Module, precision: str | None = None) -> Callable[
 
     def loss_fn(batch: dict) -> torch.Tensor:
         with (attention(model, resolve("auto", cpu)), lean_norms(model, resolve_norm("auto", cpu)),
+              compiled_layers(model, compiled),
               autocast(precision, cpu) if precision else contextlib.nullcontext()):
             return response_loss(model, batch)
 
@@ -64,7 +70,15 @@ def cell_loss(model: torch.nn.Module, precision: str | None = None) -> Callable[
 def probe(script: str, *args: str, key: str = "peak_rss_delta"):
     """What ``script *args`` run in a fresh interpreter prints as the JSON object on its last line,
     under ``key`` (by default the probe's peak RSS growth in bytes)."""
-    out = subprocess.run([sys.executable, script, *args], capture_output=True, text=True, check=True)
+    import os
+    from pathlib import Path
+
+    import peftlab
+
+    # the peftlab this process benchmarks (a checkout's, say, not an older installed copy)
+    path = os.pathsep.join(p for p in (str(Path(peftlab.__file__).parents[1]), os.environ.get("PYTHONPATH")) if p)
+    out = subprocess.run([sys.executable, script, *args], capture_output=True, text=True, check=True,
+                         env={**os.environ, "PYTHONPATH": path})
     return json.loads(out.stdout.strip().splitlines()[-1])[key]
 
 
@@ -85,6 +99,8 @@ def run_probe(build_step: Callable[[], Callable[[], float]], variant: str) -> No
     """The probe's body: VmHWM over 3 steps minus VmRSS before the model was built (so the weights
     count), with the peak reset after building so load-time transients do not; printed as JSON.
     Steps run under the variant's allocator setting (:func:`cell_heap`)."""
+    import torch._inductor.compile_fx  # noqa: F401  (what a compiled variant imports when it compiles)
+
     import peftlab.cell.train  # noqa: F401
     import peftlab.plugin.adapter  # noqa: F401  (imports are not the model's memory)
 

@@ -7,7 +7,9 @@ NF4 with double quantization, bf16 compute). Batch 8 x 128 tokens, half of them 
 - **Training step** (one round = one AdamW step): peftlab as a cell runs it (frozen linear weights
   stored in bf16, the head only at response positions and in chunks, ``peftlab-cpu`` attention)
   against peft on the same model under the same autocast (``model(**batch).loss``). Goal: tokens/s
-  at least 1.3x peft's, peak memory no higher.
+  at least 1.3x peft's, peak memory no higher. The ``-compiled`` variants run the same step through
+  compiled decoder layers (``train.compile``'s fast path for long runs, ``peftlab.cell.compiled``;
+  the warm-up rounds compile), against the same peer, not compiled, in groups of their own.
 - Each peftlab variant runs under the allocator setting a CPU cell trains under (freed memory kept
   for the next step, ``peftlab.cell.heap``); the peers under glibc's own.
 - **Memory reading** (one round = one step): the same peftlab step with the ``heap`` reading running
@@ -81,6 +83,7 @@ def build(variant: str):
     from peftlab.quantize.apply import quantize_
 
     impl, method = variant.split("-", 1)
+    method, compiled = method.removesuffix("-compiled"), method.endswith("-compiled")
     loaded = smollm2()
     base = loaded.model
     if impl == "peft":
@@ -101,14 +104,16 @@ def build(variant: str):
         attach(base, HOST.adapters.build("lora", r=8, alpha=16))
         frozen_to_compute(base, "bf16")
         model = base
-        loss_fn = cell_loss(model, "bf16")
+        loss_fn = cell_loss(model, "bf16", compiled=compiled)
     return model, loss_fn, loaded.tokenizer
 
 
-@pytest.mark.parametrize("variant", ["peftlab-lora", "peft-lora", "peftlab-qlora", "peft-qlora"])
-def test_cell_train_step(benchmark, variant):
+@pytest.mark.parametrize("variant,compiled", [(v, False) for v in ("peftlab-lora", "peft-lora", "peftlab-qlora", "peft-qlora")]
+                         + [(v, True) for v in ("peftlab-lora-compiled", "peft-lora", "peftlab-qlora-compiled", "peft-qlora")])
+def test_cell_train_step(benchmark, variant, compiled):
     impl, method = variant.split("-", 1)
-    benchmark.group = f"{'QLoRA nf4-dq' if method == 'qlora' else 'LoRA'} train step smollm2-135m, bf16 autocast, {TOKENS} tok"
+    benchmark.group = (f"{'QLoRA nf4-dq' if method.startswith('qlora') else 'LoRA'} train step smollm2-135m, bf16 "
+                       f"autocast, {TOKENS} tok" + (", ours compiled" if compiled else ""))
     model, loss_fn, _ = build(variant)
     step = train_step(model, loss_fn)
     benchmark.extra_info.update(impl="peftlab" if impl == "peftlab" else "peer", tokens=TOKENS,

@@ -10,7 +10,11 @@ Peak memory is measured in a fresh interpreter per variant (``python -m`` this m
 VmHWM over 3 steps minus VmRSS before the model was built (so the weights count, and a QLoRA
 base's smaller weights show), with the peak reset after building so load-time transients do not.
 
-The four variants also run in turn in one process (``test_variants_in_turn``: one round = one step
+Each variant also runs with its decoder layers compiled (``-compiled``: ``train.compile``'s fast
+path, ``peftlab.cell.compiled``), against the same peft peer, not compiled, in a group of its own.
+The first rounds compile (the warm-up rounds take it), so the times are the compiled steady state.
+
+The variants also run in turn in one process (``test_variants_in_turn``: one round = one step
 of each, the order rotating every round). The separate benchmarks run one variant's rounds after
 the other's, so the machine's speed drifting between them moves the ratio (one code read 1.09 and
 1.41 in two runs); in turn, drift falls on ours and the peer's steps alike. It prints both ratios.
@@ -34,7 +38,7 @@ peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 
 PEDANTIC = {"rounds": 10, "iterations": 1, "warmup_rounds": 2}  # the ratio of medians moved by 0.2 between runs at 5
-VARIANTS = ["peftlab-lora", "peft-lora", "peftlab-qlora", "peft-qlora"]
+VARIANTS = ["peftlab-lora", "peft-lora", "peftlab-qlora", "peft-qlora", "peftlab-lora-compiled", "peftlab-qlora-compiled"]
 
 
 def build(variant: str, tmpdir: str):
@@ -49,7 +53,7 @@ def build(variant: str, tmpdir: str):
                                                   bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.bfloat16)
         base = transformers.AutoModelForCausalLM.from_pretrained(tmpdir, quantization_config=bnb_cfg, device_map="cpu",
                                                                  dtype=torch.bfloat16)
-    elif variant == "peftlab-qlora":
+    elif variant.startswith("peftlab-qlora"):
         quantize_(base, HOST.quantizers.build("nf4-dq"), compute_dtype=torch.bfloat16)
         base.to(torch.bfloat16)
     else:
@@ -60,14 +64,16 @@ def build(variant: str, tmpdir: str):
     else:
         attach(base, HOST.adapters.build("lora", r=8, alpha=16))
         model = base
-        loss_fn = cell_loss(model)
+        loss_fn = cell_loss(model, compiled=variant.endswith("-compiled"))
     return model, train_step(model, loss_fn)
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
-def test_train_step(benchmark, variant, tmp_path):
-    qlora = variant.endswith("qlora")
-    benchmark.group = f"{'QLoRA nf4-dq' if qlora else 'LoRA bf16'} train step llama-512x6, {TOKENS} tokens"
+@pytest.mark.parametrize("variant,compiled", [(v, v.endswith("-compiled")) for v in VARIANTS]
+                         + [("peft-lora", True), ("peft-qlora", True)])
+def test_train_step(benchmark, variant, compiled, tmp_path):
+    qlora = "qlora" in variant
+    benchmark.group = (f"{'QLoRA nf4-dq' if qlora else 'LoRA bf16'} train step llama-512x6, {TOKENS} tokens"
+                       + (", ours compiled" if compiled else ""))
     _, step = build(variant, str(tmp_path))
     benchmark.extra_info.update(impl="peftlab" if variant.startswith("peftlab") else "peer", tokens=TOKENS,
                                 peak_rss=probe(__file__, variant, str(tmp_path / "probe")))
@@ -87,18 +93,17 @@ def test_variants_in_turn(benchmark, tmp_path):
                 steps[v]()
                 times[v].append(time.perf_counter() - start)
 
-    benchmark.group = f"all four variants in turn (one round = one step each), llama-512x6, {TOKENS} tokens"
+    benchmark.group = f"all {len(VARIANTS)} variants in turn (one round = one step each), llama-512x6, {TOKENS} tokens"
     benchmark.extra_info.update(impl="in-turn")
     benchmark.pedantic(one_round, **PEDANTIC)
     warm = PEDANTIC["warmup_rounds"]
     median = {v: statistics.median(ts[warm:]) for v, ts in times.items()}
     assert all(len(ts) == PEDANTIC["rounds"] + warm for ts in times.values())
     lines = []
-    for kind in ("lora", "qlora"):
-        ours, peer = median[f"peftlab-{kind}"], median[f"peft-{kind}"]
+    for kind in ("lora", "qlora", "lora-compiled", "qlora-compiled"):
+        ours, peer = median[f"peftlab-{kind}"], median[f"peft-{kind.removesuffix('-compiled')}"]
         benchmark.extra_info[f"in_turn_ratio_{kind}"] = peer / ours
-        lines.append(f"{'QLoRA nf4-dq' if kind == 'qlora' else 'LoRA bf16'}: peftlab {ours * 1e3:.1f} ms, "
-                     f"peer {peer * 1e3:.1f} ms, ratio {peer / ours:.2f}")
+        lines.append(f"{kind}: peftlab {ours * 1e3:.1f} ms, peer {peer * 1e3:.1f} ms, ratio {peer / ours:.2f}")
     print(f"\nsteps in turn, medians of {PEDANTIC['rounds']}: " + "; ".join(lines))
 
 

@@ -1,0 +1,144 @@
+"""``peftlab.cell.compiled``: training through compiled decoder layers gives the eager losses and
+weights within bf16 rounding and leaves the model as it was; ``auto`` compiles only when the run
+left is long enough to pay; a setting the machine cannot run is refused before anything loads."""
+
+import pytest
+import torch
+
+from peftlab import ValidationError, load_host
+from peftlab.adapt.attach import attach
+from peftlab.cell import compiled
+from peftlab.cell.models import ModelConfig, load
+from peftlab.cell.train import TrainConfig, train
+from peftlab.data.prompts import encode
+from peftlab.data.sources import DataConfig
+from peftlab.data.splits import load_splits
+
+CPU = torch.device("cpu")
+HOST = load_host()
+needs_compiler = pytest.mark.skipif(compiled.compiler() is None, reason="no C++ compiler for inductor")
+
+
+def fit(setting, seed, adapter="lora", steps=3):
+    torch.manual_seed(seed)
+    loaded = load(ModelConfig("tiny-llama"), seed=seed)
+    attach(loaded.model, HOST.adapters.build(adapter, **({"r": 4} if adapter == "lora" else {})))
+    rows, _, _ = load_splits(DataConfig(train_limit=16))
+    examples = encode(rows, loaded.tokenizer, 256).examples
+    cfg = TrainConfig(steps=steps, batch_size=4, lr=1e-3, warmup_steps=0, seed=seed, compile=setting)
+    result = train(loaded.model, examples, cfg, pad_id=loaded.tokenizer.pad_token_id, device=CPU, progress=False)
+    return result, loaded.model
+
+
+@needs_compiler
+def test_compiled_training_matches_eager(seed):
+    """LoRA on tiny-llama under bf16 autocast, batches of varying length (so the dynamic recompile
+    runs too): the losses agree within bf16 tolerance, every decoder layer ran compiled from the
+    first step, and afterwards the model holds its own layers again."""
+    seed %= 1000
+    (ours, model), (ref, ref_model) = fit("layers", seed), fit("off", seed)
+    layers = model.config.num_hidden_layers
+    assert (ours.compiled_layers, ours.compiled_from_step) == (layers, 1)
+    assert (ref.compiled_layers, ref.compiled_from_step) == (0, 0)
+    assert ours.losses == pytest.approx(ref.losses, rel=2e-2)
+    assert all(type(layer) is type(ref_model.model.layers[0]) for layer in model.model.layers)
+    assert model.state_dict().keys() == ref_model.state_dict().keys()
+
+
+@needs_compiler
+@pytest.mark.parametrize("adapter", ["lora", "full"])
+def test_compiled_gradients_match_eager(adapter, seed):
+    """One batch, the cell's loss under bf16 autocast: the loss and every trainable parameter's
+    gradient agree within bf16 tolerance (compared after one backward, not after optimizer steps,
+    where Adam turns a rounding-sized gradient of either sign into a full step)."""
+    from peftlab.cell.train import response_loss
+    from peftlab.compute import autocast
+    from peftlab.data.prompts import pad_batch
+
+    seed %= 1000
+    torch.manual_seed(seed)
+    loaded = load(ModelConfig("tiny-llama"), seed=seed)
+    model = loaded.model
+    attach(model, HOST.adapters.build(adapter, **({"r": 4} if adapter == "lora" else {})))
+    with torch.no_grad():  # B away from zero, so the LoRA path carries a gradient of its own size
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05, generator=torch.Generator().manual_seed(seed))
+    rows, _, _ = load_splits(DataConfig(train_limit=4))
+    batch = pad_batch(encode(rows, loaded.tokenizer, 256).examples, loaded.tokenizer.pad_token_id)
+    batch.pop("epoch", None)
+    model.train()
+
+    def grads(on):
+        model.zero_grad(set_to_none=True)
+        with compiled.compiled_layers(model, on), autocast("bf16", CPU):
+            loss = response_loss(model, batch)
+        loss.backward()
+        return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    (loss, got), (ref_loss, ref) = grads(True), grads(False)
+    assert loss == pytest.approx(ref_loss, rel=1e-2)
+    assert got.keys() == ref.keys() and got
+    for name, g in ref.items():
+        scale = g.abs().max().item()
+        torch.testing.assert_close(got[name], g, rtol=2e-2, atol=2e-2 * scale, msg=name)
+
+
+def test_auto_compiles_only_when_the_run_left_pays(monkeypatch):
+    monkeypatch.setattr(compiled, "compiler", lambda: "/usr/bin/g++")
+    left = int(compiled.PAYS_AFTER_S) + 1
+    assert compiled.pays("auto", CPU, 1.0, left)
+    assert not compiled.pays("auto", CPU, 1.0, left - 2)  # 50 quickstart steps of about 2 s do not pay
+    assert not compiled.pays("auto", torch.device("cuda"), 1.0, left)  # unmeasured on CUDA
+    assert not compiled.pays("off", CPU, 1.0, left) and not compiled.pays("layers", CPU, 1.0, left)
+    monkeypatch.setattr(compiled, "compiler", lambda: None)
+    assert not compiled.pays("auto", CPU, 1.0, left)
+
+
+def test_auto_leaves_a_short_run_eager(seed):
+    result, _ = fit("auto", seed % 1000, steps=2)
+    assert (result.compiled_layers, result.compiled_from_step) == (0, 0)
+
+
+def test_auto_compiles_from_the_second_step_when_it_pays(monkeypatch, seed):
+    """The decision is taken on the first step's time; the rest of the run trains compiled."""
+    monkeypatch.setattr(compiled, "pays", lambda setting, device, first_step_s, steps_left: first_step_s > 0)
+    entered = []
+    real = compiled.compiled_layers
+
+    def counting(model, on=True):
+        entered.append(on)
+        return real(model, on=False)  # no compile: the decision and the record are what is tested
+
+    monkeypatch.setattr(compiled, "compiled_layers", counting)
+    result, _ = fit("auto", seed % 1000, steps=3)
+    assert entered == [True] and (result.compiled_layers, result.compiled_from_step) == (0, 0)
+    monkeypatch.setattr(compiled, "compiled_layers", lambda model, on=True: real(model, on=True))
+    monkeypatch.setattr(torch, "compile", lambda module, **kw: module)  # a stand-in that compiles nothing
+    result, model = fit("auto", seed % 1000, steps=3)
+    assert (result.compiled_layers, result.compiled_from_step) == (model.config.num_hidden_layers, 2)
+
+
+def test_layers_without_a_compiler_is_refused_before_loading(monkeypatch, tmp_path):
+    from peftlab.cell.config import CellConfig
+    from peftlab.cell.run import run_cell
+
+    monkeypatch.setattr(compiled, "compiler", lambda: None)
+    cfg = CellConfig.from_dict({"model": {"name": "tiny-llama"}, "train": {"compile": "layers", "steps": 1}})
+    monkeypatch.setattr("peftlab.cell.models.load", lambda *a, **k: pytest.fail("the model was loaded"))
+    with pytest.raises(ValidationError, match="train.compile.*C\\+\\+ compiler"):
+        run_cell(cfg, HOST, progress=False)
+
+
+def test_a_bad_setting_is_named():
+    with pytest.raises(ValidationError, match="train.compile"):
+        TrainConfig(compile="model")
+
+
+def test_the_command_line_sets_it():
+    from peftlab.cli.main import build_parser
+    from peftlab.cli.run import cell_dict
+
+    assert cell_dict(build_parser().parse_args(["run", "--compile", "off"]))["train"]["compile"] == "off"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["run", "--compile", "fused"])
