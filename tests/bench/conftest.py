@@ -1,5 +1,5 @@
 """Prints, after the benchmarks, each group's peftlab-vs-peer ratio, its throughput (GB/s of fp32
-input, or tokens/s) and, where measured, peak memory."""
+input, or tokens/s) and, where measured, peak memory (over a probe's 4 steps, and over its steps 2-4)."""
 
 import pytest
 
@@ -34,6 +34,10 @@ def pytest_terminal_summary(terminalreporter, config):
         if "peak_rss" in ours.extra_info:
             theirs = peer.extra_info.get("peak_rss") if peer else None
             mem = f"{ours.extra_info['peak_rss'] / 2**20:.0f}" + (f" / {theirs / 2**20:.0f}" if theirs else "")
+            if "peak_rss_steady" in ours.extra_info:  # steps 2-4 alone: after a compiled variant's compile
+                theirs = peer.extra_info.get("peak_rss_steady") if peer else None
+                mem += (f" (steps 2-4: {ours.extra_info['peak_rss_steady'] / 2**20:.0f}"
+                        + (f" / {theirs / 2**20:.0f})" if theirs else ")"))
         tr.write_line(f"{group:58} {ours.stats.median * 1e3:11.2f} {peer_ms} {ratio} {thr:>14} {mem:>20}")
     for b in bs.benchmarks:
         turns = {k[len("in_turn_ratio_"):]: v for k, v in b.extra_info.items() if k.startswith("in_turn_ratio_")}

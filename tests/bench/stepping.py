@@ -67,9 +67,9 @@ def cell_loss(model: torch.nn.Module, precision: str | None = None, compiled: bo
     return loss_fn
 
 
-def probe(script: str, *args: str, key: str = "peak_rss_delta"):
+def probe(script: str, *args: str, key: str | None = "peak_rss_delta"):
     """What ``script *args`` run in a fresh interpreter prints as the JSON object on its last line,
-    under ``key`` (by default the probe's peak RSS growth in bytes)."""
+    under ``key`` (by default the probe's peak RSS growth in bytes; ``None``: the whole object)."""
     import os
     from pathlib import Path
 
@@ -79,7 +79,15 @@ def probe(script: str, *args: str, key: str = "peak_rss_delta"):
     path = os.pathsep.join(p for p in (str(Path(peftlab.__file__).parents[1]), os.environ.get("PYTHONPATH")) if p)
     out = subprocess.run([sys.executable, script, *args], capture_output=True, text=True, check=True,
                          env={**os.environ, "PYTHONPATH": path})
-    return json.loads(out.stdout.strip().splitlines()[-1])[key]
+    found = json.loads(out.stdout.strip().splitlines()[-1])
+    return found if key is None else found[key]
+
+
+def peaks(script: str, *args: str) -> dict[str, int]:
+    """The memory probe's two peaks as a benchmark's extra info: ``peak_rss`` (all 4 steps) and
+    ``peak_rss_steady`` (steps 2-4)."""
+    found = probe(script, *args, key=None)
+    return {"peak_rss": found["peak_rss_delta"], "peak_rss_steady": found["peak_rss_delta_after_first_step"]}
 
 
 def _status_kib(field: str) -> int:
@@ -96,9 +104,10 @@ def cell_heap(variant: str):
 
 
 def run_probe(build_step: Callable[[], Callable[[], float]], variant: str) -> None:
-    """The probe's body: VmHWM over 3 steps minus VmRSS before the model was built (so the weights
-    count), with the peak reset after building so load-time transients do not; printed as JSON.
-    Steps run under the variant's allocator setting (:func:`cell_heap`)."""
+    """The probe's body: VmHWM over 4 steps minus VmRSS before the model was built (so the weights
+    count), with the peak reset after building so load-time transients do not; and the same over
+    the last 3 steps alone (the peak reset after the first, in which a compiled variant compiles);
+    printed as JSON. Steps run under the variant's allocator setting (:func:`cell_heap`)."""
     import torch._inductor.compile_fx  # noqa: F401  (what a compiled variant imports when it compiles)
 
     import peftlab.cell.train  # noqa: F401
@@ -106,9 +115,18 @@ def run_probe(build_step: Callable[[], Callable[[], float]], variant: str) -> No
 
     base = _status_kib("VmRSS")
     step = build_step()
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
+    _reset_peak()
     with cell_heap(variant):
+        step()
+        first = _status_kib("VmHWM")
+        _reset_peak()  # what follows is the steady state: a compiled variant has compiled by now
         for _ in range(3):
             step()
-    print(json.dumps({"peak_rss_delta": (_status_kib("VmHWM") - base) * 1024}))
+    later = _status_kib("VmHWM")
+    print(json.dumps({"peak_rss_delta": (max(first, later) - base) * 1024, "peak_rss_delta_after_first_step":
+                      (later - base) * 1024}))
+
+
+def _reset_peak() -> None:
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")

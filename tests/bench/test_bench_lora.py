@@ -7,8 +7,9 @@ step. Targets (issue 3): LoRA tokens/s >= peft's with no higher peak memory; LoR
 >= peft + bitsandbytes QLoRA and >= 0.9x our own bf16 LoRA.
 
 Peak memory is measured in a fresh interpreter per variant (``python -m`` this module's probe):
-VmHWM over 3 steps minus VmRSS before the model was built (so the weights count, and a QLoRA
-base's smaller weights show), with the peak reset after building so load-time transients do not.
+VmHWM over 4 steps minus VmRSS before the model was built (so the weights count, and a QLoRA
+base's smaller weights show), with the peak reset after building so load-time transients do not;
+and over steps 2-4 alone (after a compiled variant's compile), printed in brackets.
 
 Each variant also runs with its decoder layers compiled (``-compiled``: ``train.compile``'s fast
 path, ``peftlab.cell.compiled``), against the same peft peer, not compiled, in a group of its own.
@@ -28,7 +29,7 @@ import time
 
 import pytest
 import torch
-from stepping import SEQ, TOKENS, cell_heap, cell_loss, probe, run_probe, train_step
+from stepping import SEQ, TOKENS, cell_heap, cell_loss, peaks, run_probe, train_step
 
 from peftlab import load_host, quantize_
 
@@ -76,7 +77,7 @@ def test_train_step(benchmark, variant, compiled, tmp_path):
                        + (", ours compiled" if compiled else ""))
     _, step = build(variant, str(tmp_path))
     benchmark.extra_info.update(impl="peftlab" if variant.startswith("peftlab") else "peer", tokens=TOKENS,
-                                peak_rss=probe(__file__, variant, str(tmp_path / "probe")))
+                                **peaks(__file__, variant, str(tmp_path / "probe")))
     with cell_heap(variant):
         benchmark.pedantic(step, **PEDANTIC)
 

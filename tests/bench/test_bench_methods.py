@@ -14,7 +14,7 @@ import sys
 
 import pytest
 import torch
-from stepping import SEQ, TOKENS, cell_heap, cell_loss, probe, run_probe, train_step
+from stepping import SEQ, TOKENS, cell_heap, cell_loss, peaks, run_probe, train_step
 
 from peftlab import load_host
 
@@ -54,7 +54,7 @@ def test_method_train_step(benchmark, variant):
     impl, method = variant.split("-", 1)
     benchmark.group = f"{method} train step llama-512x6 bf16, {TOKENS} tokens"
     _, step = build(variant)
-    benchmark.extra_info.update(impl="peftlab" if impl == "peftlab" else "peer", tokens=TOKENS, peak_rss=probe(__file__, variant))
+    benchmark.extra_info.update(impl="peftlab" if impl == "peftlab" else "peer", tokens=TOKENS, **peaks(__file__, variant))
     with cell_heap(variant):
         benchmark.pedantic(step, **PEDANTIC)
 
