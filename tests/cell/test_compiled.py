@@ -10,6 +10,7 @@ from peftlab.adapt.attach import attach
 from peftlab.cell import compiled
 from peftlab.cell.models import ModelConfig, load
 from peftlab.cell.train import TrainConfig, train
+from peftlab.cell.train import checkpointing as checkpointing_on
 from peftlab.data.prompts import encode
 from peftlab.data.sources import DataConfig
 from peftlab.data.splits import load_splits
@@ -46,10 +47,10 @@ def test_compiled_training_matches_eager(seed):
 
 
 @needs_compiler
-@pytest.mark.parametrize("adapter", ["lora", "full"])
-def test_compiled_gradients_match_eager(adapter, seed):
-    """One batch, the cell's loss under bf16 autocast: the loss and every trainable parameter's
-    gradient agree within bf16 tolerance (compared after one backward, not after optimizer steps,
+@pytest.mark.parametrize("adapter,checkpointing", [("lora", False), ("full", False), ("lora", True)])
+def test_compiled_gradients_match_eager(adapter, checkpointing, seed):
+    """One batch, the cell's loss under bf16 autocast (and with activation checkpointing, which
+    wraps each layer's call): the loss and every trainable parameter's gradient agree within bf16 tolerance (compared after one backward, not after optimizer steps,
     where Adam turns a rounding-sized gradient of either sign into a full step)."""
     from peftlab.cell.train import response_loss
     from peftlab.compute import autocast
@@ -68,6 +69,7 @@ def test_compiled_gradients_match_eager(adapter, seed):
     batch = pad_batch(encode(rows, loaded.tokenizer, 256).examples, loaded.tokenizer.pad_token_id)
     batch.pop("epoch", None)
     model.train()
+    checkpointing_on(model, checkpointing)
 
     def grads(on):
         model.zero_grad(set_to_none=True)
