@@ -221,7 +221,7 @@ def train(model, examples: list[tuple[list[int], list[int]]], cfg: TrainConfig, 
     optimizer state, before the gradients are freed)."""
     from tqdm.auto import tqdm
 
-    compile_now = compiled.from_start(cfg.compile, device)  # a setting this machine cannot run fails here
+    compile_from_start = compiled.from_start(cfg.compile, device)  # a setting this machine cannot run fails here
     groups = optimizer_groups(model, param_groups, cfg.lr)
     params = [p for g in groups for p in g["params"]]
     total = cfg.total_steps(len(examples))
@@ -244,8 +244,8 @@ def train(model, examples: list[tuple[list[int], list[int]]], cfg: TrainConfig, 
               contextlib.ExitStack() as compiling):
             result.attention = implementation or ""
             for step in range(total):
-                if compile_now or (step == 1 and compiled.pays(cfg.compile, device, result.seconds, total - 1)):
-                    compile_now = False
+                if ((step == 0 and compile_from_start)
+                        or (step == 1 and compiled.pays(cfg.compile, device, result.seconds, total - 1))):
                     result.compiled_layers = compiling.enter_context(compiled.compiled_layers(model))
                     result.compiled_from_step = step + 1 if result.compiled_layers else 0
                 start = time.perf_counter()

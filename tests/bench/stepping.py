@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
@@ -70,9 +72,6 @@ def cell_loss(model: torch.nn.Module, precision: str | None = None, compiled: bo
 def probe(script: str, *args: str, key: str | None = "peak_rss_delta"):
     """What ``script *args`` run in a fresh interpreter prints as the JSON object on its last line,
     under ``key`` (by default the probe's peak RSS growth in bytes; ``None``: the whole object)."""
-    import os
-    from pathlib import Path
-
     import peftlab
 
     # the peftlab this process benchmarks (a checkout's, say, not an older installed copy)
