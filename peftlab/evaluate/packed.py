@@ -22,6 +22,7 @@ not packed: that would hold a bf16 copy of the base, which is what quantizing it
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -35,9 +36,21 @@ CHECK_ROWS = (2, 3, 17, 64)
 MIN_SIDE = 64
 
 
+@functools.cache
 def available() -> bool:
+    """Whether oneDNN can lay out and multiply bf16 weights on this CPU. Its bf16 path needs
+    AVX-512 (bw, vl, dq) or AVX-NE-CONVERT: on a CPU with only AVX2 the reorder raises, so one
+    small reorder and product is tried here, once, and a CPU that cannot keeps the plain forward."""
     ops = torch.ops.mkldnn
-    return torch.backends.mkldnn.is_available() and hasattr(ops, "_reorder_linear_weight") and hasattr(ops, "_linear_pointwise")
+    if not (torch.backends.mkldnn.is_available() and hasattr(ops, "_reorder_linear_weight")
+            and hasattr(ops, "_linear_pointwise")):
+        return False
+    try:
+        w = ops._reorder_linear_weight(torch.ones(MIN_SIDE, MIN_SIDE, dtype=torch.bfloat16), BATCH_HINT)
+        _multiply(torch.ones(2, MIN_SIDE, dtype=torch.bfloat16), w, None)
+    except RuntimeError:
+        return False
+    return True
 
 
 def _multiply(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

@@ -11,7 +11,7 @@ from peftlab.cell.models import ModelConfig, load
 from peftlab.compute import autocast
 
 CPU = torch.device("cpu")
-pytestmark = pytest.mark.skipif(not packed.available(), reason="this torch has no oneDNN linear ops")
+pytestmark = pytest.mark.skipif(not packed.available(), reason="oneDNN has no bf16 linear ops on this torch or CPU (AVX-512 or AVX-NE-CONVERT needed)")
 
 
 def logits(model, ids):
