@@ -15,9 +15,9 @@ its own graph (its input needs no gradient), and a second batch length recompile
 dynamic sizes, which then serve every length. That costs the process about 15 s on two cores with
 inductor's on-disk cache warm and 40-45 s cold (SmolLM2-135M): more than a 50-step quickstart cell
 saves (about 0.25 s a step). Hence ``train.compile = "auto"`` decides after the first step, which
-runs as the model is: it compiles the rest only on CPU, only where inductor can build its kernels
-(a C++ compiler on the path), and only when the steps left, at the first step's time, would take
-at least :data:`PAYS_AFTER_S`. ``layers`` compiles from the first step wherever asked (an error
+runs as the model is (two on CUDA, whose first step carries its setup): it compiles the rest only
+where inductor can build its kernels (a C++ compiler on the path for the CPU, triton for CUDA), and
+only when the steps left, at the last eager step's time, would take at least :data:`PAYS_AFTER_S`. ``layers`` compiles from the first step wherever asked (an error
 names what is missing); ``off`` never compiles. The compile's time counts in the cell's training
 time, and the record says how many layers ran compiled and from which step.
 
@@ -55,11 +55,30 @@ def compiler() -> str | None:
     return None
 
 
+@functools.cache
+def triton() -> bool:
+    """Whether inductor's GPU kernels can be built here (``triton`` imports)."""
+    import importlib.util
+
+    return importlib.util.find_spec("triton") is not None
+
+
+def missing(device: torch.device) -> str | None:
+    """What inductor lacks to compile for ``device``, or ``None`` where it can."""
+    if device.type == "cpu" and compiler() is None:
+        return "inductor's CPU kernels need a C++ compiler (g++ or clang++) on the PATH, and none was found"
+    if device.type == "cuda" and not triton():
+        return "inductor's CUDA kernels need triton, which does not import here"
+    if device.type not in ("cpu", "cuda"):
+        return f"peftlab compiles layers on cpu and cuda, not {device.type}"
+    return None
+
+
 def check(setting: str, device: torch.device) -> None:
     """Refuse ``layers`` where it cannot run, before anything is loaded."""
-    if setting == "layers" and device.type == "cpu" and compiler() is None:
-        raise ValidationError("train.compile", setting, "'auto' or 'off' on this machine: inductor's CPU kernels need "
-                                                        "a C++ compiler (g++ or clang++) on the PATH, and none was found")
+    reason = missing(device) if setting == "layers" else None
+    if reason:
+        raise ValidationError("train.compile", setting, f"'auto' or 'off' on this machine: {reason}")
 
 
 def from_start(setting: str, device: torch.device) -> bool:
@@ -68,10 +87,16 @@ def from_start(setting: str, device: torch.device) -> bool:
     return setting == "layers"
 
 
-def pays(setting: str, device: torch.device, first_step_s: float, steps_left: int) -> bool:
-    """Whether ``auto`` compiles after a first step of ``first_step_s`` with ``steps_left`` to go."""
-    return (setting == "auto" and device.type == "cpu" and first_step_s * steps_left >= PAYS_AFTER_S
-            and compiler() is not None)
+def decide_after(device: torch.device) -> int:
+    """How many eager steps ``auto`` times before it decides: one on CPU; two on CUDA, whose first
+    step carries handle and workspace setup and kernel selection (the second is the one timed)."""
+    return 2 if device.type == "cuda" else 1
+
+
+def pays(setting: str, device: torch.device, step_s: float, steps_left: int) -> bool:
+    """Whether ``auto`` compiles, with ``steps_left`` to go at ``step_s`` each (the last eager step's
+    time): the same rule on CPU and CUDA, the time they would take against :data:`PAYS_AFTER_S`."""
+    return setting == "auto" and step_s * steps_left >= PAYS_AFTER_S and missing(device) is None
 
 
 def decoder_layers(model: nn.Module) -> list[tuple[nn.Module, str, nn.Module]]:

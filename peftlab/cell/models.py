@@ -20,6 +20,7 @@ other models load in float and are quantized after (``Loaded.quantized`` says wh
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import importlib.util
 import os
@@ -51,7 +52,7 @@ KNOWN = ["smollm2-135m", *CONFIG_MODELS]
 class ModelConfig:
     name: str = "smollm2-135m"
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    dtype: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | float32 | bfloat16 | float16
+    dtype: str = "auto"  # auto (see resolved_dtype) | float32 | bfloat16 | float16
     max_positions: int = 1024  # for config-built models
 
     def __post_init__(self) -> None:
@@ -70,9 +71,13 @@ class ModelConfig:
             raise ValidationError("model.device", self.device, "cpu (this machine has no CUDA device)")
         return dev
 
-    def resolved_dtype(self, device: torch.device) -> torch.dtype:
+    def resolved_dtype(self, device: torch.device, trains_base: bool = False) -> torch.dtype:
+        """``auto``: fp32 weights on CPU (training computes under bf16 autocast); on CUDA bf16 for a
+        base that stays frozen, and fp32 where the adapter trains base weights (full fine-tuning,
+        FT-Top), so that the optimizer updates fp32 master weights under bf16 autocast as on CPU:
+        a bf16 weight near 0.02 rounds away any update under about 6e-5, most of them at lr 1e-5."""
         if self.dtype == "auto":
-            return torch.bfloat16 if device.type == "cuda" else torch.float32
+            return torch.bfloat16 if device.type == "cuda" and not trains_base else torch.float32
         return DTYPES[self.dtype]
 
 
@@ -101,7 +106,10 @@ def byte_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<|pad|>", eos_token="<|eos|>")
 
 
-def build_from_config(name: str, max_positions: int = 1024, seed: int = 0):
+def build_from_config(name: str, max_positions: int = 1024, seed: int = 0, device: torch.device | None = None):
+    """A randomly initialised model of ``name``'s config and the byte tokenizer. On a CUDA
+    ``device`` the weights are initialised there (a 1B model's CPU initialisation takes longer than
+    training it for a smoke run); elsewhere on the CPU, with the same seed the same weights."""
     from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
 
     arch, overrides = CONFIG_MODELS[name]
@@ -112,7 +120,8 @@ def build_from_config(name: str, max_positions: int = 1024, seed: int = 0):
         config = LlamaConfig(max_position_embeddings=max_positions, **common, **overrides)
     else:
         config = GPT2Config(n_positions=max_positions, **common, **overrides)
-    with torch.random.fork_rng():
+    on_gpu = device is not None and device.type == "cuda"
+    with torch.random.fork_rng(devices=[device] if on_gpu else []), (device if on_gpu else contextlib.nullcontext()):
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(config)
     return model, tok
@@ -162,12 +171,15 @@ def safetensors_folder(name: str) -> str:
     return snapshot_download(name, allow_patterns=["*.json", "*.safetensors"])
 
 
-def load(cfg: ModelConfig, seed: int = 0, quantizer: Any = None, compute_dtype: torch.dtype = torch.bfloat16) -> Loaded:
+def load(cfg: ModelConfig, seed: int = 0, quantizer: Any = None, compute_dtype: torch.dtype = torch.bfloat16,
+         trains_base: bool = False) -> Loaded:
+    """Load ``cfg``'s model on its device in its dtype (``trains_base``: the adapter will train base
+    weights, which ``model.dtype = "auto"`` then keeps in fp32)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     kind, args = resolve(cfg.name)
     device = cfg.resolved_device()
-    dtype = cfg.resolved_dtype(device)
+    dtype = cfg.resolved_dtype(device, trains_base)
     if kind == "pretrained" and quantizer is not None:
         from peftlab.quantize.while_loading import load_quantized
 
@@ -182,7 +194,7 @@ def load(cfg: ModelConfig, seed: int = 0, quantizer: Any = None, compute_dtype: 
             return Loaded(model, tok, args["id"], device, dtype, quantized=report)
     cached = None
     if kind == "config":
-        model, tok = build_from_config(args["name"], cfg.max_positions, seed)
+        model, tok = build_from_config(args["name"], cfg.max_positions, seed, device)
         source = f"config:{CONFIG_MODELS[args['name']][0]}"
     elif kind == "gguf":
         from peftlab.cell.cache import cached_gguf_folder, store_gguf_copy

@@ -78,12 +78,21 @@ def base_record(cfg: CellConfig) -> dict[str, Any]:
                            "train.frozen_dtype": cfg.train.frozen_dtype, "train.attention": cfg.train.attention,
                            "train.norm": cfg.train.norm, "train.compile": cfg.train.compile,
                            "train.batch_size": cfg.train.batch_size, "train.grad_accum": cfg.train.grad_accum,
-                           "train.lr": cfg.train.lr, "train.seed": cfg.train.seed, "memory_mode": cfg.memory_mode,
+                           "train.lr": cfg.train.lr, "train.seed": cfg.train.seed,
+                           "memory_mode": memory_reading(cfg),
                            "eval.batch_size": cfg.eval.batch_size, "eval.attention": cfg.eval.attention}
     rec.update({f"version.{k}": v for k, v in versions().items()})
     rec["version.commit"] = git_commit()  # of the working tree the cell ran from
     rec["machine.id"] = machine_id()
     return rec
+
+
+def memory_reading(cfg: CellConfig) -> str:
+    """What the cell's peak memory reads: ``cuda`` (the allocator's counters) on a CUDA device,
+    where the CPU modes (``heap``, ``rss``, ``rss-strict``) mean nothing; the CPU mode elsewhere."""
+    device = cfg.model.device
+    on_cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+    return "cuda" if on_cuda else cfg.memory_mode
 
 
 def run_cell(cfg: CellConfig, host: PluginHost, *, progress: bool = True,
@@ -121,7 +130,8 @@ def run_cell(cfg: CellConfig, host: PluginHost, *, progress: bool = True,
     try:  # the sampler thread stops however this ends (a load error, a diverged or interrupted run)
         torch.manual_seed(cfg.train.seed)
         compute = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
-        loaded = load(cfg.model, seed=cfg.train.seed, quantizer=quantizer, compute_dtype=compute)
+        loaded = load(cfg.model, seed=cfg.train.seed, quantizer=quantizer, compute_dtype=compute,
+                      trains_base=bool(adapter.trains_base))
         model, tok = loaded.model, loaded.tokenizer
         encoded = encode_cached(train_rows, tok, cfg.data.max_length, encode)
         rec.update({"device": device_name(device), "cell.threads": torch.get_num_threads(), "model.source": loaded.source, "model.from_cache": loaded.from_cache, "model.dtype": str(loaded.dtype).removeprefix("torch."),
@@ -176,11 +186,15 @@ def run_cell(cfg: CellConfig, host: PluginHost, *, progress: bool = True,
         rec.update({"train.steps": result.steps, "train.epochs": result.epochs, "train.tokens": result.tokens,
                     "train.max_batch_positions": result.max_batch_positions,
                     "train.seconds": result.seconds, "train.tokens_per_s": result.tokens_per_s,
+                    "train.first_step_s": result.first_step_s,
+                    "train.throughput_from_step": result.throughput_from_step,
+                    "train.master_dtype": result.master_dtype, "mem.paged_state_bytes": result.paged_state_bytes,
+                    "loss.first": result.losses[0] if result.losses else float("nan"),
                     "loss.final": result.final_loss, "loss.mean": result.mean_loss,
                     "train.optimizer_note": result.optimizer_note, "train.attention_impl": result.attention,
                     "train.lean_norms": result.lean_norms, "train.compiled_layers": result.compiled_layers,
                     "train.compiled_from_step": result.compiled_from_step})
-        rec.update(peak.read())  # the training peak, before generation allocates its caches
+        rec.update(peak.read(paged_bytes=result.paged_state_bytes))  # the training peak, before generation's caches
     finally:
         peak.stop()
     gens = generate(model, tok, eval_items, cfg.eval, device=device, precision=cfg.train.precision, progress=progress)

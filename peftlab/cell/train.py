@@ -48,7 +48,7 @@ class TrainConfig:
     epochs: float | None = None
     warmup_steps: int = 10
     schedule: str = "linear"
-    precision: str = "bf16"  # compute dtype: bf16 autocast (CPU) / bf16 weights (CUDA), or fp32
+    precision: str = "bf16"  # compute dtype: bf16 autocast (CPU and CUDA), or fp32
     frozen_dtype: str = "compute"  # frozen linear weights stored in the compute dtype, or the model's
     grad_checkpointing: bool = False
     max_grad_norm: float | None = 1.0
@@ -112,7 +112,11 @@ class TrainResult:
     losses: list[float] = field(default_factory=list)
     tokens: int = 0  # non-padding tokens seen in training steps
     max_batch_positions: int = 0  # the largest micro-batch's positions, padding included (what activations scale with)
-    seconds: float = 0.0  # time inside training steps only
+    seconds: float = 0.0  # time inside training steps only (the first step included)
+    first_step_s: float = 0.0  # the first step alone: on CUDA it carries handle and workspace setup, kernel
+    first_step_tokens: int = 0  # selection and a paged optimizer's first touch, so throughput leaves it out
+    paged_state_bytes: int = 0  # optimizer state in paged (CUDA managed) memory, which the allocator never counts
+    master_dtype: str = ""  # the dtype(s) of the parameters the optimizer updates
     epochs: float = 0.0
     optimizer_note: str = ""
     attention: str = ""  # the attention implementation training ran with
@@ -122,7 +126,15 @@ class TrainResult:
 
     @property
     def tokens_per_s(self) -> float:
+        """Training throughput from the second step on (the first one's setup left out); a run of one
+        step has nothing else and reads that step (:attr:`throughput_from_step` says which)."""
+        if self.steps >= 2 and self.seconds > self.first_step_s:
+            return (self.tokens - self.first_step_tokens) / (self.seconds - self.first_step_s)
         return self.tokens / self.seconds if self.seconds else float("nan")
+
+    @property
+    def throughput_from_step(self) -> int:
+        return 2 if self.steps >= 2 and self.seconds > self.first_step_s else 1
 
     @property
     def final_loss(self) -> float:
@@ -144,6 +156,26 @@ def make_optimizer(name: str, params: list, lr: float, weight_decay: float):
     # on CPU bitsandbytes warns at the first step that paging needs CUDA; the record says so instead
     warnings.filterwarnings("ignore", message="Paged optimizers are not supported on CPU")
     return cls(params, lr=lr, weight_decay=weight_decay)
+
+
+def paged_state_bytes(optimizer) -> int:
+    """Bytes of ``optimizer``'s state that live in paged memory: bitsandbytes' paged optimizers keep
+    the state of tensors of 1e5 elements or more in CUDA managed memory, as tensors it marks
+    ``is_paged``. torch's allocator never sees them (``max_memory_allocated`` leaves them out), so a
+    peak that should hold the optimizer's moments adds these bytes."""
+    total = 0
+    for state in optimizer.state.values():
+        for t in state.values():
+            if isinstance(t, torch.Tensor) and getattr(t, "is_paged", False):
+                total += t.numel() * t.element_size()
+    return total
+
+
+def master_dtype(params) -> str:
+    """The dtype(s) of the parameters an optimizer updates, joined by ``+`` where they differ:
+    ``float32`` means every update lands in fp32 weights (a bf16 weight near 0.02 rounds away any
+    update under about 6e-5)."""
+    return "+".join(sorted({str(p.dtype).removeprefix("torch.") for p in params}))
 
 
 def lr_lambda(schedule: str, warmup: int, total: int):
@@ -227,7 +259,7 @@ def train(model, examples: list[tuple[list[int], list[int]]], cfg: TrainConfig, 
     total = cfg.total_steps(len(examples))
     optimizer = make_optimizer(cfg.optimizer, groups, cfg.lr, cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.schedule, cfg.warmup_steps, total))
-    result = TrainResult()
+    result = TrainResult(master_dtype=master_dtype(params))
     if cfg.optimizer.startswith("paged") and device.type != "cuda":
         result.optimizer_note = "paged memory needs CUDA; bitsandbytes ran it unpaged on CPU"
     if cfg.grad_checkpointing:
@@ -237,6 +269,7 @@ def train(model, examples: list[tuple[list[int], list[int]]], cfg: TrainConfig, 
     stream = batches(examples, cfg.batch_size, gen, pad_id)
     per_epoch = math.ceil(len(examples) / cfg.batch_size)
     micro = 0
+    decide, last_step_s = compiled.decide_after(device), 0.0
     bar = tqdm(total=total, desc="train", unit="step", disable=not progress, dynamic_ncols=True)
     try:
         with (attention(model, resolve(cfg.attention, device)) as implementation,
@@ -245,7 +278,7 @@ def train(model, examples: list[tuple[list[int], list[int]]], cfg: TrainConfig, 
             result.attention = implementation or ""
             for step in range(total):
                 if ((step == 0 and compile_from_start)
-                        or (step == 1 and compiled.pays(cfg.compile, device, result.seconds, total - 1))):
+                        or (step == decide and compiled.pays(cfg.compile, device, last_step_s, total - step))):
                     result.compiled_layers = compiling.enter_context(compiled.compiled_layers(model))
                     result.compiled_from_step = step + 1 if result.compiled_layers else 0
                 start = time.perf_counter()
@@ -275,8 +308,12 @@ def train(model, examples: list[tuple[list[int], list[int]]], cfg: TrainConfig, 
                 optimizer.zero_grad(set_to_none=True)
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
-                result.seconds += time.perf_counter() - start
+                last_step_s = time.perf_counter() - start
+                result.seconds += last_step_s
                 result.steps += 1
+                if step == 0:
+                    result.first_step_s, result.first_step_tokens = result.seconds, result.tokens
+                    result.paged_state_bytes = paged_state_bytes(optimizer)
                 result.losses.append(step_loss)
                 bar.update(1)
                 bar.set_postfix(loss=f"{step_loss:.3f}", tok_s=f"{result.tokens_per_s:.0f}")

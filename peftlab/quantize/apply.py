@@ -75,17 +75,23 @@ def quantize_(model: nn.Module, quantizer: Quantizer, filter: Filter = None, *,
     (``host.quantizers.build("nf4-dq")``). ``filter`` is ``None`` (every ``nn.Linear``/``Conv1D``
     but ``lm_head``), a callable ``(name, module) -> bool``, or regular expressions searched in the
     layer names. A filter that selects nothing is an error listing the candidate names.
+
+    Each float weight is released as soon as its packed copy replaces it (unless something else
+    holds it, such as a tied head), so memory never grows by more than one layer's quantization
+    while the model shrinks: a model near the device's size quantizes where it was loaded.
     """
     if not isinstance(quantizer, Quantizer):
         hint = f" (build it by name: host.quantizers.build({quantizer!r}))" if isinstance(quantizer, str) else ""
         raise ValidationError("quantizer", quantizer, "a peftlab.Quantizer instance" + hint)
-    chosen = select_layers(model, filter)
+    names = [name for name, _ in select_layers(model, filter)]  # names only: no reference keeps a layer alive
     report = QuantizeReport(getattr(quantizer, "name", None) or type(quantizer).__name__)
-    for full_name, layer in chosen:
+    for full_name in names:
+        layer = model.get_submodule(full_name)
         new = QuantizedLinear.from_linear(layer, quantizer, compute_dtype)
         replace_module(model, full_name, new)
         report.layers.append(full_name)
         report.params += layer.weight.numel()
         report.bytes_before += layer.weight.numel() * layer.weight.element_size()
         report.bytes_after += new.qweight.storage_bytes
+        del layer, new  # the float weight goes now, not when quantize_ returns: the model shrinks as it goes
     return report

@@ -91,10 +91,23 @@ def test_auto_compiles_only_when_the_run_left_pays(monkeypatch):
     left = int(compiled.PAYS_AFTER_S) + 1
     assert compiled.pays("auto", CPU, 1.0, left)
     assert not compiled.pays("auto", CPU, 1.0, left - 2)  # 50 quickstart steps of about 2 s do not pay
-    assert not compiled.pays("auto", torch.device("cuda"), 1.0, left)  # unmeasured on CUDA
     assert not compiled.pays("off", CPU, 1.0, left) and not compiled.pays("layers", CPU, 1.0, left)
     monkeypatch.setattr(compiled, "compiler", lambda: None)
     assert not compiled.pays("auto", CPU, 1.0, left)
+
+
+def test_auto_decides_on_cuda_by_the_same_rule_after_the_second_step(monkeypatch):
+    """CUDA's first step carries its setup (handles, workspaces, kernel selection), so the decision
+    waits for the second; the rule is the CPU's, and without triton nothing compiles."""
+    cuda = torch.device("cuda")
+    left = int(compiled.PAYS_AFTER_S) + 1
+    assert compiled.decide_after(cuda) == 2 and compiled.decide_after(CPU) == 1
+    monkeypatch.setattr(compiled, "triton", lambda: True)
+    assert compiled.pays("auto", cuda, 1.0, left) and not compiled.pays("auto", cuda, 1.0, left - 2)
+    monkeypatch.setattr(compiled, "triton", lambda: False)
+    assert not compiled.pays("auto", cuda, 1.0, left)
+    with pytest.raises(ValidationError, match="train.compile.*triton"):
+        compiled.check("layers", cuda)
 
 
 def test_auto_leaves_a_short_run_eager(seed):
@@ -104,7 +117,7 @@ def test_auto_leaves_a_short_run_eager(seed):
 
 def test_auto_compiles_from_the_second_step_when_it_pays(monkeypatch, seed):
     """The decision is taken on the first step's time; the rest of the run trains compiled."""
-    monkeypatch.setattr(compiled, "pays", lambda setting, device, first_step_s, steps_left: first_step_s > 0)
+    monkeypatch.setattr(compiled, "pays", lambda setting, device, step_s, steps_left: step_s > 0)
     entered = []
     real = compiled.compiled_layers
 

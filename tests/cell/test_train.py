@@ -104,3 +104,61 @@ def test_bad_settings_name_the_field():
     with pytest.raises(ValidationError, match="train.batch_size=0"):
         TrainConfig(batch_size=0)
     assert TrainConfig(steps=None, epochs=1.5, batch_size=8).total_steps(100) == 20
+
+
+def test_throughput_leaves_the_first_step_out():
+    """CUDA's first step carries handle, workspace and kernel setup (a paged optimizer's first
+    touch too): tokens/s counts from the second step on, and the first step is kept apart."""
+    result, _ = run(TrainConfig(steps=3, batch_size=4, lr=1e-3))
+    assert 0 < result.first_step_s < result.seconds and 0 < result.first_step_tokens < result.tokens
+    assert result.throughput_from_step == 2
+    assert result.tokens_per_s == pytest.approx((result.tokens - result.first_step_tokens)
+                                                / (result.seconds - result.first_step_s))
+    one, _ = run(TrainConfig(steps=1, batch_size=4, lr=1e-3))
+    assert one.throughput_from_step == 1 and one.tokens_per_s == pytest.approx(one.tokens / one.seconds)
+
+
+def test_master_dtype_names_what_the_optimizer_updates():
+    lora, _ = run(TrainConfig(steps=1, batch_size=2, lr=1e-3))
+    assert lora.master_dtype == "float32"
+    from peftlab.cell.train import master_dtype
+
+    assert master_dtype([torch.zeros(2, dtype=torch.bfloat16), torch.zeros(2)]) == "bfloat16+float32"
+
+
+def test_paged_state_bytes_counts_what_bitsandbytes_pages(seed):
+    """bitsandbytes' paged optimizers keep the state of tensors of 1e5 elements or more in CUDA
+    managed memory, as tensors it marks ``is_paged`` (on CPU it runs them unpaged). The count takes
+    exactly those tensors, whatever their dtype: here a paged AdamW's state after one step, marked
+    as bitsandbytes marks its managed buffers on CUDA."""
+    import bitsandbytes as bnb
+
+    from peftlab.cell.train import paged_state_bytes
+
+    gen = torch.Generator().manual_seed(seed)
+    big, small = torch.nn.Parameter(torch.randn(400, 300, generator=gen)), torch.nn.Parameter(torch.randn(8, 8))
+    for p in (big, small):
+        p.grad = torch.randn(p.shape, generator=gen)
+    opt = bnb.optim.PagedAdamW([big, small], lr=1e-3)
+    opt.step()
+    assert paged_state_bytes(opt) == 0  # CPU: nothing paged
+    for p in (big,):  # what bitsandbytes' get_state_buffer returns on CUDA for 1e5+ elements
+        for key in ("state1", "state2"):
+            opt.state[p][key].is_paged = True
+    assert paged_state_bytes(opt) == 2 * 4 * big.numel()
+    opt8 = bnb.optim.PagedAdamW8bit([big], lr=1e-3)
+    opt8.step()
+    for key in ("state1", "state2"):
+        opt8.state[big][key].is_paged = True
+    assert paged_state_bytes(opt8) == 2 * 1 * big.numel()  # 8-bit moments; their absmax stays unpaged
+
+
+def test_auto_dtype_keeps_fp32_master_weights_where_the_base_trains():
+    """On CUDA, model.dtype auto loads a frozen base in bf16 but keeps fp32 weights for full
+    fine-tuning (bf16 autocast computes, the optimizer updates fp32), as on CPU."""
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    cfg = ModelConfig("tiny-llama")
+    assert cfg.resolved_dtype(cuda) == torch.bfloat16
+    assert cfg.resolved_dtype(cuda, trains_base=True) == torch.float32
+    assert cfg.resolved_dtype(cpu) == cfg.resolved_dtype(cpu, trains_base=True) == torch.float32
+    assert ModelConfig("tiny-llama", dtype="bfloat16").resolved_dtype(cuda, trains_base=True) == torch.bfloat16
