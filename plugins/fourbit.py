@@ -112,7 +112,7 @@ class FourBitQuantizer(Quantizer):
                 t["absmax_codes"], t["absmax_absmax"], code, DQ_BLOCK, torch.float32)
         else:
             scaled = kernels.blockwise_codebook_dequantize(t["absmax_codes"], t["absmax_absmax"], code, DQ_BLOCK)
-        return scaled + t["absmax_offset"]
+        return scaled.add_(t["absmax_offset"])  # in place: the scaled codes are this call's own tensor
 
     def dequantize(self, q: QuantizedWeight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         absmax = self.absmax(q)

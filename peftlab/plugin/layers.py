@@ -64,9 +64,24 @@ class QuantizedLinear(nn.Module):
 
     @property
     def qweight(self) -> QuantizedWeight:
-        method, shape, dtype, meta = self._q
-        tensors = {n[len(_PREFIX):]: b for n, b in self.named_buffers(recurse=False) if n.startswith(_PREFIX)}
-        return QuantizedWeight(method, shape, dtype, tensors, meta)
+        """The packed weight as a :class:`QuantizedWeight` over this layer's buffers. Built once and
+        kept (forward and backward read it at every call), and built anew after anything replaces a
+        buffer: a move to another device, or an assignment."""
+        view = self.__dict__.get("_qview")
+        if view is None:
+            method, shape, dtype, meta = self._q
+            tensors = {n[len(_PREFIX):]: b for n, b in self._buffers.items() if n.startswith(_PREFIX)}
+            view = self.__dict__["_qview"] = QuantizedWeight(method, shape, dtype, tensors, meta)
+        return view
+
+    def __setattr__(self, name: str, value) -> None:
+        if name.startswith(_PREFIX):
+            self.__dict__.pop("_qview", None)
+        super().__setattr__(name, value)
+
+    def register_buffer(self, name: str, tensor, persistent: bool = True) -> None:
+        self.__dict__.pop("_qview", None)
+        super().register_buffer(name, tensor, persistent)
 
     def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         with torch.no_grad():
@@ -93,6 +108,7 @@ class QuantizedLinear(nn.Module):
             after = self._buffers[name]
             if after is not None and after.dtype != before.dtype:
                 self._buffers[name] = before.to(after.device)
+        self.__dict__.pop("_qview", None)  # the buffers may be new tensors now
         return self
 
     def extra_repr(self) -> str:

@@ -154,3 +154,21 @@ def test_dtype_casts_of_the_model_leave_the_packed_weight_as_it_was(method, cast
     ids = torch.randint(0, 100, (2, 8), generator=gen)
     with torch.no_grad():
         assert torch.isfinite(model(input_ids=ids).logits.float()).all()
+
+
+def test_the_packed_view_is_built_once_and_again_after_a_buffer_changes(host):
+    """Forward and backward read ``qweight`` at every call: it is kept, and rebuilt when a move or
+    an assignment replaces the buffers (a stale view would dequantize the old tensors)."""
+    from peftlab import QuantizedLinear
+
+    layer = QuantizedLinear.from_linear(torch.nn.Linear(128, 64), host.quantizers.build("nf4-dq"))
+    first = layer.qweight
+    assert layer.qweight is first
+    layer.to(torch.float64)  # a dtype cast: the packed buffers stay as they are
+    second = layer.qweight
+    assert all(second.tensors[k] is b for k, b in
+               ((n[len("qweight_"):], b) for n, b in layer.named_buffers() if n.startswith("qweight_")))
+    before = layer.dequantized_weight()
+    layer.qweight_packed = torch.zeros_like(layer.qweight_packed)
+    assert layer.qweight is not second and torch.equal(layer.qweight.tensors["packed"], layer.qweight_packed)
+    assert not torch.equal(layer.dequantized_weight(), before)  # the new codes, not the kept view's
