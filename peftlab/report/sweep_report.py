@@ -7,6 +7,7 @@ cell), ``summary.csv``/``.parquet`` (seeds aggregated), PNG plots and ``report.m
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import tempfile
 from collections import Counter
@@ -173,10 +174,15 @@ def render(folder: str | Path) -> Path:
     manifest = store.manifest()
     df = to_frame(records)
     summary = aggregate(df)
+    # a lean install (the offline GPU bundle) may lack pyarrow and matplotlib: the tables then come
+    # as CSV alone and the plots are left out, and the report says so
+    parquet = any(importlib.util.find_spec(m) is not None for m in ("pyarrow", "fastparquet"))
     for name, frame in (("cells", df), ("summary", summary)):
         write_frame(frame, store.artifact(f"{name}.csv"))
-        write_frame(frame, store.artifact(f"{name}.parquet"))
-    figures = plots(df, summary, store.artifact)
+        if parquet:
+            write_frame(frame, store.artifact(f"{name}.parquet"))
+    drawing = importlib.util.find_spec("matplotlib") is not None
+    figures = plots(df, summary, store.artifact) if drawing else []
     not_ok = df[df["status"] != "ok"]
     settings = next((s for s in df["metric.settings"].dropna()), "{}") if "metric.settings" in df else "{}"
     parts = [
@@ -202,13 +208,21 @@ def render(folder: str | Path) -> Path:
     if outputs:
         parts.append(outputs)
     parts.append(f"Metric settings: `{settings}`\n")
-    parts.append("Tables: `cells.csv` / `cells.parquet` (one row per cell), `summary.csv` / `summary.parquet`.\n")
+    parts.append("Tables: `cells.csv` / `cells.parquet` (one row per cell), `summary.csv` / `summary.parquet`.\n"
+                 if parquet else "Tables: `cells.csv` (one row per cell), `summary.csv` (no Parquet copies: neither "
+                 "pyarrow nor fastparquet is installed).\n")
+    if not drawing:
+        parts.append("No plots: matplotlib is not installed where this report was rendered.\n")
     return write_text_atomic(store.artifact("report.md"), "\n".join(parts))
 
 
 #: what each ``mem.peak_kind`` measured, for the report's reading guide
 PEAK_KINDS = {
-    "cuda_peak_allocated": "the CUDA allocator's peak during training",
+    "cuda_peak_allocated": "the CUDA allocator's peak allocated bytes during training (counters reset after "
+                           "`empty_cache` when training starts)",
+    "cuda_peak_allocated+paged_state": "the CUDA allocator's peak allocated bytes during training plus the "
+                                       "optimizer's state in paged (managed) memory, which the allocator never "
+                                       "counts (`mem.paged_state_bytes`)",
     "cpu_heap_in_use_delta": "the peak of malloc's bytes in use during training (sampled; `heap` mode) minus "
                              "the bytes in use before the model was loaded (CPU)",
     "cpu_peak_rss_delta": "the process's peak resident set during training minus its resident set before the "
