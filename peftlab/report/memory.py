@@ -193,8 +193,12 @@ def check_section(folder: Path) -> tuple[list[str], list[dict[str, Any]]]:
         "positions (49,152-entry vocabulary), the tokenized dataset, the model loader's scratch (the GGUF file "
         "is dequantized on load), the allocator's fragmentation and the torch runtime itself. A quantized "
         "base also holds each layer's dequantized weight while that layer runs, forward and backward. "
-        "On a GPU the allocator's own "
-        "peak would leave out the runtime and the data; no GPU was available for this report.\n")
+        + ("On CUDA the measured peak is the allocator's peak allocated bytes (the runtime, the data and the "
+           "allocator's cache left out) plus a paged optimizer's state in managed memory "
+           "(`mem.paged_state_bytes`), which the allocator never counts and the estimate's optimizer term holds.\n"
+           if any(r.get("memory_mode") == "cuda" for r in recs) else
+           "On a GPU the peak is the allocator's, plus a paged optimizer's state in managed memory, which the "
+           "allocator never counts (`mem.paged_state_bytes`); these cells ran on a CPU.\n"))
     return lines, df.to_dict("records")
 
 
