@@ -11,20 +11,79 @@ weights take half the memory.
 from __future__ import annotations
 
 import contextlib
+import functools
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 PRECISIONS = ("bf16", "fp32")
 #: ``train.frozen_dtype``: store frozen linear weights in the compute dtype, or keep the model's
 FROZEN_DTYPES = ("compute", "model")
 
 
-def autocast(precision: str, device: torch.device):
-    if precision == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+def autocast(precision: str, device: torch.device, emulate: bool = True):
+    """bf16 autocast under ``"bf16"`` (with :func:`bf16_matmuls` on a CPU without bf16 matrix
+    units, unless ``emulate`` is false); nothing under ``"fp32"``."""
+    if precision != "bf16":
+        return contextlib.nullcontext()
+    stack = contextlib.ExitStack()
+    stack.enter_context(torch.autocast(device.type, dtype=torch.bfloat16))
+    if emulate:
+        stack.enter_context(bf16_matmuls(precision, device))
+    return stack
+
+
+@functools.cache
+def native_bf16_matmul() -> bool:
+    """Whether torch multiplies bf16 matrices on this CPU with oneDNN's bf16 kernels (AVX-512 or
+    AMX). Elsewhere it falls back to a scalar loop: on a 2-core AVX2-only AMD EPYC, a 1024 x 512
+    by 512 x 1376 product ran at 1.8 GFLOP/s in bf16 against 29.7 in fp32."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+_aten = torch.ops.aten
+_MATMULS = frozenset({_aten.mm.default, _aten.addmm.default, _aten.bmm.default, _aten.baddbmm.default})
+
+
+class _Bf16ViaFp32(TorchDispatchMode):
+    """Matrix products of bf16 tensors computed as fp32 GEMMs of the same (exactly representable)
+    values, the result rounded to bf16: what a bf16 GEMM accumulating in fp32 computes, up to the
+    order of the accumulation."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in _MATMULS and any(isinstance(a, torch.Tensor) and a.dtype == torch.bfloat16 for a in args):
+            wide = [a.float() if isinstance(a, torch.Tensor) and a.dtype == torch.bfloat16 else a for a in args]
+            return func(*wide, **kwargs).to(torch.bfloat16)
+        return func(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def bf16_matmuls(precision: str, device: torch.device):
+    """Within the block, on a CPU without bf16 matrix kernels (:func:`native_bf16_matmul`), bf16
+    matrix products (linear layers under bf16 autocast, their gradients, attention's products) run
+    as fp32 GEMMs on their bf16 operands, rounded back to bf16: the same arithmetic as a bf16 GEMM
+    that accumulates in fp32 (products of bf16 values are exact in fp32), about 4x faster there on a
+    training step (llama-512x6 LoRA). Yields how bf16 products run (:func:`bf16_matmul_kind`):
+    ``"native"``, ``"fp32-gemm"``, or ``""`` where nothing computes in bf16 (fp32 precision)."""
+    kind = bf16_matmul_kind(precision, device)
+    if kind != "fp32-gemm":
+        yield kind
+    else:
+        with _Bf16ViaFp32():
+            yield kind
+
+
+def bf16_matmul_kind(precision: str, device: torch.device) -> str:
+    """How :func:`bf16_matmuls` runs bf16 matrix products on ``device`` under ``precision``."""
+    if precision != "bf16" or device.type != "cpu":
+        return "native" if precision == "bf16" else ""
+    return "native" if native_bf16_matmul() else "fp32-gemm"
 
 
 def compute_dtype(precision: str) -> torch.dtype | None:

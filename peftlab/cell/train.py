@@ -23,7 +23,7 @@ from peftlab.cell.attention import ATTENTION_SETTINGS, attention, resolve
 from peftlab.cell.head_loss import head_loss
 from peftlab.cell.norm import NORM_SETTINGS, lean_norms
 from peftlab.cell.norm import resolve as resolve_norm
-from peftlab.compute import FROZEN_DTYPES, PRECISIONS, autocast
+from peftlab.compute import FROZEN_DTYPES, PRECISIONS, autocast, bf16_matmul_kind, bf16_matmuls
 from peftlab.data.prompts import IGNORE, batches
 from peftlab.plugin.errors import PeftlabError, ValidationError
 
@@ -117,6 +117,7 @@ class TrainResult:
     first_step_tokens: int = 0  # selection and a paged optimizer's first touch, so throughput leaves it out
     paged_state_bytes: int = 0  # optimizer state in paged (CUDA managed) memory, which the allocator never counts
     master_dtype: str = ""  # the dtype(s) of the parameters the optimizer updates
+    bf16_matmul: str = ""  # how bf16 matrix products ran: native, fp32-gemm (a CPU without bf16 units), "" (none)
     epochs: float = 0.0
     optimizer_note: str = ""
     attention: str = ""  # the attention implementation training ran with
@@ -259,7 +260,7 @@ def train(model, examples: list[tuple[list[int], list[int]]], cfg: TrainConfig, 
     total = cfg.total_steps(len(examples))
     optimizer = make_optimizer(cfg.optimizer, groups, cfg.lr, cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.schedule, cfg.warmup_steps, total))
-    result = TrainResult(master_dtype=master_dtype(params))
+    result = TrainResult(master_dtype=master_dtype(params), bf16_matmul=bf16_matmul_kind(cfg.precision, device))
     if cfg.optimizer.startswith("paged") and device.type != "cuda":
         result.optimizer_note = "paged memory needs CUDA; bitsandbytes ran it unpaged on CPU"
     if cfg.grad_checkpointing:
@@ -288,14 +289,15 @@ def train(model, examples: list[tuple[list[int], list[int]]], cfg: TrainConfig, 
                     batch.pop("epoch")
                     micro += 1
                     batch = {k: v.to(device) for k, v in batch.items()}
-                    with autocast(cfg.precision, device):
+                    with autocast(cfg.precision, device, emulate=not result.compiled_layers):
                         loss = response_loss(model, batch)
                     if on_peak is not None:
                         on_peak()
                     if not torch.isfinite(loss):
                         raise TrainingError(f"training diverged: the loss is {loss.item()} at step {step + 1} of {total} "
                                             f"(micro-batch {micro}); try a lower train.lr (now {cfg.lr})")
-                    (loss / cfg.grad_accum).backward()
+                    with bf16_matmuls(cfg.precision, device) if not result.compiled_layers else contextlib.nullcontext():
+                        (loss / cfg.grad_accum).backward()
                     step_loss += loss.item() / cfg.grad_accum
                     result.tokens += int(batch["attention_mask"].sum())
                     result.max_batch_positions = max(result.max_batch_positions, batch["attention_mask"].numel())
