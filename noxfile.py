@@ -19,6 +19,7 @@ fails saying what was installed, what the driver supports and what to set.
 import importlib.util
 import json
 import os
+import sys
 from pathlib import Path
 
 import nox
@@ -37,15 +38,18 @@ def lone(relative: str):
     """A standard-library-only module of peftlab, loaded as a lone file (nox's interpreter has no
     peftlab and no torch)."""
     path = ROOT / relative
-    spec = importlib.util.spec_from_file_location("peftlab_" + path.stem, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    name = "peftlab_lone_" + path.stem
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module  # before it runs: its dataclasses look their module up there
+        spec.loader.exec_module(module)
+    return sys.modules[name]
 
 
 def torch_info(session: nox.Session, driver) -> dict:
     """What torch the session's environment imports (nothing, where it has none)."""
-    out = session.run("python", "-c", driver.PROBE, silent=True, success_codes=[0, 1])
+    out = session.run("python", str(ROOT / "peftlab" / "gpu" / "driver.py"), "probe", silent=True, success_codes=[0, 1])
     lines = (out or "").strip().splitlines()
     try:
         return json.loads(lines[-1])
@@ -61,6 +65,9 @@ def install_torch(session: nox.Session, default: str = "auto", need_cuda: bool =
         build = driver.choose(os.environ.get("PEFTLAB_TORCH", default), gpu)
     except driver.SetupError as exc:
         session.error(str(exc))
+    if need_cuda and build == "cpu":
+        session.error(f"PEFTLAB_TORCH={os.environ.get('PEFTLAB_TORCH', default)} installs a CPU torch, and this "
+                      "session needs CUDA: use auto, cuda, cu130 or cu128")
     index = os.environ.get("PEFTLAB_TORCH_INDEX")
     if build != "skip":
         have = torch_info(session, driver)
@@ -73,9 +80,6 @@ def install_torch(session: nox.Session, default: str = "auto", need_cuda: bool =
             session.install(*args, "--index-url", index or driver.BUILDS[build].index,
                             env=driver.clean_pip_env(dict(os.environ)), include_outer_env=False)
     want = build if build != "skip" else ("cuda" if need_cuda else "cpu")
-    if need_cuda and want == "cpu":
-        session.error(f"PEFTLAB_TORCH={os.environ.get('PEFTLAB_TORCH', default)} installs a CPU torch, and this "
-                      "session needs CUDA: use auto, cuda, cu130 or cu128")
     try:
         session.log(driver.verify(want, torch_info(session, driver), gpu))
     except driver.SetupError as exc:

@@ -213,7 +213,8 @@ def verify(build: str, info: dict, driver: Driver | None) -> str:
 def main(argv: list[str] | None = None) -> int:
     """``python driver.py choose MODE`` prints the build; ``python driver.py check BUILD [PYTHON]``
     verifies the torch ``PYTHON`` imports (default: this one) and exits 1 with the reason;
-    ``python driver.py describe [PYTHON]`` prints the driver and torch as JSON."""
+    ``python driver.py describe [PYTHON]`` prints the driver and torch as JSON, ``probe`` this
+    Python's torch alone."""
     args = list(sys.argv[1:] if argv is None else argv)
     try:
         if len(args) == 2 and args[0] == "choose":
@@ -225,6 +226,9 @@ def main(argv: list[str] | None = None) -> int:
             if build == "skip":
                 build = build_for(driver) if driver else "cpu"
             print(verify(build, probe(args[2] if len(args) == 3 else sys.executable), driver))
+            return 0
+        if args == ["probe"]:
+            print(json.dumps(probe()))
             return 0
         if args and args[0] == "describe" and len(args) in (1, 2):
             driver = read_driver()

@@ -123,3 +123,37 @@ def test_a_cuda_torch_that_sees_no_gpu_is_explained_by_the_driver():
     assert driver.matches(fine, "cu130") and not driver.matches(fine, "cu128") and not driver.matches(fine, "cpu")
     assert driver.matches({"version": "2.13.0+cpu", "cuda": None}, "cpu")
 
+
+
+def fake_cpu_wheel(folder: Path) -> Path:
+    """A minimal valid wheel named like the local CPU build: torch 2.13.0+cpu."""
+    import zipfile
+
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "torch-2.13.0+cpu-py3-none-any.whl"
+    info = "torch-2.13.0+cpu.dist-info"
+    with zipfile.ZipFile(path, "w") as whl:
+        whl.writestr(f"{info}/METADATA", "Metadata-Version: 2.1\nName: torch\nVersion: 2.13.0+cpu\n")
+        whl.writestr(f"{info}/WHEEL", "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
+        whl.writestr(f"{info}/RECORD", "")
+    return path
+
+
+def pip_picks(env: dict) -> str:
+    import json
+
+    done = subprocess.run([sys.executable, "-m", "pip", "install", "--dry-run", "--quiet", "--ignore-installed",
+                           "--no-deps", "--report", "-", f"torch=={driver.TORCH_VERSION}", "--index-url",
+                           driver.BUILDS["cu130"].index], env=env, capture_output=True, text=True, timeout=600)
+    if done.returncode != 0:
+        pytest.skip(f"pip could not reach {driver.BUILDS['cu130'].index}: {done.stderr.strip()[-300:]}")
+    return json.loads(done.stdout)["install"][0]["metadata"]["version"]
+
+
+def test_a_local_cpu_wheel_wins_unless_the_sources_are_cleared(tmp_path):
+    """The trap itself: with a local folder holding torch-2.13.0+cpu on pip's find-links, asking the
+    CUDA index for torch==2.13.0 gets the CPU wheel ('+cpu' sorts above the plain version); with
+    clean_pip_env it gets the index's build (metadata only: pip --dry-run)."""
+    env = {**os.environ, "PIP_FIND_LINKS": str(fake_cpu_wheel(tmp_path / "wheels").parent)}
+    assert pip_picks(env) == "2.13.0+cpu"
+    assert pip_picks(driver.clean_pip_env(env)) == driver.TORCH_VERSION
