@@ -86,7 +86,9 @@ def test_cuda_quantize_matches_the_cpu_path_within_the_derived_bound(name, dtype
     assert share <= FLIP_SHARE["dq" if "-dq" in name else "default"], f"{name}: {share:.2%} of values differ"
     if differ.any():
         far = (gpu - exact).abs()[differ].max().item()
-        assert far <= worst_cpu * (1 + 1e-3) + slack, f"{name}: a GPU value {far:.3g} from its weight, CPU worst {worst_cpu:.3g}"
+        # a flipped value sits near a midpoint, about as far from its weight as the other level; a
+        # flipped second-level code moves its block's scale by one 8-bit step (under 1%) either way
+        assert far <= worst_cpu * 1.02 + slack, f"{name}: a GPU value {far:.3g} from its weight, CPU worst {worst_cpu:.3g}"
     if "absmax_offset" in on_cpu.tensors:  # a float32 mean: the same up to the reduction order's rounding
         n = on_cpu.tensors["absmax_codes"].numel()
         bound = n * torch.finfo(torch.float32).eps * quantizer.absmax(on_cpu).abs().max().item()
