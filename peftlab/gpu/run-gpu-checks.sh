@@ -11,7 +11,8 @@
 # gpu-smoke.tar.gz) with smoke-summary.txt (a line per cell and what the records must show). Without an NVIDIA driver the CUDA parts are skipped and it says so; with one,
 # a torch that does not see the GPU is a failure. Exit status: 0 when everything that ran passed.
 #   TEST_TIMEOUT_S (default 150), SWEEP_TIMEOUT_S (default 270), PEFTLAB_COMMIT (default: the
-#   commit the bundle was built from), PEFTLAB_TARGET (the private folder; default a new temp one)
+#   commit the bundle was built from), PEFTLAB_TARGET (the private folder; default a new temp one),
+#   PEFTLAB_TAR_ONLY=1 (keep the results folder only as gpu-smoke.tar.gz: eight files in all)
 set -uo pipefail
 
 HERE=$(cd "$(dirname "$0")" && pwd)
@@ -93,7 +94,8 @@ if [ "$GPU" = 1 ]; then
     [ $status -eq 0 ] || failed+=("smoke-sweep (exit $status)")
     "$PY" -m peftlab.gpu.smoke "$OUT/gpu-smoke" > "$OUT/smoke-summary.txt" 2>&1 || failed+=("smoke-checks")
     cat "$OUT/smoke-summary.txt"
-    tar czf "$OUT/gpu-smoke.tar.gz" -C "$OUT" gpu-smoke 2> /dev/null
+    tar czf "$OUT/gpu-smoke.tar.gz" -C "$OUT" gpu-smoke 2> /dev/null \
+        && [ "${PEFTLAB_TAR_ONLY:-0}" = 1 ] && rm -rf "$OUT/gpu-smoke"
 else
     say "the GPU smoke sweep was skipped: no GPU here"
 fi
