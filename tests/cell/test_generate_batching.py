@@ -58,19 +58,25 @@ def test_batching_changes_no_bit_of_an_inputs_logits(name, seed):
 
 
 
-@pytest.mark.parametrize("name", ["tiny-gpt2", "llama-512x6"])
-def test_the_usual_batching_would_fail_that_test(name):
+def test_the_usual_batching_would_fail_that_test():
     """Padding every batch to its longest prompt (the usual way) changes some input's logits, so
-    the test above can fail (fixed weights: with some weights the tiny Llama happens not to)."""
-    loaded = load(ModelConfig(name), seed=0)
-    tok = loaded.tokenizer
-    _, items, _ = load_splits(DataConfig(eval_limit=12))
-    prompts = [prompt_ids(tok, it.instruction, it.context) for it in items]
-    lengths = [len(p) for p in prompts]
-    alone = first_logits(loaded.model, tok, prompts, batch_plan(lengths, 1, 32))
-    mixed = [(max(lengths[i] for i in rows), rows) for rows in ([0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11])]
-    got = first_logits(loaded.model, tok, prompts, mixed)
-    assert not all(torch.equal(got[i], alone[i]) for i in alone)
+    the test above can fail. Whether a given model shows it depends on its weights and on the CPU's
+    kernels (fixed weights: the tiny Llama happens not to; the tiny GPT-2 does with oneDNN's bf16
+    kernels but not with bf16 products through fp32 GEMMs, on a CPU without bf16 units), so the
+    control asks it of the two models together."""
+    changed = {}
+    for name in ("tiny-gpt2", "llama-512x6"):
+        loaded = load(ModelConfig(name), seed=0)
+        tok = loaded.tokenizer
+        _, items, _ = load_splits(DataConfig(eval_limit=12))
+        prompts = [prompt_ids(tok, it.instruction, it.context) for it in items]
+        lengths = [len(p) for p in prompts]
+        alone = first_logits(loaded.model, tok, prompts, batch_plan(lengths, 1, 32))
+        mixed = [(max(lengths[i] for i in rows), rows) for rows in ([0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11])]
+        got = first_logits(loaded.model, tok, prompts, mixed)
+        changed[name] = sum(not torch.equal(got[i], alone[i]) for i in alone)
+    print(f"inputs whose logits the usual batching changed: {changed}")
+    assert any(changed.values()), changed
 
 
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-gpt2"])
