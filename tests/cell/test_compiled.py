@@ -81,9 +81,14 @@ def test_compiled_gradients_match_eager(adapter, checkpointing, seed):
     (loss, got), (ref_loss, ref) = grads(True), grads(False)
     assert loss == pytest.approx(ref_loss, rel=1e-2)
     assert got.keys() == ref.keys() and got
+    # Eager rounds every op's output to bf16; inductor keeps a fused group's intermediates in fp32,
+    # so the two differ by bf16 roundings compounded through the layers: within 2% of a gradient's
+    # largest element on AVX-512 CPUs, but 3.0% for layer 1's q_proj lora_A on a 2-core AVX2 EPYC
+    # (seed 518604484, also at 121852b), so 4%
     for name, g in ref.items():
         scale = g.abs().max().item()
-        torch.testing.assert_close(got[name], g, rtol=2e-2, atol=2e-2 * scale, msg=name)
+        print(f"{name}: worst element {((got[name] - g).abs().max() / scale).item():.4f} of the largest")
+        torch.testing.assert_close(got[name], g, rtol=2e-2, atol=4e-2 * scale, msg=name)
 
 
 def test_auto_compiles_only_when_the_run_left_pays(monkeypatch):
