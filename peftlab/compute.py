@@ -23,19 +23,12 @@ PRECISIONS = ("bf16", "fp32")
 FROZEN_DTYPES = ("compute", "model")
 
 
-def autocast(precision: str, device: torch.device, emulate: bool = False):
-    """bf16 autocast under ``"bf16"`` (with :func:`bf16_matmuls` on a CPU without bf16 matrix
-    units where ``emulate``: training asks for it; generation does not, since at decoding's few
-    rows upcasting the weights at every call costs more than the fp32 GEMM saves: SmolLM2-135M
-    generated 5.5 tokens/s emulated against 6.1 native on a 2-core AVX2 EPYC); nothing under
-    ``"fp32"``."""
-    if precision != "bf16":
-        return contextlib.nullcontext()
-    stack = contextlib.ExitStack()
-    stack.enter_context(torch.autocast(device.type, dtype=torch.bfloat16))
-    if emulate:
-        stack.enter_context(bf16_matmuls(precision, device))
-    return stack
+def autocast(precision: str, device: torch.device):
+    """bf16 autocast under ``"bf16"``; nothing under ``"fp32"``. Training also enters
+    :func:`bf16_matmuls`; generation does not (see there)."""
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 @functools.cache
@@ -72,8 +65,11 @@ def bf16_matmuls(precision: str, device: torch.device):
     matrix products (linear layers under bf16 autocast, their gradients, attention's products) run
     as fp32 GEMMs on their bf16 operands, rounded back to bf16: the same arithmetic as a bf16 GEMM
     that accumulates in fp32 (products of bf16 values are exact in fp32), about 4x faster there on a
-    training step (llama-512x6 LoRA). Training uses it; generation keeps torch's own products. Yields how bf16 products run (:func:`bf16_matmul_kind`):
-    ``"native"``, ``"fp32-gemm"``, or ``""`` where nothing computes in bf16 (fp32 precision)."""
+    training step (llama-512x6 LoRA). Training uses it; generation keeps torch's own products, since
+    at decoding's few rows upcasting the weights at every call costs more than the fp32 GEMM saves
+    (SmolLM2-135M generated 5.5 tokens/s emulated against 6.1 native on a 2-core AVX2 EPYC). Yields
+    how bf16 products run (:func:`bf16_matmul_kind`): ``"native"``, ``"fp32-gemm"``, or ``""`` where
+    nothing computes in bf16 (fp32 precision)."""
     kind = bf16_matmul_kind(precision, device)
     if kind != "fp32-gemm":
         yield kind

@@ -129,7 +129,7 @@ class TrainResult:
     def tokens_per_s(self) -> float:
         """Training throughput from the second step on (the first one's setup left out); a run of one
         step has nothing else and reads that step (:attr:`throughput_from_step` says which)."""
-        if self.steps >= 2 and self.seconds > self.first_step_s:
+        if self.throughput_from_step == 2:
             return (self.tokens - self.first_step_tokens) / (self.seconds - self.first_step_s)
         return self.tokens / self.seconds if self.seconds else float("nan")
 
@@ -289,14 +289,15 @@ def train(model, examples: list[tuple[list[int], list[int]]], cfg: TrainConfig, 
                     batch.pop("epoch")
                     micro += 1
                     batch = {k: v.to(device) for k, v in batch.items()}
-                    with autocast(cfg.precision, device, emulate=not result.compiled_layers):
-                        loss = response_loss(model, batch)
-                    if on_peak is not None:
-                        on_peak()
-                    if not torch.isfinite(loss):
-                        raise TrainingError(f"training diverged: the loss is {loss.item()} at step {step + 1} of {total} "
-                                            f"(micro-batch {micro}); try a lower train.lr (now {cfg.lr})")
+                    # forward and backward alike; compiled layers run inductor's own products
                     with bf16_matmuls(cfg.precision, device) if not result.compiled_layers else contextlib.nullcontext():
+                        with autocast(cfg.precision, device):
+                            loss = response_loss(model, batch)
+                        if on_peak is not None:
+                            on_peak()
+                        if not torch.isfinite(loss):
+                            raise TrainingError(f"training diverged: the loss is {loss.item()} at step {step + 1} of "
+                                                f"{total} (micro-batch {micro}); try a lower train.lr (now {cfg.lr})")
                         (loss / cfg.grad_accum).backward()
                     step_loss += loss.item() / cfg.grad_accum
                     result.tokens += int(batch["attention_mask"].sum())

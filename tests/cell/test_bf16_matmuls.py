@@ -30,7 +30,7 @@ def test_products_equal_the_native_ones_within_one_rounding_step(emulated, gen, 
     cpu = torch.device("cpu")
     with torch.autocast("cpu", dtype=torch.bfloat16):
         native = [a @ b, torch.nn.functional.linear(a, b.t(), bias), torch.bmm(a[None], b[None])[0]]
-    with compute.autocast("bf16", cpu, emulate=True):
+    with compute.bf16_matmuls("bf16", cpu), compute.autocast("bf16", cpu):
         ours = [a @ b, torch.nn.functional.linear(a, b.t(), bias), torch.bmm(a[None], b[None])[0]]
     ab, bb = a.bfloat16().float().abs(), b.bfloat16().float().abs()
     terms = [ab @ bb, ab @ bb + bias.bfloat16().float().abs(), ab @ bb]  # Σ|a·b| (+ |bias|)
@@ -67,7 +67,7 @@ def test_a_training_step_follows_the_native_one(emulated, seed):
 
 def test_generation_keeps_the_native_products(emulated, gen):
     """Decoding multiplies a few rows by every weight: upcasting the weights each call costs more
-    than the fp32 GEMM saves, so autocast emulates only when training asks."""
+    than the fp32 GEMM saves, so autocast alone (what generation enters) never emulates."""
     a, b = torch.randn(2, 300, generator=gen), torch.randn(300, 200, generator=gen)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         native = a @ b
