@@ -10,15 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from peftlab import (
-    ComponentSpec,
-    QuantizedWeight,
-    Quantizer,
-    ValidationError,
-    check_block_size,
-    hookimpl,
-    kernels,
-)
+from peftlab import ComponentSpec, QuantizedWeight, Quantizer, ValidationError, hookimpl
+from peftlab.toolkit import blockwise, check_block_size
 
 DQ_BLOCK = 256
 
@@ -36,7 +29,7 @@ def absmax_quantize(x: torch.Tensor, levels: int, block: int) -> tuple[torch.Ten
 
 
 def absmax_dequantize(codes: torch.Tensor, absmax: torch.Tensor, levels: int, block: int) -> torch.Tensor:
-    return kernels.scale_blocks(codes.reshape(-1).float(), absmax / levels, block)
+    return blockwise.scale_blocks(codes.reshape(-1).float(), absmax / levels, block)
 
 
 class AbsmaxQuantizer(Quantizer):
@@ -74,7 +67,7 @@ class AbsmaxQuantizer(Quantizer):
     def dequantize(self, q: QuantizedWeight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         codes = q.tensors["codes"]
         if q.meta["bits"] == 4:
-            codes = kernels.unpack_nibbles(codes, q.numel).to(torch.int8) - 8
+            codes = blockwise.unpack_nibbles(codes, q.numel).to(torch.int8) - 8
         return absmax_dequantize(codes, self.absmax(q), 2 ** (q.meta["bits"] - 1) - 1, q.meta["block"]).to(dtype).reshape(q.shape)
 
     def nominal_bits(self) -> float:
@@ -86,7 +79,7 @@ class AbsmaxQuantizer(Quantizer):
 
 def _pack4(codes: torch.Tensor) -> torch.Tensor:
     u = (codes.to(torch.int16) + 8).to(torch.uint8)  # -7..7 -> 1..15
-    return kernels.pack_nibbles(torch.cat([u, u.new_full((u.numel() % 2,), 8)]))
+    return blockwise.pack_nibbles(torch.cat([u, u.new_full((u.numel() % 2,), 8)]))
 
 
 @hookimpl

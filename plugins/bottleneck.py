@@ -23,16 +23,12 @@ from typing import Literal
 import torch
 from torch import nn
 
-from peftlab import (
-    Adapter,
-    ComponentSpec,
-    ValidationError,
+from peftlab import Adapter, ComponentSpec, ValidationError, hookimpl, option
+from peftlab.toolkit import (
     attention_geometry,
     block_sublayers,
-    hookimpl,
     insert_after,
     norm_layers,
-    option,
     transformer_blocks,
 )
 

@@ -22,16 +22,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from peftlab import (
-    Adapter,
-    ComponentSpec,
-    QuantizedLinear,
-    ValidationError,
-    hookimpl,
+from peftlab import Adapter, ComponentSpec, QuantizedLinear, ValidationError, hookimpl, option
+from peftlab.toolkit import (
     is_conv1d,
     linear_dims,
     linear_targets,
-    option,
     peft_fan_in_fan_out,
     peft_target_names,
     replace_module,

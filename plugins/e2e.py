@@ -25,15 +25,8 @@ import shutil
 from collections import Counter
 from typing import Any
 
-from peftlab import (
-    ComponentSpec,
-    Metric,
-    PluginError,
-    ValidationError,
-    hookimpl,
-    ptb_backend,
-    ptb_tokenize,
-)
+from peftlab import ComponentSpec, Metric, PluginError, ValidationError, hookimpl
+from peftlab.toolkit import ptb_backend, ptb_tokenize
 
 _MTEVAL_RULES = [(re.compile(p), r) for p, r in [
     (r"([\{-\~\[-\` -\&\(-\+\:-\@\/])", r" \1 "),  # punctuation

@@ -21,15 +21,8 @@ import logging
 
 import torch
 
-from peftlab import (
-    ComponentSpec,
-    QuantizedWeight,
-    Quantizer,
-    ValidationError,
-    check_block_size,
-    hookimpl,
-    kernels,
-)
+from peftlab import ComponentSpec, QuantizedWeight, Quantizer, ValidationError, hookimpl
+from peftlab.toolkit import blockwise, check_block_size
 
 try:  # optional fast paths; everything below also works without bitsandbytes
     # (quiet its import-time notice about an optional kernels package we do not use)
@@ -61,7 +54,7 @@ _DYNAMIC: dict[torch.device, torch.Tensor] = {}
 
 def _dynamic_code(device: torch.device) -> torch.Tensor:
     if device not in _DYNAMIC:
-        _DYNAMIC[device] = kernels.dynamic_map().to(device)
+        _DYNAMIC[device] = blockwise.dynamic_map().to(device)
     return _DYNAMIC[device]
 
 
@@ -85,7 +78,7 @@ class FourBitQuantizer(Quantizer):
             packed, state = bnbF.quantize_4bit(w, blocksize=self.block_size, quant_type=self.dtype)
             packed, absmax = packed.reshape(-1), state.absmax
         else:
-            packed, absmax = kernels.blockwise_4bit_quantize(w, self.code, self.block_size)
+            packed, absmax = blockwise.blockwise_4bit_quantize(w, self.code, self.block_size)
         tensors = {"packed": packed}
         if self.double_quant:
             offset = absmax.mean()
@@ -94,7 +87,7 @@ class FourBitQuantizer(Quantizer):
                 codes, state2 = bnbF.quantize_blockwise(centred, blocksize=DQ_BLOCK)
                 absmax2 = state2.absmax
             else:
-                codes, absmax2 = kernels.blockwise_codebook_quantize(centred, _dynamic_code(w.device), DQ_BLOCK)
+                codes, absmax2 = blockwise.blockwise_codebook_quantize(centred, _dynamic_code(w.device), DQ_BLOCK)
             tensors.update(absmax_codes=codes, absmax_absmax=absmax2, absmax_offset=offset.reshape(1))
         else:
             tensors["absmax"] = absmax
@@ -111,7 +104,7 @@ class FourBitQuantizer(Quantizer):
             scaled = torch.ops.bitsandbytes.dequantize_blockwise.default(
                 t["absmax_codes"], t["absmax_absmax"], code, DQ_BLOCK, torch.float32)
         else:
-            scaled = kernels.blockwise_codebook_dequantize(t["absmax_codes"], t["absmax_absmax"], code, DQ_BLOCK)
+            scaled = blockwise.blockwise_codebook_dequantize(t["absmax_codes"], t["absmax_absmax"], code, DQ_BLOCK)
         return scaled.add_(t["absmax_offset"])  # in place: the scaled codes are this call's own tensor
 
     def dequantize(self, q: QuantizedWeight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -120,7 +113,7 @@ class FourBitQuantizer(Quantizer):
         if self.fast and dtype in (torch.float32, torch.bfloat16, torch.float16):
             return torch.ops.bitsandbytes.dequantize_4bit.default(
                 packed, absmax, q.meta["block"], q.meta["dtype"], list(q.shape), dtype)
-        return kernels.blockwise_4bit_dequantize(packed, absmax, CODEBOOKS[q.meta["dtype"]], q.meta["block"], q.shape, dtype)
+        return blockwise.blockwise_4bit_dequantize(packed, absmax, CODEBOOKS[q.meta["dtype"]], q.meta["block"], q.shape, dtype)
 
     def nominal_bits(self) -> float:
         const = 8 + 32 / DQ_BLOCK if self.double_quant else 32

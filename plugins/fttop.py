@@ -10,7 +10,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from peftlab import Adapter, ComponentSpec, ValidationError, hookimpl, option, transformer_blocks
+from peftlab import Adapter, ComponentSpec, ValidationError, hookimpl, option
+from peftlab.toolkit import transformer_blocks
 
 
 class FineTuneTop(Adapter):

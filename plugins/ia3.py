@@ -16,15 +16,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from peftlab import (
-    Adapter,
-    ComponentSpec,
-    ValidationError,
-    hookimpl,
+from peftlab import Adapter, ComponentSpec, ValidationError, hookimpl, option
+from peftlab.toolkit import (
     is_conv1d,
     linear_dims,
     linear_targets,
-    option,
     peft_fan_in_fan_out,
     peft_target_names,
     replace_module,

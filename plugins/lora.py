@@ -15,16 +15,11 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from peftlab import (
-    Adapter,
-    ComponentSpec,
-    QuantizedLinear,
-    ValidationError,
-    hookimpl,
+from peftlab import Adapter, ComponentSpec, QuantizedLinear, ValidationError, hookimpl, option
+from peftlab.toolkit import (
     is_conv1d,
     linear_dims,
     linear_targets,
-    option,
     peft_fan_in_fan_out,
     peft_target_names,
     replace_module,

@@ -25,16 +25,8 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from peftlab import (
-    Adapter,
-    ComponentSpec,
-    ValidationError,
-    attention_geometry,
-    hookimpl,
-    install_kv_prefix,
-    option,
-    returned_cache,
-)
+from peftlab import Adapter, ComponentSpec, ValidationError, hookimpl, option
+from peftlab.toolkit import attention_geometry, install_kv_prefix, returned_cache
 
 MODULE = "peftlab_prefix"  # the prefix's parameters live in model.peftlab_prefix
 

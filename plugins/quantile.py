@@ -14,15 +14,8 @@ from __future__ import annotations
 
 import torch
 
-from peftlab import (
-    ComponentSpec,
-    QuantizedWeight,
-    Quantizer,
-    ValidationError,
-    check_block_size,
-    hookimpl,
-    kernels,
-)
+from peftlab import ComponentSpec, QuantizedWeight, Quantizer, ValidationError, hookimpl
+from peftlab.toolkit import blockwise, check_block_size
 
 
 def quantile_blocks(xb: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -64,12 +57,12 @@ class QuantileQuantizer(Quantizer):
             c, b = quantile_blocks(flat[nfull:].view(1, -1), self.bits)
             codes.append(c.reshape(-1))
             books.append(b)
-        tensors = {"codes": kernels.pack_bits(torch.cat(codes), self.bits), "codebook": torch.cat(books)}
+        tensors = {"codes": blockwise.pack_bits(torch.cat(codes), self.bits), "codebook": torch.cat(books)}
         return QuantizedWeight(self.family, tuple(w.shape), w.dtype, tensors, {"bits": self.bits, "block": block})
 
     def dequantize(self, q: QuantizedWeight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         bits, block, n = q.meta["bits"], q.meta["block"], q.numel
-        codes = kernels.unpack_bits(q.tensors["codes"], bits, n)
+        codes = blockwise.unpack_bits(q.tensors["codes"], bits, n)
         row = torch.arange(n, device=codes.device) // block
         vals = q.tensors["codebook"].reshape(-1)[row * 2**bits + codes]
         return vals.to(dtype).reshape(q.shape)

@@ -1,6 +1,7 @@
 """The layering, checked on the source: no import cycle among engine modules, the plugin API
-(``peftlab/plugin/``) imports nothing else from peftlab, the engine never imports the built-in
-plugins, and built-in plugins import only from ``peftlab`` itself. Imports inside functions count;
+(``peftlab/plugin/``) imports nothing else from peftlab, no import runs against the stage order
+(:data:`STAGES`), the engine never imports the built-in plugins, and built-in plugins import only
+from ``peftlab`` itself. Imports inside functions count;
 imports under ``if TYPE_CHECKING:`` do not (they never run)."""
 
 import ast
@@ -97,6 +98,48 @@ def test_no_import_cycle_among_engine_modules():
     assert cycles(engine) == []
 
 
+#: the engine's stages, in the order data flows; a module may import its own stage and earlier ones
+STAGES = [
+    ("peftlab.plugin", "peftlab.toolkit"),
+    ("peftlab.registry", "peftlab.host", "peftlab.defaults", "peftlab.atomic", "peftlab.gitinfo",
+     "peftlab.provenance", "peftlab.architectures", "peftlab.record"),
+    ("peftlab.quantize", "peftlab.adapt", "peftlab.data", "peftlab.kernels", "peftlab.cache"),
+    ("peftlab.evaluate",),
+    ("peftlab.cell",),
+    ("peftlab.sweep",),
+    ("peftlab.report",),
+    ("peftlab.analyses",),
+    ("peftlab.gpu",),
+    ("peftlab.cli",),
+]
+
+
+def stage_of(module: str) -> int | None:
+    for i, prefixes in enumerate(STAGES):
+        if any(module == p or module.startswith(p + ".") for p in prefixes):
+            return i
+    return None
+
+
+def test_every_engine_module_has_a_stage():
+    assert sorted(m for m in MODULES if m != "peftlab" and stage_of(m) is None) == []
+
+
+def backward_imports(graph: dict[str, set[str]]) -> list[str]:
+    return sorted(f"{m} -> {d}" for m, deps in graph.items() if m != "peftlab"
+                  for d in deps if d != "peftlab" and (stage_of(d) or 0) > (stage_of(m) or 0))
+
+
+def test_the_stage_checker_sees_an_arrow_running_back():
+    assert backward_imports({"peftlab.evaluate.generate": {"peftlab.cell.run"}}) == [
+        "peftlab.evaluate.generate -> peftlab.cell.run"]
+    assert backward_imports({"peftlab.cell.run": {"peftlab.evaluate.generate"}}) == []
+
+
+def test_no_import_runs_against_the_stage_order():
+    assert backward_imports(GRAPH) == []
+
+
 def imports_top_level(path: Path) -> bool:
     """``import peftlab`` or ``from peftlab import ...`` anywhere in ``path``."""
     for node in ast.walk(ast.parse(path.read_text())):
@@ -128,12 +171,23 @@ def test_the_engine_never_imports_the_built_in_plugins():
 @pytest.mark.parametrize("path", sorted((ROOT / "plugins").glob("*.py")), ids=lambda p: p.name)
 def test_built_in_plugins_import_only_the_public_api(path):
     used = {i for i in runtime_imports(path) if i.startswith("peftlab")}
-    # `from peftlab import X` records "peftlab" and "peftlab.X"; only names, never engine modules
-    assert not used & set(MODULES) - {"peftlab", "peftlab.plugin.kernels"}, sorted(used & set(MODULES))
+    # `from peftlab import X` records "peftlab" and "peftlab.X": only the core's and the toolkit's names
+    import peftlab
+    import peftlab.toolkit
+
+    public = {f"peftlab.{n}" for n in peftlab.__all__} | {f"peftlab.toolkit.{n}" for n in peftlab.toolkit.__all__}
+    assert sorted(used - {"peftlab", "peftlab.toolkit"} - public) == []
+
+
+def test_the_toolkit_imports_only_the_plugin_api():
+    outside = {i for i in runtime_imports(PACKAGE / "toolkit.py") if i.startswith("peftlab")}
+    assert sorted(i for i in outside if not i.startswith("peftlab.plugin")) == []
+
+
+def test_the_core_is_small():
     import peftlab
 
-    for name in used - {"peftlab"}:
-        assert name.removeprefix("peftlab.") in peftlab.__all__, f"{path.name} imports {name}, not public API"
+    assert len(peftlab.__all__) <= 16, peftlab.__all__
 
 
 SPECS = [n for n in dir(hookspecs) if n.startswith("peftlab_")]
@@ -148,3 +202,12 @@ def test_every_hook_is_typed_and_documents_its_parameters(name):
     assert ":returns:" in doc or sig.return_annotation in ("None", None)
     for param in sig.parameters:
         assert f":param {param}:" in doc, f"{name} does not document {param}"
+
+
+def test_the_old_kernels_name_says_where_the_quantization_kernels_went():
+    import peftlab.kernels
+
+    with pytest.raises(AttributeError, match=r"peftlab\.toolkit\.blockwise\.pack_bits"):
+        peftlab.kernels.pack_bits  # noqa: B018
+    with pytest.raises(AttributeError, match="no attribute 'nothing_here'"):
+        peftlab.kernels.nothing_here  # noqa: B018

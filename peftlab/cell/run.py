@@ -98,17 +98,17 @@ def memory_reading(cfg: CellConfig) -> str:
 def run_cell(cfg: CellConfig, host: PluginHost, *, progress: bool = True,
              outputs: CellOutputs | None = None) -> dict[str, Any]:
     from peftlab.adapt.attach import attach
-    from peftlab.cell.cache import encode_cached
-    from peftlab.cell.compiled import check as check_compile
-    from peftlab.cell.heap import reuse_freed_memory
+    from peftlab.cache import encode_cached
     from peftlab.cell.measure import PeakMemory, backward_blocks, base_weight_bytes, trainable_bytes
     from peftlab.cell.models import load
     from peftlab.cell.train import train
-    from peftlab.compute import FrozenCast, frozen_to_compute
     from peftlab.data.prompts import encode
     from peftlab.data.splits import load_splits
     from peftlab.evaluate.generate import generate
     from peftlab.evaluate.score import score
+    from peftlab.kernels.compiled import check as check_compile
+    from peftlab.kernels.heap import reuse_freed_memory
+    from peftlab.kernels.precision import FrozenCast, frozen_to_compute
     from peftlab.provenance import device_name
     from peftlab.quantize.apply import quantize_
 
@@ -225,7 +225,7 @@ def keep(out: CellOutputs, rec: dict[str, Any], items, texts, model, adapter, ta
         rec["adapter.saved"] = str(out.adapter)
     if out.merged:
         if cast is not None:  # merge in the model's dtype (values stay the ones the cell computed with)
-            from peftlab.compute import restore_dtype
+            from peftlab.kernels.precision import restore_dtype
 
             restore_dtype(cast)
         merge_into(model, adapter, tok, out.merged)

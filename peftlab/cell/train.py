@@ -2,7 +2,7 @@
 
 The loss is the mean cross-entropy over response tokens. The output head runs only at those
 positions (prompt and padding positions never need logits), which on a 135M model with a 49k
-vocabulary saves a third of the step, and in chunks of rows (``peftlab.cell.head_loss``). A
+vocabulary saves a third of the step, and in chunks of rows (``peftlab.kernels.head_loss``). A
 non-finite loss stops training with the step it happened at.
 """
 
@@ -18,13 +18,19 @@ from typing import Any
 
 import torch
 
-from peftlab.cell import compiled
-from peftlab.cell.attention import ATTENTION_SETTINGS, attention, resolve
-from peftlab.cell.head_loss import head_loss
-from peftlab.cell.norm import NORM_SETTINGS, lean_norms
-from peftlab.cell.norm import resolve as resolve_norm
-from peftlab.compute import FROZEN_DTYPES, PRECISIONS, autocast, bf16_matmul_kind, bf16_matmuls
 from peftlab.data.prompts import IGNORE, batches
+from peftlab.kernels import compiled
+from peftlab.kernels.attention import ATTENTION_SETTINGS, attention, resolve
+from peftlab.kernels.head_loss import head_loss
+from peftlab.kernels.norm import NORM_SETTINGS, lean_norms
+from peftlab.kernels.norm import resolve as resolve_norm
+from peftlab.kernels.precision import (
+    FROZEN_DTYPES,
+    PRECISIONS,
+    autocast,
+    bf16_matmul_kind,
+    bf16_matmuls,
+)
 from peftlab.plugin.errors import PeftlabError, ValidationError
 
 OPTIMIZERS = ("adamw", "adamw8bit", "paged-adamw", "paged-adamw8bit")
@@ -53,9 +59,9 @@ class TrainConfig:
     grad_checkpointing: bool = False
     max_grad_norm: float | None = 1.0
     seed: int = 0
-    attention: str = "auto"  # auto: peftlab-cpu on CPU (peftlab.cell.attention), the model's own elsewhere
-    norm: str = "auto"  # auto: RMSNorm keeping bf16 inputs for backward on CPU (peftlab.cell.norm); model: its own
-    compile: str = "auto"  # auto: decoder layers compiled on CPU once the run is long enough to pay (peftlab.cell.compiled)
+    attention: str = "auto"  # auto: peftlab-cpu on CPU (peftlab.kernels.attention), the model's own elsewhere
+    norm: str = "auto"  # auto: RMSNorm keeping bf16 inputs for backward on CPU (peftlab.kernels.norm); model: its own
+    compile: str = "auto"  # auto: decoder layers compiled on CPU once the run is long enough to pay (peftlab.kernels.compiled)
 
     def __post_init__(self) -> None:
         checks = [
@@ -121,8 +127,8 @@ class TrainResult:
     epochs: float = 0.0
     optimizer_note: str = ""
     attention: str = ""  # the attention implementation training ran with
-    lean_norms: int = 0  # RMSNorm modules that ran peftlab.cell.norm's forward
-    compiled_layers: int = 0  # decoder layers that trained compiled (peftlab.cell.compiled)
+    lean_norms: int = 0  # RMSNorm modules that ran peftlab.kernels.norm's forward
+    compiled_layers: int = 0  # decoder layers that trained compiled (peftlab.kernels.compiled)
     compiled_from_step: int = 0  # the first step they ran compiled (1-based; 0: none did)
 
     @property

@@ -69,12 +69,12 @@ def _cmd_quantizers(args: argparse.Namespace) -> int:
         for spec in host.quantizers:
             print(f"{spec.name:20} {spec.summary}")
         return 0
+    from peftlab.analyses.quantizers import quantizer_table, report_markdown, to_markdown
     from peftlab.atomic import write_text_atomic
-    from peftlab.report.quantizers import quantizer_table, report_markdown, to_markdown
 
     real = None
     if args.model:
-        from peftlab.report.quantizers import model_weights
+        from peftlab.analyses.quantizers import model_weights
 
         real = model_weights(args.model)
     df = quantizer_table(host, rows=args.rows, cols=args.cols, repeats=args.repeats, real=real)

@@ -7,12 +7,12 @@ import json
 from pathlib import Path
 from typing import Any
 
-from peftlab.cell.attention import ATTENTION_SETTINGS
-from peftlab.cell.compiled import COMPILE_SETTINGS
 from peftlab.cell.config import parse_sets
-from peftlab.cell.norm import NORM_SETTINGS
 from peftlab.cli.common import metric_names, metric_settings
-from peftlab.compute import FROZEN_DTYPES
+from peftlab.kernels.attention import ATTENTION_SETTINGS
+from peftlab.kernels.compiled import COMPILE_SETTINGS
+from peftlab.kernels.norm import NORM_SETTINGS
+from peftlab.kernels.precision import FROZEN_DTYPES
 from peftlab.plugin.errors import ValidationError
 
 

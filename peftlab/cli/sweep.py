@@ -38,8 +38,8 @@ def run_sweep(args: argparse.Namespace) -> int:
     from peftlab.cell.models import ModelConfig
     from peftlab.cli.common import host_for
     from peftlab.report.sweep_report import render
-    from peftlab.sweep.executor_settings import ExecutorSettings
     from peftlab.sweep.executors import build_executor
+    from peftlab.sweep.executors.settings import ExecutorSettings
     from peftlab.sweep.experiment import load_experiment
     from peftlab.sweep.runner import sweep
 

@@ -45,7 +45,7 @@ def add_parsers(sub) -> None:
 
 
 def run_cache(args: argparse.Namespace) -> int:
-    from peftlab.cell.cache import cache_root, clear, size_bytes
+    from peftlab.cache import cache_root, clear, size_bytes
 
     root = cache_root()
     if root is None:
@@ -62,21 +62,21 @@ def run_cache(args: argparse.Namespace) -> int:
 
 
 def _architectures() -> list[str]:
-    from peftlab.report.ranks import ALIASES, ARCHITECTURES
+    from peftlab.architectures import ALIASES, ARCHITECTURES
 
     return [*ARCHITECTURES, *ALIASES]
 
 
 def run_estimate(args: argparse.Namespace) -> int:
+    from peftlab.analyses.estimate import activation_bytes, estimate
     from peftlab.plugin.errors import ValidationError
-    from peftlab.report.estimate import activation_bytes, estimate
 
     if args.report:
         return _memory_report(args)
     if args.model is not None:
         if args.model not in _architectures():
             raise ValidationError("model", args.model, "one of " + ", ".join(_architectures()))
-        from peftlab.report.memory import model_estimates
+        from peftlab.analyses.memory import model_estimates
 
         rows = model_estimates(args.model, host_for(args), adapter=args.adapter, rank=args.rank, targets=args.targets, seq=args.seq, batch=args.batch,
                                checkpointing=args.checkpointing, optimizer=args.optimizer)
@@ -100,8 +100,8 @@ def run_estimate(args: argparse.Namespace) -> int:
 
 
 def _memory_report(args: argparse.Namespace) -> int:
+    from peftlab.analyses.memory import memory_report
     from peftlab.plugin.errors import ValidationError
-    from peftlab.report.memory import memory_report
     from peftlab.sweep.store import ResultsStore
 
     folders = [Path(c) for c in args.check]
@@ -133,14 +133,14 @@ def _write_report(args: argparse.Namespace, text: str, rows: list[dict], csv_nam
 
 
 def run_table3(args: argparse.Namespace) -> int:
-    from peftlab.report.table3 import table3_report
+    from peftlab.analyses.table3 import table3_report
 
     text, rows = table3_report(host_for(args))
     return _write_report(args, text, rows, "table3.csv")
 
 
 def run_ranks(args: argparse.Namespace) -> int:
-    from peftlab.report.ranks import ranks_report
+    from peftlab.analyses.ranks import ranks_report
 
     text, rows = ranks_report(host_for(args), adapter=args.adapter, check_peer=not args.no_peft)
     return _write_report(args, text, rows, "ranks.csv")

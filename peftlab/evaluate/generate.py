@@ -10,7 +10,7 @@ own width, the next multiple of ``eval.pad_to``, and batches hold prompts of one
 The rest of batch invariance is the kernels'. torch's CPU SDPA kernel is not invariant: in its
 decoding step some rows rounded otherwise at batch 32 than at 16, and 3 of 50 SmolLM2-135M outputs
 changed with ``eval.batch_size``. ``eval.attention = "auto"`` therefore runs ``peftlab-cpu``
-attention on CPU, which is (:mod:`peftlab.cell.attention`). Linear layers compute a row the same
+attention on CPU, which is (:mod:`peftlab.kernels.attention`). Linear layers compute a row the same
 way whatever the number of rows (two or more: a lone row takes a matrix-vector kernel that rounds
 otherwise, so :mod:`peftlab.evaluate.decode` never runs one) on the 2-core AMD EPYC this was
 measured on: the same 50 outputs came out at batch sizes 16, 32 and 64, and the first 12 one at a
@@ -21,7 +21,7 @@ and lets finished rows leave a batch only where that changes no output (the reco
 ``gen.rows_leave``; tested: ``tests/cell/test_generate_batching.py``, ``tests/cell/test_decode.py``).
 
 Greedy decoding runs :func:`peftlab.evaluate.decode.greedy`; on CPU in bf16 the linear layers
-multiply with weights laid out once (:mod:`peftlab.evaluate.packed`, the same bits). Beam search
+multiply with weights laid out once (:mod:`peftlab.kernels.packed`, the same bits). Beam search
 runs ``transformers.generate``. Inputs are batched longest first.
 """
 
@@ -34,10 +34,10 @@ from typing import Any
 import torch
 
 import peftlab.defaults as defaults
-from peftlab.cell.attention import ATTENTION_SETTINGS, NAME, attention, resolve
-from peftlab.compute import autocast, compute_dtype
 from peftlab.data.prompts import prompt_ids
 from peftlab.data.splits import EvalItem
+from peftlab.kernels.attention import ATTENTION_SETTINGS, NAME, attention, resolve
+from peftlab.kernels.precision import autocast, compute_dtype
 from peftlab.plugin.errors import ValidationError
 
 
@@ -72,7 +72,7 @@ class Generations:
     new_tokens: int = 0
     seconds: float = 0.0
     attention: str = ""  # the attention implementation generation ran with
-    packed_linears: int = 0  # linear layers that multiplied with weights laid out once (peftlab.evaluate.packed)
+    packed_linears: int = 0  # linear layers that multiplied with weights laid out once (peftlab.kernels.packed)
     rows_leave: bool | None = None  # greedy: finished rows left their batch (decode.rows_round_alike); beams: None
 
     @property
@@ -116,7 +116,7 @@ def generate(model, tokenizer, items: list[EvalItem], cfg: EvalConfig, *, device
     from tqdm.auto import tqdm
 
     from peftlab.evaluate.decode import greedy, rows_round_alike
-    from peftlab.evaluate.packed import packed_linears
+    from peftlab.kernels.packed import packed_linears
 
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     prompts = [prompt_ids(tokenizer, it.instruction, it.context) for it in items]

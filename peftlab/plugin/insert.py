@@ -58,17 +58,6 @@ def insert_after(sublayer: nn.Module, name: str, module: nn.Module) -> None:
     handles[name] = sublayer.register_forward_hook(_after(name))
 
 
-def remove_inserted(sublayer: nn.Module, name: str) -> nn.Module:
-    """Undo :func:`insert_after`; returns the module that was inserted."""
-    handles = sublayer.__dict__.get("_peftlab_inserted", {})
-    if name not in handles:
-        raise ValidationError("remove_inserted name", name, f"a module inserted into {type(sublayer).__name__}")
-    handles.pop(name).remove()
-    module = getattr(sublayer, name)
-    delattr(sublayer, name)
-    return module
-
-
 def norm_layers(model: nn.Module, within: str | None = None) -> dict[str, nn.Module]:
     """The normalisation layers (LayerNorm, RMSNorm, ... by class name) of ``model``, or of the
     submodule named ``within``; their parameters are what "trainable LayerNorms" train."""

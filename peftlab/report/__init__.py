@@ -1,2 +1,1 @@
-"""Reports: pure functions of stored records and of plugin counts (tables, plots, report.md; ranks,
-memory, quantizers)."""
+"""Reports: pure functions of stored records (tables, plots, report.md, outputs side by side)."""

@@ -256,7 +256,7 @@ def load_experiment(path: str | Path, overrides: list[str] | tuple[str, ...] = (
                 raise ValidationError("override", key, f"name, adapter, quantizer, memory_mode, grid.<axis> or section.field "
                                       f"with section in {', '.join(SECTIONS)}")
     check_name(exp.name)
-    from peftlab.sweep.executor_settings import ExecutorSettings
+    from peftlab.sweep.executors.settings import ExecutorSettings
 
     ExecutorSettings.from_sources(exp.executor)  # checked now, built by the sweep
     if exp.save_adapters not in SAVE_ADAPTERS:

@@ -24,9 +24,9 @@ NEW = ("adapter.trains_base", "adapter.size_setting", "adapter.size", "params.ba
 
 def migrate_record(rec: dict[str, Any], host: PluginHost) -> dict[str, Any]:
     from peftlab.adapt.attach import attach
+    from peftlab.architectures import ALIASES, meta_model
     from peftlab.cell.measure import backward_blocks, trainable_bytes
     from peftlab.cell.run import adapter_fields
-    from peftlab.report.ranks import ALIASES, meta_model
 
     spec = host.adapters.get(rec["adapter"])
     params = {k.removeprefix("adapter."): _value(v) for k, v in rec.items()

@@ -46,17 +46,17 @@ def train_step(model: torch.nn.Module, loss_fn: Callable[[dict], torch.Tensor]) 
 def cell_loss(model: torch.nn.Module, precision: str | None = None, compiled: bool = False) -> Callable[[dict], torch.Tensor]:
     """The loss as a cell's training step computes it on CPU: the head only at response positions,
     in chunks, under the attention ``train.attention = "auto"`` picks (``peftlab-cpu``) and the
-    norms ``train.norm = "auto"`` picks (``peftlab.cell.norm``), and under bf16 autocast when
+    norms ``train.norm = "auto"`` picks (``peftlab.kernels.norm``), and under bf16 autocast when
     ``precision`` is ``"bf16"``; with ``compiled``, through compiled decoder layers, as a cell runs
-    once ``train.compile`` compiles (``peftlab.cell.compiled``)."""
+    once ``train.compile`` compiles (``peftlab.kernels.compiled``)."""
     import contextlib
 
-    from peftlab.cell.attention import attention, resolve
-    from peftlab.cell.compiled import compiled_layers
-    from peftlab.cell.norm import lean_norms
-    from peftlab.cell.norm import resolve as resolve_norm
     from peftlab.cell.train import response_loss
-    from peftlab.compute import autocast
+    from peftlab.kernels.attention import attention, resolve
+    from peftlab.kernels.compiled import compiled_layers
+    from peftlab.kernels.norm import lean_norms
+    from peftlab.kernels.norm import resolve as resolve_norm
+    from peftlab.kernels.precision import autocast
 
     cpu = torch.device("cpu")
 
@@ -95,9 +95,9 @@ def _status_kib(field: str) -> int:
 
 
 def cell_heap(variant: str):
-    """The allocator setting a CPU cell trains under (``peftlab.cell.heap``: freed memory kept for
+    """The allocator setting a CPU cell trains under (``peftlab.kernels.heap``: freed memory kept for
     the next step) for peftlab's variants; a peer runs under glibc's own."""
-    from peftlab.cell.heap import reuse_freed_memory
+    from peftlab.kernels.heap import reuse_freed_memory
 
     return reuse_freed_memory(variant.startswith("peftlab"))
 

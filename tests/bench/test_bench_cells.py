@@ -8,10 +8,10 @@ NF4 with double quantization, bf16 compute). Batch 8 x 128 tokens, half of them 
   stored in bf16, the head only at response positions and in chunks, ``peftlab-cpu`` attention)
   against peft on the same model under the same autocast (``model(**batch).loss``). Goal: tokens/s
   at least 1.3x peft's, peak memory no higher. The ``-compiled`` variants run the same step through
-  compiled decoder layers (``train.compile``'s fast path for long runs, ``peftlab.cell.compiled``;
+  compiled decoder layers (``train.compile``'s fast path for long runs, ``peftlab.kernels.compiled``;
   the warm-up rounds compile), against the same peer, not compiled, in groups of their own.
 - Each peftlab variant runs under the allocator setting a CPU cell trains under (freed memory kept
-  for the next step, ``peftlab.cell.heap``); the peers under glibc's own.
+  for the next step, ``peftlab.kernels.heap``); the peers under glibc's own.
 - **Memory reading** (one round = one step): the same peftlab step with the ``heap`` reading running
   (its sampler thread, a reading after the forward pass) against no reading at all (the "peer").
   Goal: at most 5% slower. Since two benchmarks run one after the other on two model instances,
@@ -78,8 +78,8 @@ def with_lora(model) -> None:
 def build(variant: str):
     """(model, loss function) for ``peftlab-lora``, ``peft-lora``, ``peftlab-qlora``, ``peft-qlora``."""
     from peftlab.adapt.attach import attach
-    from peftlab.cell.cache import cached_gguf_folder
-    from peftlab.compute import autocast, frozen_to_compute
+    from peftlab.cache import cached_gguf_folder
+    from peftlab.kernels.precision import autocast, frozen_to_compute
     from peftlab.quantize.apply import quantize_
 
     impl, method = variant.split("-", 1)
@@ -178,9 +178,9 @@ def interleaved_ratio(step, pairs: int = 5) -> float:
 
 def peer_generate(model, tok, items, max_new_tokens: int, batch_size: int = 16):
     """What peftlab did before: batches in input order, left-padded to their longest prompt."""
-    from peftlab.compute import autocast
     from peftlab.data.prompts import prompt_ids
     from peftlab.evaluate.generate import Generations, left_padded
+    from peftlab.kernels.precision import autocast
 
     prompts = [prompt_ids(tok, it.instruction, it.context) for it in items]
     out = Generations()

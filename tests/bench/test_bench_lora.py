@@ -12,7 +12,7 @@ base's smaller weights show), with the peak reset after building so load-time tr
 and over steps 2-4 alone (after a compiled variant's compile), printed in brackets.
 
 Each variant also runs with its decoder layers compiled (``-compiled``: ``train.compile``'s fast
-path, ``peftlab.cell.compiled``), against the same peft peer, not compiled, in a group of its own.
+path, ``peftlab.kernels.compiled``), against the same peft peer, not compiled, in a group of its own.
 The first rounds compile (the warm-up rounds take it), so the times are the compiled steady state.
 
 The variants also run in turn in one process (``test_variants_in_turn``: one round = one step

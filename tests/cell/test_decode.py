@@ -7,14 +7,14 @@ import torch
 
 from peftlab import load_host
 from peftlab.adapt.attach import attach
-from peftlab.cell.attention import NAME, attention
 from peftlab.cell.models import ModelConfig, load
-from peftlab.compute import autocast, frozen_to_compute
 from peftlab.data.prompts import prompt_ids
 from peftlab.data.sources import DataConfig
 from peftlab.data.splits import load_splits
 from peftlab.evaluate.decode import decoding_cache, greedy, rows_round_alike
 from peftlab.evaluate.generate import left_padded, padded_width
+from peftlab.kernels.attention import NAME, attention
+from peftlab.kernels.precision import autocast, frozen_to_compute
 
 HOST = load_host()
 CPU = torch.device("cpu")

@@ -9,11 +9,11 @@ from peftlab import ValidationError, load_host
 from peftlab.adapt.attach import attach
 from peftlab.cell.models import ModelConfig, load
 from peftlab.cell.train import TrainConfig, train
-from peftlab.compute import frozen_to_compute, restore_dtype
 from peftlab.data.prompts import encode
 from peftlab.data.sources import DataConfig
 from peftlab.data.splits import load_splits
 from peftlab.evaluate.generate import EvalConfig, generate
+from peftlab.kernels.precision import frozen_to_compute, restore_dtype
 
 HOST = load_host()
 CPU = torch.device("cpu")

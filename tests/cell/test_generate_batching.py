@@ -10,11 +10,11 @@ import torch
 from peftlab import load_host
 from peftlab.adapt.attach import attach
 from peftlab.cell.models import ModelConfig, load
-from peftlab.compute import autocast, frozen_to_compute
 from peftlab.data.prompts import prompt_ids
 from peftlab.data.sources import DataConfig
 from peftlab.data.splits import load_splits
 from peftlab.evaluate.generate import EvalConfig, batch_plan, generate, left_padded
+from peftlab.kernels.precision import autocast, frozen_to_compute
 
 HOST = load_host()
 CPU = torch.device("cpu")

@@ -210,7 +210,8 @@ def test_a_base_training_adapter_under_any_name_is_skipped_over_a_quantized_base
     """The veto comes from what the adapter declares (trains_base), not from its registered name."""
     from peftlab_plugins.full import FullFineTuning
 
-    from peftlab import ComponentSpec, PluginHost, hookimpl
+    from peftlab import ComponentSpec, hookimpl
+    from peftlab.host import PluginHost
 
     class Renamed:
         @hookimpl

@@ -44,7 +44,7 @@ def test_block_sizes_equal_bitsandbytes(block, gen):
 
 def test_large_weight_crosses_chunks(gen, monkeypatch):
     """Chunk boundaries of our kernel must not change a byte."""
-    import peftlab.plugin.kernels as k
+    import peftlab.plugin.blockwise as k
 
     monkeypatch.setattr(k, "CHUNK", 4096)
     w = weight((97, 1001), torch.float32, gen)

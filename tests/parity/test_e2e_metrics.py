@@ -13,9 +13,10 @@ import shutil
 
 import pytest
 
-from peftlab import PluginError, ptb_tokenize
+from peftlab import PluginError
 from peftlab.data import e2e_synth
 from peftlab.plugin.ptb import _java_lines, _port
+from peftlab.toolkit import ptb_tokenize
 
 pytest.importorskip("pycocoevalcap")
 needs_java = pytest.mark.skipif(shutil.which("java") is None, reason="needs java (the PTB tokenizer and METEOR jars)")

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 from peftlab_plugins.e2e import coco_rouge_l
 
-from peftlab import ValidationError, ptb_tokenize
+from peftlab import ValidationError
+from peftlab.toolkit import ptb_tokenize
 
 sacrebleu = pytest.importorskip("sacrebleu")
 rouge_scorer = pytest.importorskip("rouge_score.rouge_scorer")

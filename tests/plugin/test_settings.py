@@ -77,7 +77,7 @@ def test_every_builtin_adapter_declares_a_schema_with_help_for_each_option():
         if spec.name == "full":
             assert schema is None
             continue
-        from peftlab import describe_schema
+        from peftlab.toolkit import describe_schema
 
         assert schema is not None, spec.name
         assert all(o.help for o in describe_schema(schema)), spec.name

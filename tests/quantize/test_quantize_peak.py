@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from peftlab import Quantizer, load_host, quantize_
-from peftlab.cell.measure import heap_in_use
+from peftlab.kernels.heap import heap_in_use
 
 HOST = load_host()
 

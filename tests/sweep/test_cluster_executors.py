@@ -10,10 +10,11 @@ from pathlib import Path
 import pytest
 
 from peftlab import ValidationError, load_host
-from peftlab.sweep.executor_settings import ExecutorSettings
 from peftlab.sweep.executors import build_executor
+from peftlab.sweep.executors.base import run_worker_process
+from peftlab.sweep.executors.settings import ExecutorSettings
 from peftlab.sweep.experiment import load_experiment
-from peftlab.sweep.runner import run_worker_process, sweep
+from peftlab.sweep.runner import sweep
 
 TINY = Path(__file__).parents[1] / "fixtures" / "tiny_grid.toml"
 HOST = load_host()
@@ -54,7 +55,7 @@ def grid_with_a_killed_cell_then_resume(tmp_path, make_executor):
 
 def test_ray_runs_the_grid_turns_a_killed_worker_into_a_failed_row_and_resumes(tmp_path):
     ray = pytest.importorskip("ray")
-    from peftlab.sweep.ray_executor import RayExecutor
+    from peftlab.sweep.executors.ray import RayExecutor
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)  # the local instance
     try:
@@ -71,7 +72,7 @@ def test_ray_runs_the_grid_turns_a_killed_worker_into_a_failed_row_and_resumes(t
 
 def test_submitit_local_runs_the_grid_turns_a_killed_job_into_a_failed_row_and_resumes(tmp_path):
     pytest.importorskip("submitit")
-    from peftlab.sweep.slurm_executor import SlurmExecutor
+    from peftlab.sweep.executors.slurm import SlurmExecutor
 
     def make(task):
         ex = SlurmExecutor(tmp_path / "slurm", cluster="local", cpus=1, poll_s=0.5)
@@ -84,7 +85,7 @@ def test_submitit_local_runs_the_grid_turns_a_killed_job_into_a_failed_row_and_r
 
 def test_a_ray_address_that_does_not_answer_is_refused_at_once(tmp_path):
     pytest.importorskip("ray")
-    from peftlab.sweep.ray_executor import RayExecutor
+    from peftlab.sweep.executors.ray import RayExecutor
 
     exp = load_experiment(TINY)
     start = time.perf_counter()
@@ -96,7 +97,7 @@ def test_a_ray_address_that_does_not_answer_is_refused_at_once(tmp_path):
 
 def test_a_refused_slurm_submission_is_named_and_keeps_finished_records(tmp_path):
     pytest.importorskip("submitit")
-    from peftlab.sweep.slurm_executor import SlurmExecutor
+    from peftlab.sweep.executors.slurm import SlurmExecutor
 
     class Refusing(SlurmExecutor):
         def executor(self):
@@ -143,8 +144,8 @@ def test_a_missing_extra_is_named(monkeypatch):
         return real(name, *args, **kwargs)
 
     monkeypatch.setattr(builtins, "__import__", no_ray)
-    from peftlab.sweep.ray_executor import import_ray
-    from peftlab.sweep.slurm_executor import import_submitit
+    from peftlab.sweep.executors.ray import import_ray
+    from peftlab.sweep.executors.slurm import import_submitit
 
     with pytest.raises(ValidationError, match=r"pip install 'peftlab\[ray\]'"):
         import_ray()

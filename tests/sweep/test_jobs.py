@@ -8,8 +8,10 @@ from pathlib import Path
 import pytest
 
 from peftlab import ValidationError, load_host
+from peftlab.sweep.executors.local import LocalProcessExecutor, job_slots
 from peftlab.sweep.experiment import load_experiment
-from peftlab.sweep.runner import LocalProcessExecutor, job_slots, same_place, sweep
+from peftlab.sweep.resume import same_place
+from peftlab.sweep.runner import sweep
 
 TINY = Path(__file__).parents[1] / "fixtures" / "tiny_grid.toml"
 HOST = load_host()

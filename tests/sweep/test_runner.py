@@ -15,15 +15,11 @@ from peftlab.atomic import write_text_atomic
 from peftlab.cell.run import run_cell
 from peftlab.report.sweep_report import render
 from peftlab.report.tables import COLUMNS, aggregate, t95, to_frame
+from peftlab.sweep.executors import Executor, LocalProcessExecutor
+from peftlab.sweep.executors.base import cell_identity, own_record
 from peftlab.sweep.experiment import load_experiment
-from peftlab.sweep.runner import (
-    Executor,
-    LocalProcessExecutor,
-    cell_identity,
-    here,
-    own_record,
-    sweep,
-)
+from peftlab.sweep.resume import here
+from peftlab.sweep.runner import sweep
 from peftlab.sweep.store import ResultsStore, write_record_file
 
 TINY = Path(__file__).parents[1] / "fixtures" / "tiny_grid.toml"

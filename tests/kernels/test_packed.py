@@ -1,4 +1,4 @@
-"""Linear layers packed for generation (``peftlab.evaluate.packed``) change no bit of a model's
+"""Linear layers packed for generation (``peftlab.kernels.packed``) change no bit of a model's
 logits (frozen bf16 weights with LoRA, trainable fp32 weights under autocast), are unpacked after
 the block, and a weight shape whose packed product differs keeps the plain forward."""
 
@@ -6,9 +6,9 @@ import pytest
 import torch
 from test_decode import bf16_lora
 
-import peftlab.evaluate.packed as packed
+import peftlab.kernels.packed as packed
 from peftlab.cell.models import ModelConfig, load
-from peftlab.compute import autocast
+from peftlab.kernels.precision import autocast
 
 CPU = torch.device("cpu")
 pytestmark = pytest.mark.skipif(not packed.available(), reason="oneDNN has no bf16 linear ops on this torch or CPU (AVX-512 or AVX-NE-CONVERT needed)")

@@ -13,7 +13,7 @@ import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from peftlab.report.ranks import architecture_counts
+from peftlab.analyses.ranks import architecture_counts
 
 if TYPE_CHECKING:
     from peftlab.host import PluginHost

@@ -14,13 +14,13 @@ from collections.abc import Callable
 from typing import Any
 
 from peftlab.plugin.errors import ValidationError
-from peftlab.sweep.experiment import PlannedCell
-from peftlab.sweep.runner import (
+from peftlab.sweep.executors.base import (
     ClusterExecutor,
     exit_reason,
     worker_command,
     written_or_failed,
 )
+from peftlab.sweep.experiment import PlannedCell
 from peftlab.sweep.store import CellFiles
 
 

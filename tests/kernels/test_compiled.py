@@ -1,4 +1,4 @@
-"""``peftlab.cell.compiled``: training through compiled decoder layers gives the eager losses and
+"""``peftlab.kernels.compiled``: training through compiled decoder layers gives the eager losses and
 weights within bf16 rounding and leaves the model as it was; ``auto`` compiles only when the run
 left is long enough to pay; a setting the machine cannot run is refused before anything loads."""
 
@@ -7,13 +7,13 @@ import torch
 
 from peftlab import ValidationError, load_host
 from peftlab.adapt.attach import attach
-from peftlab.cell import compiled
 from peftlab.cell.models import ModelConfig, load
 from peftlab.cell.train import TrainConfig, train
 from peftlab.cell.train import checkpointing as checkpointing_on
 from peftlab.data.prompts import encode
 from peftlab.data.sources import DataConfig
 from peftlab.data.splits import load_splits
+from peftlab.kernels import compiled
 
 CPU = torch.device("cpu")
 HOST = load_host()
@@ -53,8 +53,8 @@ def test_compiled_gradients_match_eager(adapter, checkpointing, seed):
     wraps each layer's call): the loss and every trainable parameter's gradient agree within bf16 tolerance (compared after one backward, not after optimizer steps,
     where Adam turns a rounding-sized gradient of either sign into a full step)."""
     from peftlab.cell.train import response_loss
-    from peftlab.compute import autocast
     from peftlab.data.prompts import pad_batch
+    from peftlab.kernels.precision import autocast
 
     seed %= 1000
     torch.manual_seed(seed)

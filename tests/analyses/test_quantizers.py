@@ -5,8 +5,8 @@ import json
 import pandas as pd
 import pytest
 
+from peftlab.analyses.quantizers import COLUMNS, quantizer_table
 from peftlab.cli.main import main
-from peftlab.report.quantizers import COLUMNS, quantizer_table
 
 
 def test_list(capsys):
@@ -52,7 +52,7 @@ def test_bad_numbers(argv, capsys):
 
 
 def test_report_measures_error_on_a_models_real_weights(host, tmp_path):
-    from peftlab.report.quantizers import model_weights, rel_error, rel_error_many
+    from peftlab.analyses.quantizers import model_weights, rel_error, rel_error_many
 
     weights = model_weights("tiny-gpt2")
     assert len(weights) == 8 and "lm_head" not in " ".join(weights)  # 4 Conv1D per block, 2 blocks

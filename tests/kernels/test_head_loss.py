@@ -1,4 +1,4 @@
-"""The chunked head loss (``peftlab.cell.head_loss``) gives the plain path's loss and gradients
+"""The chunked head loss (``peftlab.kernels.head_loss``) gives the plain path's loss and gradients
 (``cross_entropy(head(hidden).float(), targets)``) on fresh random inputs: in fp32 to rounding,
 under bf16 autocast as close to the fp32 result as the plain bf16 path, for a frozen head, a
 trained one and one with a bias, with row counts that are not a multiple of the chunk."""
@@ -7,8 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from peftlab.cell.head_loss import head_loss
-from peftlab.compute import autocast
+from peftlab.kernels.head_loss import head_loss
+from peftlab.kernels.precision import autocast
 
 CPU = torch.device("cpu")
 

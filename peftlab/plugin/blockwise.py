@@ -1,4 +1,4 @@
-"""Format-neutral quantization kernels in plain torch, shared by the quantizer plugins.
+"""Format-neutral blockwise quantization kernels in plain torch, shared by the quantizer plugins.
 
 Nothing here knows a format by name: callers pass codebooks. The 4-bit kernels follow the
 bitsandbytes storage layout (blocks of ``block`` values, one fp32 absmax per block, two codes

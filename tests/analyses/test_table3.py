@@ -1,7 +1,7 @@
 """The Table 3 parameter report: the rows that derive from the paper's settings do, exactly."""
 
 from peftlab import load_host
-from peftlab.report.table3 import table3_report
+from peftlab.analyses.table3 import table3_report
 
 
 def test_table3_rows_derive_where_the_paper_allows_and_say_so_where_not():

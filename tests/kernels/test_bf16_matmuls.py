@@ -1,5 +1,5 @@
 """bf16 matrix products through fp32 GEMMs on CPUs without bf16 matrix kernels
-(``peftlab.compute.bf16_matmuls``): the same arithmetic as a bf16 GEMM accumulating in fp32, so the
+(``peftlab.kernels.precision.bf16_matmuls``): the same arithmetic as a bf16 GEMM accumulating in fp32, so the
 two differ only by their accumulation order and the final rounding: each fp32 sum of K products is
 within K·2^-24·Σ|a·b| of the exact one, and each rounding to bf16 within half a bf16 step, so they
 lie at most one bf16 step plus twice that accumulation bound apart (which matters only where a sum
@@ -9,7 +9,7 @@ emulation is forced here, on whatever CPU runs the tests."""
 import pytest
 import torch
 
-from peftlab import compute
+from peftlab.kernels import precision as compute
 
 
 @pytest.fixture

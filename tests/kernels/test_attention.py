@@ -8,12 +8,12 @@ import torch.nn.functional as F
 
 from peftlab import ValidationError, load_host
 from peftlab.adapt.attach import attach
-from peftlab.cell.attention import NAME, _Attention, _bias, attention, attention_forward
 from peftlab.cell.models import ModelConfig, load
 from peftlab.cell.train import TrainConfig, train
 from peftlab.data.prompts import encode
 from peftlab.data.sources import DataConfig
 from peftlab.data.splits import load_splits
+from peftlab.kernels.attention import NAME, _Attention, _bias, attention, attention_forward
 
 CPU = torch.device("cpu")
 HOST = load_host()
@@ -165,8 +165,8 @@ def test_model_gradients_equal_sdpa(seed):
     (all gradients as one vector, relative to its norm; over 20 seeds ours/eager read 0.93-1.12,
     while eager/SDPA read 0.81-1.65)."""
     from peftlab.cell.train import response_loss
-    from peftlab.compute import autocast
     from peftlab.data.prompts import pad_batch
+    from peftlab.kernels.precision import autocast
 
     torch.manual_seed(seed % 1000)
     loaded = load(ModelConfig("tiny-llama"), seed=seed % 1000)

@@ -3,7 +3,7 @@
 import pytest
 
 from peftlab import ValidationError
-from peftlab.report.estimate import activation_bytes, estimate
+from peftlab.analyses.estimate import activation_bytes, estimate
 
 GB = 1e9
 
@@ -49,7 +49,7 @@ def test_estimate_cli_prints_the_three_methods(capsys):
 
 
 def test_the_lectures_40_gb_for_lora_needs_activations():
-    from peftlab.report.memory import TEN_B_SHAPE
+    from peftlab.analyses.memory import TEN_B_SHAPE
 
     lora = estimate(10e9, method="lora", trainable=20e6)
     assert lora.total / GB == pytest.approx(20.24)  # the per-parameter accounting alone
@@ -59,7 +59,7 @@ def test_the_lectures_40_gb_for_lora_needs_activations():
 
 def test_model_estimates_use_exact_counts():
     from peftlab import load_host
-    from peftlab.report.memory import model_estimates
+    from peftlab.analyses.memory import model_estimates
 
     full, lora, qlora = model_estimates("Llama-2-7B", load_host(), rank=8, seq=512, batch=2)
     assert full.params == 6_738_415_616 and full.weights == 2 * 6_738_415_616
@@ -79,7 +79,7 @@ def _record(**kw):
 
 
 def test_record_estimate_terms():
-    from peftlab.report.memory import record_estimate
+    from peftlab.analyses.memory import record_estimate
 
     e = record_estimate(_record())
     assert e == {"weights": 4000 + 40, "gradients": 40, "optimizer": 80, "autocast_copies": 2 * 990,
@@ -138,7 +138,7 @@ def test_estimate_refuses_negative_and_infinite_numbers(args, capsys):
 def test_a_steps_peak_holds_the_larger_of_gradients_and_activations():
     """Backward frees each activation as it makes a gradient, so full fine-tuning's peak is not
     gradients plus activations; LoRA's tiny gradients leave its peak at the activations."""
-    from peftlab.report.memory import peak_bytes, record_estimate
+    from peftlab.analyses.memory import peak_bytes, record_estimate
 
     full = estimate(10e9, activations=5 * GB)
     assert full.peak == full.total - 5 * GB  # 20 GB of gradients outweigh 5 GB of activations

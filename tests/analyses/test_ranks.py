@@ -3,7 +3,8 @@
 import pytest
 
 from peftlab import load_host
-from peftlab.report.ranks import architecture_counts, lecture_table, meta_model
+from peftlab.analyses.ranks import architecture_counts, lecture_table
+from peftlab.architectures import meta_model
 
 HOST = load_host()
 
@@ -35,7 +36,7 @@ def test_the_seed_blog_example_512x512_at_rank_2():
     import torch
 
     from peftlab import attach
-    from peftlab.report.ranks import lecture_count
+    from peftlab.analyses.ranks import lecture_count
 
     model = torch.nn.Sequential(torch.nn.Linear(512, 512, bias=False))
     report = attach(model, HOST.adapters.build("lora", r=2, target_modules=["0"]))

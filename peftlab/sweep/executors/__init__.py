@@ -1,12 +1,15 @@
-"""The executor an :class:`ExecutorSettings` describes: local processes, Ray tasks or Slurm jobs."""
+"""Where a sweep's cells run: one module per executor (``local``, ``ray``, ``slurm``), their shared
+interface in ``base``, and :func:`build_executor`, which builds the one an :class:`ExecutorSettings`
+describes (``settings``)."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
-from peftlab.sweep.executor_settings import ExecutorSettings
-from peftlab.sweep.runner import Executor, LocalProcessExecutor
+from peftlab.sweep.executors.base import Executor
+from peftlab.sweep.executors.local import LocalProcessExecutor
+from peftlab.sweep.executors.settings import ExecutorSettings
 
 
 def build_executor(settings: ExecutorSettings, device_type: str, out: Path, progress: bool = True) -> Executor:
@@ -15,12 +18,15 @@ def build_executor(settings: ExecutorSettings, device_type: str, out: Path, prog
     cpus = settings.cpus_per_cell if settings.cpus_per_cell is not None else \
         (1 if gpus else len(os.sched_getaffinity(0)))
     if settings.kind == "ray":
-        from peftlab.sweep.ray_executor import RayExecutor
+        from peftlab.sweep.executors.ray import RayExecutor
 
         return RayExecutor(settings.ray_address, cpus=cpus, gpus=gpus)
     if settings.kind == "slurm":
-        from peftlab.sweep.slurm_executor import SlurmExecutor
+        from peftlab.sweep.executors.slurm import SlurmExecutor
 
         return SlurmExecutor(Path(out) / "slurm", partition=settings.partition, time_min=settings.time_min, cpus=cpus,
                              gpus=gpus, mem_gb=settings.mem_gb, cluster=settings.cluster)
     return LocalProcessExecutor(progress=progress, jobs=settings.jobs, device_type=device_type)
+
+
+__all__ = ["Executor", "ExecutorSettings", "LocalProcessExecutor", "build_executor"]

@@ -8,11 +8,11 @@ device (no weights, no download) and counts what LoRA adds for a set of target m
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import TYPE_CHECKING, Any
 
 import peftlab.defaults as defaults
+from peftlab.architectures import ARCHITECTURES, meta_model
 from peftlab.plugin.errors import ValidationError
 
 if TYPE_CHECKING:
@@ -45,34 +45,6 @@ def lecture_table() -> list[dict[str, Any]]:
     return rows
 
 
-#: configurations of the lecture's model sizes (published config.json values)
-ARCHITECTURES: dict[str, tuple[str, dict[str, Any]]] = {
-    "Llama-2-7B": ("llama", {"hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
-                             "num_attention_heads": 32, "num_key_value_heads": 32, "vocab_size": 32000}),
-    "Llama-2-13B": ("llama", {"hidden_size": 5120, "intermediate_size": 13824, "num_hidden_layers": 40,
-                              "num_attention_heads": 40, "num_key_value_heads": 40, "vocab_size": 32000}),
-    "Llama-2-70B": ("llama", {"hidden_size": 8192, "intermediate_size": 28672, "num_hidden_layers": 80,
-                              "num_attention_heads": 64, "num_key_value_heads": 8, "vocab_size": 32000}),
-    "Falcon-180B": ("falcon", {"hidden_size": 14848, "num_hidden_layers": 80, "num_attention_heads": 232,
-                               "num_kv_heads": 8, "new_decoder_architecture": True, "vocab_size": 65024,
-                               "parallel_attn": True, "bias": False}),
-    # the embedded default (SmolLM2-135M-Instruct); 134,515,008 parameters, as the GGUF file loads
-    "SmolLM2-135M": ("llama", {"hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,
-                               "num_attention_heads": 9, "num_key_value_heads": 3, "vocab_size": 49152,
-                               "tie_word_embeddings": True}),
-    "GPT-2-Medium": ("gpt2", {"n_embd": 1024, "n_layer": 24, "n_head": 16, "vocab_size": 50257}),
-    "GPT-2-Large": ("gpt2", {"n_embd": 1280, "n_layer": 36, "n_head": 20, "vocab_size": 50257}),
-}
-#: peftlab's short model names with a configuration above
-ALIASES = {"smollm2-135m": "SmolLM2-135M"}
-
-
-def shape(name: str) -> tuple[int, int]:
-    """(hidden size, number of blocks) of an architecture above, for the activation term."""
-    _, kw = ARCHITECTURES[ALIASES.get(name, name)]
-    return kw.get("hidden_size", kw.get("n_embd")), kw.get("num_hidden_layers", kw.get("n_layer"))
-
-
 #: LoRA targets per architecture: "q/v" (the LoRA paper's choice) and every linear layer
 TARGETS = {
     "llama": {"q/v": ["q_proj", "v_proj"], "all-linear": "all-linear"},
@@ -80,25 +52,6 @@ TARGETS = {
     "falcon": {"q/v": ["query_key_value"], "all-linear": "all-linear"},
     "gpt2": {"q/v": ["c_attn"], "all-linear": "all-linear"},
 }
-
-
-def meta_model(name: str):
-    """The architecture with no weights (meta device): its shapes, for counting. Built once per
-    name and deep-copied (a copy of meta tensors costs nothing; building a 180B one does)."""
-    import copy
-
-    return copy.deepcopy(_meta_model(name))
-
-
-@functools.cache
-def _meta_model(name: str):
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    arch, kwargs = ARCHITECTURES[name]
-    config = AutoConfig.for_model(arch, **kwargs)
-    with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config)
 
 
 def sized_adapter(host: PluginHost, adapter: str, size: Any, targets: str, arch: str) -> Adapter:

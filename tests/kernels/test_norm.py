@@ -1,4 +1,4 @@
-"""``peftlab.cell.norm``: the lean RMSNorm gives transformers' forward bits and its gradients (the
+"""``peftlab.kernels.norm``: the lean RMSNorm gives transformers' forward bits and its gradients (the
 same bits in bf16, fp32 rounding apart in fp32) on fresh random inputs, keeps less for backward,
 swaps only the norms that pass its check, and a model trained with it matches the model's own."""
 
@@ -9,11 +9,11 @@ from transformers.models.llama.modeling_llama import LlamaRMSNorm
 from peftlab import ValidationError, load_host
 from peftlab.adapt.attach import attach
 from peftlab.cell.models import ModelConfig, load
-from peftlab.cell.norm import lean_norms, rms_norm
 from peftlab.cell.train import TrainConfig, train
 from peftlab.data.prompts import encode
 from peftlab.data.sources import DataConfig
 from peftlab.data.splits import load_splits
+from peftlab.kernels.norm import lean_norms, rms_norm
 
 CPU = torch.device("cpu")
 HOST = load_host()

@@ -2,9 +2,9 @@
 
 Three parts, each a markdown section of ``peftlab estimate --report``:
 
-1. The lecture's 10B figures from :func:`peftlab.report.estimate.estimate`, with the activation budget
+1. The lecture's 10B figures from :func:`peftlab.analyses.estimate.estimate`, with the activation budget
    its "~40 GB for LoRA" implies (the per-parameter accounting alone gives 20 GB).
-2. Real architectures (meta-device counts from :mod:`peftlab.report.ranks`) at a stated sequence and batch.
+2. Real architectures (meta-device counts from :mod:`peftlab.analyses.ranks`) at a stated sequence and batch.
 3. The estimator against peak memory measured by a sweep: :func:`record_estimate` rebuilds the
    terms from one cell's record (its stored base bytes, trainable count, dtypes, optimizer and
    tokens per step), and the report states the gap.
@@ -17,8 +17,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import peftlab.defaults as defaults
-from peftlab.report.estimate import OPTIMIZER_BYTES, Estimate, activation_bytes, estimate, step_peak
-from peftlab.report.ranks import ALIASES, ARCHITECTURES, architecture_counts, shape, sized_adapter
+from peftlab.analyses.estimate import (
+    OPTIMIZER_BYTES,
+    Estimate,
+    activation_bytes,
+    estimate,
+    step_peak,
+)
+from peftlab.analyses.ranks import architecture_counts, sized_adapter
+from peftlab.architectures import ALIASES, ARCHITECTURES, shape
 
 if TYPE_CHECKING:
     from peftlab.host import PluginHost
@@ -31,7 +38,7 @@ TEN_B_SHAPE = (4096, 48)
 def model_estimates(name: str, host: PluginHost, *, adapter: str = defaults.ADAPTER, rank: int = 8, targets: str = "q/v",
                     seq: int = 512, batch: int = 1, checkpointing: bool = False,
                     optimizer: str = "adamw") -> list[Estimate]:
-    """Full, LoRA and QLoRA for an architecture of :data:`peftlab.report.ranks.ARCHITECTURES` (or a
+    """Full, LoRA and QLoRA for an architecture of :data:`peftlab.architectures.ARCHITECTURES` (or a
     peftlab short name with one), with exact parameter counts and an activation term."""
     arch_name = ALIASES.get(name, name)
     size = rank if host.adapters.build(adapter).size_setting else None  # a size only where it declares one
@@ -88,7 +95,7 @@ def record_estimate(rec: dict[str, Any]) -> dict[str, float]:
 
 
 def peak_bytes(terms: dict[str, float]) -> float:
-    """A step's peak (:func:`peftlab.report.estimate.step_peak`) from :func:`record_estimate`'s
+    """A step's peak (:func:`peftlab.analyses.estimate.step_peak`) from :func:`record_estimate`'s
     terms; autocast's weight copies live from forward through backward."""
     return step_peak(terms["weights"], terms["gradients"], terms["optimizer"], terms["activations"],
                      held=terms["autocast_copies"])

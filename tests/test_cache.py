@@ -4,7 +4,7 @@ A hit gives exactly what a miss computes; a changed input is a different entry; 
 import pytest
 import torch
 
-from peftlab.cell import cache
+from peftlab import cache
 from peftlab.cell.models import ModelConfig, load
 from peftlab.cli.main import main
 from peftlab.data.prompts import encode

@@ -18,14 +18,14 @@ from pathlib import Path
 from typing import Any
 
 from peftlab.plugin.errors import ValidationError
-from peftlab.sweep.experiment import PlannedCell
-from peftlab.sweep.runner import (
+from peftlab.sweep.executors.base import (
     ClusterExecutor,
     check_whole,
     exit_reason,
     worker_command,
     written_or_failed,
 )
+from peftlab.sweep.experiment import PlannedCell
 from peftlab.sweep.store import CellFiles
 
 CLUSTERS = ("slurm", "local")

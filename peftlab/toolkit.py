@@ -1,0 +1,61 @@
+"""Helpers for plugin authors, beyond the core that ``import peftlab`` gives.
+
+``import peftlab`` holds what every plugin needs: the three base classes (:class:`~peftlab.Adapter`,
+:class:`~peftlab.Quantizer`, :class:`~peftlab.Metric`), the types they exchange, ``option`` for
+settings, ``hookimpl`` and the errors. This module holds what some plugins need, grouped by the
+kind of plugin that uses it. Like the core, it imports nothing but :mod:`peftlab.plugin`, so a
+plugin written against it never depends on the engine's internals.
+
+Finding and replacing layers (adapters):
+    :func:`linear_targets`, :func:`match_modules`, :func:`transformer_blocks`,
+    :func:`replace_module`, :func:`unwrap_layers`, :func:`quantized_layers`, :func:`is_linear_like`,
+    :func:`is_conv1d`, :func:`linear_dims`, :func:`logical_parameter_count`, :class:`AttachReport`
+Inserting modules into blocks (bottleneck adapters, (IA)³):
+    :func:`block_sublayers`, :func:`insert_after`, :func:`norm_layers`
+Prefixes through the key/value cache (prefix tuning):
+    :func:`install_kv_prefix`, :func:`attention_geometry`, :func:`backbone_of`,
+    :func:`cache_argument`, :func:`returned_cache`
+Saving in peft's format (adapters that peft also has):
+    :func:`peft_target_names`, :func:`peft_fan_in_fan_out`
+Quantizers:
+    :func:`check_weight`, :func:`check_block_size`, and :mod:`blockwise` (format-neutral blockwise
+    quantize, dequantize and bit packing, byte-compatible with bitsandbytes' layouts)
+Metrics:
+    :func:`ptb_tokenize`, :func:`ptb_backend`, :data:`COCO_PUNCTUATION` (the COCO caption code's
+    tokenization, which the E2E challenge's ROUGE-L, METEOR and CIDEr score on)
+Settings:
+    :func:`describe_schema` (a component's options as the CLI lists them)
+"""
+
+from peftlab.plugin import blockwise
+from peftlab.plugin.adapter import (
+    AttachReport,
+    linear_targets,
+    match_modules,
+    peft_fan_in_fan_out,
+    peft_target_names,
+    quantized_layers,
+    replace_module,
+    transformer_blocks,
+    unwrap_layers,
+)
+from peftlab.plugin.insert import block_sublayers, insert_after, norm_layers
+from peftlab.plugin.kv_prefix import (
+    attention_geometry,
+    backbone_of,
+    cache_argument,
+    install_kv_prefix,
+    returned_cache,
+)
+from peftlab.plugin.layers import is_conv1d, is_linear_like, linear_dims, logical_parameter_count
+from peftlab.plugin.ptb import COCO_PUNCTUATION, ptb_backend, ptb_tokenize
+from peftlab.plugin.quantizer import check_block_size, check_weight
+from peftlab.plugin.settings import describe_schema
+
+__all__ = [
+    "COCO_PUNCTUATION", "AttachReport", "attention_geometry", "backbone_of", "block_sublayers", "blockwise",
+    "cache_argument", "check_block_size", "check_weight", "describe_schema", "insert_after", "install_kv_prefix",
+    "is_conv1d", "is_linear_like", "linear_dims", "linear_targets", "logical_parameter_count", "match_modules",
+    "norm_layers", "peft_fan_in_fan_out", "peft_target_names", "ptb_backend", "ptb_tokenize", "quantized_layers",
+    "replace_module", "returned_cache", "transformer_blocks", "unwrap_layers",
+]
