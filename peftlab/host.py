@@ -1,8 +1,11 @@
 """The plugin host: each ``peftlab`` entry point is loaded on its own; name -> component.
 
-A plugin that fails to import, implements a misspelled hook, or returns bad components is
-recorded (with its distribution and the error), a one-line warning goes to stderr, and every
-other plugin still works. ``PEFTLAB_STRICT_PLUGINS=1`` (or ``peftlab --strict-plugins``) makes
+A plugin that fails to import, implements a misspelled hook, or whose hook raises or returns
+something other than component specs is recorded (with its distribution and the error), a one-line
+warning goes to stderr, and every other plugin still works. Each component a plugin offers is then
+checked on its own (:mod:`peftlab.probe`: built with its defaults, a quantizer round-trips a small
+weight; a name another plugin took): one that fails is refused with a one-line warning naming the
+plugin, the component and what is wrong, and the plugin's other components still register. ``PEFTLAB_STRICT_PLUGINS=1`` (or ``peftlab --strict-plugins``) makes
 such a failure fatal; ``PEFTLAB_DISABLE_PLUGINS=a,b`` blocks plugins by entry-point name.
 
 There is no process-wide host: whoever needs components gets a host passed in (the CLI builds one
@@ -23,7 +26,8 @@ import pluggy
 from peftlab.plugin import hookspecs
 from peftlab.plugin.errors import PluginError
 from peftlab.plugin.hookspecs import CellView
-from peftlab.plugin.spec import KINDS
+from peftlab.plugin.spec import KINDS, ComponentSpec
+from peftlab.probe import probe
 from peftlab.registry import Registry
 
 ENTRY_POINT_GROUP = "peftlab"
@@ -43,6 +47,8 @@ class PluginRecord:
     status: str = "ok"  # "ok", "disabled" or "error"
     error: str | None = None
     components: dict[str, list[str]] = field(default_factory=dict)
+    #: components the plugin offered that failed the contract check: "kind name" -> why
+    refused: dict[str, str] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -133,24 +139,31 @@ class PluginHost:
             self.pm.register(plugin, name=record.name)
         except Exception as exc:
             return self._fail(record, exc)
-        added: list[tuple[str, str]] = []
-        try:
+        offered: list[tuple[str, ComponentSpec]] = []
+        try:  # a hook that raises or returns something else than specs of its kind: the plugin fails
             for hook, kind in hookspecs.COLLECTION_HOOKS.items():
                 impl = getattr(plugin, hook, None)
                 if impl is None or not self._is_impl(plugin, hook):
                     continue
-                specs = impl() or []
-                for spec in specs:
-                    self.registries[kind].register(spec, provider=record.name)
-                    added.append((kind, spec.name))
-                    record.components.setdefault(kind, []).append(spec.name)
+                for spec in impl() or []:
+                    self.registries[kind].check_spec(spec, provider=record.name)
+                    offered.append((kind, spec))
         except Exception as exc:
-            for kind, name in added:  # all or nothing for one plugin
-                self.registries[kind].unregister(name)
-            record.components = {}
             self.pm.unregister(name=record.name)
             return self._fail(record, exc)
         self.records[record.name] = record
+        for kind, spec in offered:  # one component's mistake refuses that component only
+            registry = self.registries[kind]
+            why = (f"the name is taken by plugin {registry.provider(spec.name)!r}" if spec.name in registry
+                   else probe(spec))
+            if why:
+                self._refuse(record, kind, spec.name, why)
+                continue
+            registry.register(spec, provider=record.name)
+            record.components.setdefault(kind, []).append(spec.name)
+        if offered and not record.components:  # nothing it offered works: the plugin failed
+            record.status = "error"
+            record.error = "every component was refused: " + "; ".join(f"{c}: {why}" for c, why in record.refused.items())
 
     def _is_impl(self, plugin: object, hook: str) -> bool:
         return any(i.plugin is plugin for i in getattr(self.pm.hook, hook).get_hookimpls())
@@ -163,11 +176,18 @@ class PluginHost:
                     f"unknown hook {attr!r} (misspelled?); known hooks: {', '.join(sorted(_SPEC_NAMES))}"
                 )
 
+    def _refuse(self, record: PluginRecord, kind: str, name: str, why: str) -> None:
+        record.refused[f"{kind} {name}"] = why
+        message = f"plugin {record.name!r}{_origin(record)}: {kind} {name!r} refused: {why}"
+        if self.strict:
+            raise PluginError(message)
+        print(f"peftlab: warning: {message} (set {STRICT_ENV}=1 to make this fatal)", file=sys.stderr)
+
     def _fail(self, record: PluginRecord, exc: BaseException) -> None:
         record.status = "error"
         record.error = f"{type(exc).__name__}: {exc}".splitlines()[0]
         self.records.setdefault(record.name, record)
-        where = f" (from {record.distribution} {record.version})" if record.distribution else ""
+        where = _origin(record)
         if self.strict:
             raise PluginError(f"plugin {record.name!r}{where} failed: {record.error}") from exc
         print(
@@ -217,6 +237,10 @@ class PluginHost:
     @property
     def settings(self) -> HostSettings:
         return HostSettings(self.strict, frozenset(self.disabled))
+
+
+def _origin(record: PluginRecord) -> str:
+    return f" (from {record.distribution} {record.version})" if record.distribution else ""
 
 
 def load_host(settings: HostSettings | None = None) -> PluginHost:

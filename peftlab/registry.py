@@ -30,7 +30,8 @@ class Registry:
         self.kind = kind
         self._entries: dict[str, Entry] = {}
 
-    def register(self, spec: ComponentSpec, provider: str) -> None:
+    def check_spec(self, spec: object, provider: str) -> None:
+        """Refuse anything but a spec of this registry's kind (the plugin's hook is wrong)."""
         if not isinstance(spec, ComponentSpec):
             raise PluginError(
                 f"plugin {provider!r} returned {type(spec).__name__} from its {self.kind} hook; "
@@ -40,6 +41,9 @@ class Registry:
             raise PluginError(
                 f"plugin {provider!r} returned a {spec.kind} spec {spec.name!r} from its {self.kind} hook"
             )
+
+    def register(self, spec: ComponentSpec, provider: str) -> None:
+        self.check_spec(spec, provider)
         if spec.name in self._entries:
             other = self._entries[spec.name].provider
             raise PluginError(

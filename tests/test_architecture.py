@@ -101,7 +101,7 @@ def test_no_import_cycle_among_engine_modules():
 #: the engine's stages, in the order data flows; a module may import its own stage and earlier ones
 STAGES = [
     ("peftlab.plugin", "peftlab.toolkit"),
-    ("peftlab.registry", "peftlab.host", "peftlab.defaults", "peftlab.atomic", "peftlab.gitinfo",
+    ("peftlab.registry", "peftlab.probe", "peftlab.host", "peftlab.defaults", "peftlab.atomic", "peftlab.gitinfo",
      "peftlab.provenance", "peftlab.architectures", "peftlab.record"),
     ("peftlab.quantize", "peftlab.adapt", "peftlab.data", "peftlab.kernels", "peftlab.cache"),
     ("peftlab.evaluate",),
@@ -211,3 +211,21 @@ def test_the_old_kernels_name_says_where_the_quantization_kernels_went():
         peftlab.kernels.pack_bits  # noqa: B018
     with pytest.raises(AttributeError, match="no attribute 'nothing_here'"):
         peftlab.kernels.nothing_here  # noqa: B018
+
+
+def test_every_public_name_and_method_has_a_docstring():
+    import peftlab
+    import peftlab.toolkit
+
+    missing = []
+    for mod in (peftlab, peftlab.toolkit):
+        for name in mod.__all__:
+            obj = getattr(mod, name)
+            if not isinstance(obj, frozenset) and not (inspect.getdoc(obj) or "").strip():
+                missing.append(f"{mod.__name__}.{name}")
+            if inspect.isclass(obj):
+                for attr, value in vars(obj).items():
+                    fn = value.fget if isinstance(value, property) else getattr(value, "__func__", value)
+                    if not attr.startswith("_") and callable(fn) and not (fn.__doc__ or "").strip():
+                        missing.append(f"{mod.__name__}.{name}.{attr}")
+    assert missing == []

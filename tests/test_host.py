@@ -75,8 +75,8 @@ def test_duplicate_name_names_both_providers():
         pass
 
     rec = h.register(Again(), "second")
-    assert rec.status == "error"
-    assert "'first'" in rec.error and "'second'" in rec.error and "good-int8" in rec.error
+    assert rec.status == "error" and rec.refused == {"quantizer good-int8": "the name is taken by plugin 'first'"}
+    assert "good-int8" in rec.error and "'first'" in rec.error
     assert h.quantizers.provider("good-int8") == "first"
 
 
@@ -84,8 +84,8 @@ def test_duplicate_against_builtin(host):
     h = PluginHost(strict=False, disabled=set())
     h.load_entry_points()
     rec = h.register(DuplicatePlugin(), "dup")
-    assert rec.status == "error" and "'fourbit'" in rec.error and "'dup'" in rec.error
-    assert "dup" not in str(h.quantizers.provider("nf4"))
+    assert rec.status == "error" and rec.refused == {"quantizer nf4": "the name is taken by plugin 'fourbit'"}
+    assert h.quantizers.provider("nf4") == "fourbit"
 
 
 def test_unknown_name_lists_known(host):
@@ -177,10 +177,10 @@ def test_example_third_party_plugin_is_installed():
     assert table["example"]["status"] == "ok"
     assert table["example"]["distribution"] == "peftlab-example-plugin"
     assert table["example"]["components"] == {"quantizer": ["ternary"], "adapter": ["layernorm"],
-                                              "metric": ["exact-match"]}
+                                              "metric": ["example-exact-match"]}
 
 
-def test_wrong_base_class_is_refused_at_build():
+def test_wrong_base_class_is_refused_at_load_and_at_build():
     class NotAQuantizer:
         def __init__(self, **kw):
             pass
@@ -191,9 +191,11 @@ def test_wrong_base_class_is_refused_at_build():
             return [ComponentSpec("quantizer", "wrong", NotAQuantizer)]
 
     h = PluginHost(strict=False, disabled=set())
-    h.register(Wrong(), "wrongplugin")
+    rec = h.register(Wrong(), "wrongplugin")
+    assert "it builds a NotAQuantizer" in rec.refused["quantizer wrong"] and "wrong" not in h.quantizers
+    h.quantizers.register(ComponentSpec("quantizer", "wrong", NotAQuantizer), provider="wrongplugin")
     with pytest.raises(PluginError, match="'wrong' from plugin 'wrongplugin' built a NotAQuantizer"):
-        h.quantizers.build("wrong")
+        h.quantizers.build("wrong")  # the registry checks again (a factory may build differently per setting)
 
 
 def test_spec_validation():
@@ -203,3 +205,31 @@ def test_spec_validation():
         ComponentSpec("tokenizer", "x", AbsmaxQuantizer)
     with pytest.raises(ValidationError, match="ComponentSpec.name"):
         ComponentSpec("quantizer", " x", AbsmaxQuantizer)
+
+
+def test_cli_check_reports_each_component_of_an_installed_plugin(tmp_path):
+    info = tmp_path / "peftlab_half_demo-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: peftlab-half-demo\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text("[peftlab]\nhalfdemo = peftlab_half_demo_mod\n")
+    (tmp_path / "peftlab_half_demo_mod.py").write_text(
+        "import torch\n"
+        "from peftlab import ComponentSpec, hookimpl\n"
+        "from peftlab_plugins.absmax import AbsmaxQuantizer\n"
+        "class Flat(AbsmaxQuantizer):\n"
+        "    def dequantize(self, q, dtype=torch.float32):\n"
+        "        return super().dequantize(q, dtype).reshape(-1)\n"
+        "@hookimpl\n"
+        "def peftlab_quantizers():\n"
+        "    return [ComponentSpec('quantizer', 'half-good', AbsmaxQuantizer, {'bits': 8}),\n"
+        "            ComponentSpec('quantizer', 'half-flat', Flat, {'bits': 8})]\n")
+    env = {"PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
+    out = _cli("check", "halfdemo", env_extra=env)
+    assert out.returncode == 1, out.stderr
+    assert "ok       quantizer half-good" in out.stdout
+    assert "refused  quantizer half-flat: dequantize(q, float32) returned shape (4096,)" in out.stdout
+    plugins = _cli("quantizers", env_extra=env)  # the refused one is gone, every other quantizer works
+    assert plugins.returncode == 0 and "half-good" in plugins.stdout and "half-flat" not in plugins.stdout
+    assert _cli("check", "absmax").returncode == 0
+    missing = _cli("check", "no-such-plugin")
+    assert missing.returncode == 2 and "no plugin 'no-such-plugin' is installed" in missing.stderr

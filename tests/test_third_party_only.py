@@ -45,10 +45,10 @@ def test_a_sweep_its_report_ranks_and_estimate_run_on_third_party_plugins_alone(
     assert len(records) == 4 and {r["status"] for r in records} == {"ok"}
     assert {r["adapter"] for r in records} == {"layernorm"} and {r["quantizer"] for r in records} == {"none", "ternary"}
     for r in records:
-        assert "metric.exact-match" in r and r["params.trainable"] > 0 and r["adapter.size"] is None
+        assert "metric.example-exact-match" in r and r["params.trainable"] > 0 and r["adapter.size"] is None
         assert r["params.trainable"] < r["params.total"] / 10  # only the norms
     report = (out / "report.md").read_text()
-    assert "exact-match" in report and "name=tiny-gpt2 ternary" in report
+    assert "example-exact-match" in report and "name=tiny-gpt2 ternary" in report
     again = peftlab("report", str(out))
     assert again.returncode == 0, again.stderr
     ranks = peftlab("ranks", "--adapter", "layernorm", "--no-peft")

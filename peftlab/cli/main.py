@@ -20,33 +20,62 @@ def _cmd_plugins(args: argparse.Namespace) -> int:
     for r in table:
         dist = f"{r['distribution'] or '-'} {r['version'] or ''}".strip()
         comps = "; ".join(f"{k}: {', '.join(v)}" for k, v in r["components"].items()) or "-"
+        if r.get("refused"):
+            comps += "; refused: " + "; ".join(f"{c} ({why})" for c, why in r["refused"].items())
         status = r["status"] if r["status"] != "error" else f"error: {r['error']}"
         print(f"{r['name']:12} {status:8} {dist:24} {comps}")
     return 0
 
 
+def _cmd_check(args: argparse.Namespace) -> int:
+    """One installed plugin against the contract: each component built with its defaults and
+    probed (:mod:`peftlab.probe`), the way every command checks it when the plugin loads."""
+    records = {r["name"]: r for r in host_for(args).table()}
+    r = records.get(args.plugin)
+    if r is None:
+        print(f"peftlab check: no plugin {args.plugin!r} is installed; installed: {', '.join(records) or '(none)'}",
+              file=sys.stderr)
+        return 2
+    print(f"plugin {r['name']} ({r['distribution'] or 'in-process'} {r['version'] or ''}): {r['status']}".rstrip())
+    if r["status"] == "disabled":
+        return 1
+    for kind, names in r["components"].items():
+        for name in names:
+            print(f"  ok       {kind} {name}")
+    for component, why in r["refused"].items():
+        print(f"  refused  {component}: {why}")
+    if r["status"] == "error":
+        print(f"  error    {r['error']}")
+    names = [n for ns in r["components"].values() for n in ns]
+    if names:
+        print("The full contract tests (train, save, reload through each component) run from a peftlab checkout: "
+              f"pytest tests/contract -k \"{' or '.join(names)}\"")
+    return 0 if r["status"] == "ok" and not r["refused"] else 1
+
+
 def _cmd_list(args: argparse.Namespace) -> int:
     registry = getattr(host_for(args), args.kind)
     if getattr(args, "name", None):
-        return _describe_adapter(registry, args.name, args.json)
+        return _describe(registry, args.name, args.json)
     for spec in registry:
         params = ", ".join(f"{k}={v}" for k, v in spec.params.items())
         print(f"{spec.name:14} {spec.summary}" + (f"  [{params}]" if params else ""))
     return 0
 
 
-def _describe_adapter(registry, name: str, as_json: bool) -> int:
-    """Every option of one adapter: name, type, default (the preset's), bounds and meaning."""
+def _describe(registry, name: str, as_json: bool) -> int:
+    """Every option of one component: name, type, default (the preset's), bounds and meaning."""
     from peftlab.plugin.settings import describe_schema
 
     spec = registry.get(name)
     schema = getattr(spec.factory, "Settings", None)
     rows = [vars(o) for o in describe_schema(schema, spec.params)] if schema else []
     cls = spec.factory
-    traits = {"provider": registry.provider(name), "summary": spec.summary,
-              "size_setting": getattr(cls, "size_setting", None), "trains_base": getattr(cls, "trains_base", False),
-              "mergeable": getattr(cls, "mergeable", False), "peft_type": getattr(cls, "peft_type", None),
-              "grad_checkpointing": getattr(cls, "supports_grad_checkpointing", True)}
+    traits = {"provider": registry.provider(name), "summary": spec.summary}
+    if registry.kind == "adapter":
+        traits.update({"size_setting": getattr(cls, "size_setting", None), "trains_base": getattr(cls, "trains_base", False),
+                       "mergeable": getattr(cls, "mergeable", False), "peft_type": getattr(cls, "peft_type", None),
+                       "grad_checkpointing": getattr(cls, "supports_grad_checkpointing", True)})
     if as_json:
         print(json.dumps({"name": name, **traits, "options": rows}, indent=2, default=str))
         return 0
@@ -65,6 +94,8 @@ def _describe_adapter(registry, name: str, as_json: bool) -> int:
 
 def _cmd_quantizers(args: argparse.Namespace) -> int:
     host = host_for(args)
+    if args.name:
+        return _describe(host.quantizers, args.name, args.json)
     if not args.report:
         for spec in host.quantizers:
             print(f"{spec.name:20} {spec.summary}")
@@ -100,7 +131,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("plugins", help="list loaded plugins and what they provide")
     sp.add_argument("--json", action="store_true")
     sp.set_defaults(func=_cmd_plugins)
+    sc = sub.add_parser("check", help="check one installed plugin's components against the contract")
+    sc.add_argument("plugin", help="the plugin's entry-point name (as `peftlab plugins` lists it)")
+    sc.set_defaults(func=_cmd_check)
     sq = sub.add_parser("quantizers", help="list quantizers, or compare them with --report")
+    sq.add_argument("name", nargs="?", help="list this quantizer's options: type, default, bounds, meaning")
     sq.add_argument("--report", action="store_true", help="measure bits, storage, error and throughput")
     sq.add_argument("--json", action="store_true")
     sq.add_argument("--rows", type=_positive, default=1024)
@@ -110,10 +145,9 @@ def build_parser() -> argparse.ArgumentParser:
     sq.add_argument("--model", help="also measure the error on this model's linear weights (e.g. smollm2-135m)")
     sq.set_defaults(func=_cmd_quantizers)
     for kind in ("adapters", "metrics"):
-        sk = sub.add_parser(kind, help=f"list the registered {kind}" + (", or one adapter's options" if kind == "adapters" else ""))
-        if kind == "adapters":
-            sk.add_argument("name", nargs="?", help="list this adapter's options: type, default, bounds, meaning")
-            sk.add_argument("--json", action="store_true")
+        sk = sub.add_parser(kind, help=f"list the registered {kind}, or one {kind[:-1]}'s options")
+        sk.add_argument("name", nargs="?", help=f"list this {kind[:-1]}'s options: type, default, bounds, meaning")
+        sk.add_argument("--json", action="store_true")
         sk.set_defaults(func=_cmd_list, kind=kind)
     from peftlab.cli.run import add_parser
     from peftlab.cli.score import add_parsers as add_score_parsers

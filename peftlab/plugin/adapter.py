@@ -7,9 +7,7 @@ them by name; they arrive as plugins (``peftlab_adapters``).
 
 from __future__ import annotations
 
-import dataclasses
 import fnmatch
-import inspect
 from abc import ABC, abstractmethod
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -25,7 +23,7 @@ from peftlab.plugin.layers import (
     is_linear_like,
     logical_parameter_count,
 )
-from peftlab.plugin.settings import build_settings, schema_signature
+from peftlab.plugin.settings import Configurable
 
 
 @dataclass
@@ -40,6 +38,7 @@ class AttachReport:
 
     @property
     def trainable_share(self) -> float:
+        """Trainable over total (logical) parameters."""
         return self.trainable / self.total if self.total else float("nan")
 
     def __str__(self) -> str:
@@ -47,7 +46,7 @@ class AttachReport:
                 f"({100 * self.trainable_share:.4f}%) over {len(self.targets)} modules")
 
 
-class Adapter(ABC):
+class Adapter(Configurable, ABC):
     """Base class of every adapter plugin.
 
     Subclasses implement :meth:`_attach`, which changes ``model`` in place and returns the names
@@ -79,44 +78,15 @@ class Adapter(ABC):
     mergeable: ClassVar[bool] = False
     supports_grad_checkpointing: ClassVar[bool] = True
     reads_base_weights: ClassVar[bool] = False
-    #: the typed settings schema (a dataclass of :func:`peftlab.option` fields), or ``None``
-    Settings: ClassVar[type | None] = None
     #: the peft method this adapter is saved as and loaded from (``"LORA"``), where peft has it;
     #: such an adapter implements :meth:`peft_config` and :meth:`settings_from_peft`
     peft_type: ClassVar[str | None] = None
     #: what peft puts before a module's parameter names in its saved file
     peft_key_prefix: ClassVar[str] = "base_model.model."
-    #: the name it was built under (set by the plugin host's registry)
-    name: str | None = None
-
-    def __init_subclass__(cls, **kwargs: Any) -> None:
-        super().__init_subclass__(**kwargs)
-        if cls.Settings is not None:
-            clash = sorted({f.name for f in dataclasses.fields(cls.Settings)} & set(dir(Adapter)))
-            if clash:
-                raise TypeError(f"{cls.__name__}.Settings: setting {clash[0]!r} would hide Adapter.{clash[0]}; rename it")
-        if cls.__init__ is Adapter.__init__:  # what ComponentSpec and the CLI inspect
-            cls.__signature__ = schema_signature(cls.Settings) if cls.Settings else inspect.Signature()
-
-    def __init__(self, **values: Any) -> None:
-        if self.Settings is None:
-            if values:
-                raise ValidationError("adapter setting", sorted(values)[0], f"no settings ({type(self).__name__} takes none)")
-            return
-        self.config = build_settings(self.Settings, values, owner=f"adapter {self.name or type(self).__name__}")
-        for f in dataclasses.fields(self.config):
-            setattr(self, f.name, getattr(self.config, f.name))
-        self.check()
-
-    def check(self) -> None:
-        """Rules that involve several settings; raise :class:`ValidationError` naming the field."""
-        return None
 
     def settings(self) -> dict[str, Any]:
         """The adapter's settings, as recorded with every result."""
-        if self.Settings is None or not hasattr(self, "config"):
-            return {}
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self.config)}
+        return self.declared_settings() or {}
 
     def saved_settings(self) -> dict[str, Any]:
         """The settings a saved state reloads under (the same, unless saving changes the form:
@@ -125,6 +95,7 @@ class Adapter(ABC):
 
     @property
     def family(self) -> str:
+        """The name it was built under, or its class name (used in messages and reports)."""
         return self.name or type(self).__name__
 
     @property
@@ -140,6 +111,8 @@ class Adapter(ABC):
         return None
 
     def attach(self, model: nn.Module) -> AttachReport:
+        """Freeze ``model``, call :meth:`_attach`, and count what trains. Refused over a quantized base
+        when the adapter trains base weights."""
         if self.trains_base:
             quantized = quantized_layers(model)
             if quantized:
@@ -155,7 +128,12 @@ class Adapter(ABC):
 
     @abstractmethod
     def _attach(self, model: nn.Module) -> list[str]:
-        """Make the adapter's parameters trainable in ``model`` (everything arrives frozen)."""
+        """Make the adapter's parameters trainable in ``model`` (everything arrives frozen); return the
+        names of the modules adapted.
+
+        It also runs on models on the meta device (shapes without values: ``peftlab ranks`` and
+        ``peftlab estimate`` count parameters that way, on architectures up to 180B): build new
+        parameters from shapes, never read or copy a weight's values per layer there."""
 
     # -- what outlives the run ---------------------------------------------------------------
     def state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
@@ -298,6 +276,7 @@ def peft_target_names(model: nn.Module, value: list[str] | str | None) -> list[s
 
 
 def quantized_layers(model: nn.Module) -> list[str]:
+    """The names of ``model``'s :class:`QuantizedLinear` layers."""
     return [n for n, m in model.named_modules() if isinstance(m, QuantizedLinear)]
 
 

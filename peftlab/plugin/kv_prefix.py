@@ -49,6 +49,8 @@ def attention_geometry(model: nn.Module) -> dict[str, int]:
 
 
 def backbone_of(model: nn.Module) -> nn.Module:
+    """The transformer under a causal-LM head (``model.model``, ``model.transformer``), by its
+    ``base_model_prefix``; a model without one is a :class:`ValidationError`."""
     backbone = getattr(model, getattr(model, "base_model_prefix", "") or "", None)
     if not isinstance(backbone, nn.Module):
         raise ValidationError("model", type(model).__name__, "a transformers causal LM with a backbone "

@@ -80,14 +80,17 @@ class QuantizedLinear(nn.Module):
         super().__setattr__(name, value)
 
     def register_buffer(self, name: str, tensor, persistent: bool = True) -> None:
+        """``nn.Module.register_buffer``, forgetting the cached view of the packed weight."""
         self.__dict__.pop("_qview", None)
         super().register_buffer(name, tensor, persistent)
 
     def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The float weight, ``(out_features, in_features)``, in ``dtype`` (default: the compute dtype)."""
         with torch.no_grad():
             return self.quantizer.dequantize(self.qweight, dtype or self.compute_dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x @ W.T + b`` with ``W`` dequantized for this product only (recomputed in backward)."""
         bias = None if self.bias is None else self.bias.to(self.compute_dtype)
         y = _DequantMatmul.apply(x.to(self.compute_dtype), self, bias)
         # Under autocast, nn.Linear returns the autocast dtype; so does this layer, so the
@@ -112,6 +115,7 @@ class QuantizedLinear(nn.Module):
         return self
 
     def extra_repr(self) -> str:
+        """Shapes, format and compute dtype, for ``print(model)``."""
         q = self.qweight
         return (f"in_features={self.in_features}, out_features={self.out_features}, method={q.method}, "
                 f"bits_per_param={q.bits_per_param:.3f}, compute_dtype={self.compute_dtype}")
@@ -124,6 +128,7 @@ def is_conv1d(m: nn.Module) -> bool:
 
 
 def is_linear_like(m: nn.Module) -> bool:
+    """An ``nn.Linear`` or GPT-2's ``Conv1D`` (a linear layer with its weight stored transposed)."""
     return isinstance(m, nn.Linear) or is_conv1d(m)
 
 

@@ -12,14 +12,27 @@ from collections.abc import Sequence
 from typing import Any
 
 from peftlab.plugin.errors import PluginError, ValidationError
+from peftlab.plugin.settings import Configurable
 
 
-class Metric(ABC):
-    #: the name it was built under (set by the plugin host's registry)
-    name: str | None = None
+class Metric(Configurable, ABC):
+    """Base class of every metric plugin: implement :meth:`_compute`.
+
+    ``_compute(predictions, references)`` receives checked inputs (a list of strings, and for each
+    one a non-empty list of reference strings) and returns a non-empty dict of score names to
+    numbers. Settings are declared as a ``Settings`` dataclass (see
+    :class:`peftlab.plugin.settings.Configurable`) or taken by the subclass's own ``__init__``;
+    :meth:`settings` is recorded beside every score, so it should say everything that changes the
+    number (a tokenizer, a smoothing method, the scale).
+
+    The plugin host builds each metric with its defaults when the plugin loads; a cell scores one
+    line with every metric it uses before its model loads, so a metric that cannot run (a missing
+    program, a missing package) fails in seconds, not after training.
+    """
 
     def settings(self) -> dict[str, Any]:
-        return {}
+        """What defines the scores (recorded with them): the declared settings, or ``{}``."""
+        return self.declared_settings() or {}
 
     def compute(self, predictions: Sequence[str], references: Sequence[Sequence[str] | str]) -> dict[str, float]:
         """Score ``predictions`` against ``references`` (one reference list, or one string, per
@@ -36,7 +49,7 @@ class Metric(ABC):
 
     @abstractmethod
     def _compute(self, predictions: list[str], references: list[list[str]]) -> dict[str, float]:
-        ...
+        """Scores of ``predictions`` against ``references`` (one list of strings per prediction)."""
 
 
 def check_inputs(predictions: Sequence[str], references: Sequence[Sequence[str] | str]) -> tuple[list[str], list[list[str]]]:

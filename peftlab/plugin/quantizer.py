@@ -11,11 +11,12 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
 from peftlab.plugin.errors import ValidationError
+from peftlab.plugin.settings import Configurable
 
 MAX_BLOCK = 1 << 24
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -43,6 +44,7 @@ class QuantizedWeight:
 
     @property
     def bits_per_param(self) -> float:
+        """Stored bits per logical parameter, constants included."""
         return self.storage_bytes * 8 / self.numel
 
 
@@ -84,38 +86,56 @@ def check_block_size(value: object, field_name: str = "block_size", *, allowed: 
     return value
 
 
-class Quantizer(ABC):
-    #: the name it was built under (set by the plugin host's registry)
-    name: str | None = None
-
+class Quantizer(Configurable, ABC):
     """Base class of every weight quantizer plugin.
 
-    Subclasses validate their settings in ``__init__`` (so bad settings fail before any work),
-    implement :meth:`_quantize` and :meth:`dequantize`, and say their asymptotic
-    :meth:`nominal_bits` per parameter.
+    A quantizer turns a float weight into a :class:`QuantizedWeight` (:meth:`quantize`, which checks
+    the input and calls :meth:`_quantize`) and back (:meth:`dequantize`). The contract, which the
+    plugin host checks on a small random weight when the plugin loads:
+
+    - the weight is a 2-D ``(out_features, in_features)`` matrix (a linear layer's layout: axis 0
+      is the output channel), any floating dtype, finite;
+    - ``_quantize`` records the weight's own shape and stores tensors only (codes, constants,
+      codebooks); stored floating-point tensors are fp32, whatever the weight's dtype, so a
+      quantized model's size does not depend on the dtype it was loaded in;
+    - ``dequantize(q, dtype)`` returns a tensor of exactly ``q.shape`` in ``dtype``, on the stored
+      tensors' device;
+    - :meth:`nominal_bits` is the bits per parameter of a large weight (constants amortised).
+
+    Settings are declared as a ``Settings`` dataclass (see :class:`peftlab.plugin.settings.Configurable`),
+    or checked by hand in the subclass's own ``__init__`` so bad settings fail before any work.
+    ``probe_shape`` is the weight the load-time check quantizes (a format with large blocks may
+    need a larger one).
     """
 
-    #: short name of the format family, recorded in every QuantizedWeight
-    family: str = "quantizer"
+    #: the weight shape the load-time contract check quantizes and dequantizes
+    probe_shape: ClassVar[tuple[int, int]] = (32, 128)
 
     def quantize(self, w: torch.Tensor) -> QuantizedWeight:
+        """Check ``w`` (a finite floating tensor) and quantize it with :meth:`_quantize`."""
         check_weight(w)
         with torch.no_grad():
             return self._quantize(w.detach())
 
     @abstractmethod
-    def _quantize(self, w: torch.Tensor) -> QuantizedWeight: ...
+    def _quantize(self, w: torch.Tensor) -> QuantizedWeight:
+        """Quantize ``w`` (checked: a finite floating tensor, detached, under ``no_grad``)."""
 
     @abstractmethod
-    def dequantize(self, q: QuantizedWeight, dtype: torch.dtype = torch.float32) -> torch.Tensor: ...
+    def dequantize(self, q: QuantizedWeight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The weight ``q`` stores, as a tensor of shape ``q.shape`` and dtype ``dtype``."""
 
     @abstractmethod
     def nominal_bits(self) -> float:
         """Bits per parameter for a large tensor (the per-tensor constants amortised away)."""
 
     def settings(self) -> dict[str, Any]:
-        """The settings that define this quantizer (shown in reports)."""
-        return {k: v for k, v in vars(self).items() if not k.startswith("_") and k != "name"}
+        """The settings that define this quantizer (shown in reports): the declared ones, or
+        without a ``Settings`` schema, its public attributes."""
+        declared = self.declared_settings()
+        if declared is not None:
+            return declared
+        return {k: v for k, v in vars(self).items() if not k.startswith("_") and k not in ("name", "config")}
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.settings().items())

@@ -11,6 +11,13 @@ Types understood: ``int``, ``float`` (an int is accepted), ``bool``, ``str``, ``
 ``list[T]``, ``dict``, ``Any`` and unions of them (``X | None``). Bounds: ``gt``, ``ge``, ``lt``, ``le``.
 A value of the wrong type, outside its bounds or not among the choices is a :class:`ValidationError`
 naming the setting, the value and what is allowed; an unknown setting lists the known ones.
+
+Adapters, quantizers and metrics share this one system through :class:`Configurable`: a component
+class that declares ``Settings`` gets its keyword constructor, its checks and ``settings()`` from
+it. A schema that cannot work (not a dataclass, a field without a default, an annotation outside
+the list above, a default of the wrong type or outside its own bounds, a name the base class uses)
+does not stop the class from being defined: :func:`settings_problem` says what is wrong, and the
+plugin host refuses that one component when its plugin loads, with that sentence.
 """
 
 from __future__ import annotations
@@ -19,7 +26,7 @@ import dataclasses
 import inspect
 import types
 import typing
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from peftlab.plugin.errors import ValidationError
 
@@ -151,3 +158,114 @@ def schema_signature(schema: type) -> inspect.Signature:
         params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=default,
                                         annotation=hints[f.name]))
     return inspect.Signature(params)
+
+
+_PLAIN = (int, float, bool, str, dict, type(None))
+
+
+def supported(tp: Any) -> bool:
+    """Whether ``tp`` is a type this module checks values against (see the module docstring)."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is Any or tp in _PLAIN or origin is Literal or origin is dict:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return all(supported(a) for a in args)
+    if tp is list or origin is list:
+        return all(supported(a) for a in args)
+    return False
+
+
+def settings_problem(schema: Any, reserved: set[str] = frozenset()) -> str | None:
+    """What makes ``schema`` unusable as a ``Settings`` declaration, in one sentence, or ``None``.
+    ``reserved`` are attribute names a setting must not take (the base class's own)."""
+    if schema is None:
+        return None
+    if not isinstance(schema, type) or not dataclasses.is_dataclass(schema):
+        return f"Settings is not a dataclass (decorate it with @dataclass): {schema!r}"
+    try:
+        hints = _hints(schema)
+    except Exception as exc:
+        return f"Settings' annotations cannot be resolved: {type(exc).__name__}: {exc}"
+    for f in dataclasses.fields(schema):
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:  # type: ignore[misc]
+            return f"setting {f.name!r} has no default (declare it with option(default, help))"
+        if f.name in reserved:
+            return f"setting {f.name!r} would hide the base class's attribute of that name; rename it"
+        tp = hints.get(f.name, Any)
+        if not supported(tp):
+            return (f"setting {f.name!r} is annotated {describe_type(tp)}; settings take int, float, bool, str, "
+                    "Literal[...], list[T], dict, Any or unions of them")
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        if not conforms(default, tp):
+            return f"setting {f.name!r} has default {default!r}, which is not {describe_type(tp)}"
+        if not _in_bounds(default, f.metadata):
+            return f"setting {f.name!r} has default {default!r}, outside its own bounds ({_bounds(f.metadata)})"
+    return None
+
+
+class Configurable:
+    """What adapters, quantizers and metrics share: settings declared once as ``Settings`` (a
+    dataclass of :func:`option` fields). A subclass that declares it and keeps this ``__init__``
+    takes exactly those settings by keyword, each checked; :meth:`check` holds rules that involve
+    several settings. A subclass without ``Settings`` writes its own ``__init__`` and checks."""
+
+    #: the typed settings schema (a dataclass of :func:`peftlab.option` fields), or ``None``
+    Settings: ClassVar[type | None] = None
+    #: why ``Settings`` cannot work, or ``None`` (set for each subclass; see :func:`settings_problem`)
+    settings_error: ClassVar[str | None] = None
+    #: the name it was built under (set by the plugin host's registry)
+    name: str | None = None
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        reserved = {n for base in cls.__mro__[1:] if base.__module__.startswith("peftlab.plugin")
+                    for n in vars(base)} - {"Settings", "settings_error", "name", "__doc__", "__module__"}
+        cls.settings_error = settings_problem(cls.Settings, reserved)
+        if cls.__module__.startswith("peftlab.plugin"):
+            return  # a base class (Adapter, Quantizer, Metric)
+        if _own_init(cls) is None:  # what ComponentSpec and the CLI inspect
+            ok = cls.Settings is not None and cls.settings_error is None
+            cls.__signature__ = schema_signature(cls.Settings) if ok else inspect.Signature()
+        else:  # its own __init__ says what it takes (not a signature inherited from a schema above it)
+            cls.__signature__ = None
+
+    def __init__(self, **values: Any) -> None:
+        kind = _kind(type(self))
+        owner = f"{kind} {self.name or type(self).__name__}"
+        if self.settings_error:
+            raise ValidationError(f"{owner} Settings", type(self).__name__, self.settings_error)
+        if self.Settings is None:
+            if values:
+                raise ValidationError(f"{kind} setting", sorted(values)[0], f"no settings ({type(self).__name__} takes none)")
+            return
+        self.config = build_settings(self.Settings, values, owner=owner)
+        for f in dataclasses.fields(self.config):
+            setattr(self, f.name, getattr(self.config, f.name))
+        self.check()
+
+    def check(self) -> None:
+        """Rules that involve several settings; raise :class:`ValidationError` naming the field."""
+        return None
+
+    def declared_settings(self) -> dict[str, Any] | None:
+        """The values of the declared settings, or ``None`` without a ``Settings`` schema."""
+        if self.Settings is None or not hasattr(self, "config"):
+            return None
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self.config)}
+
+
+def _own_init(cls: type) -> type | None:
+    """The first class in ``cls``'s MRO below :class:`Configurable` that defines ``__init__``."""
+    for base in cls.__mro__:
+        if base is Configurable:
+            return None
+        if "__init__" in vars(base) and not base.__module__.startswith("peftlab.plugin"):
+            return base
+    return None
+
+
+def _kind(cls: type) -> str:
+    for base in cls.__mro__:
+        if base.__module__.startswith("peftlab.plugin") and base.__name__ in ("Adapter", "Quantizer", "Metric"):
+            return base.__name__.lower()
+    return "component"

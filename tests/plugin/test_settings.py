@@ -58,14 +58,17 @@ def test_the_spec_sees_the_schema_as_a_signature():
 
 
 def test_a_setting_may_not_hide_an_adapter_attribute():
-    with pytest.raises(TypeError, match="'size' would hide Adapter.size"):
-        class Bad(Adapter):  # noqa: F841
-            @dataclass
-            class Settings:
-                size: int = option(1, "clashes")
+    class Bad(Adapter):
+        @dataclass
+        class Settings:
+            size: int = option(1, "clashes")
 
-            def _attach(self, model):
-                return []
+        def _attach(self, model):
+            return []
+
+    assert Bad.settings_error == "setting 'size' would hide the base class's attribute of that name; rename it"
+    with pytest.raises(ValidationError, match="would hide"):
+        Bad()
 
 
 def test_every_builtin_adapter_declares_a_schema_with_help_for_each_option():
