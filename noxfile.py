@@ -95,11 +95,22 @@ def install(session: nox.Session, extras: str = "test", need_cuda: bool = False)
 
 @nox.session
 def tests(session: nox.Session) -> None:
-    """Run the test suite (with the example third-party plugin and the Ray and Slurm extras installed)."""
-    install(session, "test,ray,slurm")
+    """Run the test suite (with the example third-party plugin, the Ray and Slurm extras and the docs
+    tools installed: a test builds the documentation strictly)."""
+    install(session, "test,ray,slurm,docs")
     session.install(EXAMPLE_PLUGIN)
     session.run("pytest", "-q", "-p", "no:cacheprovider", *session.posargs,
                 env={"PEFTLAB_EXPECT_EXAMPLE_PLUGIN": "1"})
+
+
+@nox.session(default=False)
+def docs(session: nox.Session) -> None:
+    """Build the documentation site into site/ (MkDocs, strict: a broken link fails), after checking
+    that the generated reference pages match the code (`-- --regenerate` rewrites them first)."""
+    install(session, "docs")
+    regenerate = "--regenerate" in session.posargs
+    session.run("python", "-m", "peftlab.cli.reference", "docs/reference", *([] if regenerate else ["--check"]))
+    session.run("mkdocs", "build", "--strict", env={"NO_MKDOCS_2_WARNING": "1"})
 
 
 @nox.session

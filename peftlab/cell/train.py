@@ -46,18 +46,18 @@ class TrainingError(PeftlabError):
 @dataclass(frozen=True)
 class TrainConfig:
     optimizer: str = "adamw"
-    lr: float = 2e-4
-    weight_decay: float = 0.0
-    batch_size: int = 8
-    grad_accum: int = 1
+    lr: float = 2e-4  # peak learning rate, after warmup
+    weight_decay: float = 0.0  # AdamW's decoupled weight decay
+    batch_size: int = 8  # examples per micro-batch
+    grad_accum: int = 1  # micro-batches per optimizer step
     steps: int | None = 150  # optimizer steps; None: use epochs
     epochs: float | None = None
-    warmup_steps: int = 10
+    warmup_steps: int = 10  # steps of linear warmup from 0 to lr
     schedule: str = "linear"
     precision: str = "bf16"  # compute dtype: bf16 autocast (CPU and CUDA), or fp32
     frozen_dtype: str = "compute"  # frozen linear weights stored in the compute dtype, or the model's
     grad_checkpointing: bool = False
-    max_grad_norm: float | None = 1.0
+    max_grad_norm: float | None = 1.0  # clip the gradients' global norm to this; None: no clipping
     seed: int = 0
     attention: str = "auto"  # auto: peftlab-cpu on CPU (peftlab.kernels.attention), the model's own elsewhere
     norm: str = "auto"  # auto: RMSNorm keeping bf16 inputs for backward on CPU (peftlab.kernels.norm); model: its own

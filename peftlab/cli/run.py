@@ -15,6 +15,25 @@ from peftlab.kernels.norm import NORM_SETTINGS
 from peftlab.kernels.precision import FROZEN_DTYPES
 from peftlab.plugin.errors import ValidationError
 
+#: cell field -> the ``peftlab run`` flag that sets it (the reference pages list these; a test checks
+#: that each flag sets its field)
+FLAGS = {
+    "model.name": "--model", "model.device": "--device", "model.dtype": "--dtype",
+    "adapter": "--adapter", "adapter_params": "--set", "adapter_from": "--adapter-from",
+    "quantizer": "--quantizer", "quantizer_params": "--qset", "memory_mode": "--memory-mode",
+    "data.source": "--data", "data.eval_source": "--eval-data", "data.splits": "--split", "data.preset": "--preset",
+    "data.columns": "--column", "data.train_split": "--train-split", "data.eval_split": "--eval-split",
+    "data.max_length": "--max-length", "data.eval_limit": "--eval-limit", "data.eval_sample": "--eval-sample",
+    "data.seed": "--seed",
+    "train.steps": "--steps", "train.epochs": "--epochs", "train.batch_size": "--batch-size",
+    "train.grad_accum": "--grad-accum", "train.lr": "--lr", "train.optimizer": "--optimizer",
+    "train.schedule": "--schedule", "train.warmup_steps": "--warmup-steps", "train.precision": "--precision",
+    "train.grad_checkpointing": "--grad-checkpointing", "train.seed": "--seed", "train.frozen_dtype": "--frozen-dtype",
+    "train.attention": "--attention", "train.norm": "--norm", "train.compile": "--compile",
+    "eval.metrics": "--metrics", "eval.metric_params": "--mset", "eval.max_new_tokens": "--max-new-tokens",
+    "eval.num_beams": "--beams", "eval.before": "--eval-before", "eval.attention": "--eval-attention",
+}
+
 
 def _defaults() -> dict[str, Any]:
     """section.field -> the default a cell uses when neither the config file nor a flag sets it."""

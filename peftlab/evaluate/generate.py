@@ -46,7 +46,7 @@ class EvalConfig:
     metrics: tuple[str, ...] = defaults.METRICS
     metric_params: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> settings
     batch_size: int = 64  # speed and memory; outputs depend on it only where linear kernels are not row-invariant
-    max_new_tokens: int = 64
+    max_new_tokens: int = 64  # tokens generated per input at most
     pad_to: int = 32  # prompts are left-padded to a multiple of this (1: no padding beyond the prompt)
     num_beams: int = 1  # 1: greedy
     before: bool = False  # also score the untrained model

@@ -28,14 +28,14 @@ ONLY_FOR = {"jobs": "local", "ray_address": "ray", "partition": "slurm", "time_m
 
 @dataclass
 class ExecutorSettings:
-    kind: str = "local"
-    jobs: int = 1
-    ray_address: str | None = None
-    partition: str | None = None
-    time_min: int = 60
-    cpus_per_cell: int | None = None
-    gpus_per_cell: int | None = None
-    mem_gb: int | None = None
+    kind: str = "local"  # local | ray | slurm
+    jobs: int = 1  # local: cells at once on this machine (one GPU each, or a share of the cores)
+    ray_address: str | None = None  # ray: join this cluster (None: start a local instance for the sweep)
+    partition: str | None = None  # slurm: the partition each cell's job goes to
+    time_min: int = 60  # slurm: the time limit of each cell's job, minutes
+    cpus_per_cell: int | None = None  # ray, slurm (None: 1 with a GPU, else this machine's cores)
+    gpus_per_cell: int | None = None  # ray, slurm (None: 1 when the model's device is CUDA, else 0)
+    mem_gb: int | None = None  # slurm: memory per job (None: the partition's default)
     cluster: str = "slurm"  # "local": submitit's local executor (tests)
 
     @classmethod
