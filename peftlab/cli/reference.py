@@ -157,30 +157,46 @@ def experiment_md() -> str:
 
 
 def cli_md() -> str:
+    """Every command and its options, from the parser's own declarations (not argparse's formatted
+    help, whose layout changes between Python versions)."""
     from peftlab.cli.main import build_parser
 
     parser = build_parser()
-    parser.prog = "peftlab"
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))  # noqa: SLF001
     helps = {a.dest: a.help for a in sub._choices_actions}  # noqa: SLF001
-    out = [HEADER, "# Commands\n", "```text", _plain(parser.format_help()), "```\n"]
+    out = [HEADER, "# Commands\n", "Every command takes the global option `--strict-plugins` before its name "
+           "(`peftlab --strict-plugins run ...`): any plugin failure is fatal.\n"]
     for name, p in sub.choices.items():
-        out += [f"## `peftlab {name}`\n", helps.get(name, "") or "", "", "```text", _plain(p.format_help()), "```\n"]
+        out += [f"## `peftlab {name}`\n", _cell(helps.get(name, "") or ""), ""]
+        rows = [_option_row(a) for a in p._actions if not isinstance(a, argparse._HelpAction)]  # noqa: SLF001
+        if rows:
+            out += ["| argument | meaning |", "| --- | --- |", *rows, ""]
     return "\n".join(out).rstrip() + "\n"
 
 
-def _plain(text: str) -> str:
-    """argparse's help at a fixed width, whatever the terminal."""
-    return text.rstrip()
+def _option_row(action: argparse.Action) -> str:
+    if action.option_strings:
+        name = ", ".join(action.option_strings)
+        if action.nargs != 0:
+            name += " " + (action.metavar or action.dest.upper())
+    else:
+        name = action.metavar or action.dest
+        if action.nargs == "?":
+            name = f"[{name}]"
+        elif action.nargs in ("*", argparse.REMAINDER):
+            name = f"[{name} ...]"
+    meaning = (action.help or "").replace("%%", "%")
+    if action.choices and not isinstance(action.choices, dict):
+        meaning += f" (one of: {', '.join(map(str, action.choices))})"
+    if action.default not in (None, False, [], argparse.SUPPRESS) and "default" not in meaning and action.option_strings:
+        meaning += f" (default: {action.default})"
+    return f"| `{name}` | {_cell(meaning.strip())} |"
 
 
 PAGES = {"hooks.md": hooks_md, "cell.md": cell_md, "experiment.md": experiment_md, "cli.md": cli_md}
 
 
 def generate() -> dict[str, str]:
-    import os
-
-    os.environ["COLUMNS"] = "100"  # argparse wraps help at the terminal's width
     return {name: make() for name, make in PAGES.items()}
 
 

@@ -91,12 +91,12 @@ def add_parser(sub) -> None:
     g = p.add_argument_group("training")
     g.add_argument("--steps", type=int, help="optimizer steps" + dflt("train.steps"))
     g.add_argument("--epochs", type=float, help="epochs instead of steps")
-    g.add_argument("--batch-size", type=int, help=dflt("train.batch_size").strip())
-    g.add_argument("--grad-accum", type=int, help=dflt("train.grad_accum").strip())
-    g.add_argument("--lr", type=float, help=dflt("train.lr").strip())
+    g.add_argument("--batch-size", type=int, help="examples per micro-batch" + dflt("train.batch_size"))
+    g.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step" + dflt("train.grad_accum"))
+    g.add_argument("--lr", type=float, help="peak learning rate, after warmup" + dflt("train.lr"))
     g.add_argument("--optimizer", help="adamw, adamw8bit, paged-adamw, paged-adamw8bit" + dflt("train.optimizer"))
     g.add_argument("--schedule", help="linear or constant (after warmup)" + dflt("train.schedule"))
-    g.add_argument("--warmup-steps", type=int, help=dflt("train.warmup_steps").strip())
+    g.add_argument("--warmup-steps", type=int, help="steps of linear warmup from 0 to the learning rate" + dflt("train.warmup_steps"))
     g.add_argument("--precision", help="bf16 or fp32 compute" + dflt("train.precision"))
     g.add_argument("--grad-checkpointing", action="store_true", default=None,
                    help="recompute activations in backward" + dflt("train.grad_checkpointing"))
@@ -116,7 +116,7 @@ def add_parser(sub) -> None:
     g.add_argument("--metrics", help="comma-separated metric names" + dflt("eval.metrics"))
     g.add_argument("--mset", action="append", metavar="METRIC:KEY=VALUE",
                    help="a metric setting, e.g. evaluate:path=./my_metric.py")
-    g.add_argument("--max-new-tokens", type=int, help=dflt("eval.max_new_tokens").strip())
+    g.add_argument("--max-new-tokens", type=int, help="tokens generated per input at most" + dflt("eval.max_new_tokens"))
     g.add_argument("--beams", type=int, help="1 = greedy" + dflt("eval.num_beams"))
     g.add_argument("--eval-before", action="store_true", default=None, help="also score the untrained model")
     g.add_argument("--eval-attention", choices=ATTENTION_SETTINGS, help="attention in generation: auto is peftlab-cpu "
@@ -134,7 +134,7 @@ def add_parser(sub) -> None:
                    "peft.PeftModel.from_pretrained(base, DIR) loads it)")
     g.add_argument("--merge-into", metavar="DIR", help="save the base with the adapter merged in "
                    "(save_pretrained layout; float bases, adapters that can merge)")
-    g.add_argument("--no-progress", action="store_true")
+    g.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
 
 

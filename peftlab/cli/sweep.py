@@ -27,10 +27,10 @@ def add_parsers(sub) -> None:
     p.add_argument("--gpus-per-cell", type=int, help="ray, slurm (default: 1 on CUDA, else 0)")
     p.add_argument("--cpus-per-cell", type=int, help="ray, slurm (default: 1 with a GPU, else this machine's cores)")
     p.add_argument("--mem-gb", type=int, help="slurm: memory per cell")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=run_sweep)
     r = sub.add_parser("report", help="re-render report.md, tables and plots of a results folder")
-    r.add_argument("folder")
+    r.add_argument("folder", help="a results folder (results/<experiment>)")
     r.set_defaults(func=run_report)
 
 

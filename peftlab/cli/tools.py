@@ -35,9 +35,9 @@ def add_parsers(sub) -> None:
     e.add_argument("--optimizer", default="adamw", help="adamw, adamw8bit, sgd")
     e.add_argument("--report", action="store_true", help="the memory report: the lecture's 10B, real models, "
                    "and the estimate against the peaks measured by the sweeps given with --check")
-    e.add_argument("--check", action="append", default=[], metavar="DIR", help="a sweep's results folder")
+    e.add_argument("--check", action="append", default=[], metavar="DIR", help="a sweep's results folder whose measured peaks the report compares (repeatable)")
     e.add_argument("--out", help="with --report: write report.md and memory.csv into this folder")
-    e.add_argument("--json", action="store_true")
+    e.add_argument("--json", action="store_true", help="print the estimate as JSON")
     e.set_defaults(func=run_estimate)
     c = sub.add_parser("cache", help="the cache of dequantized models and tokenized data: where, what, --clear")
     c.add_argument("--clear", action="store_true", help="delete every entry")
