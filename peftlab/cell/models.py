@@ -85,11 +85,22 @@ class ModelConfig:
 class Loaded:
     model: Any
     tokenizer: Any
-    source: str  # what was loaded: a path, hub id or "config:<arch>"
+    source: str  # what was loaded: a path, hub id or "config:<arch>" (a path is this machine's)
     device: torch.device
     dtype: torch.dtype
     quantized: Any = None  # the QuantizeReport when the model was quantized while loading
     from_cache: bool = False  # read from peftlab's float copy of a GGUF model
+    named: str = ""  # the source as records keep it: what the user named, never this machine's paths
+
+
+def source_name(name: str, kind: str, args: dict[str, Any]) -> str:
+    """The model's source as a record keeps it: a config model's architecture, the embedded GGUF's
+    package and file, else the name as the user gave it (a hub id, a folder, a .gguf file)."""
+    if kind == "config":
+        return f"config:{CONFIG_MODELS[name][0]}"
+    if name == "smollm2-135m":
+        return f"{EMBEDDED_GGUF[0]}:{args['gguf_file']}"
+    return name
 
 
 def byte_tokenizer():
@@ -191,7 +202,8 @@ def load(cfg: ModelConfig, seed: int = 0, quantizer: Any = None, compute_dtype: 
                 tok.pad_token = tok.eos_token
             model, report = streamed
             model.config.use_cache = False
-            return Loaded(model, tok, args["id"], device, dtype, quantized=report)
+            return Loaded(model, tok, args["id"], device, dtype, quantized=report,
+                          named=source_name(cfg.name, kind, args))
     cached = None
     if kind == "config":
         model, tok = build_from_config(args["name"], cfg.max_positions, seed, device)
@@ -220,4 +232,5 @@ def load(cfg: ModelConfig, seed: int = 0, quantizer: Any = None, compute_dtype: 
     model.to(device=device, dtype=dtype)
     model.config.use_cache = False
     model.eval()  # training switches dropout on itself
-    return Loaded(model, tok, source, device, dtype, from_cache=cached is not None)
+    return Loaded(model, tok, source, device, dtype, from_cache=cached is not None,
+                  named=source_name(cfg.name, kind, args))

@@ -8,7 +8,6 @@ so bad input fails in seconds, before a model is loaded. A vetoed combination co
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +18,6 @@ import torch
 from peftlab.cell.config import CellConfig
 from peftlab.cell.train import TrainingError
 from peftlab.host import PluginHost
-from peftlab.plugin.adapter import Adapter
 from peftlab.plugin.errors import PeftlabError, PluginError, ValidationError
 
 
@@ -68,40 +66,22 @@ def preflight(cfg: CellConfig, host: PluginHost) -> tuple[Any, Any, dict[str, An
 
 
 def base_record(cfg: CellConfig) -> dict[str, Any]:
-    from peftlab.provenance import git_commit, machine_id, versions
+    """The record a cell starts from: its settings and provenance (:func:`peftlab.cell.sections.settings`)."""
+    from peftlab.cell import sections
 
-    rec: dict[str, Any] = {"status": "ok", "reason": "", "model": cfg.model.name, "adapter": cfg.adapter,
-                           "quantizer": cfg.quantizer_name or "none",
-                           "data": cfg.data.source, "train.steps_planned": cfg.train.steps,
-                           "train.optimizer": cfg.train.optimizer, "train.precision": cfg.train.precision,
-                           "train.grad_checkpointing": cfg.train.grad_checkpointing,
-                           "train.frozen_dtype": cfg.train.frozen_dtype, "train.attention": cfg.train.attention,
-                           "train.norm": cfg.train.norm, "train.compile": cfg.train.compile,
-                           "train.batch_size": cfg.train.batch_size, "train.grad_accum": cfg.train.grad_accum,
-                           "train.lr": cfg.train.lr, "train.seed": cfg.train.seed,
-                           "memory_mode": memory_reading(cfg),
-                           "eval.batch_size": cfg.eval.batch_size, "eval.attention": cfg.eval.attention}
-    rec.update({f"version.{k}": v for k, v in versions().items()})
-    rec["version.commit"] = git_commit()  # of the working tree the cell ran from
-    rec["machine.id"] = machine_id()
-    return rec
-
-
-def memory_reading(cfg: CellConfig) -> str:
-    """What the cell's peak memory reads: ``cuda`` (the allocator's counters) on a CUDA device,
-    where the CPU modes (``heap``, ``rss``, ``rss-strict``) mean nothing; the CPU mode elsewhere."""
-    device = cfg.model.device
-    on_cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
-    return "cuda" if on_cuda else cfg.memory_mode
+    return sections.settings(cfg)
 
 
 def run_cell(cfg: CellConfig, host: PluginHost, *, progress: bool = True,
              outputs: CellOutputs | None = None) -> dict[str, Any]:
+    """Run one cell: load -> quantize -> attach -> train -> generate -> score, each stage adding its
+    section of the record (:mod:`peftlab.cell.sections`, declared in :mod:`peftlab.record`)."""
     from peftlab.adapt.attach import attach
     from peftlab.cache import encode_cached
-    from peftlab.cell.measure import PeakMemory, backward_blocks, base_weight_bytes, trainable_bytes
+    from peftlab.cell import sections
+    from peftlab.cell.measure import PeakMemory, base_weight_bytes
     from peftlab.cell.models import load
-    from peftlab.cell.train import train
+    from peftlab.cell.train import TrainResult, train
     from peftlab.data.prompts import encode
     from peftlab.data.splits import load_splits
     from peftlab.evaluate.generate import generate
@@ -109,7 +89,6 @@ def run_cell(cfg: CellConfig, host: PluginHost, *, progress: bool = True,
     from peftlab.kernels.compiled import check as check_compile
     from peftlab.kernels.heap import reuse_freed_memory
     from peftlab.kernels.precision import FrozenCast, frozen_to_compute
-    from peftlab.provenance import device_name
     from peftlab.quantize.apply import quantize_
 
     wall = time.perf_counter()
@@ -118,8 +97,7 @@ def run_cell(cfg: CellConfig, host: PluginHost, *, progress: bool = True,
         refusal = adapter.merge_refusal(f"quantizer {cfg.quantizer_name!r} packs the weights" if quantizer else None)
         if refusal:
             raise ValidationError("merge_into", str(outputs.merged), refusal[1])
-    rec = base_record(cfg)
-    rec.update(adapter_fields(adapter))
+    rec = {**sections.settings(cfg), **sections.adapter(adapter)}
     if reason:
         rec.update(status="skipped", reason=reason)
         return rec
@@ -134,45 +112,31 @@ def run_cell(cfg: CellConfig, host: PluginHost, *, progress: bool = True,
                       trains_base=bool(adapter.trains_base))
         model, tok = loaded.model, loaded.tokenizer
         encoded = encode_cached(train_rows, tok, cfg.data.max_length, encode)
-        rec.update({"device": device_name(device), "cell.threads": torch.get_num_threads(), "model.source": loaded.source, "model.from_cache": loaded.from_cache, "model.dtype": str(loaded.dtype).removeprefix("torch."),
-                    "data.train_rows": len(train_rows), "data.dropped_too_long": encoded.dropped,
-                    "data.truncated": encoded.truncated, "data.eval_inputs": len(eval_items),
-                    "data.eval_references": sum(len(i.references) for i in eval_items), **eval_info})
+        rec.update(sections.load(loaded, device, train_rows, encoded, eval_items, eval_info))
         if quantizer is not None:
             qrep = loaded.quantized or quantize_(model, quantizer, compute_dtype=compute)
-            rec.update({"quant.layers": len(qrep.layers), "quant.bytes_before": qrep.bytes_before,
-                        "quant.bytes_after": qrep.bytes_after, "quant.while_loading": loaded.quantized is not None})
+            rec.update(sections.quantize(qrep, while_loading=loaded.quantized is not None))
         rec["base.weight_bytes"] = base_weight_bytes(model)
         torch.manual_seed(cfg.train.seed)
         if cfg.adapter_from:
             from peftlab.adapt.persist import load_adapter
 
             adapter, report = load_adapter(model, cfg.adapter_from, host)
-            rec.update({"adapter": adapter.name, "adapter.from": str(cfg.adapter_from), **adapter_fields(adapter)})
+            rec.update({"adapter": adapter.name, "adapter.from": str(cfg.adapter_from), **sections.adapter(adapter)})
         else:
             report = attach(model, adapter)
         cast = FrozenCast()
         if cfg.train.frozen_dtype == "compute":
             cast = frozen_to_compute(model, cfg.train.precision, keep=report.targets if adapter.reads_base_weights else [])
-        rec.update({"cast.layers": len(cast.layers), "cast.bytes_saved": cast.bytes_saved, "cast.untied": ",".join(cast.untied)})
-        rec.update({"params.trainable": report.trainable, "params.total": report.total,
-                    "params.trainable_pct": 100 * report.trainable_share, "adapter.targets": len(report.targets),
-                    "params.backward_blocks": backward_blocks(model),
-                    "params.trainable_bytes": trainable_bytes(model)})
+        rec.update(sections.attach(report, cast, model))
         model.to(device)
         if cfg.eval.before:
             gens = generate(model, tok, eval_items, cfg.eval, device=device, precision=cfg.train.precision, progress=progress)
-            before, _ = score(gens.texts, eval_items, metrics)
-            rec.update({f"before.{k}": v for k, v in before.items()})
-        loaded_peak = peak.read()
-        rec["mem.load_peak_rss_delta_bytes"] = loaded_peak["mem.cpu_peak_rss_delta_bytes"]
-        if "mem.cpu_heap_peak_delta_bytes" in loaded_peak:
-            rec["mem.load_heap_peak_delta_bytes"] = loaded_peak["mem.cpu_heap_peak_delta_bytes"]
+            rec.update(sections.score(score(gens.texts, eval_items, metrics)[0], None, prefix="before."))
+        rec.update(sections.loading_peak(peak.read()))
         peak.reset_peak()
         try:
             if cfg.train.steps == 0:  # evaluate only (a loaded adapter, or the base)
-                from peftlab.cell.train import TrainResult
-
                 result = TrainResult()
             else:
                 reuse = device.type == "cpu" and cfg.memory_mode != "rss-strict"
@@ -183,36 +147,24 @@ def run_cell(cfg: CellConfig, host: PluginHost, *, progress: bool = True,
         except TrainingError as exc:
             rec.update(status="failed", reason=str(exc), **peak.read(), **{"time.wall_s": time.perf_counter() - wall})
             return rec
-        rec.update({"train.steps": result.steps, "train.epochs": result.epochs, "train.tokens": result.tokens,
-                    "train.max_batch_positions": result.max_batch_positions,
-                    "train.seconds": result.seconds, "train.tokens_per_s": result.tokens_per_s,
-                    "train.first_step_s": result.first_step_s,
-                    "train.throughput_from_step": result.throughput_from_step,
-                    "train.master_dtype": result.master_dtype, "mem.paged_state_bytes": result.paged_state_bytes,
-                    "train.bf16_matmul": result.bf16_matmul,
-                    "loss.first": result.losses[0] if result.losses else float("nan"),
-                    "loss.final": result.final_loss, "loss.mean": result.mean_loss,
-                    "train.optimizer_note": result.optimizer_note, "train.attention_impl": result.attention,
-                    "train.lean_norms": result.lean_norms, "train.compiled_layers": result.compiled_layers,
-                    "train.compiled_from_step": result.compiled_from_step})
+        rec.update(sections.train(result))
         rec.update(peak.read(paged_bytes=result.paged_state_bytes))  # the training peak, before generation's caches
     finally:
         peak.stop()
     gens = generate(model, tok, eval_items, cfg.eval, device=device, precision=cfg.train.precision, progress=progress)
-    scores, settings = score(gens.texts, eval_items, metrics)
-    rec.update(scores)
-    rec.update({"gen.tokens": gens.new_tokens, "gen.seconds": gens.seconds, "gen.tokens_per_s": gens.tokens_per_s,
-                "gen.attention_impl": gens.attention, "gen.packed_linears": gens.packed_linears,
-                "gen.rows_leave": gens.rows_leave,
-                "metric.settings": json.dumps(settings, sort_keys=True), "sample.prediction": gens.texts[0],
-                "sample.references": json.dumps(list(eval_items[0].references))})
+    scores, metric_settings = score(gens.texts, eval_items, metrics)
+    rec.update(sections.score(scores, metric_settings))
+    rec.update(sections.generate(gens, eval_items))
     rec["time.wall_s"] = time.perf_counter() - wall
-    keep(outputs or CellOutputs(), rec, eval_items, gens.texts, model, adapter, report.targets, tok, cast)
+    keep(outputs or CellOutputs(), rec, eval_items, gens.texts, model, adapter, report.targets, tok, cast,
+         base_model=loaded.source)
     return rec
 
 
-def keep(out: CellOutputs, rec: dict[str, Any], items, texts, model, adapter, targets, tok, cast=None) -> None:
-    """Write what the cell made where ``out`` says, and say in the record where it went."""
+def keep(out: CellOutputs, rec: dict[str, Any], items, texts, model, adapter, targets, tok, cast=None,
+         base_model: str | None = None) -> None:
+    """Write what the cell made where ``out`` says, and say in the record where it went. A saved
+    adapter names ``base_model`` (what was loaded, which peft's loaders read) as its base."""
     from peftlab.adapt.persist import merge_into, save_adapter
     from peftlab.evaluate.predictions import write_predictions
 
@@ -220,7 +172,7 @@ def keep(out: CellOutputs, rec: dict[str, Any], items, texts, model, adapter, ta
         write_predictions(out.predictions, items, texts)
         rec["predictions.file"] = str(out.predictions)
     if out.adapter:
-        save_adapter(model, adapter, targets, out.adapter, base_model=rec.get("model.source"),
+        save_adapter(model, adapter, targets, out.adapter, base_model=base_model,
                      extra={"quantizer": rec.get("quantizer"), "cell": {k: rec.get(k) for k in ("label", "cell_id")}})
         rec["adapter.saved"] = str(out.adapter)
     if out.merged:
@@ -230,19 +182,3 @@ def keep(out: CellOutputs, rec: dict[str, Any], items, texts, model, adapter, ta
             restore_dtype(cast)
         merge_into(model, adapter, tok, out.merged)
         rec["adapter.merged"] = str(out.merged)
-
-
-def adapter_fields(adapter: Adapter) -> dict[str, Any]:
-    """What every record says of its adapter, whatever the adapter: its settings (``adapter.<key>``),
-    whether it trains base weights, and its declared size setting and value (LoRA's rank), which
-    reports plot trainable parameters against."""
-    return {**{f"adapter.{k}": _cell_value(v) for k, v in adapter.settings().items()},
-            "adapter.trains_base": bool(adapter.trains_base), "adapter.size_setting": adapter.size_setting,
-            "adapter.size": adapter.size}
-
-
-def _cell_value(v: Any) -> Any:
-    """Settings go into a flat table: lists and dicts become JSON text."""
-    return json.dumps(v) if isinstance(v, (list, tuple, dict)) else v
-
-

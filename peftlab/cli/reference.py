@@ -1,5 +1,5 @@
 """``python -m peftlab.cli.reference DOCS/reference [--check]``: the reference pages, generated from
-the code so they cannot drift from it: every hook (``hooks.md``), every cell field with its type,
+the code so they cannot drift from it: every key of a cell's record (``record.md``), every hook (``hooks.md``), every cell field with its type,
 default, ``peftlab run`` flag and meaning (``cell.md``), the experiment file's tables
 (``experiment.md``) and every command's options (``cli.md``). ``--check`` writes nothing and exits
 1 when a committed page differs from what the code generates (``nox -s docs`` and a test run it)."""
@@ -193,7 +193,23 @@ def _option_row(action: argparse.Action) -> str:
     return f"| `{name}` | {_cell(meaning.strip())} |"
 
 
-PAGES = {"hooks.md": hooks_md, "cell.md": cell_md, "experiment.md": experiment_md, "cli.md": cli_md}
+def record_md() -> str:
+    import peftlab.record as record
+
+    out = [HEADER, "# The record\n", (inspect.getdoc(record) or "").split("\n\n", 1)[1].replace("``", "`"), ""]
+    for stage, what in record.STAGES.items():
+        rows = [f for f in record.FIELDS if f.stage == stage]
+        out += [f"## {stage}: {what}\n", "| key | type | unit | meaning |", "| --- | --- | --- | --- |"]
+        out += [f"| `{f.key}` | {f.type} | {f.unit} | {_cell(f.meaning)}"
+                + (f" (records before {f.since} lack it until `python -m peftlab.sweep.migrate`)" if f.since else "")
+                + " |" for f in rows]
+        out.append("")
+    out += ["## Keys components add\n", "| pattern | type | meaning |", "| --- | --- | --- |"]
+    out += [f"| `{p}` | {t} | {_cell(m)} |" for p, t, _, m in record.PATTERNS]
+    return "\n".join(out).rstrip() + "\n"
+
+
+PAGES = {"record.md": record_md, "hooks.md": hooks_md, "cell.md": cell_md, "experiment.md": experiment_md, "cli.md": cli_md}
 
 
 def generate() -> dict[str, str]:

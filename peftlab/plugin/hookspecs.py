@@ -91,8 +91,9 @@ def peftlab_skip_reason(cell: CellView) -> str | None:
 def peftlab_cell_finished(record: dict[str, Any]) -> None:
     """Observe one finished grid cell.
 
-    :param record: the cell's flat result record (``status`` is ``ok``, ``failed`` or ``skipped``).
-        A copy: changing it changes nothing stored.
+    :param record: the cell's flat result record (``status`` is ``ok``, ``failed`` or ``skipped``);
+        every key is declared in ``peftlab/record.py`` (the reference's record page lists them with
+        their types, units and meaning). A copy: changing it changes nothing stored.
 
     Return values are ignored; an exception here is reported on stderr, never fatal to the sweep.
     """

@@ -13,18 +13,16 @@ from typing import Any
 
 import pandas as pd
 
+from peftlab.record import pandas_dtype
+
+#: the fixed columns, in table order; their dtypes come from the record's declaration
+ORDER = ("cell_id", "label", "group", "status", "reason", "model", "adapter", "quantizer", "data",
+         "adapter.size_setting", "adapter.size", "adapter.trains_base", "train.seed", "train.steps", "train.optimizer",
+         "train.grad_checkpointing", "params.trainable", "params.total", "params.trainable_pct", "base.weight_bytes",
+         "mem.peak_bytes", "mem.peak_kind", "train.tokens_per_s", "gen.tokens_per_s", "loss.final", "loss.mean",
+         "time.wall_s", "device")
 #: the fixed schema: column -> pandas dtype
-COLUMNS: dict[str, str] = {
-    "cell_id": "string", "label": "string", "group": "string", "status": "string", "reason": "string",
-    "model": "string", "adapter": "string", "quantizer": "string", "data": "string",
-    "adapter.size_setting": "string", "adapter.size": "Float64", "adapter.trains_base": "boolean",
-    "train.seed": "Int64", "train.steps": "Int64", "train.optimizer": "string",
-    "train.grad_checkpointing": "boolean",
-    "params.trainable": "Int64", "params.total": "Int64", "params.trainable_pct": "float64",
-    "base.weight_bytes": "Int64", "mem.peak_bytes": "Int64", "mem.peak_kind": "string",
-    "train.tokens_per_s": "float64", "gen.tokens_per_s": "float64", "loss.final": "float64", "loss.mean": "float64",
-    "time.wall_s": "float64", "device": "string",
-}
+COLUMNS: dict[str, str] = {key: pandas_dtype(key) for key in ORDER}
 PREFIX_DTYPES = [("metric.settings", "string"), ("metric.", "float64"), ("before.metric.", "float64"),
                  ("mem.", "float64"), ("version.", "string"), ("sample.", "string"), ("quant.", "Int64")]
 #: columns that say what a cell was (everything else is what it measured)

@@ -33,11 +33,9 @@ from typing import Any
 
 from peftlab.atomic import write_text_atomic
 from peftlab.plugin.errors import ValidationError
+from peftlab.record import IDENTITY, STATUSES
 
 SCHEMA = 2
-STATUSES = ("ok", "failed", "skipped")
-#: what every complete record holds
-IDENTITY = ("cell_id", "label", "group", "axes", "status")
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
