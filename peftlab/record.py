@@ -94,6 +94,7 @@ FIELDS: tuple[Field, ...] = (
     _f("adapter.size", "number", "settings", "that setting's value: what reports plot trainable parameters against",
        since="v2"),
     _f("adapter.from", "str", "settings", "the saved adapter folder the cell started from"),
+    _f("adapter.from_quantizer", "str", "settings", "the base's quantizer when that adapter was trained (none: float)"),
     # load
     _f("device", "str", "load", "the CPU model and threads, or the GPU, the cell ran on"),
     _f("cell.threads", "int", "load", "torch threads the cell ran with"),

@@ -54,10 +54,11 @@ class Estimate:
 
 def estimate(params: float, *, method: str = "full", trainable: float | None = None, base: str = "fp16",
              adapter_dtype: str = "fp16", grad_dtype: str = "fp16", optimizer: str = "adamw",
-             activations: float = 0.0) -> Estimate:
+             activations: float = 0.0, base_bits: float | None = None) -> Estimate:
     """Bytes to train a model of ``params`` parameters. ``method`` is ``full`` (everything
     trains, weights in ``grad_dtype``'s width), ``lora`` or ``qlora`` (``trainable`` adapter
-    parameters on a frozen base stored as ``base``; ``qlora`` means base ``nf4-dq``)."""
+    parameters on a frozen base stored as ``base``; ``qlora`` means a quantized base of
+    ``base_bits`` per parameter, NF4-DQ's 4.127 unless a quantizer's ``nominal_bits`` is given)."""
     for name, value, table in (("base", base, WEIGHT_BYTES), ("adapter_dtype", adapter_dtype, WEIGHT_BYTES),
                                ("grad_dtype", grad_dtype, WEIGHT_BYTES), ("optimizer", optimizer, OPTIMIZER_BYTES)):
         if value not in table:
@@ -72,8 +73,11 @@ def estimate(params: float, *, method: str = "full", trainable: float | None = N
     else:
         if trainable is None or not 0 < trainable < params:
             raise ValidationError("trainable", trainable, f"the adapter's parameter count, between 0 and {params:g}")
-        stored = "nf4-dq" if method == "qlora" else base
-        weights = params * WEIGHT_BYTES[stored] + trainable * WEIGHT_BYTES[adapter_dtype]
+        if base_bits is not None and not (isinstance(base_bits, (int, float)) and 0 < base_bits <= 64):
+            raise ValidationError("base_bits", base_bits, "bits per parameter of the quantized base, in (0, 64]")
+        per_param = WEIGHT_BYTES[base] if method == "lora" else \
+            (base_bits / 8 if base_bits is not None else WEIGHT_BYTES["nf4-dq"])
+        weights = params * per_param + trainable * WEIGHT_BYTES[adapter_dtype]
     return Estimate(method, params, trainable, weights, trainable * WEIGHT_BYTES[grad_dtype],
                     trainable * OPTIMIZER_BYTES[optimizer], activations)
 

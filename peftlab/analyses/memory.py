@@ -37,9 +37,11 @@ TEN_B_SHAPE = (4096, 48)
 
 def model_estimates(name: str, host: PluginHost, *, adapter: str = defaults.ADAPTER, rank: int = 8, targets: str = "q/v",
                     seq: int = 512, batch: int = 1, checkpointing: bool = False,
-                    optimizer: str = "adamw") -> list[Estimate]:
+                    optimizer: str = "adamw", quantizer: str | None = None) -> list[Estimate]:
     """Full, LoRA and QLoRA for an architecture of :data:`peftlab.architectures.ARCHITECTURES` (or a
-    peftlab short name with one), with exact parameter counts and an activation term."""
+    peftlab short name with one), with exact parameter counts and an activation term; the quantized
+    row's base is stored at ``quantizer``'s nominal bits per parameter (any quantizer plugin), or
+    without one at NF4 with double quantization's 4.127 bits (QLoRA's, no plugin needed)."""
     arch_name = ALIASES.get(name, name)
     size = rank if host.adapters.build(adapter).size_setting else None  # a size only where it declares one
     built = sized_adapter(host, adapter, size, targets, ARCHITECTURES[arch_name][0])
@@ -47,13 +49,14 @@ def model_estimates(name: str, host: PluginHost, *, adapter: str = defaults.ADAP
     hidden, layers = shape(name)
     act = activation_bytes(seq, batch, hidden, layers, checkpointing)
     n, t = counts["base_params"], counts["trainable"]
+    bits = host.quantizers.build(quantizer).nominal_bits() if quantizer else None
     rows = [estimate(n, method="full", optimizer=optimizer, activations=act),
             estimate(n, method="lora", trainable=t, optimizer=optimizer, activations=act),
             estimate(n, method="qlora", trainable=t, adapter_dtype="bf16", grad_dtype="bf16", optimizer=optimizer,
-                     activations=act)]
-    if adapter == "lora":  # the lecture's names for its own rows
+                     activations=act, base_bits=bits)]
+    if adapter == defaults.ADAPTER and quantizer is None:  # the lecture's names for its rows
         return rows
-    return [rows[0], replace(rows[1], method=adapter), replace(rows[2], method=f"{adapter}+nf4-dq")]
+    return [rows[0], replace(rows[1], method=adapter), replace(rows[2], method=f"{adapter}+{quantizer or 'nf4-dq'}")]
 
 
 def record_estimate(rec: dict[str, Any]) -> dict[str, float]:

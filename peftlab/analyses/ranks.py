@@ -104,15 +104,21 @@ def ranks_report(host: PluginHost, adapter: str = defaults.ADAPTER, check_peer: 
     probe = host.adapters.build(adapter)
     size_name = probe.size_setting
     sizes = SIZES if size_name else (None,)
-    lines = [f"# Adapter size ({size_name or 'none declared'}) versus trainable parameters: {adapter}\n",
-             "## (a) The lecture's table: 2 r sqrt(N), the whole model as one square matrix\n",
-             "| rank | " + " | ".join(f"Model {m}" for m in LECTURE_MODELS) + " |",
-             "|---" * (len(LECTURE_MODELS) + 1) + "|"]
-    lines += ["| " + " | ".join([row["rank"], *(row[m] for m in LECTURE_MODELS)]) + " |" for row in lecture_table()]
-    lines.append("\nThe lecture prints the same values except four entries it truncates instead of rounding: "
-                 "rank 2 / 7B (334.66K, printed 334K), rank 512 / 70B (270.9M, printed 270M), rank 1024 / 13B "
-                 "(233.5M, printed 233M) and rank 8192 / 13B (1.868B, printed 1.8B). "
-                 "`tests/report/test_ranks.py` pins every entry.\n")
+    lora_count = probe.peft_type == "LORA"  # the lecture's 2 r sqrt(N) is LoRA's count (A and B of one matrix)
+    lines = [f"# Adapter size ({size_name or 'none declared'}) versus trainable parameters: {adapter}\n"]
+    if lora_count:
+        lines += ["## (a) The lecture's table: 2 r sqrt(N), the whole model as one square matrix\n",
+                  "| rank | " + " | ".join(f"Model {m}" for m in LECTURE_MODELS) + " |",
+                  "|---" * (len(LECTURE_MODELS) + 1) + "|"]
+        lines += ["| " + " | ".join([row["rank"], *(row[m] for m in LECTURE_MODELS)]) + " |" for row in lecture_table()]
+        lines.append("\nThe lecture prints the same values except four entries it truncates instead of rounding: "
+                     "rank 2 / 7B (334.66K, printed 334K), rank 512 / 70B (270.9M, printed 270M), rank 1024 / 13B "
+                     "(233.5M, printed 233M) and rank 8192 / 13B (1.868B, printed 1.8B). "
+                     "`tests/analyses/test_ranks.py` pins every entry.\n")
+    else:
+        lines.append(f"## (a) The lecture's table\n\nThe lecture's 2 r sqrt(N) counts LoRA's two rank-r matrices of "
+                     f"one square matrix; {adapter} is not saved as LoRA (its declared size setting: "
+                     f"{size_name or 'none'}), so the formula does not describe it and only real counts follow.\n")
     peer = PEERS.get(adapter) if check_peer else None
     lines += [f"## (b) Real architectures, {adapter} (configurations instantiated on the meta device, no weights)\n",
               f"| model | parameters | {size_name or 'size'} | targets | adapted modules | trainable | lecture's 2r√N "
@@ -122,10 +128,16 @@ def ranks_report(host: PluginHost, adapter: str = defaults.ADAPTER, check_peer: 
         arch = ARCHITECTURES[name][0]
         takes_targets = host.adapters.get(adapter).accepts("target_modules")
         for size in sizes:
-            for targets in ("q/v", "all-linear") if takes_targets else ("-",):
-                c = architecture_counts(name, sized_adapter(host, adapter, size, targets, arch))
+            # the LoRA paper's q/v and all-linear choice; any other adapter on its own default targets
+            for targets in ("q/v", "all-linear") if takes_targets and lora_count else ("-",):
+                try:
+                    c = architecture_counts(name, sized_adapter(host, adapter, size, targets, arch))
+                except ValidationError as exc:  # a setting this architecture's targets do not allow
+                    rows.append({"model": name, "size": size, "targets": targets, "refused": str(exc)})
+                    lines.append(f"| {name} | - | {size if size else '-'} | {targets} | - | refused: {exc} | - | - |")
+                    continue
                 c["targets"] = targets
-                c["lecture_estimate"] = lecture_count(size, c["base_params"]) if size else None
+                c["lecture_estimate"] = lecture_count(size, c["base_params"]) if size and lora_count else None
                 ref = peer(name, size, targets) if peer and size == 8 else None
                 c["peer"] = ref
                 rows.append(c)
@@ -146,7 +158,7 @@ def ranks_report(host: PluginHost, adapter: str = defaults.ADAPTER, check_peer: 
             rows.append({**c, "targets": "q/v", "paper": paper[name]})
             lines.append(f"| {name} | {c['trainable']:,} ({c['trainable'] / 1e6:.2f}M) | {paper[name]} |")
         lines.append(LORA_NOTE)
-    lines.append(f"Ranks in (a): {', '.join(map(str, LECTURE_RANKS))}. Architectures: "
+    lines.append((f"Ranks in (a): {', '.join(map(str, LECTURE_RANKS))}. " if lora_count else "") + "Architectures: "
                  + ", ".join(f"{k} ({v[0]})" for k, v in ARCHITECTURES.items()) + ".")
     return "\n".join(lines) + "\n", rows
 

@@ -122,7 +122,8 @@ def run_cell(cfg: CellConfig, host: PluginHost, *, progress: bool = True,
             from peftlab.adapt.persist import load_adapter
 
             adapter, report = load_adapter(model, cfg.adapter_from, host)
-            rec.update({"adapter": adapter.name, "adapter.from": str(cfg.adapter_from), **sections.adapter(adapter)})
+            rec.update({"adapter": adapter.name, "adapter.from": str(cfg.adapter_from), **sections.adapter(adapter),
+                        **trained_over(cfg)})
         else:
             report = attach(model, adapter)
         cast = FrozenCast()
@@ -159,6 +160,25 @@ def run_cell(cfg: CellConfig, host: PluginHost, *, progress: bool = True,
     keep(outputs or CellOutputs(), rec, eval_items, gens.texts, model, adapter, report.targets, tok, cast,
          base_model=loaded.source)
     return rec
+
+
+def trained_over(cfg: CellConfig) -> dict[str, Any]:
+    """The base a loaded adapter was trained over (``adapter.from_quantizer``), where its folder says
+    (peftlab writes it); a base quantized otherwise is legitimate (QLoRA's adapters serve a float
+    base), and said on stderr, since outputs then differ by the quantization error."""
+    import sys
+
+    from peftlab.adapt.persist import read_adapter_info
+
+    then = read_adapter_info(cfg.adapter_from).get("quantizer")
+    if then is None:
+        return {}
+    now = cfg.quantizer_name or "none"
+    if then != now:
+        print(f"peftlab: note: the adapter in {cfg.adapter_from} was trained over a base quantized with {then}; this "
+              f"cell's base is {'float' if now == 'none' else 'quantized with ' + now} (outputs differ by the "
+              "difference in quantization)", file=sys.stderr)
+    return {"adapter.from_quantizer": then}
 
 
 def keep(out: CellOutputs, rec: dict[str, Any], items, texts, model, adapter, targets, tok, cast=None,

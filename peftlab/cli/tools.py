@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import peftlab.defaults as defaults
@@ -28,6 +29,8 @@ def add_parsers(sub) -> None:
     e.add_argument("--model", help="count exactly for an architecture: " + ", ".join(_architectures()))
     e.add_argument("--adapter", default=DEFAULT_ADAPTER, help=f"a registered adapter with --model (default {DEFAULT_ADAPTER})")
     e.add_argument("--rank", type=positive_int, default=8, help="the adapter's size setting with --model (LoRA's rank; default 8)")
+    e.add_argument("--quantizer", help="a registered quantizer for the quantized row's base: its nominal bits per "
+                   "parameter (default: NF4 with double quantization's 4.127, QLoRA's)")
     e.add_argument("--targets", default="q/v", choices=("q/v", "all-linear"), help="LoRA targets with --model")
     e.add_argument("--seq", type=non_negative_int, default=0, help="tokens per sequence for the activation term (without --model: a 10B shape, h=4096, 48 blocks)")
     e.add_argument("--batch", type=positive_int, default=1, help="sequences per step for the activation term")
@@ -79,14 +82,17 @@ def run_estimate(args: argparse.Namespace) -> int:
         from peftlab.analyses.memory import model_estimates
 
         rows = model_estimates(args.model, host_for(args), adapter=args.adapter, rank=args.rank, targets=args.targets, seq=args.seq, batch=args.batch,
-                               checkpointing=args.checkpointing, optimizer=args.optimizer)
+                               checkpointing=args.checkpointing, optimizer=args.optimizer, quantizer=args.quantizer)
     else:
         trainable = args.trainable or args.params * 0.002
         act = 0.0 if not args.seq else activation_bytes(args.seq, args.batch, 4096, 48, args.checkpointing)
+        bits = host_for(args).quantizers.build(args.quantizer).nominal_bits() if args.quantizer else None
         rows = [estimate(args.params, method="full", optimizer=args.optimizer, activations=act),
                 estimate(args.params, method="lora", trainable=trainable, optimizer=args.optimizer, activations=act),
                 estimate(args.params, method="qlora", trainable=trainable, adapter_dtype="bf16", grad_dtype="bf16",
-                         optimizer=args.optimizer, activations=act)]
+                         optimizer=args.optimizer, activations=act, base_bits=bits)]
+        if args.quantizer:
+            rows[2] = replace(rows[2], method=f"lora+{args.quantizer}")
     if args.json:
         print(json.dumps([r.to_dict() for r in rows], indent=2))
         return 0

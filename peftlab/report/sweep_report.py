@@ -51,21 +51,47 @@ def _fmt(v: Any, ci: Any = None, digits: int = 1) -> str:
     return text
 
 
-def summary_markdown(summary: pd.DataFrame) -> str:
+def _mib(v: float) -> str:
+    """MiB with the digits a size needs: a small model's base is not ``0``."""
+    return _fmt(v, digits=0 if v >= 100 else 1 if v >= 1 else 3)
+
+
+def base_bits(cells: pd.DataFrame) -> dict[str, float]:
+    """Group -> bits per base parameter, as stored: the base's bytes over the base's own (logical)
+    parameters, which are every parameter when the adapter trains the base and all but the trainable
+    ones when it adds its own."""
+    out: dict[str, float] = {}
+    ok = cells[cells["status"] == "ok"]
+    for group, part in ok.groupby("group", sort=False):
+        r = part.iloc[0]
+        if pd.isna(r.get("base.weight_bytes")) or pd.isna(r.get("params.total")):
+            continue
+        trains_base = bool(r.get("adapter.trains_base")) if not pd.isna(r.get("adapter.trains_base")) else False
+        own = float(r["params.total"]) - (0.0 if trains_base else float(r.get("params.trainable") or 0))
+        if own > 0:
+            out[group] = 8 * float(r["base.weight_bytes"]) / own
+    return out
+
+
+def summary_markdown(summary: pd.DataFrame, cells: pd.DataFrame | None = None) -> str:
+    """The summary table: one row per group; ``cells`` (the per-cell table) gives the base's bits
+    per parameter."""
     metrics = _metric_columns(summary)
-    head = ["cell", "status", "seeds", "trainable", "% of total", "base MiB", "peak MiB", "train tok/s", "gen tok/s",
-            "final loss", *[m.removeprefix("metric.") for m in metrics]]
+    bits = base_bits(cells) if cells is not None else {}
+    head = ["cell", "status", "seeds", "trainable", "% of total", "base MiB", "base bits/param", "peak MiB",
+            "train tok/s", "gen tok/s", "final loss", *[m.removeprefix("metric.") for m in metrics]]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for _, r in summary.iterrows():
         def g(col, digits=1, scale=1.0, r=r):
             v = r.get(col)
             ci = r.get(f"{col}.ci95")
             return _fmt(None if pd.isna(v) else v / scale, None if ci is None or pd.isna(ci) else ci / scale, digits)
-        cells = [str(r["group"]), str(r["status"]), str(r["seeds"]), _fmt(r.get("params.trainable"), digits=0),
-                 _fmt(r.get("params.trainable_pct"), digits=3), g("base.weight_bytes", 0, 2**20),
-                 g("mem.peak_bytes", 0, 2**20), g("train.tokens_per_s", 0), g("gen.tokens_per_s", 0),
-                 g("loss.final", 3), *[g(m, 1) for m in metrics]]
-        lines.append("| " + " | ".join(cells) + " |")
+        base = r.get("base.weight_bytes")
+        cells_ = [str(r["group"]), str(r["status"]), str(r["seeds"]), _fmt(r.get("params.trainable"), digits=0),
+                  _fmt(r.get("params.trainable_pct"), digits=3), "-" if pd.isna(base) else _mib(base / 2**20),
+                  _fmt(bits.get(r["group"]), digits=2), g("mem.peak_bytes", 0, 2**20), g("train.tokens_per_s", 0),
+                  g("gen.tokens_per_s", 0), g("loss.final", 3), *[g(m, 1) for m in metrics]]
+        lines.append("| " + " | ".join(cells_) + " |")
     return "\n".join(lines)
 
 
@@ -195,8 +221,9 @@ def render(folder: str | Path) -> Path:
         f"## Results ({len(df)} cells, {int((df['status'] == 'ok').sum())} ok)\n",
         "Mean over seeds, ± the half-width of a 95% Student t interval where there are several. "
         "Parameters are logical (a packed 4-bit weight counts as its elements); base MiB is the base "
-        "model's weights as stored; peak memory is " + peak_sentence(df["mem.peak_kind"].dropna()) + ".\n",
-        summary_markdown(summary) + "\n",
+        "model's weights as stored, and base bits/param their bits per base parameter (32 for an fp32 base; "
+        "a quantized one's embeddings and norms stay float); peak memory is " + peak_sentence(df["mem.peak_kind"].dropna()) + ".\n",
+        summary_markdown(summary, df) + "\n",
     ]
     if len(not_ok):
         parts.append("### Skipped and failed cells\n")

@@ -148,3 +148,26 @@ def test_a_steps_peak_holds_the_larger_of_gradients_and_activations():
     assert peak_bytes(e) == e["weights"] + e["optimizer"] + e["autocast_copies"] + e["activations"]
     big = {**e, "gradients": e["activations"] + 1}
     assert peak_bytes(big) == e["weights"] + e["optimizer"] + e["autocast_copies"] + e["activations"] + 1
+
+
+def test_any_quantizer_plugin_sizes_the_quantized_row(capsys):
+    """``--quantizer`` stores the base at that quantizer's nominal bits: nf4-dq's plugin gives the
+    same row as the analytic default, a 2-bit quantizer a quarter of a byte per parameter."""
+    import json
+
+    from peftlab.analyses.estimate import estimate
+    from peftlab.cli.main import main
+
+    two_bit = estimate(1e9, method="qlora", trainable=1e6, adapter_dtype="bf16", base_bits=2.0)
+    assert two_bit.weights == 1e9 * 0.25 + 1e6 * 2
+    with pytest.raises(ValidationError, match="base_bits"):
+        estimate(1e9, method="qlora", trainable=1e6, base_bits=0)
+
+    def rows(*args):
+        assert main(["estimate", "--json", *args]) == 0
+        return json.loads(capsys.readouterr().out)
+
+    default, plugin = rows(), rows("--quantizer", "nf4-dq")
+    assert plugin[2]["method"] == "lora+nf4-dq" and plugin[2]["weights"] == pytest.approx(default[2]["weights"])
+    int4 = rows("--model", "Llama-2-7B", "--quantizer", "int4")[2]
+    assert int4["method"] == "lora+int4" and int4["weights"] < default[2]["weights"]

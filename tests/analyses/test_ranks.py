@@ -68,3 +68,18 @@ def test_ranks_report_writes_the_three_tables(tmp_path):
     assert "| 1 | 167K | 228K | 529K | 849K |" in text and "Made by `peftlab ranks --no-peft" in text
     assert "| GPT-2-Medium | 393,216 (0.39M) | 0.35M |" in text
     assert "Falcon-180B" in (tmp_path / "ranks.csv").read_text()
+
+
+def test_the_lecture_formula_is_shown_only_for_an_adapter_it_counts():
+    from peftlab import load_host
+    from peftlab.analyses.ranks import ranks_report
+
+    host = load_host()
+    ia3, rows = ranks_report(host, "ia3", check_peer=False)
+    assert "does not describe it" in ia3 and "| rank | Model 7B" not in ia3
+    assert all(r.get("lecture_estimate") is None for r in rows)
+    # on its own default targets: Llama's counted, Falcon's (no default for that model type) refused in its row
+    assert [r["model"] for r in rows if r.get("trainable", 0) > 0] == ["Llama-2-7B", "Llama-2-13B", "Llama-2-70B"]
+    assert any("Falcon-180B" in line and "refused:" in line for line in ia3.splitlines())
+    lora, rows = ranks_report(host, "lora", check_peer=False)
+    assert "| rank | Model 7B" in lora and any(r["lecture_estimate"] for r in rows)

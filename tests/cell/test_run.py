@@ -335,3 +335,18 @@ def test_a_cell_that_fails_after_the_memory_reading_started_stops_its_sampler(mo
     with pytest.raises(OSError, match="disk went away"):
         run_cell(cell(memory_mode="heap"), HOST, progress=False)
     assert not [t for t in threading.enumerate() if t.name == "peftlab-heap-sampler"]
+
+
+def test_an_adapter_trained_over_a_quantized_base_says_so_when_loaded_on_a_float_one(tmp_path, capsys):
+    from peftlab.cell.run import CellOutputs
+
+    saved = tmp_path / "qlora"
+    trained = run_cell(cell(quantizer="nf4"), HOST, progress=False, outputs=CellOutputs(adapter=saved))
+    assert trained["status"] == "ok"
+    capsys.readouterr()
+    rec = run_cell(cell(adapter_from=str(saved), train={"steps": 0}), HOST, progress=False)
+    assert rec["status"] == "ok" and rec["adapter.from_quantizer"] == "nf4" and rec["quantizer"] == "none"
+    note = capsys.readouterr().err
+    assert "trained over a base quantized with nf4; this cell's base is float" in note
+    same = run_cell(cell(adapter_from=str(saved), quantizer="nf4", train={"steps": 0}), HOST, progress=False)
+    assert same["adapter.from_quantizer"] == "nf4" and "trained over" not in capsys.readouterr().err
