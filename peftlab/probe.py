@@ -6,7 +6,8 @@ and not mid-training in someone's sweep:
 
 - every kind: its ``Settings`` schema can work (see :func:`peftlab.plugin.settings.settings_problem`),
   it builds with its defaults (a setting whose default is ``None`` and that refuses ``None`` is a
-  required one, such as the ``evaluate`` bridge's ``path``: that component is checked when built), it derives from its kind's base class, and ``settings()`` is a dict
+  required one, such as the ``evaluate`` bridge's ``path``: that component is checked when built; so
+  is one whose constructor raises ``MissingDependency``: this machine lacks a program or package), it derives from its kind's base class, and ``settings()`` is a dict
   a record can store (names to JSON values);
 - a quantizer: a small random weight (``probe_shape``, fp32) goes through ``quantize`` and
   ``dequantize``: the record keeps the weight's shape, stores tensors only and its floating
@@ -28,7 +29,7 @@ import math
 import torch
 
 from peftlab.plugin.adapter import Adapter
-from peftlab.plugin.errors import ValidationError
+from peftlab.plugin.errors import MissingDependency, ValidationError
 from peftlab.plugin.metric import Metric
 from peftlab.plugin.quantizer import QuantizedWeight, Quantizer
 from peftlab.plugin.spec import ComponentSpec
@@ -44,6 +45,8 @@ def probe(spec: ComponentSpec) -> str | None:
         return problem
     try:
         obj = spec.build()
+    except MissingDependency:
+        return None  # this machine lacks what it needs; building it says what to install
     except ValidationError as exc:
         if exc.value is None and _defaults_to_none(factory, exc.field):
             return None  # a required setting (its default None means "give me one"): checked when built

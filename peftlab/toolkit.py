@@ -23,8 +23,9 @@ Quantizers:
 Metrics:
     :func:`ptb_tokenize`, :func:`ptb_backend`, :data:`COCO_PUNCTUATION` (the COCO caption code's
     tokenization, which the E2E challenge's ROUGE-L, METEOR and CIDEr score on)
-Settings:
-    :func:`describe_schema` (a component's options as the CLI lists them)
+Settings and errors:
+    :func:`describe_schema` (a component's options as the CLI lists them); :class:`MissingDependency`
+    (raise it from a constructor when a program or package is missing: not an authoring mistake)
 """
 
 from peftlab.plugin import blockwise
@@ -39,6 +40,7 @@ from peftlab.plugin.adapter import (
     transformer_blocks,
     unwrap_layers,
 )
+from peftlab.plugin.errors import MissingDependency
 from peftlab.plugin.insert import block_sublayers, insert_after, norm_layers
 from peftlab.plugin.kv_prefix import (
     attention_geometry,
@@ -53,7 +55,7 @@ from peftlab.plugin.quantizer import check_block_size, check_weight
 from peftlab.plugin.settings import describe_schema
 
 __all__ = [
-    "COCO_PUNCTUATION", "AttachReport", "attention_geometry", "backbone_of", "block_sublayers", "blockwise",
+    "COCO_PUNCTUATION", "AttachReport", "MissingDependency", "attention_geometry", "backbone_of", "block_sublayers", "blockwise",
     "cache_argument", "check_block_size", "check_weight", "describe_schema", "insert_after", "install_kv_prefix",
     "is_conv1d", "is_linear_like", "linear_dims", "linear_targets", "logical_parameter_count", "match_modules",
     "norm_layers", "peft_fan_in_fan_out", "peft_target_names", "ptb_backend", "ptb_tokenize", "quantized_layers",

@@ -8,11 +8,15 @@ fp32 weight in blocks of 5 goes from 100 to 25 + 5 + 4 = 34 bytes).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Literal
+
 import torch
 
-from peftlab import ComponentSpec, QuantizedWeight, Quantizer, ValidationError, hookimpl
-from peftlab.toolkit import blockwise, check_block_size
+from peftlab import ComponentSpec, QuantizedWeight, Quantizer, ValidationError, hookimpl, option
+from peftlab.toolkit import blockwise
 
+MAX_BLOCK = 1 << 24  # a typo (10**12) must not allocate terabytes
 DQ_BLOCK = 256
 
 
@@ -35,14 +39,16 @@ def absmax_dequantize(codes: torch.Tensor, absmax: torch.Tensor, levels: int, bl
 class AbsmaxQuantizer(Quantizer):
     family = "absmax"
 
-    def __init__(self, bits: int = 8, block_size: int | None = None, double_quant: bool = False):
-        if bits not in (4, 8):
-            raise ValidationError("bits", bits, "4 or 8")
-        self.bits = bits
-        self.block_size = check_block_size(block_size, optional=True)
-        if double_quant and block_size is None:
-            raise ValidationError("double_quant", double_quant, "False when block_size is None (one constant has nothing to compress)")
-        self.double_quant = bool(double_quant)
+    @dataclass
+    class Settings:
+        bits: Literal[4, 8] = option(8, "bits per code: 8 (levels -127..127) or 4 (-7..7)")
+        block_size: int | None = option(None, "values per absmax constant; None: one per tensor", gt=0, le=MAX_BLOCK)
+        double_quant: bool = option(False, "int8-quantize the block constants in blocks of 256")
+
+    def check(self) -> None:
+        if self.double_quant and self.block_size is None:
+            raise ValidationError("double_quant", self.double_quant,
+                                  "False when block_size is None (one constant has nothing to compress)")
 
     @property
     def levels(self) -> int:

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import contextlib
 import re
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 
-from peftlab import ComponentSpec, Metric, hookimpl
+from peftlab import ComponentSpec, Metric, ValidationError, hookimpl, option
 
 
 def reference_streams(references: list[list[str]]) -> list[list[str | None]]:
@@ -23,11 +24,20 @@ def reference_streams(references: list[list[str]]) -> list[list[str | None]]:
 
 
 class Bleu(Metric):
-    def __init__(self, lowercase: bool = False, tokenize: str = "13a", smooth_method: str = "exp"):
+    @dataclass
+    class Settings:
+        lowercase: bool = option(False, "lowercase predictions and references first (the E2E challenge's BLEU does)")
+        tokenize: str = option("13a", "sacrebleu's tokenizer: 13a, intl, char, none, ...")
+        smooth_method: Literal["exp", "floor", "add-k", "none"] = option("exp", "sacrebleu's smoothing")
+
+    def __init__(self, **values: Any):
+        super().__init__(**values)
         from sacrebleu.metrics import BLEU
 
-        self._bleu = BLEU(lowercase=lowercase, tokenize=tokenize, smooth_method=smooth_method)
-        self.lowercase, self.tokenize, self.smooth_method = lowercase, tokenize, smooth_method
+        try:
+            self._bleu = BLEU(lowercase=self.lowercase, tokenize=self.tokenize, smooth_method=self.smooth_method)
+        except (KeyError, ValueError) as exc:  # sacrebleu's own refusal of a tokenizer it does not have
+            raise ValidationError("tokenize", self.tokenize, f"a sacrebleu tokenizer ({exc})") from None
 
     def settings(self) -> dict[str, Any]:
         out: dict[str, Any] = {"lowercase": self.lowercase, "tokenize": self.tokenize,

@@ -23,10 +23,11 @@ import math
 import re
 import shutil
 from collections import Counter
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 
-from peftlab import ComponentSpec, Metric, PluginError, ValidationError, hookimpl
-from peftlab.toolkit import ptb_backend, ptb_tokenize
+from peftlab import ComponentSpec, Metric, hookimpl, option
+from peftlab.toolkit import MissingDependency, ptb_backend, ptb_tokenize
 
 _MTEVAL_RULES = [(re.compile(p), r) for p, r in [
     (r"([\{-\~\[-\` -\&\(-\+\:-\@\/])", r" \1 "),  # punctuation
@@ -136,12 +137,12 @@ def coco_meteor(cands: list[list[str]], refs: list[list[list[str]]]) -> float:
 
 def check_java(metric: str) -> None:
     if not shutil.which("java"):
-        raise PluginError(f"metric {metric!r} runs METEOR 1.5, a Java program, and no `java` is on the PATH: "
+        raise MissingDependency(f"metric {metric!r} runs METEOR 1.5, a Java program, and no `java` is on the PATH: "
                           "install a Java runtime (e.g. apt install default-jre-headless) or leave it out of the metrics")
     try:
         import pycocoevalcap.meteor.meteor  # noqa: F401
     except ImportError as e:
-        raise PluginError(f"metric {metric!r} needs pycocoevalcap (pip install pycocoevalcap): {e}") from e
+        raise MissingDependency(f"metric {metric!r} needs pycocoevalcap (pip install pycocoevalcap): {e}") from e
 
 
 class E2EMetric(Metric):
@@ -149,14 +150,17 @@ class E2EMetric(Metric):
 
     WHICH = ("bleu", "nist", "meteor", "rougeL", "cider", "e2e")
 
-    def __init__(self, which: str = "e2e", tokenizer: str = "auto"):
-        if which not in self.WHICH:
-            raise ValidationError("which", which, f"one of {', '.join(self.WHICH)}")
-        if tokenizer not in ("auto", "java", "python"):
-            raise ValidationError("tokenizer", tokenizer, "one of auto, java, python")
-        self.which, self.tokenizer = which, ptb_backend(tokenizer)
-        if which in ("meteor", "e2e"):
-            check_java(which)
+    @dataclass
+    class Settings:
+        which: Literal["bleu", "nist", "meteor", "rougeL", "cider", "e2e"] = option(
+            "e2e", "one of the scorer's metrics, or e2e: all five")
+        tokenizer: Literal["auto", "java", "python"] = option(
+            "auto", "the PTB tokenizer: Stanford's Java one, its Python port, or auto (Java where installed)")
+
+    def check(self) -> None:
+        self.tokenizer = ptb_backend(self.tokenizer)  # what ran, as recorded
+        if self.which in ("meteor", "e2e"):
+            check_java(self.which)
 
     def settings(self) -> dict[str, Any]:
         return {"definition": "E2E NLG official scorer (measure_scores.py -p)", "ptb_tokenizer": self.tokenizer,

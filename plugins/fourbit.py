@@ -18,11 +18,13 @@ is installed, with pure-torch fallbacks that compute the same thing.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
-from peftlab import ComponentSpec, QuantizedWeight, Quantizer, ValidationError, hookimpl
-from peftlab.toolkit import blockwise, check_block_size
+from peftlab import ComponentSpec, QuantizedWeight, Quantizer, hookimpl, option
+from peftlab.toolkit import blockwise
 
 try:  # optional fast paths; everything below also works without bitsandbytes
     # (quiet its import-time notice about an optional kernels package we do not use)
@@ -31,7 +33,6 @@ try:  # optional fast paths; everything below also works without bitsandbytes
 except Exception:  # pragma: no cover - depends on the environment
     bnbF = None
 
-BLOCK_SIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 DQ_BLOCK = 256
 
 #: NormalFloat4 (QLoRA, Dettmers et al. 2023, appendix E): quantiles of N(0, 1) normalised to
@@ -61,13 +62,15 @@ def _dynamic_code(device: torch.device) -> torch.Tensor:
 class FourBitQuantizer(Quantizer):
     family = "fourbit"
 
-    def __init__(self, dtype: str = "nf4", block_size: int = 64, double_quant: bool = False, fast: bool = True):
-        if dtype not in CODEBOOKS:
-            raise ValidationError("dtype", dtype, f"one of {', '.join(CODEBOOKS)}")
-        self.dtype = dtype
-        self.block_size = check_block_size(block_size, allowed=BLOCK_SIZES)
-        self.double_quant = bool(double_quant)
-        self.fast = bool(fast) and bnbF is not None
+    @dataclass
+    class Settings:
+        dtype: Literal["nf4", "fp4"] = option("nf4", "the 4-bit codebook: NormalFloat4 or float e2m1")
+        block_size: Literal[32, 64, 128, 256, 512, 1024, 2048, 4096] = option(64, "values per fp32 absmax constant")
+        double_quant: bool = option(False, "quantize the absmax constants to 8 bits in blocks of 256 (QLoRA's)")
+        fast: bool = option(True, "bitsandbytes' own kernels where installed (the same bytes); false: plain torch")
+
+    def check(self) -> None:
+        self.fast = self.fast and bnbF is not None  # what ran, as recorded
 
     @property
     def code(self) -> torch.Tensor:

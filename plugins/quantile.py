@@ -12,10 +12,14 @@ quantiles of a fixed N(0, 1) instead of the data's, so it needs no codebook.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from peftlab import ComponentSpec, QuantizedWeight, Quantizer, ValidationError, hookimpl
-from peftlab.toolkit import blockwise, check_block_size
+from peftlab import ComponentSpec, QuantizedWeight, Quantizer, hookimpl, option
+from peftlab.toolkit import blockwise
+
+MAX_BLOCK = 1 << 24  # a typo (10**12) must not allocate terabytes
 
 
 def quantile_blocks(xb: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -37,11 +41,11 @@ def quantile_blocks(xb: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Te
 class QuantileQuantizer(Quantizer):
     family = "quantile"
 
-    def __init__(self, bits: int = 4, block_size: int | None = 4096):
-        if not isinstance(bits, int) or isinstance(bits, bool) or not 1 <= bits <= 8:
-            raise ValidationError("bits", bits, "an integer from 1 to 8")
-        self.bits = bits
-        self.block_size = check_block_size(block_size, optional=True)
+    @dataclass
+    class Settings:
+        bits: int = option(4, "bits per code: 2**bits equal-count buckets per block", ge=1, le=8)
+        block_size: int | None = option(4096, "values per block (own quantiles and codebook); None: one per tensor",
+                                        gt=0, le=MAX_BLOCK)
 
     def _quantize(self, w: torch.Tensor) -> QuantizedWeight:
         flat = w.reshape(-1).float()

@@ -7,17 +7,22 @@ challenge's other metrics.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
-from peftlab import ComponentSpec, Metric, hookimpl
+from peftlab import ComponentSpec, Metric, hookimpl, option
 
 
 class RougeL(Metric):
-    def __init__(self, use_stemmer: bool = False):
+    @dataclass
+    class Settings:
+        use_stemmer: bool = option(False, "Porter-stem words before matching")
+
+    def __init__(self, **values: Any):
+        super().__init__(**values)
         from rouge_score import rouge_scorer
 
-        self.use_stemmer = use_stemmer
-        self._scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=use_stemmer)
+        self._scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=self.use_stemmer)
 
     def settings(self) -> dict[str, Any]:
         return {"variant": "rouge-score", "score": "F1", "reduce": "max over references",

@@ -197,3 +197,22 @@ def test_the_probe_catches_a_factory_that_builds_the_wrong_kind():
 
     assert probe(ComponentSpec("quantizer", "wrong", factory)) == \
         "it builds a Words, not a peftlab.plugin.quantizer.Quantizer"
+
+
+def test_a_missing_program_is_not_an_authoring_mistake():
+    from peftlab.toolkit import MissingDependency
+
+    class NeedsJava(Words):
+        def __init__(self):
+            raise MissingDependency("metric 'needs-java' runs a Java program: install a Java runtime")
+
+    class Plugin:
+        @hookimpl
+        def peftlab_metrics(self):
+            return [ComponentSpec("metric", "needs-java", NeedsJava)]
+
+    h = PluginHost(strict=True, disabled=set())
+    rec = h.register(Plugin(), "javaplugin")  # strict, and still no refusal
+    assert rec.status == "ok" and rec.refused == {} and "needs-java" in h.metrics
+    with pytest.raises(PluginError, match="install a Java runtime"):
+        h.metrics.build("needs-java")

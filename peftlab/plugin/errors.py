@@ -27,3 +27,9 @@ class UnknownNameError(PeftlabError, KeyError):
 
 class PluginError(PeftlabError):
     """A plugin failed to load or to register its components (fatal only in strict mode)."""
+
+
+class MissingDependency(PluginError):
+    """A component needs a program or package this machine lacks (a Java runtime, an optional
+    package). Raised by a component's constructor, it is not the author's mistake: the component
+    stays registered, and building it says what to install."""

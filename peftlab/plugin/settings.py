@@ -109,7 +109,10 @@ def conforms(value: Any, tp: Any) -> bool:
 
 def _bounds(meta: dict[str, Any]) -> str:
     words = {"gt": ">", "ge": ">=", "lt": "<", "le": "<="}
-    return ", ".join(f"{words[k]} {meta[k]:g}" for k in words if meta.get(k) is not None)
+    def num(v: float) -> str:
+        return f"{int(v):,}" if float(v).is_integer() else f"{v:g}"
+
+    return ", ".join(f"{words[k]} {num(meta[k])}" for k in words if meta.get(k) is not None)
 
 
 def _in_bounds(value: Any, meta: dict[str, Any]) -> bool:
@@ -205,9 +208,10 @@ def settings_problem(schema: Any, reserved: set[str] = frozenset()) -> str | Non
 
 class Configurable:
     """What adapters, quantizers and metrics share: settings declared once as ``Settings`` (a
-    dataclass of :func:`option` fields). A subclass that declares it and keeps this ``__init__``
-    takes exactly those settings by keyword, each checked; :meth:`check` holds rules that involve
-    several settings. A subclass without ``Settings`` writes its own ``__init__`` and checks."""
+    dataclass of :func:`option` fields). A subclass that declares it takes exactly those settings by
+    keyword, each checked and set as an attribute; :meth:`check` holds rules that involve several
+    settings. One that needs more set-up extends ``__init__(self, **values)``, calling this one
+    first. A subclass without ``Settings`` writes its own ``__init__`` and checks."""
 
     #: the typed settings schema (a dataclass of :func:`peftlab.option` fields), or ``None``
     Settings: ClassVar[type | None] = None
@@ -223,9 +227,10 @@ class Configurable:
         cls.settings_error = settings_problem(cls.Settings, reserved)
         if cls.__module__.startswith("peftlab.plugin"):
             return  # a base class (Adapter, Quantizer, Metric)
-        if _own_init(cls) is None:  # what ComponentSpec and the CLI inspect
-            ok = cls.Settings is not None and cls.settings_error is None
-            cls.__signature__ = schema_signature(cls.Settings) if ok else inspect.Signature()
+        if cls.Settings is not None and cls.settings_error is None:  # what ComponentSpec and the CLI inspect
+            cls.__signature__ = schema_signature(cls.Settings)  # an __init__ of its own extends this one
+        elif _own_init(cls) is None:
+            cls.__signature__ = inspect.Signature()
         else:  # its own __init__ says what it takes (not a signature inherited from a schema above it)
             cls.__signature__ = None
 

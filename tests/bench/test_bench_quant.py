@@ -32,7 +32,7 @@ def test_quantize(benchmark, info, impl, dq):
     benchmark.group = f"quantize {'nf4-dq' if dq else 'nf4'} 4096x4096 fp32"
     info(impl, NBYTES)
     if impl == "peftlab":
-        qz = FourBitQuantizer("nf4", double_quant=dq)
+        qz = FourBitQuantizer(dtype="nf4", double_quant=dq)
         benchmark.pedantic(qz.quantize, args=(W,), **PEDANTIC)
     else:
         benchmark.pedantic(bnbF.quantize_4bit, args=(W,), kwargs={"quant_type": "nf4", "compress_statistics": dq},
@@ -45,7 +45,7 @@ def test_dequantize(benchmark, info, impl, dq):
     benchmark.group = f"dequantize {'nf4-dq' if dq else 'nf4'} 4096x4096 -> fp32"
     info(impl, NBYTES)
     if impl == "peftlab":
-        qz = FourBitQuantizer("nf4", double_quant=dq)
+        qz = FourBitQuantizer(dtype="nf4", double_quant=dq)
         q = qz.quantize(W)
         benchmark.pedantic(qz.dequantize, args=(q,), **PEDANTIC)
     else:
@@ -59,7 +59,7 @@ def test_linear_forward_backward(benchmark, info, impl):
     torch.manual_seed(0)
     layer = torch.nn.Linear(2048, 2048, bias=False)
     if impl == "peftlab":
-        mod = QuantizedLinear.from_linear(layer, FourBitQuantizer("nf4", double_quant=True))
+        mod = QuantizedLinear.from_linear(layer, FourBitQuantizer(dtype="nf4", double_quant=True))
     else:
         mod = bnb.nn.Linear4bit(2048, 2048, bias=False, compute_dtype=torch.bfloat16, quant_type="nf4",
                                 compress_statistics=True)

@@ -28,7 +28,7 @@ def weight(shape, dtype, gen, outliers=False):
 def test_packed_bytes_equal_bitsandbytes(kind, shape, dtype, outliers, gen):
     w = weight(shape, dtype, gen, outliers)
     ref, state = bnbF.quantize_4bit(w, blocksize=64, quant_type=kind)
-    q = FourBitQuantizer(kind).quantize(w)
+    q = FourBitQuantizer(dtype=kind).quantize(w)
     assert torch.equal(q.tensors["packed"], ref.reshape(-1))
     assert torch.equal(q.tensors["absmax"], state.absmax)
 
@@ -37,7 +37,7 @@ def test_packed_bytes_equal_bitsandbytes(kind, shape, dtype, outliers, gen):
 def test_block_sizes_equal_bitsandbytes(block, gen):
     w = weight((300, 77), torch.float32, gen, outliers=True)
     ref, state = bnbF.quantize_4bit(w, blocksize=block, quant_type="nf4")
-    q = FourBitQuantizer("nf4", block_size=block).quantize(w)
+    q = FourBitQuantizer(dtype="nf4", block_size=block).quantize(w)
     assert torch.equal(q.tensors["packed"], ref.reshape(-1))
     assert torch.equal(q.tensors["absmax"], state.absmax)
 
@@ -49,7 +49,7 @@ def test_large_weight_crosses_chunks(gen, monkeypatch):
     monkeypatch.setattr(k, "CHUNK", 4096)
     w = weight((97, 1001), torch.float32, gen)
     ref, state = bnbF.quantize_4bit(w, blocksize=64, quant_type="nf4")
-    q = FourBitQuantizer("nf4").quantize(w)
+    q = FourBitQuantizer(dtype="nf4").quantize(w)
     assert torch.equal(q.tensors["packed"], ref.reshape(-1))
 
 
@@ -57,7 +57,7 @@ def test_zero_blocks_equal_bitsandbytes():
     w = torch.zeros(3, 70)
     w[1, 5] = 1.0
     ref, state = bnbF.quantize_4bit(w, blocksize=64, quant_type="nf4")
-    q = FourBitQuantizer("nf4").quantize(w)
+    q = FourBitQuantizer(dtype="nf4").quantize(w)
     assert torch.equal(q.tensors["packed"], ref.reshape(-1))
     assert torch.equal(q.tensors["absmax"], state.absmax)
 
@@ -67,13 +67,13 @@ def test_zero_blocks_equal_bitsandbytes():
 def test_double_quant_equals_bitsandbytes(shape, dtype, gen):
     w = weight(shape, dtype, gen, outliers=True)
     ref, state = bnbF.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True)
-    q = FourBitQuantizer("nf4", double_quant=True).quantize(w)
+    q = FourBitQuantizer(dtype="nf4", double_quant=True).quantize(w)
     t = q.tensors
     assert torch.equal(t["packed"], ref.reshape(-1))
     assert torch.equal(t["absmax_codes"], state.absmax)
     assert torch.equal(t["absmax_absmax"], state.state2.absmax)
     assert torch.equal(t["absmax_offset"], state.offset.reshape(1))
-    qz = FourBitQuantizer("nf4", double_quant=True)
+    qz = FourBitQuantizer(dtype="nf4", double_quant=True)
     assert torch.equal(qz.dequantize(q, dtype), bnbF.dequantize_4bit(ref, state))
 
 
@@ -86,7 +86,7 @@ def test_dequantize_paths_equal_bitsandbytes(kind, dtype, gen):
     state.dtype = dtype
     expected = bnbF.dequantize_4bit(ref, state)
     for fast in (True, False):
-        qz = FourBitQuantizer(kind, fast=fast)
+        qz = FourBitQuantizer(dtype=kind, fast=fast)
         assert torch.equal(qz.dequantize(qz.quantize(w), dtype), expected), f"fast={fast}"
 
 
@@ -98,12 +98,12 @@ def test_pure_torch_second_level_is_exact_nearest(gen):
     dequantized absmax is then further from the true one by at most about 3e-5 of the group's
     scale over 300 seeds; the bound below is 1e-4.)"""
     w = weight((512, 512), torch.float32, gen, outliers=True)
-    dq_fast, dq_slow = FourBitQuantizer("nf4", double_quant=True), FourBitQuantizer("nf4", double_quant=True, fast=False)
+    dq_fast, dq_slow = FourBitQuantizer(dtype="nf4", double_quant=True), FourBitQuantizer(dtype="nf4", double_quant=True, fast=False)
     fast, slow = dq_fast.quantize(w), dq_slow.quantize(w)
     assert torch.equal(fast.tensors["packed"], slow.tensors["packed"])
     diff = (fast.tensors["absmax_codes"].int() - slow.tensors["absmax_codes"].int()).abs()
     assert float((diff > 0).float().mean()) < 0.02
-    true = FourBitQuantizer("nf4").quantize(w).tensors["absmax"]
+    true = FourBitQuantizer(dtype="nf4").quantize(w).tensors["absmax"]
     abs_fast, abs_slow = (dq_fast.absmax(fast) - true).abs(), (dq_slow.absmax(slow) - true).abs()
     group = fast.tensors["absmax_absmax"].repeat_interleave(DQ_BLOCK)[: true.numel()]
     assert float(((abs_fast - abs_slow) / group).max()) <= 1e-4

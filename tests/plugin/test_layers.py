@@ -30,7 +30,7 @@ def test_from_conv1d_matches_conv1d(gen):
 
     conv = Conv1D(48, 64)  # nf=48 outputs, nx=64 inputs; weight is (64, 48)
     nn.init.normal_(conv.weight, std=0.02)
-    qz = FourBitQuantizer("nf4")
+    qz = FourBitQuantizer(dtype="nf4")
     ql = QuantizedLinear.from_linear(conv, qz, compute_dtype=torch.float32)
     assert (ql.in_features, ql.out_features) == (64, 48)
     x = torch.randn(3, 64, generator=gen)
@@ -43,7 +43,7 @@ def test_from_conv1d_matches_conv1d(gen):
 def test_input_gradient_flows_after_an_eval_pass(gen):
     """The bitsandbytes-on-CPU pitfall: train after a no-grad eval forward."""
     layer = nn.Linear(64, 64)
-    ql = QuantizedLinear.from_linear(layer, FourBitQuantizer("nf4", double_quant=True))
+    ql = QuantizedLinear.from_linear(layer, FourBitQuantizer(dtype="nf4", double_quant=True))
     x = torch.randn(4, 64, generator=gen)
     ql.eval()
     with torch.no_grad():
@@ -62,7 +62,7 @@ def test_input_gradient_flows_after_an_eval_pass(gen):
 
 def test_weight_never_gets_a_gradient_and_memory_holds_packed(gen):
     layer = nn.Linear(32, 16)
-    ql = QuantizedLinear.from_linear(layer, FourBitQuantizer("nf4"))
+    ql = QuantizedLinear.from_linear(layer, FourBitQuantizer(dtype="nf4"))
     assert all(not p.requires_grad for p in ql.parameters())
     names = dict(ql.named_buffers())
     assert names["qweight_packed"].dtype == torch.uint8 and names["qweight_packed"].numel() == 32 * 16 // 2
@@ -104,7 +104,7 @@ def test_forward_equals_bitsandbytes_linear4bit(gen):
     ref = bnb.nn.Linear4bit(128, 64, compute_dtype=torch.bfloat16, quant_type="nf4", compress_statistics=True)
     ref.load_state_dict(layer.state_dict())
     ref = ref.to("cpu")  # triggers bitsandbytes' quantization
-    ours = QuantizedLinear.from_linear(layer, FourBitQuantizer("nf4", double_quant=True))
+    ours = QuantizedLinear.from_linear(layer, FourBitQuantizer(dtype="nf4", double_quant=True))
     assert torch.equal(ours.qweight.tensors["packed"], ref.weight.data.reshape(-1))
     x = torch.randn(8, 128, generator=gen, dtype=torch.bfloat16)
     with torch.no_grad():
@@ -113,7 +113,7 @@ def test_forward_equals_bitsandbytes_linear4bit(gen):
 
 def test_unfrozen_bias_gets_its_gradient(gen):
     layer = nn.Linear(16, 8)
-    ql = QuantizedLinear.from_linear(layer, FourBitQuantizer("nf4"), compute_dtype=torch.float32)
+    ql = QuantizedLinear.from_linear(layer, FourBitQuantizer(dtype="nf4"), compute_dtype=torch.float32)
     ql.bias.requires_grad_(True)
     x = torch.randn(3, 5, 16, generator=gen)
     ql(x).sum().backward()
@@ -122,7 +122,7 @@ def test_unfrozen_bias_gets_its_gradient(gen):
 
 def test_output_dtype_follows_autocast_like_nn_linear(gen):
     lin = nn.Linear(64, 32)
-    ql = QuantizedLinear.from_linear(lin, FourBitQuantizer("nf4"))  # bf16 compute
+    ql = QuantizedLinear.from_linear(lin, FourBitQuantizer(dtype="nf4"))  # bf16 compute
     x = torch.randn(4, 64, generator=gen, requires_grad=True)
     assert ql(x).dtype == torch.float32  # outside autocast: the input's dtype
     with torch.autocast("cpu", dtype=torch.bfloat16):

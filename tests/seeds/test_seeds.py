@@ -79,14 +79,14 @@ def test_five_by_five_double_quantized_is_34_bytes():
 def test_nf4_code_values_and_bits():
     assert NF4.numel() == 16 and NF4[7] == 0 and NF4[0] == -1 and NF4[-1] == 1
     assert NF4.tolist()[8:11] == pytest.approx([0.0796, 0.1609, 0.2461], abs=1e-4)
-    assert FourBitQuantizer("nf4").nominal_bits() == 4.5
+    assert FourBitQuantizer(dtype="nf4").nominal_bits() == 4.5
     n = 64 * 256 * 4
-    q = FourBitQuantizer("nf4").quantize(torch.randn(n))
+    q = FourBitQuantizer(dtype="nf4").quantize(torch.randn(n))
     assert q.bits_per_param == 4 + 32 / 64
 
 
 def test_nf4_double_quant_bits_match_the_seed():
-    qz = FourBitQuantizer("nf4", double_quant=True)
+    qz = FourBitQuantizer(dtype="nf4", double_quant=True)
     assert qz.nominal_bits() == 4 + 8 / 64 + 32 / (64 * 256)
     assert qz.nominal_bits() - 4 == pytest.approx(0.127, abs=5e-4)  # "approximately 0.127 bits"
     assert 32 / (64 * 256) == 0.001953125
@@ -103,7 +103,7 @@ def test_one_million_parameter_example():
     quantizers' own storage of a 1M-parameter weight (the one fp32 offset of double
     quantization aside)."""
     w = torch.randn(1000, 1000)
-    plain = FourBitQuantizer("nf4").quantize(w)
-    dq = FourBitQuantizer("nf4", double_quant=True).quantize(w)
+    plain = FourBitQuantizer(dtype="nf4").quantize(w)
+    dq = FourBitQuantizer(dtype="nf4", double_quant=True).quantize(w)
     assert plain.storage_bytes * 8 - 4 * w.numel() == pytest.approx(500_000, rel=1e-3)
     assert dq.storage_bytes * 8 - 4 * w.numel() - 32 == pytest.approx(126_953, rel=1e-3)
