@@ -25,6 +25,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from peftlab.atomic import atomic_path
+
 #: bump when peftlab's prompt rendering or tokenization changes what ``encode`` returns
 PROMPT_FORMAT = 1
 
@@ -138,11 +140,8 @@ def encode_cached(rows, tokenizer, max_length: int, encode):
             pass
     out = encode(rows, tokenizer, max_length)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
-        with os.fdopen(fd, "wb") as f:
-            torch.save(_pack(out), f)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            torch.save(_pack(out), tmp)
     except OSError:
         pass
     return out

@@ -7,7 +7,8 @@ and not mid-training in someone's sweep:
 - every kind: its ``Settings`` schema can work (see :func:`peftlab.plugin.settings.settings_problem`),
   it builds with its defaults (a setting whose default is ``None`` and that refuses ``None`` is a
   required one, such as the ``evaluate`` bridge's ``path``: that component is checked when built; so
-  is one whose constructor raises ``MissingDependency``: this machine lacks a program or package), it derives from its kind's base class, and ``settings()`` is a dict
+  is one whose constructor raises ``MissingDependency`` or ``ImportError``: this machine lacks a
+  program or package, which is not the author's mistake), it derives from its kind's base class, and ``settings()`` is a dict
   a record can store (names to JSON values);
 - a quantizer: a small random weight (``probe_shape``, fp32) goes through ``quantize`` and
   ``dequantize``: the record keeps the weight's shape, stores tensors only and its floating
@@ -45,8 +46,8 @@ def probe(spec: ComponentSpec) -> str | None:
         return problem
     try:
         obj = spec.build()
-    except MissingDependency:
-        return None  # this machine lacks what it needs; building it says what to install
+    except (MissingDependency, ImportError):
+        return None  # this machine lacks a program or package; building it says which
     except ValidationError as exc:
         if exc.value is None and _defaults_to_none(factory, exc.field):
             return None  # a required setting (its default None means "give me one"): checked when built

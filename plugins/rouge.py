@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from peftlab import ComponentSpec, Metric, hookimpl, option
+from peftlab.toolkit import MissingDependency
 
 
 class RougeL(Metric):
@@ -20,7 +21,10 @@ class RougeL(Metric):
 
     def __init__(self, **values: Any):
         super().__init__(**values)
-        from rouge_score import rouge_scorer
+        try:
+            from rouge_score import rouge_scorer
+        except ImportError as exc:
+            raise MissingDependency(f"metric 'rougeL' needs rouge-score (pip install rouge-score): {exc}") from exc
 
         self._scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=self.use_stemmer)
 

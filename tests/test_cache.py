@@ -56,6 +56,7 @@ def test_a_damaged_entry_is_rebuilt_and_off_means_off(folder, monkeypatch):
     assert calls == [400, 400, 400]
 
 
+@pytest.mark.slow  # dequantizes and trains the real 135M GGUF model (50-90 s); the cache's rules are tested above
 def test_the_embedded_model_loads_from_its_cached_float_copy(folder, capsys, embedded_model):
     slow = load(ModelConfig(embedded_model))
     (entry,) = (folder / "models").iterdir()
@@ -74,6 +75,7 @@ def test_the_embedded_model_loads_from_its_cached_float_copy(folder, capsys, emb
     assert main(["cache", "--clear"]) == 0 and not folder.exists()
 
 
+@pytest.mark.slow  # dequantizes and trains the real 135M GGUF model (50-90 s); the cache's rules are tested above
 def test_a_miss_trains_on_the_stored_copy_which_holds_the_gguf_weights(folder, embedded_model):
     """On a miss the cell's model is read back from the copy just stored, as every later cell reads
     it (the model transformers loaded from the GGUF left about 430 MiB more in use through a full

@@ -211,7 +211,19 @@ def test_a_missing_program_is_not_an_authoring_mistake():
         def peftlab_metrics(self):
             return [ComponentSpec("metric", "needs-java", NeedsJava)]
 
+    class NeedsPackage(Words):
+        def __init__(self):
+            import peftlab_no_such_package  # noqa: F401
+
+    class Plugin2:
+        @hookimpl
+        def peftlab_metrics(self):
+            return [ComponentSpec("metric", "needs-package", NeedsPackage)]
+
     h = PluginHost(strict=True, disabled=set())
+    assert h.register(Plugin2(), "pkgplugin").refused == {}
+    with pytest.raises(ModuleNotFoundError):
+        h.metrics.build("needs-package")
     rec = h.register(Plugin(), "javaplugin")  # strict, and still no refusal
     assert rec.status == "ok" and rec.refused == {} and "needs-java" in h.metrics
     with pytest.raises(PluginError, match="install a Java runtime"):

@@ -8,6 +8,7 @@ so bad input fails in seconds, before a model is loaded. A vetoed combination co
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +31,10 @@ class CellOutputs:
     merged: Path | None = None  # the base with the adapter merged in, save_pretrained layout
 
 
+#: the metrics (name, provider, settings) that scored the one-line check in this process
+_SCORED_ONE_LINE: set[tuple[str, str, str]] = set()
+
+
 def preflight(cfg: CellConfig, host: PluginHost) -> tuple[Any, Any, dict[str, Any], str | None]:
     """Build every component by name (settings are checked by their constructors) and find any
     reason to skip the cell: the adapter's own (one that trains base weights over a quantized
@@ -42,6 +47,10 @@ def preflight(cfg: CellConfig, host: PluginHost) -> tuple[Any, Any, dict[str, An
         raise ValidationError("quantizer_params", cfg.quantizer_params, "settings only together with a quantizer")
     metrics = {name: host.metrics.build(name, **cfg.eval.metric_params.get(name, {})) for name in cfg.eval.metrics}
     for name, metric in metrics.items():  # a metric that cannot score fails here, not after training
+        key = (name, host.metrics.provider(name), json.dumps(cfg.eval.metric_params.get(name, {}), sort_keys=True,
+                                                              default=str))
+        if key in _SCORED_ONE_LINE:  # once per process: METEOR starts a JVM (11 s), and a sweep plans every cell
+            continue
         try:
             metric.compute(["a small check"], [["a small check"]])
         except PeftlabError:
@@ -49,6 +58,7 @@ def preflight(cfg: CellConfig, host: PluginHost) -> tuple[Any, Any, dict[str, An
         except Exception as exc:
             raise PluginError(f"metric {name!r} from plugin {host.metrics.provider(name)!r} failed a one-line check: "
                               f"{type(exc).__name__}: {exc}") from exc
+        _SCORED_ONE_LINE.add(key)
     from peftlab.cell.models import resolve
 
     resolve(cfg.model.name)

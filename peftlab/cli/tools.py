@@ -60,7 +60,7 @@ def run_cache(args: argparse.Namespace) -> int:
     print(f"{root}: {size_bytes() / 2**20:.1f} MiB")
     for kind in ("models", "tokens"):
         entries = sorted((root / kind).iterdir()) if (root / kind).exists() else []
-        print(f"  {kind}: {len([e for e in entries if not e.name.startswith('.tmp-')])} entries")
+        print(f"  {kind}: {len([e for e in entries if not e.name.startswith('.')])} entries")
     return 0
 
 

@@ -8,8 +8,6 @@ cell), ``summary.csv``/``.parquet`` (seeds aggregated), PNG plots and ``report.m
 from __future__ import annotations
 
 import importlib.util
-import os
-import tempfile
 from collections import Counter
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -18,7 +16,7 @@ from typing import Any
 
 import pandas as pd
 
-from peftlab.atomic import write_text_atomic
+from peftlab.atomic import atomic_path, write_text_atomic
 from peftlab.report.outputs import side_by_side
 from peftlab.report.tables import aggregate, to_frame
 from peftlab.sweep.store import ResultsStore
@@ -26,16 +24,11 @@ from peftlab.sweep.store import ResultsStore
 
 def write_frame(df: pd.DataFrame, path: Path) -> None:
     """CSV or Parquet, atomically (temporary sibling, then rename)."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         if path.suffix == ".parquet":
             df.to_parquet(tmp, index=False)
         else:
             df.to_csv(tmp, index=False)
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
 
 
 def _metric_columns(df: pd.DataFrame) -> list[str]:

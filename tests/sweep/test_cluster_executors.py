@@ -53,6 +53,7 @@ def grid_with_a_killed_cell_then_resume(tmp_path, make_executor):
     return dead
 
 
+@pytest.mark.slow  # starts a Ray instance (about a minute); the executor contract is tested with local processes
 def test_ray_runs_the_grid_turns_a_killed_worker_into_a_failed_row_and_resumes(tmp_path):
     ray = pytest.importorskip("ray")
     from peftlab.sweep.executors.ray import RayExecutor
@@ -70,6 +71,7 @@ def test_ray_runs_the_grid_turns_a_killed_worker_into_a_failed_row_and_resumes(t
         ray.shutdown()
 
 
+@pytest.mark.slow  # submitit jobs (about a minute); the executor contract is tested with local processes
 def test_submitit_local_runs_the_grid_turns_a_killed_job_into_a_failed_row_and_resumes(tmp_path):
     pytest.importorskip("submitit")
     from peftlab.sweep.executors.slurm import SlurmExecutor
