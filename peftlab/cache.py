@@ -10,6 +10,9 @@ their final name and renamed into place, so a reader sees a whole entry or none.
   config and tokenizer). Key: the GGUF file's path, size and modification time, the transformers,
   gguf and torch versions, and the dtype. Reading it back takes about a second; dequantizing the
   embedded SmolLM2 GGUF took 10 to 20 s per cell.
+- ``probes/<key>``: a plugin component that passed its load-time contract check
+  (:mod:`peftlab.probe`), so later commands skip the check. Key: the component's source file,
+  peftlab's author API, and the Python, torch, bitsandbytes and transformers versions.
 - ``tokens/<key>.pt``: a data split's tokenized training examples. Key: the tokenizer's full
   serialised form (vocabulary, merges, normaliser, chat template), the rows themselves, the
   maximum length and the prompt format's version.
@@ -17,7 +20,6 @@ their final name and renamed into place, so a reader sees a whole entry or none.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -26,27 +28,10 @@ from pathlib import Path
 from typing import Any
 
 from peftlab.atomic import atomic_path
+from peftlab.cachedir import cache_root, digest
 
 #: bump when peftlab's prompt rendering or tokenization changes what ``encode`` returns
 PROMPT_FORMAT = 1
-
-
-def cache_root() -> Path | None:
-    """The cache folder, or ``None`` when ``PEFTLAB_CACHE=off``."""
-    env = os.environ.get("PEFTLAB_CACHE")
-    if env and env.lower() in ("off", "0", "false", "none"):
-        return None
-    if env:
-        return Path(env).expanduser()
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "peftlab"
-
-
-def digest(*parts: Any) -> str:
-    h = hashlib.sha256()
-    for part in parts:
-        h.update(part if isinstance(part, bytes) else json.dumps(part, sort_keys=True, default=str).encode())
-        h.update(b"\0")
-    return h.hexdigest()[:20]
 
 
 def _versions() -> dict[str, str]:

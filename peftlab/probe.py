@@ -23,12 +23,19 @@ contract tests (``peftlab check PLUGIN``) train, save and reload through each co
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 import math
+import sys
+from importlib import metadata
+from pathlib import Path
+from typing import Any
 
 import torch
 
+from peftlab.atomic import write_text_atomic
+from peftlab.cachedir import cache_root, digest
 from peftlab.plugin.adapter import Adapter
 from peftlab.plugin.errors import MissingDependency, ValidationError
 from peftlab.plugin.metric import Metric
@@ -39,7 +46,49 @@ BASES: dict[str, type] = {"quantizer": Quantizer, "adapter": Adapter, "metric": 
 
 
 def probe(spec: ComponentSpec) -> str | None:
-    """What is wrong with the component ``spec`` builds, in one sentence, or ``None``."""
+    """What is wrong with the component ``spec`` builds, in one sentence, or ``None``. A component
+    that passed is remembered (:func:`cache_key`), so later processes skip its probe: a probe may
+    import heavy libraries (bitsandbytes' import takes seconds) that a command never needs."""
+    key = cache_key(spec)
+    if key is not None and key.is_file():
+        return None
+    why = _probe(spec)
+    if why is None and key is not None:
+        with contextlib.suppress(OSError):  # a read-only cache only costs the probe next time
+            write_text_atomic(key, spec.name + "\n")
+    return why
+
+
+def cache_key(spec: ComponentSpec) -> Path | None:
+    """Where a passed probe of ``spec`` is remembered: a hash of everything the probe's outcome
+    depends on (the factory's source file, its name and line, the spec's settings, peftlab's author
+    API and this module, Python's and the numeric libraries' versions), or ``None`` when caching
+    is off or the factory has no source file."""
+    root = cache_root()
+    if root is None:
+        return None
+    factory = spec.factory
+    try:
+        source = Path(inspect.getsourcefile(factory) or "")
+        line = inspect.getsourcelines(factory)[1]
+        parts: list[Any] = [source.read_bytes()]
+    except (OSError, TypeError):
+        return None
+    here = Path(__file__)
+    for path in sorted((here.parent / "plugin").glob("*.py")) + [here]:
+        parts.append(path.read_bytes())
+    versions = {}
+    for package in ("torch", "bitsandbytes", "transformers"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = None
+    key = digest("probe", spec.kind, spec.name, spec.params, getattr(factory, "__qualname__", repr(factory)), line,
+                 sys.version, versions, *parts)
+    return root / "probes" / key
+
+
+def _probe(spec: ComponentSpec) -> str | None:
     factory = spec.factory
     problem = getattr(factory, "settings_error", None) if isinstance(factory, type) else None
     if problem:

@@ -9,7 +9,8 @@ plugin written against it never depends on the engine's internals.
 Finding and replacing layers (adapters):
     :func:`linear_targets`, :func:`match_modules`, :func:`transformer_blocks`,
     :func:`replace_module`, :func:`unwrap_layers`, :func:`quantized_layers`, :func:`is_linear_like`,
-    :func:`is_conv1d`, :func:`linear_dims`, :func:`logical_parameter_count`, :class:`AttachReport`
+    :func:`is_conv1d`, :func:`linear_dims`, :func:`logical_parameter_count`, :class:`AttachReport`,
+    :data:`ATTENTION_TARGETS` (the LoRA family's default targets by model type)
 Inserting modules into blocks (bottleneck adapters, (IA)³):
     :func:`block_sublayers`, :func:`insert_after`, :func:`norm_layers`
 Prefixes through the key/value cache (prefix tuning):
@@ -30,6 +31,7 @@ Settings and errors:
 
 from peftlab.plugin import blockwise
 from peftlab.plugin.adapter import (
+    ATTENTION_TARGETS,
     AttachReport,
     linear_targets,
     match_modules,
@@ -55,7 +57,7 @@ from peftlab.plugin.quantizer import check_block_size, check_weight
 from peftlab.plugin.settings import describe_schema
 
 __all__ = [
-    "COCO_PUNCTUATION", "AttachReport", "MissingDependency", "attention_geometry", "backbone_of", "block_sublayers", "blockwise",
+    "ATTENTION_TARGETS", "COCO_PUNCTUATION", "AttachReport", "MissingDependency", "attention_geometry", "backbone_of", "block_sublayers", "blockwise",
     "cache_argument", "check_block_size", "check_weight", "describe_schema", "insert_after", "install_kv_prefix",
     "is_conv1d", "is_linear_like", "linear_dims", "linear_targets", "logical_parameter_count", "match_modules",
     "norm_layers", "peft_fan_in_fan_out", "peft_target_names", "ptb_backend", "ptb_tokenize", "quantized_layers",

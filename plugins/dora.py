@@ -24,18 +24,15 @@ from torch import nn
 
 from peftlab import Adapter, ComponentSpec, QuantizedLinear, ValidationError, hookimpl, option
 from peftlab.toolkit import (
+    ATTENTION_TARGETS,
     is_conv1d,
     linear_dims,
     linear_targets,
     peft_fan_in_fan_out,
     peft_target_names,
     replace_module,
-    unwrap_layers,
 )
 
-#: the attention projections, as for LoRA
-DEFAULT_TARGETS = {"gpt2": ["c_attn"], "llama": ["q_proj", "v_proj"], "mistral": ["q_proj", "v_proj"],
-                   "qwen2": ["q_proj", "v_proj"]}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
@@ -106,6 +103,7 @@ class DoRA(Adapter):
 
     size_setting = "r"
     mergeable = True
+    layer_class = DoraLayer
     reads_base_weights = True  # the weight norms read the target layers' own weights
     peft_type = "LORA"  # peft's LoRA with use_dora = true
 
@@ -120,7 +118,7 @@ class DoRA(Adapter):
         dtype: Literal["float32", "bfloat16"] = option("float32", "dtype of A, B and the magnitude")
 
     def _attach(self, model: nn.Module) -> list[str]:
-        targets = linear_targets(model, self.target_modules, DEFAULT_TARGETS)
+        targets = linear_targets(model, self.target_modules, ATTENTION_TARGETS)
         for name, layer in targets.items():
             if self.r > min(linear_dims(layer)):
                 raise ValidationError("r", self.r, f"a rank of at most {min(linear_dims(layer))}, the smaller "
@@ -128,14 +126,6 @@ class DoRA(Adapter):
         for name, layer in targets.items():
             replace_module(model, name, DoraLayer(layer, self.r, self.alpha, self.dropout, self.init, DTYPES[self.dtype]))
         return list(targets)
-
-    def _merge(self, model: nn.Module, sign: int) -> None:
-        for layer in dora_layers(model):
-            if layer.merged != (sign > 0):
-                layer.fold(sign)
-
-    def _unload(self, model: nn.Module) -> None:
-        unwrap_layers(model, DoraLayer)
 
     def peft_config(self, model: nn.Module, targets: list[str]) -> dict[str, Any]:
         return {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": self.r, "lora_alpha": self.alpha,
@@ -154,10 +144,6 @@ class DoRA(Adapter):
         return {"r": int(config["r"]), "alpha": float(config.get("lora_alpha", 8)),
                 "dropout": float(config.get("lora_dropout") or 0.0),
                 "target_modules": peft_target_names(model, config.get("target_modules"))}
-
-
-def dora_layers(model: nn.Module) -> list[DoraLayer]:
-    return [m for m in model.modules() if isinstance(m, DoraLayer)]
 
 
 @hookimpl

@@ -17,6 +17,8 @@ is installed, with pure-torch fallbacks that compute the same thing.
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import logging
 from dataclasses import dataclass
 from typing import Literal
@@ -24,14 +26,25 @@ from typing import Literal
 import torch
 
 from peftlab import ComponentSpec, QuantizedWeight, Quantizer, hookimpl, option
-from peftlab.toolkit import blockwise
+from peftlab.toolkit import MissingDependency, blockwise
 
-try:  # optional fast paths; everything below also works without bitsandbytes
+
+@functools.cache
+def _bnb():
+    """bitsandbytes' functional module, imported on first use (its import takes seconds: it loads
+    torch's compiler), or ``None`` where it cannot be imported. Optional: everything below also
+    works without it."""
     # (quiet its import-time notice about an optional kernels package we do not use)
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
-    import bitsandbytes.functional as bnbF
-except Exception:  # pragma: no cover - depends on the environment
-    bnbF = None
+    try:
+        import bitsandbytes.functional as bnbF
+    except Exception:  # pragma: no cover - depends on the environment
+        return None
+    return bnbF
+
+
+def _bnb_installed() -> bool:
+    return importlib.util.find_spec("bitsandbytes") is not None
 
 DQ_BLOCK = 256
 
@@ -70,7 +83,14 @@ class FourBitQuantizer(Quantizer):
         fast: bool = option(True, "bitsandbytes' own kernels where installed (the same bytes); false: plain torch")
 
     def check(self) -> None:
-        self.fast = self.fast and bnbF is not None  # what ran, as recorded
+        self.fast = self.fast and _bnb_installed()  # what runs, as recorded
+
+    def _fast(self):
+        bnb = _bnb()
+        if bnb is None:
+            raise MissingDependency("quantizer {!r}: bitsandbytes is installed but does not import; set "
+                                    "fast=false for the plain torch path".format(self.name or "fourbit"))
+        return bnb
 
     @property
     def code(self) -> torch.Tensor:
@@ -78,7 +98,7 @@ class FourBitQuantizer(Quantizer):
 
     def _quantize(self, w: torch.Tensor) -> QuantizedWeight:
         if self.fast and w.is_cuda:
-            packed, state = bnbF.quantize_4bit(w, blocksize=self.block_size, quant_type=self.dtype)
+            packed, state = self._fast().quantize_4bit(w, blocksize=self.block_size, quant_type=self.dtype)
             packed, absmax = packed.reshape(-1), state.absmax
         else:
             packed, absmax = blockwise.blockwise_4bit_quantize(w, self.code, self.block_size)
@@ -87,7 +107,7 @@ class FourBitQuantizer(Quantizer):
             offset = absmax.mean()
             centred = absmax - offset
             if self.fast:
-                codes, state2 = bnbF.quantize_blockwise(centred, blocksize=DQ_BLOCK)
+                codes, state2 = self._fast().quantize_blockwise(centred, blocksize=DQ_BLOCK)
                 absmax2 = state2.absmax
             else:
                 codes, absmax2 = blockwise.blockwise_codebook_quantize(centred, _dynamic_code(w.device), DQ_BLOCK)
@@ -104,6 +124,7 @@ class FourBitQuantizer(Quantizer):
             return t["absmax"]
         code = _dynamic_code(t["absmax_codes"].device)
         if self.fast:
+            self._fast()  # registers torch.ops.bitsandbytes
             scaled = torch.ops.bitsandbytes.dequantize_blockwise.default(
                 t["absmax_codes"], t["absmax_absmax"], code, DQ_BLOCK, torch.float32)
         else:
@@ -114,6 +135,7 @@ class FourBitQuantizer(Quantizer):
         absmax = self.absmax(q)
         packed = q.tensors["packed"]
         if self.fast and dtype in (torch.float32, torch.bfloat16, torch.float16):
+            self._fast()
             return torch.ops.bitsandbytes.dequantize_4bit.default(
                 packed, absmax, q.meta["block"], q.meta["dtype"], list(q.shape), dtype)
         return blockwise.blockwise_4bit_dequantize(packed, absmax, CODEBOOKS[q.meta["dtype"]], q.meta["block"], q.shape, dtype)

@@ -24,7 +24,6 @@ from peftlab.toolkit import (
     peft_fan_in_fan_out,
     peft_target_names,
     replace_module,
-    unwrap_layers,
 )
 
 #: peft's defaults by ``config.model_type``: (targets, which of them are feedforward)
@@ -74,6 +73,7 @@ class IA3(Adapter):
     """(IA)^3 over ``target_modules``; ``feedforward_modules`` among them scale their input."""
 
     mergeable = True
+    layer_class = IA3Layer
     peft_type = "IA3"
 
     @dataclass
@@ -95,14 +95,6 @@ class IA3(Adapter):
             replace_module(model, name, IA3Layer(layer, name in feedforward))
         return list(chosen)
 
-    def _merge(self, model: nn.Module, sign: int) -> None:
-        for layer in ia3_layers(model):
-            if layer.merged != (sign > 0):
-                layer.fold(sign)
-
-    def _unload(self, model: nn.Module) -> None:
-        unwrap_layers(model, IA3Layer)
-
     def peft_config(self, model: nn.Module, targets: list[str]) -> dict[str, Any]:
         return {"peft_type": "IA3", "task_type": "CAUSAL_LM", "target_modules": sorted(targets),
                 "feedforward_modules": sorted(t for t in targets if model.get_submodule(t).feedforward),
@@ -115,10 +107,6 @@ class IA3(Adapter):
             raise ValidationError("adapter_config.modules_to_save", config["modules_to_save"], "None: peftlab's IA3 has none")
         return {"target_modules": peft_target_names(model, config.get("target_modules")),
                 "feedforward_modules": peft_target_names(model, config.get("feedforward_modules"))}
-
-
-def ia3_layers(model: nn.Module) -> list[IA3Layer]:
-    return [m for m in model.modules() if isinstance(m, IA3Layer)]
 
 
 @hookimpl

@@ -17,25 +17,15 @@ from torch import nn
 
 from peftlab import Adapter, ComponentSpec, QuantizedLinear, ValidationError, hookimpl, option
 from peftlab.toolkit import (
+    ATTENTION_TARGETS,
     is_conv1d,
     linear_dims,
     linear_targets,
     peft_fan_in_fan_out,
     peft_target_names,
     replace_module,
-    unwrap_layers,
 )
 
-#: Default targets by ``config.model_type`` when none are given (the attention projections,
-#: as in the LoRA paper's GPT-2 and GPT-3 runs).
-DEFAULT_TARGETS = {
-    "gpt2": ["c_attn"],
-    "llama": ["q_proj", "v_proj"],
-    "mistral": ["q_proj", "v_proj"],
-    "qwen2": ["q_proj", "v_proj"],
-    "opt": ["q_proj", "v_proj"],
-    "gpt_neox": ["query_key_value"],
-}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -86,6 +76,10 @@ class LoraLayer(nn.Module):
             self._apply_delta(+1)
             self.merged = True
 
+    def fold(self, sign: int) -> None:
+        """Merge (``+1``) or unmerge (``-1``): what the base class's generic merge calls."""
+        self.merge() if sign > 0 else self.unmerge()
+
     def unmerge(self) -> None:
         if self.merged:
             self._apply_delta(-1)
@@ -97,6 +91,7 @@ class Lora(Adapter):
 
     size_setting = "r"  # reports plot trainable parameters against the rank
     mergeable = True
+    layer_class = LoraLayer
     peft_type = "LORA"  # saved in peft's format, and loads adapters peft saved
 
     @dataclass
@@ -111,7 +106,7 @@ class Lora(Adapter):
         lr_ratio: float = option(1.0, "LoRA+: B's learning rate over A's (1: plain LoRA; LoRA+ suggests 16)", gt=0)
 
     def _attach(self, model: nn.Module) -> list[str]:
-        targets = linear_targets(model, self.target_modules, DEFAULT_TARGETS)
+        targets = linear_targets(model, self.target_modules, ATTENTION_TARGETS)
         for name, layer in targets.items():  # validate every layer before changing any
             if self.r > min(linear_dims(layer)):
                 raise ValidationError("r", self.r, f"a rank of at most {min(linear_dims(layer))}, the smaller dimension "
@@ -130,13 +125,6 @@ class Lora(Adapter):
             return [{"name": "lora", "params": a + b, "lr_scale": 1.0}]
         return [{"name": "lora_A", "params": a, "lr_scale": 1.0},
                 {"name": "lora_B", "params": b, "lr_scale": self.lr_ratio}]
-
-    def _merge(self, model: nn.Module, sign: int) -> None:
-        for layer in lora_layers(model):
-            layer.merge() if sign > 0 else layer.unmerge()
-
-    def _unload(self, model: nn.Module) -> None:
-        unwrap_layers(model, LoraLayer)
 
     def peft_config(self, model: nn.Module, targets: list[str]) -> dict[str, Any]:
         return {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": self.r, "lora_alpha": self.alpha,

@@ -207,7 +207,7 @@ def test_spec_validation():
         ComponentSpec("quantizer", " x", AbsmaxQuantizer)
 
 
-def test_cli_check_reports_each_component_of_an_installed_plugin(tmp_path):
+def test_cli_check_reports_each_component_of_an_installed_plugin(tmp_path, monkeypatch, capsys):
     info = tmp_path / "peftlab_half_demo-0.1.dist-info"
     info.mkdir()
     (info / "METADATA").write_text("Metadata-Version: 2.1\nName: peftlab-half-demo\nVersion: 0.1\n")
@@ -223,13 +223,18 @@ def test_cli_check_reports_each_component_of_an_installed_plugin(tmp_path):
         "def peftlab_quantizers():\n"
         "    return [ComponentSpec('quantizer', 'half-good', AbsmaxQuantizer, {'bits': 8}),\n"
         "            ComponentSpec('quantizer', 'half-flat', Flat, {'bits': 8})]\n")
-    env = {"PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
-    out = _cli("check", "halfdemo", env_extra=env)
-    assert out.returncode == 1, out.stderr
-    assert "ok       quantizer half-good" in out.stdout
-    assert "refused  quantizer half-flat: dequantize(q, float32) returned shape (4096,)" in out.stdout
-    plugins = _cli("quantizers", env_extra=env)  # the refused one is gone, every other quantizer works
-    assert plugins.returncode == 0 and "half-good" in plugins.stdout and "half-flat" not in plugins.stdout
-    assert _cli("check", "absmax").returncode == 0
-    missing = _cli("check", "no-such-plugin")
-    assert missing.returncode == 2 and "no plugin 'no-such-plugin' is installed" in missing.stderr
+    monkeypatch.syspath_prepend(str(tmp_path))  # in this process: entry points are read from sys.path
+    from peftlab.cli.main import main
+
+    assert main(["check", "halfdemo"]) == 1
+    out = capsys.readouterr().out
+    assert "ok       quantizer half-good" in out
+    assert "refused  quantizer half-flat: dequantize(q, float32) returned shape (4096,)" in out
+    assert "peftlab check halfdemo --full" in out
+    assert main(["quantizers"]) == 0  # the refused one is gone, every other quantizer works
+    listed = capsys.readouterr().out
+    assert "half-good" in listed and "half-flat" not in listed and "nf4-dq" in listed
+    assert main(["check", "absmax"]) == 0
+    capsys.readouterr()
+    assert main(["check", "no-such-plugin"]) == 2
+    assert "no plugin 'no-such-plugin' is installed" in capsys.readouterr().err

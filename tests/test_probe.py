@@ -228,3 +228,27 @@ def test_a_missing_program_is_not_an_authoring_mistake():
     assert rec.status == "ok" and rec.refused == {} and "needs-java" in h.metrics
     with pytest.raises(PluginError, match="install a Java runtime"):
         h.metrics.build("needs-java")
+
+
+def test_a_passed_probe_is_remembered_until_its_source_changes(tmp_path, monkeypatch):
+    """The second load skips the probe (nothing is built); editing the component's file, or turning
+    the cache off, probes again."""
+    import importlib
+    import sys
+
+    monkeypatch.setenv("PEFTLAB_CACHE", str(tmp_path / "cache"))
+    module = tmp_path / "probe_cache_demo.py"
+    source = ("from peftlab import Metric\nBUILT = []\nclass Counting(Metric):\n"
+              "    def __init__(self):\n        BUILT.append(1)\n"
+              "    def _compute(self, predictions, references):\n        return {'n': 1.0}\n")
+    module.write_text(source)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    demo = importlib.import_module("probe_cache_demo")
+    spec = ComponentSpec("metric", "counting", demo.Counting)
+    assert probe(spec) is None and demo.BUILT == [1]
+    assert probe(spec) is None and demo.BUILT == [1]  # remembered
+    module.write_text(source + "# edited\n")
+    assert probe(spec) is None and demo.BUILT == [1, 1]  # its file changed
+    monkeypatch.setenv("PEFTLAB_CACHE", "off")
+    assert probe(spec) is None and demo.BUILT == [1, 1, 1]
+    sys.modules.pop("probe_cache_demo")

@@ -64,3 +64,15 @@ def test_a_sweep_its_report_ranks_and_estimate_run_on_third_party_plugins_alone(
 def test_asking_for_a_disabled_built_in_names_what_is_there(tmp_path):
     out = peftlab("sweep", str(GRID), "adapter=lora", "--plan")
     assert out.returncode == 2 and "unknown adapter 'lora'; known adapters: layernorm" in out.stderr
+
+
+def test_the_shipped_contract_tests_run_on_one_installed_plugin():
+    """``peftlab check example --full`` runs peftlab.contract's tests on the example plugin's
+    components only (here its quantizer's, to keep this quick)."""
+    done = subprocess.run([sys.executable, "-m", "peftlab.cli", "check", "example", "--full", "--", "-k", "ternary"],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
+    assert "ok       quantizer ternary" in done.stdout
+    summary = done.stdout.strip().splitlines()[-1]
+    assert " passed" in summary and "failed" not in summary, summary
+    assert "lora" not in done.stdout  # only the example's components were collected

@@ -29,7 +29,8 @@ def _cmd_plugins(args: argparse.Namespace) -> int:
 
 def _cmd_check(args: argparse.Namespace) -> int:
     """One installed plugin against the contract: each component built with its defaults and
-    probed (:mod:`peftlab.probe`), the way every command checks it when the plugin loads."""
+    probed (:mod:`peftlab.probe`), the way every command checks it when the plugin loads; with
+    ``--full`` also the contract tests shipped in :mod:`peftlab.contract`, on its components only."""
     records = {r["name"]: r for r in host_for(args).table()}
     r = records.get(args.plugin)
     if r is None:
@@ -46,11 +47,27 @@ def _cmd_check(args: argparse.Namespace) -> int:
         print(f"  refused  {component}: {why}")
     if r["status"] == "error":
         print(f"  error    {r['error']}")
-    names = [n for ns in r["components"].values() for n in ns]
-    if names:
-        print("The full contract tests (train, save, reload through each component) run from a peftlab checkout: "
-              f"pytest tests/contract -k \"{' or '.join(names)}\"")
-    return 0 if r["status"] == "ok" and not r["refused"] else 1
+    ok = r["status"] == "ok" and not r["refused"]
+    rest = list(args.pytest_args)  # argparse hands everything after the plugin's name here
+    own, pytest_args = (rest[: rest.index("--")], rest[rest.index("--") + 1:]) if "--" in rest else (rest, [])
+    if [a for a in own if a != "--full"]:
+        print(f"peftlab check: unrecognized arguments {own}; pytest's go after --", file=sys.stderr)
+        return 2
+    if not (args.full or "--full" in own):
+        if r["components"]:
+            print(f"The full contract tests (train, save, reload, merge through each component): "
+                  f"peftlab check {args.plugin} --full")
+        return 0 if ok else 1
+    import subprocess
+    from importlib.util import find_spec
+
+    if find_spec("pytest") is None:
+        print("peftlab check --full needs pytest: pip install 'peftlab[test]'", file=sys.stderr)
+        return 2
+    done = subprocess.run([sys.executable, "-m", "pytest", "-p", "peftlab.contract.plugin", "--pyargs",
+                           "peftlab.contract", "--peftlab-plugin",
+                           args.plugin, "-q", "-p", "no:cacheprovider", *pytest_args])
+    return done.returncode if ok else 1
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
@@ -133,6 +150,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(func=_cmd_plugins)
     sc = sub.add_parser("check", help="check one installed plugin's components against the contract")
     sc.add_argument("plugin", help="the plugin's entry-point name (as `peftlab plugins` lists it)")
+    sc.add_argument("--full", action="store_true", help="also run the contract tests (pytest) on its components: "
+                    "train, save, reload and merge through each on tiny models")
+    sc.add_argument("pytest_args", nargs=argparse.REMAINDER, metavar="-- PYTEST_ARG",
+                    help="with --full: what follows -- goes to pytest")
     sc.set_defaults(func=_cmd_check)
     sq = sub.add_parser("quantizers", help="list quantizers, or compare them with --report")
     sq.add_argument("name", nargs="?", help="list this quantizer's options: type, default, bounds, meaning")

@@ -58,7 +58,7 @@ def run_cache(args: argparse.Namespace) -> int:
         print(f"cleared {root}: {clear() / 2**20:.1f} MiB freed")
         return 0
     print(f"{root}: {size_bytes() / 2**20:.1f} MiB")
-    for kind in ("models", "tokens"):
+    for kind in ("models", "tokens", "probes"):
         entries = sorted((root / kind).iterdir()) if (root / kind).exists() else []
         print(f"  {kind}: {len([e for e in entries if not e.name.startswith('.')])} entries")
     return 0

@@ -78,6 +78,10 @@ class Adapter(Configurable, ABC):
     mergeable: ClassVar[bool] = False
     supports_grad_checkpointing: ClassVar[bool] = True
     reads_base_weights: ClassVar[bool] = False
+    #: the module class that wraps each adapted layer (its frozen layer as ``base_layer``, a
+    #: ``merged`` flag and ``fold(sign)``), where the adapter has one: merging and unloading then
+    #: need no code of the adapter's own
+    layer_class: ClassVar[type[nn.Module] | None] = None
     #: the peft method this adapter is saved as and loaded from (``"LORA"``), where peft has it;
     #: such an adapter implements :meth:`peft_config` and :meth:`settings_from_peft`
     peft_type: ClassVar[str | None] = None
@@ -208,12 +212,23 @@ class Adapter(Configurable, ABC):
             raise ValidationError("merge", *refusal)
 
     def _merge(self, model: nn.Module, sign: int) -> None:
-        """Add (``sign=+1``) or remove (``-1``) the adapter's update in the base weights."""
-        raise NotImplementedError(f"{type(self).__name__} declares mergeable but does not implement _merge")
+        """Add (``sign=+1``) or remove (``-1``) the adapter's update in the base weights. The default
+        folds every :attr:`layer_class` module not already in that state (``layer.fold(sign)``,
+        ``layer.merged``); an adapter without one overrides this."""
+        if self.layer_class is None:
+            raise NotImplementedError(f"{type(self).__name__} declares mergeable but has no layer_class and "
+                                      "does not implement _merge")
+        for layer in [m for m in model.modules() if isinstance(m, self.layer_class)]:
+            if layer.merged != (sign > 0):
+                layer.fold(sign)
 
     def _unload(self, model: nn.Module) -> None:
-        """Remove the adapter's modules from a merged model, putting the base layers back."""
-        raise NotImplementedError(f"{type(self).__name__} declares mergeable but does not implement _unload")
+        """Remove the adapter's modules from a merged model, putting the base layers back (the
+        default unwraps every :attr:`layer_class` module to its ``base_layer``)."""
+        if self.layer_class is None:
+            raise NotImplementedError(f"{type(self).__name__} declares mergeable but has no layer_class and "
+                                      "does not implement _unload")
+        unwrap_layers(model, self.layer_class)
 
     def peft_config(self, model: nn.Module, targets: list[str]) -> dict[str, Any]:
         """peft's ``adapter_config.json`` for this adapter on ``model`` (``peft_type`` set only)."""
@@ -273,6 +288,19 @@ def peft_target_names(model: nn.Module, value: list[str] | str | None) -> list[s
 
         return [n for n, _ in model.named_modules() if n and re.fullmatch(value, n)]
     return list(value or [])
+
+
+#: the attention projections by ``config.model_type``: the default targets of the LoRA family (the
+#: LoRA paper's GPT-2 and GPT-3 runs adapt the query and value projections; GPT-2 and GPT-NeoX fuse
+#: q, k and v into one layer)
+ATTENTION_TARGETS: dict[str, list[str]] = {
+    "gpt2": ["c_attn"],
+    "llama": ["q_proj", "v_proj"],
+    "mistral": ["q_proj", "v_proj"],
+    "qwen2": ["q_proj", "v_proj"],
+    "opt": ["q_proj", "v_proj"],
+    "gpt_neox": ["query_key_value"],
+}
 
 
 def quantized_layers(model: nn.Module) -> list[str]:

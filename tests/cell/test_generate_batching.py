@@ -58,6 +58,7 @@ def test_batching_changes_no_bit_of_an_inputs_logits(name, seed):
 
 
 
+@pytest.mark.slow  # the negative control (30 s): it shows the test above can fail; run with -m slow
 def test_the_usual_batching_would_fail_that_test():
     """Padding every batch to its longest prompt (the usual way) changes some input's logits, so
     the test above can fail. Whether a given model shows it depends on its weights and on the CPU's

@@ -96,11 +96,13 @@ def test_full_fine_tuning_costs_the_optimizer_state_more_than_lora():
 
 def test_the_heap_reading_does_not_change():
     """Full fine-tuning's heap peak with and without (after a first run: the first training run
-    of a process reads about 8% more, one-time allocations)."""
+    of a process reads about 8% more, one-time allocations). Each reading may fall up to 2.4% below
+    a 1 ms sampler's (:class:`HeapSampler`: the step's own readings carry the peak, the thread reads
+    every 250 ms), so two readings of the same peak differ by up to about 5%."""
     from peftlab.kernels.heap import reuse_freed_memory
 
     peak_of("full")
     plain, _ = peak_of("full")
     with reuse_freed_memory():
         kept, _ = peak_of("full")
-    assert abs(kept - plain) < 0.03 * plain, (kept, plain)
+    assert abs(kept - plain) < 0.05 * plain, (kept, plain)

@@ -5,6 +5,7 @@ import json
 
 import pytest
 
+import peftlab.contract
 from peftlab import PeftlabError, UnknownNameError, ValidationError, load_host, quantize_
 from peftlab.cell.config import CellConfig
 from peftlab.cell.models import ModelConfig, load, resolve
@@ -120,6 +121,7 @@ def test_models_resolve_by_short_name_path_and_hub_id(tmp_path):
     assert sum(p.numel() for p in again.model.parameters()) == sum(p.numel() for p in loaded.model.parameters())
 
 
+@pytest.mark.slow  # loads the real 135M GGUF model (40 s); `nox -s sweep` loads it first thing
 def test_embedded_smollm2_gguf_loads(embedded_model):
     loaded = load(ModelConfig(embedded_model))
     assert sum(p.numel() for p in loaded.model.parameters()) == 134_515_008
@@ -143,7 +145,7 @@ def test_cli_run_reaches_evaluate_metrics_by_local_path(capsys, monkeypatch):
     from pathlib import Path
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    script = Path(__file__).parents[1] / "fixtures" / "exact_match_any.py"
+    script = Path(peftlab.contract.__file__).with_name("evaluate_metric.py")
     assert main(["run", "--model", "tiny-gpt2", "--steps", "1", "--eval-limit", "2", "--max-new-tokens", "2",
                  "--metrics", "bleu,evaluate", "--mset", f"evaluate:path={script}", "--no-progress", "--json"]) == 0
     rec = json.loads(capsys.readouterr().out)

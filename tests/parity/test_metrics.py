@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from peftlab_plugins.e2e import coco_rouge_l
 
+import peftlab.contract
 from peftlab import ValidationError
 from peftlab.toolkit import ptb_tokenize
 
@@ -95,7 +96,7 @@ def test_rouge_l_equals_rouge_score_best_reference_on_random_strings(host, trial
     assert host.metrics.build("rougeL").compute(preds, refs)["rougeL"] == pytest.approx(expected)
 
 
-METRIC_SCRIPT = Path(__file__).parents[1] / "fixtures" / "exact_match_any.py"
+METRIC_SCRIPT = Path(peftlab.contract.__file__).with_name("evaluate_metric.py")
 
 
 def test_evaluate_bridge_loads_a_local_metric_module(host, monkeypatch):

@@ -43,3 +43,12 @@ def test_filter_matching_nothing_lists_candidates():
     assert "candidate layers: q_proj, v_proj" in str(info.value)
     with pytest.raises(ValidationError, match="valid regular expression"):
         quantize_(model, HOST.quantizers.build("nf4"), filter="(")
+
+
+def test_nan_error_says_where():
+    w = torch.zeros(4, 5)
+    w[2, 3] = float("nan")
+    w[3, 0] = float("-inf")
+    with pytest.raises(ValidationError, match=r"first at index \(2, 3\)"):
+        HOST.quantizers.build("nf4").quantize(w)
+

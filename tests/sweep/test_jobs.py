@@ -34,6 +34,7 @@ class KillCell(LocalProcessExecutor):
         return proc
 
 
+@pytest.mark.slow  # a 2-job grid with a killed worker (a minute); one job's kill-and-resume is in test_runner
 @pytest.mark.skipif(CORES < 2, reason="needs 2 CPU cores")
 def test_two_jobs_run_the_grid_with_a_killed_cell_and_resume(tmp_path):
     exp = load_experiment(TINY)

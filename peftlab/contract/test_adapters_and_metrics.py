@@ -7,26 +7,23 @@ import pytest
 import torch
 
 from peftlab.cell.models import ModelConfig, load
-from peftlab.host import load_host
 from peftlab.plugin.adapter import Adapter
 from peftlab.plugin.metric import Metric
 
-LOCAL_METRIC = str(Path(__file__).parents[1] / "fixtures" / "exact_match_any.py")
+#: a local `evaluate` metric module, for the bridge to any `evaluate` metric
+LOCAL_METRIC = str(Path(__file__).with_name("evaluate_metric.py"))
 NEEDS = {"evaluate": {"path": LOCAL_METRIC}}  # metrics that cannot be built without a setting
 
 
-HOST = load_host()  # every installed plugin, third-party ones included
+@pytest.fixture
+def adapter(adapter_name, contract_host) -> Adapter:
+    return contract_host.adapters.build(adapter_name)
 
 
-@pytest.fixture(params=HOST.adapters.names())
-def adapter(request, host) -> Adapter:
-    return host.adapters.build(request.param)
-
-
-@pytest.fixture(params=HOST.metrics.names())
-def metric(request, host, monkeypatch) -> Metric:
+@pytest.fixture
+def metric(metric_name, contract_host, monkeypatch) -> Metric:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    return host.metrics.build(request.param, **NEEDS.get(request.param, {}))
+    return contract_host.metrics.build(metric_name, **NEEDS.get(metric_name, {}))
 
 
 @pytest.mark.parametrize("arch", ["tiny-llama", "tiny-gpt2"])
@@ -68,7 +65,7 @@ def _batch():
 
 
 @pytest.mark.parametrize("arch", ["tiny-llama", "tiny-gpt2"])
-def test_adapter_state_dict_round_trips_through_a_saved_folder(adapter, arch, tmp_path):
+def test_adapter_state_dict_round_trips_through_a_saved_folder(adapter, arch, tmp_path, contract_host):
     """What the adapter saves, loaded onto a fresh base, gives the same outputs."""
     from peftlab.adapt.persist import load_adapter, save_adapter
 
@@ -78,13 +75,13 @@ def test_adapter_state_dict_round_trips_through_a_saved_folder(adapter, arch, tm
     want = _logits(model, ids, mask)
     folder = save_adapter(model, adapter, report.targets, tmp_path / "a", base_model=arch)
     fresh = load(ModelConfig(arch)).model
-    loaded, _ = load_adapter(fresh, folder, HOST)
+    loaded, _ = load_adapter(fresh, folder, contract_host)
     torch.testing.assert_close(_logits(fresh.eval(), ids, mask), want, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("arch", ["tiny-llama", "tiny-gpt2"])
 def test_adapter_merges_to_equal_outputs_or_refuses(adapter, arch):
-    from peftlab import ValidationError
+    from peftlab.plugin.errors import ValidationError
 
     model, _ = _perturbed(arch, adapter)
     ids, mask = _batch()
