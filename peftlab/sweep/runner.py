@@ -68,10 +68,11 @@ def sweep(exp: Experiment, out: Path, *, host: PluginHost, executor: Executor | 
                                                         else "not a cell of this experiment; left as it is"))
         planned_ids = {c.cell_id for c in cells}
         unplanned = sorted(cid for cid in scan.records if cid not in planned_ids)
-        if unplanned:
+        if unplanned:  # never averaged with this plan's cells of the same label; nothing deleted
+            aside = [store.set_aside(cid) for cid in unplanned][0]
             log(f"  {len(unplanned)} record(s) in {store.folder / 'cells'} belong to no cell of this plan (an earlier "
-                f"version of the experiment, e.g. {unplanned[0]}); the report includes them, and averages them with "
-                "cells of the same label: delete them (and their inputs/) or sweep into another --out")
+                f"version of the experiment or of peftlab's cell settings, e.g. {unplanned[0]}): moved with their "
+                f"files to {aside}, so the report does not average them with this plan's cells")
         if foreign:
             log(f"  {foreign} finished cell(s) were made on another host, device or versions (committed "
                 "results, for one); running them here. --reuse-foreign keeps them instead.")

@@ -106,6 +106,18 @@ class ResultsStore:
     def adapter_path(self, cell_id: str) -> Path:
         return self.folder / "adapters" / cell_id
 
+    def set_aside(self, cell_id: str) -> Path:
+        """Move a cell's record and its files (inputs, predictions, adapter) under ``superseded/``,
+        keeping their layout: out of every scan and report, nothing deleted. Returns that folder."""
+        aside = self.folder / "superseded"
+        for path in (self.record_path(cell_id), self.inputs_path(cell_id), self.predictions_path(cell_id),
+                     self.adapter_path(cell_id)):
+            if path.exists():
+                target = aside / path.relative_to(self.folder)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(path, target)
+        return aside
+
     def artifact(self, name: str) -> Path:
         """A file the report writes next to the records (``report.md``, ``cells.csv``, ...)."""
         if "/" in name or name.startswith("."):

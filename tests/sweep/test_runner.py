@@ -278,16 +278,20 @@ def test_a_list_valued_setting_is_one_value_because_the_plugin_declares_it(tmp_p
     assert all(c.config.adapter_params["target_modules"] == ["q_proj", "v_proj"] for c in cells)
 
 
-def test_records_of_an_earlier_plan_are_pointed_out(tmp_path):
-    """A record whose cell id the plan no longer has (the experiment changed) would be averaged into
-    the report with the new cells of its label: the sweep says so."""
+def test_records_of_an_earlier_plan_are_set_aside(tmp_path):
+    """A record whose cell id the plan no longer has (the experiment, or peftlab's cell settings,
+    changed) would be averaged into the report with the new cells of its label: the sweep moves it,
+    with its files, under superseded/ and says so."""
     exp = load_experiment(TINY, ["grid.train.seed=0"])
     cell = exp.cells(HOST)[0]
     old = {**own_record(cell, "skipped", "old plan"), "cell_id": "0123456789ab"}
     ResultsStore(tmp_path).write_record(old)
     lines = []
     sweep(exp, tmp_path, host=HOST, executor=Skipper(), progress=False, log=lines.append)
-    assert any("1 record(s)" in ln and "0123456789ab" in ln and "belong to no cell of this plan" in ln for ln in lines)
+    assert any("1 record(s)" in ln and "0123456789ab" in ln and "belong to no cell of this plan" in ln
+               and "superseded" in ln for ln in lines)
+    assert "0123456789ab" not in ResultsStore(tmp_path).scan().records
+    assert json.loads((tmp_path / "superseded" / "cells" / "0123456789ab.json").read_text())["reason"] == "old plan"
 
 
 class Skipper(Executor):
