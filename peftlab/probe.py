@@ -24,6 +24,7 @@ contract tests (``peftlab check PLUGIN``) train, save and reload through each co
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import json
 import math
@@ -36,13 +37,10 @@ import torch
 
 from peftlab.atomic import write_text_atomic
 from peftlab.cachedir import cache_root, digest
-from peftlab.plugin.adapter import Adapter
 from peftlab.plugin.errors import MissingDependency, ValidationError
-from peftlab.plugin.metric import Metric
 from peftlab.plugin.quantizer import QuantizedWeight, Quantizer
 from peftlab.plugin.spec import ComponentSpec
-
-BASES: dict[str, type] = {"quantizer": Quantizer, "adapter": Adapter, "metric": Metric}
+from peftlab.registry import BASE_CLASSES
 
 
 def probe(spec: ComponentSpec) -> str | None:
@@ -74,18 +72,24 @@ def cache_key(spec: ComponentSpec) -> Path | None:
         parts: list[Any] = [source.read_bytes()]
     except (OSError, TypeError):
         return None
+    key = digest("probe", spec.kind, spec.name, spec.params, getattr(factory, "__qualname__", repr(factory)), line,
+                 _shared_key(), *parts)
+    return root / "probes" / key
+
+
+@functools.cache
+def _shared_key() -> str:
+    """What every component's probe depends on alike (peftlab's author API and this module,
+    Python's and the numeric libraries' versions): read once per process, not per component."""
     here = Path(__file__)
-    for path in sorted((here.parent / "plugin").glob("*.py")) + [here]:
-        parts.append(path.read_bytes())
+    files = [path.read_bytes() for path in sorted((here.parent / "plugin").glob("*.py")) + [here]]
     versions = {}
     for package in ("torch", "bitsandbytes", "transformers"):
         try:
             versions[package] = metadata.version(package)
         except metadata.PackageNotFoundError:
             versions[package] = None
-    key = digest("probe", spec.kind, spec.name, spec.params, getattr(factory, "__qualname__", repr(factory)), line,
-                 sys.version, versions, *parts)
-    return root / "probes" / key
+    return digest(sys.version, versions, *files)
 
 
 def _probe(spec: ComponentSpec) -> str | None:
@@ -103,7 +107,7 @@ def _probe(spec: ComponentSpec) -> str | None:
         return f"building it with its defaults raised {_one_line(exc)}"
     except Exception as exc:
         return f"building it with its defaults raised {_one_line(exc)}"
-    base = BASES[spec.kind]
+    base = BASE_CLASSES[spec.kind]
     if not isinstance(obj, base):
         return f"it builds a {type(obj).__name__}, not a {base.__module__}.{base.__name__}"
     try:
