@@ -181,6 +181,8 @@ FIELDS: tuple[Field, ...] = (
     _f("predictions.file", "str", "keep", "the predictions file (inputs, references, prediction per line)"),
     _f("adapter.saved", "str", "keep", "where the trained adapter was saved"),
     _f("adapter.merged", "str", "keep", "where the base with the adapter merged in was saved"),
+    _f("keep.error", "str", "keep", "what the cell made but could not write (a full disk, a vanished folder), "
+       "and where; the record's numbers stand"),
 )
 
 #: keys components add, by pattern: (regex, type, stage, meaning)

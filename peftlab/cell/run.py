@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+import peftlab.defaults as defaults
 from peftlab.cell.config import CellConfig
 from peftlab.cell.train import TrainingError
 from peftlab.host import PluginHost
@@ -63,9 +64,17 @@ def preflight(cfg: CellConfig, host: PluginHost) -> tuple[Any, Any, dict[str, An
 
     resolve(cfg.model.name)
     if cfg.adapter_from:
-        from peftlab.adapt.persist import read_adapter_info
+        from peftlab.adapt.persist import check_adapter_folder
+        from peftlab.cell.models import skeleton
 
-        info = read_adapter_info(cfg.adapter_from)  # the folder holds an adapter, before any loading
+        # the folder's files, the adapter it names and its tensors' shapes on this base, before any loading
+        info, saved = check_adapter_folder(cfg.adapter_from, skeleton(cfg.model), host)
+        if cfg.adapter_params:
+            raise ValidationError("adapter_params", cfg.adapter_params, "none with adapter_from: the saved adapter's "
+                                  "own settings are loaded (train a new adapter without adapter_from to change them)")
+        if saved is not None and cfg.adapter not in (saved, defaults.ADAPTER):
+            raise ValidationError("adapter", cfg.adapter, f"{saved!r} or unset with adapter_from: "
+                                  f"{cfg.adapter_from} holds a {saved} adapter, which is what would train")
         if "adapter" in info:
             adapter = host.adapters.build(info["adapter"], **info["settings"])
     if cfg.train.grad_checkpointing and not adapter.supports_grad_checkpointing and cfg.train.steps != 0:
@@ -95,7 +104,7 @@ def run_cell(cfg: CellConfig, host: PluginHost, *, progress: bool = True,
     from peftlab.data.prompts import encode
     from peftlab.data.splits import load_splits
     from peftlab.evaluate.generate import generate
-    from peftlab.evaluate.score import score
+    from peftlab.evaluate.score import score, unusable
     from peftlab.kernels.compiled import check as check_compile
     from peftlab.kernels.heap import reuse_freed_memory
     from peftlab.kernels.precision import FrozenCast, frozen_to_compute
@@ -164,11 +173,16 @@ def run_cell(cfg: CellConfig, host: PluginHost, *, progress: bool = True,
         peak.stop()
     gens = generate(model, tok, eval_items, cfg.eval, device=device, precision=cfg.train.precision, progress=progress)
     scores, metric_settings = score(gens.texts, eval_items, metrics)
-    rec.update(sections.score(scores, metric_settings))
+    bad = unusable(scores)
+    rec.update(sections.score({k: (None if k in bad else v) for k, v in scores.items()}, metric_settings))
     rec.update(sections.generate(gens, eval_items))
     rec["time.wall_s"] = time.perf_counter() - wall
+    if bad:  # a NaN would pass for a score in every table: the cell says it failed, and why
+        rec.update(status="failed", reason="; ".join(
+            f"metric {k.removeprefix('metric.')!r} (plugin {host.metrics.provider(k.split('.')[1])!r}) returned {v!r}, "
+            "not a finite number" for k, v in bad.items()))
     keep(outputs or CellOutputs(), rec, eval_items, gens.texts, model, adapter, report.targets, tok, cast,
-         base_model=loaded.source)
+         base_model=loaded)
     return rec
 
 
@@ -192,23 +206,44 @@ def trained_over(cfg: CellConfig) -> dict[str, Any]:
 
 
 def keep(out: CellOutputs, rec: dict[str, Any], items, texts, model, adapter, targets, tok, cast=None,
-         base_model: str | None = None) -> None:
+         base_model: Any = None) -> None:
     """Write what the cell made where ``out`` says, and say in the record where it went. A saved
-    adapter names ``base_model`` (what was loaded, which peft's loaders read) as its base."""
+    adapter names the base it was trained over (``base_model``, the :class:`~peftlab.cell.models.Loaded`
+    model). A write that fails (a full disk, a vanished folder) costs only that output: the record
+    keeps every number and says in ``keep.error`` what was not written, and where."""
     from peftlab.adapt.persist import merge_into, save_adapter
     from peftlab.evaluate.predictions import write_predictions
 
-    if out.predictions:
-        write_predictions(out.predictions, items, texts)
+    errors = []
+
+    def attempt(what: str, path: Path, write) -> bool:
+        try:
+            write()
+            return True
+        except Exception as exc:  # OSError, safetensors' SafetensorError on a full disk, ...
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else f"{type(exc).__name__}: {exc}"
+            errors.append(f"{what} was not written to {path}: {reason}")
+            return False
+
+    if out.predictions and attempt("the predictions file", out.predictions,
+                                   lambda: write_predictions(out.predictions, items, texts)):
         rec["predictions.file"] = str(out.predictions)
     if out.adapter:
-        save_adapter(model, adapter, targets, out.adapter, base_model=base_model,
-                     extra={"quantizer": rec.get("quantizer"), "cell": {k: rec.get(k) for k in ("label", "cell_id")}})
-        rec["adapter.saved"] = str(out.adapter)
-    if out.merged:
-        if cast is not None:  # merge in the model's dtype (values stay the ones the cell computed with)
-            from peftlab.kernels.precision import restore_dtype
+        from peftlab.cell.models import adapter_bases
 
-            restore_dtype(cast)
-        merge_into(model, adapter, tok, out.merged)
-        rec["adapter.merged"] = str(out.merged)
+        bases = adapter_bases(base_model)
+        extra = {"quantizer": rec.get("quantizer"), "cell": {k: rec.get(k) for k in ("label", "cell_id")}}
+        if attempt("the adapter", out.adapter, lambda: save_adapter(model, adapter, targets, out.adapter,
+                                                                    base_model=bases[0], peft_base=bases[1], extra=extra)):
+            rec["adapter.saved"] = str(out.adapter)
+    if out.merged:
+        def merge():
+            if cast is not None:  # merge in the model's dtype (values stay the ones the cell computed with)
+                from peftlab.kernels.precision import restore_dtype
+
+                restore_dtype(cast)
+            merge_into(model, adapter, tok, out.merged)
+        if attempt("the merged model", out.merged, merge):
+            rec["adapter.merged"] = str(out.merged)
+    if errors:
+        rec["keep.error"] = "; ".join(errors)

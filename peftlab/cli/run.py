@@ -199,26 +199,51 @@ def cell_dict(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
+    import sys
+
+    from peftlab.adapt.persist import check_adapter_destination
     from peftlab.atomic import check_writable, write_text_atomic
     from peftlab.cell.config import CellConfig
     from peftlab.cell.run import CellOutputs, run_cell
     from peftlab.cli.common import host_for
 
     cfg = CellConfig.from_dict(cell_dict(args))
-    for flag in ("out", "predictions", "save_adapter", "merge_into"):  # before training, not after
+    for flag in ("out", "predictions", "merge_into"):  # before training, not after: a file is written there and removed
         if getattr(args, flag):
-            folder = flag in ("save_adapter", "merge_into")  # a folder: a file in it must be writable
-            check_writable(Path(getattr(args, flag)) / "x" if folder else getattr(args, flag), "--" + flag.replace("_", "-"))
+            path = Path(getattr(args, flag))
+            check_writable(path / "x" if flag == "merge_into" else path, "--" + flag.replace("_", "-"))
+    if args.save_adapter:
+        check_adapter_destination(args.save_adapter)
+    if cfg.adapter_from and args.adapter:  # the default name cannot tell an explicit --adapter apart: check here
+        from peftlab.adapt.persist import check_adapter_folder
+        from peftlab.cell.models import skeleton
+
+        _, saved = check_adapter_folder(cfg.adapter_from, skeleton(cfg.model), host := host_for(args))
+        if saved is not None and saved != args.adapter:
+            raise ValidationError("--adapter", args.adapter, f"{saved!r} or nothing with --adapter-from: "
+                                  f"{cfg.adapter_from} holds a {saved} adapter, which is what would train")
+    else:
+        host = None
     outputs = CellOutputs(*(Path(v) if v else None for v in (args.predictions, args.save_adapter, args.merge_into)))
-    rec = run_cell(cfg, host_for(args), progress=not args.no_progress, outputs=outputs)
+    rec = run_cell(cfg, host or host_for(args), progress=not args.no_progress, outputs=outputs)
     rec["command"] = " ".join(["peftlab", *args.argv])
     text = json.dumps(rec, indent=2, default=str)
+    failed_write = rec.get("keep.error")
     if args.out:
-        write_text_atomic(args.out, text + "\n")
+        try:
+            write_text_atomic(args.out, text + "\n")
+        except OSError as exc:
+            failed_write = "; ".join(filter(None, [failed_write, f"the record was not written to {args.out}: "
+                                                   f"{exc.strerror or exc}"]))
     if args.json:
         print(text)
     else:
         print(format_record(rec))
+    if failed_write:  # the work is done: the record is printed whole, and what was lost is named
+        if not args.json:
+            print(text, file=sys.stderr)
+        print(f"peftlab: error: {failed_write}", file=sys.stderr)
+        return 1
     return 0 if rec["status"] in ("ok", "skipped") else 1
 
 

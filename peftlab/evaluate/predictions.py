@@ -14,7 +14,7 @@ from pathlib import Path
 
 from peftlab.atomic import write_text_atomic
 from peftlab.data.splits import EvalItem
-from peftlab.plugin.errors import ValidationError
+from peftlab.readback import DamagedFile, read_json_lines
 
 
 def write_predictions(path: str | os.PathLike, items: list[EvalItem], predictions: list[str]) -> Path:
@@ -26,23 +26,21 @@ def write_predictions(path: str | os.PathLike, items: list[EvalItem], prediction
 
 
 def read_predictions(path: str | os.PathLike) -> tuple[list[EvalItem], list[str]]:
+    """The inputs and predictions of a predictions file; a damaged one is a
+    :class:`~peftlab.readback.DamagedFile` naming the file and the line."""
     items, preds = [], []
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ValidationError("predictions", str(path), f"a readable predictions file ({exc.strerror})") from None
-    for n, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-            items.append(EvalItem(row["instruction"], row["input"], tuple(row["references"])))
-            preds.append(row["prediction"])
-        except (ValueError, KeyError, TypeError) as exc:
-            raise ValidationError(f"predictions line {n}", str(path), f"a JSON object with instruction, input, "
-                                  f"references and prediction ({exc})") from None
+    rows = read_json_lines(path, "predictions file")
+    for n, row in enumerate(rows, 1):
+        refs = row.get("references")
+        texts = [row.get("instruction"), row.get("input"), row.get("prediction")]
+        if (not all(isinstance(t, str) for t in texts) or not isinstance(refs, list)
+                or not all(isinstance(r, str) for r in refs)):
+            raise DamagedFile(path, "predictions file", f"row {n} is not an object with the texts instruction, input, "
+                              "prediction and a list of references")
+        items.append(EvalItem(row["instruction"], row["input"], tuple(refs)))
+        preds.append(row["prediction"])
     if not preds:
-        raise ValidationError("predictions", str(path), "a file with at least one prediction")
+        raise DamagedFile(path, "predictions file", "it holds no prediction")
     return items, preds
 
 

@@ -21,3 +21,12 @@ def score(predictions: list[str], items: list[EvalItem], metrics: dict[str, Any]
             scores.update({f"metric.{name}.{k}": v for k, v in result.items()})
         settings[name] = metric.settings()
     return scores, settings
+
+
+def unusable(scores: dict[str, Any]) -> dict[str, Any]:
+    """The scores that are not finite numbers (NaN, inf, a string...), which a record cannot
+    average or compare: the cell that got them is ``failed``, naming them, and keeps ``None``."""
+    import math
+
+    return {k: v for k, v in scores.items()
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)}

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from peftlab.evaluate.predictions import read_predictions
+from peftlab.readback import DamagedFile, warn_damaged
 from peftlab.sweep.store import ResultsStore
 
 
@@ -18,7 +19,11 @@ def side_by_side(store: ResultsStore, records: list[dict[str, Any]], n: int = 3)
         path = store.predictions_path(rec["cell_id"])
         if rec.get("status") != "ok" or not path.is_file():
             continue
-        items, preds = read_predictions(path)
+        try:
+            items, preds = read_predictions(path)
+        except DamagedFile as exc:  # one cell's outputs are left out, the report is still made
+            warn_damaged(exc, f"the report leaves out {rec['label']}'s outputs")
+            continue
         keys = [(it.instruction, it.context) for it in items]
         outputs[rec["label"]] = dict(zip(keys, preds))
         first = first or keys

@@ -188,9 +188,13 @@ def this_machine() -> str:
 def render(folder: str | Path) -> Path:
     """(Re)make the tables, plots and ``report.md`` of a results folder from its records alone."""
     store = ResultsStore(folder)
+    with store.writing() as manifest:  # the folder's lock and schema, as a sweep holds them
+        return _render(store, manifest)
+
+
+def _render(store: ResultsStore, manifest: dict[str, Any]) -> Path:
     folder = store.folder
     records = store.records()
-    manifest = store.manifest()
     df = to_frame(records)
     summary = aggregate(df)
     # a lean install (the offline GPU bundle) may lack pyarrow and matplotlib: the tables then come

@@ -33,6 +33,7 @@ from typing import Any
 
 from peftlab.atomic import write_text_atomic
 from peftlab.plugin.errors import ValidationError
+from peftlab.readback import DamagedFile, read_json, read_text
 from peftlab.record import IDENTITY, STATUSES
 
 SCHEMA = 2
@@ -127,7 +128,7 @@ class ResultsStore:
     # -- the folder as a whole -----------------------------------------------------------------
     @contextlib.contextmanager
     def locked(self) -> Iterator[None]:
-        """Hold ``.lock`` for the duration; a second sweep on the same folder is refused."""
+        """Hold ``.lock`` for the duration; a second sweep, report or score on the same folder is refused."""
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
             fd = os.open(self.folder / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
@@ -139,7 +140,7 @@ class ResultsStore:
             except BlockingIOError:
                 other = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
                 raise ValidationError("results folder", str(self.folder),
-                                      f"a folder no other sweep is writing (pid {other} holds {self.folder / '.lock'})") from None
+                                      f"a folder no other peftlab command is writing (pid {other} holds {self.folder / '.lock'})") from None
             os.ftruncate(fd, 0)
             os.pwrite(fd, str(os.getpid()).encode(), 0)
             yield
@@ -149,26 +150,35 @@ class ResultsStore:
     def manifest(self) -> dict[str, Any]:
         if not self.manifest_path.exists():
             return {}
-        try:
-            found = json.loads(self.manifest_path.read_text())
-        except ValueError as exc:
-            raise ValidationError("results folder", str(self.folder), f"a readable manifest.json ({exc})") from None
-        if not isinstance(found, dict):
-            raise ValidationError("results folder", str(self.folder), "a manifest.json holding a JSON object")
-        return found
+        return read_json(self.manifest_path, "results manifest")
+
+    def check_schema(self, upgrade: bool = False) -> dict[str, Any]:
+        """The manifest, after refusing a folder written with another results schema (untouched);
+        ``upgrade``: a schema 1 folder (inputs beside the records) is upgraded in place."""
+        manifest = self.manifest()
+        found = manifest.get("schema", SCHEMA) if manifest else SCHEMA
+        if found == 1 and upgrade:
+            self._upgrade_from_1()
+        elif found != SCHEMA:
+            hint = " (`peftlab sweep` on its experiment upgrades schema 1)" if found == 1 else ""
+            raise ValidationError("results folder", str(self.folder),
+                                  f"a folder written with results schema {SCHEMA}; it has schema {found!r}{hint}. "
+                                  "Nothing was overwritten: move it away or pass another --out")
+        return manifest
+
+    @contextlib.contextmanager
+    def writing(self) -> Iterator[dict[str, Any]]:
+        """What every command that writes into an existing results folder holds (report, score):
+        the folder's lock, after its schema is checked; yields the manifest."""
+        if not self.folder.is_dir():
+            raise ValidationError("results folder", str(self.folder), "an existing results folder (run a sweep first)")
+        with self.locked():
+            yield self.check_schema()
 
     def open(self, experiment: str, file: str, command: str | None, peftlab_version: str) -> None:
         """Check (or create) the manifest before a sweep writes: a folder written with another
         results schema is refused untouched; schema 1 (inputs beside the records) is upgraded."""
-        manifest = self.manifest()
-        if manifest:
-            found = manifest.get("schema")
-            if found == 1:
-                self._upgrade_from_1()
-            elif found != SCHEMA:
-                raise ValidationError("results folder", str(self.folder),
-                                      f"a folder written with results schema {SCHEMA}; it has schema {found!r}. "
-                                      "Nothing was overwritten: move it away or pass another --out")
+        manifest = self.check_schema(upgrade=True)
         manifest.update(schema=SCHEMA, experiment=experiment, file=file, peftlab=peftlab_version)
         if command:
             manifest["command"] = command
@@ -190,8 +200,11 @@ class ResultsStore:
             return out
         for path in sorted(cells.glob("*.json")):
             try:
-                rec = json.loads(path.read_text())
-            except (OSError, ValueError) as exc:
+                rec = json.loads(read_text(path, "record"))
+            except DamagedFile as exc:
+                out.damaged[path] = f"unreadable ({exc.problem})"
+                continue
+            except ValueError as exc:
                 out.damaged[path] = f"unreadable ({exc})"
                 continue
             why = check_record(rec, path.stem)
