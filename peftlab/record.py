@@ -107,7 +107,7 @@ FIELDS: tuple[Field, ...] = (
     _f("data.eval_inputs", "int", "load", "evaluation inputs scored (references grouped)"),
     _f("data.eval_references", "int", "load", "references over those inputs"),
     _f("data.eval_source", "str", "load", "where the evaluation inputs came from"),
-    _f("data.eval_split", "str", "load", "their split (test, validation, holdout, ...)"),
+    _f("data.eval_split", "str", "load", "their split (test, validation, holdout, ...; all: the whole of a one-file data.eval_source)"),
     _f("data.eval_inputs_available", "int", "load", "evaluation inputs before data.eval_limit"),
     _f("data.eval_sample", "str", "load", "which inputs the limit kept: random, first, or all"),
     _f("data.eval_hash", "str", "load", "a hash of the evaluation inputs: equal hashes, comparable scores"),

@@ -101,7 +101,8 @@ def test_no_import_cycle_among_engine_modules():
 #: the engine's stages, in the order data flows; a module may import its own stage and earlier ones
 STAGES = [
     ("peftlab.plugin", "peftlab.toolkit"),
-    ("peftlab.registry", "peftlab.cachedir", "peftlab.probe", "peftlab.host", "peftlab.defaults", "peftlab.atomic", "peftlab.gitinfo",
+    ("peftlab.registry", "peftlab.cachedir", "peftlab.probe", "peftlab.host", "peftlab.defaults", "peftlab.atomic", "peftlab.readback",
+     "peftlab.hub", "peftlab.gitinfo",
      "peftlab.provenance", "peftlab.architectures", "peftlab.record"),
     ("peftlab.quantize", "peftlab.adapt", "peftlab.data", "peftlab.kernels", "peftlab.cache"),
     ("peftlab.evaluate",),

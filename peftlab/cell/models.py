@@ -24,6 +24,7 @@ import contextlib
 import gc
 import importlib.util
 import os
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -62,7 +63,7 @@ class ModelConfig:
             raise ValidationError("model.name", self.name, f"a short name ({', '.join(KNOWN)}), hub id, folder or .gguf file")
         if self.dtype != "auto" and self.dtype not in DTYPES:
             raise ValidationError("model.dtype", self.dtype, f"auto or one of {', '.join(DTYPES)}")
-        if not (self.device in ("auto", "cpu") or self.device.startswith("cuda")):
+        if not isinstance(self.device, str) or not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
             raise ValidationError("model.device", self.device, "auto, cpu, cuda or cuda:N")
 
     def resolved_device(self) -> torch.device:
@@ -71,6 +72,9 @@ class ModelConfig:
         dev = torch.device(self.device)
         if dev.type == "cuda" and not torch.cuda.is_available():
             raise ValidationError("model.device", self.device, "cpu (this machine has no CUDA device)")
+        if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValidationError("model.device", self.device, f"cuda:0 to cuda:{torch.cuda.device_count() - 1} "
+                                  "(the CUDA devices this process sees)")
         return dev
 
     def resolved_dtype(self, device: torch.device, trains_base: bool = False) -> torch.dtype:
@@ -182,8 +186,15 @@ def resolve(name: str) -> tuple[str, dict[str, Any]]:
             raise ValidationError("model.name", name, "an existing .gguf file")
         return "gguf", {"folder": os.path.dirname(os.path.abspath(path)), "gguf_file": os.path.basename(path)}
     if os.path.isdir(path):
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            found = sorted(os.listdir(path))
+            ggufs = [f for f in found if f.endswith(".gguf")]
+            hint = f"; for its GGUF file name it: {os.path.join(name, ggufs[0])}" if ggufs else ""
+            raise ValidationError("model.name", name, "a model folder with config.json (what save_pretrained writes); "
+                                  f"it holds {', '.join(found[:6]) or 'nothing'}{hint}")
         return "pretrained", {"id": path}
     if "/" in name and not name.startswith((".", "/", "~")):
+        check_hub_reachable(name)
         return "pretrained", {"id": name}
     raise ValidationError("model.name", name,
                           f"one of {', '.join(KNOWN)}, a hub id (owner/name), a local model folder or a .gguf file")
@@ -214,6 +225,25 @@ def skeleton(cfg: ModelConfig):
         return None
     with torch.device("meta"):
         return AutoModelForCausalLM.from_config(config)
+
+
+def check_hub_reachable(name: str) -> None:
+    """A hub id not in the local hub cache needs the hub: refused at once when it cannot be reached,
+    instead of a minute of retries and a traceback."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        if isinstance(try_to_load_from_cache(name, "config.json"), str):
+            return
+    except Exception:  # an id huggingface_hub itself refuses: from_pretrained will say why
+        return
+    from peftlab.hub import unreachable
+
+    why = unreachable()
+    if why:
+        raise ValidationError("model.name", name, f"a model available offline: it is not in the hub cache and {why}. "
+                              "Point model.name at a local folder holding config.json (save_pretrained's layout) or "
+                              f"a .gguf file, or one of {', '.join(KNOWN)}")
 
 
 def safetensors_folder(name: str) -> str:

@@ -44,6 +44,17 @@ def preflight(cfg: CellConfig, host: PluginHost) -> tuple[Any, Any, dict[str, An
     quantizer = None
     if cfg.quantizer_name is not None:
         quantizer = host.quantizers.build(cfg.quantizer, **cfg.quantizer_params)
+        bits = quantizer.nominal_bits()
+        bits = bits if isinstance(bits, (int, float)) else 0
+        if bits > 32:  # a "quantized" base larger than the float one it replaces measures nothing useful
+            raise ValidationError("quantizer_params", cfg.quantizer_params, f"settings under which {cfg.quantizer!r} "
+                                  f"stores fewer bits per weight than float32 does; these store {bits:g} "
+                                  "(its scales outweigh its codes: use larger blocks)")
+        if bits > 16:
+            import sys
+
+            print(f"peftlab: warning: quantizer {cfg.quantizer!r} with {cfg.quantizer_params} stores {bits:g} bits "
+                  "per weight, more than a 16-bit float base", file=sys.stderr)
     elif cfg.quantizer_params:
         raise ValidationError("quantizer_params", cfg.quantizer_params, "settings only together with a quantizer")
     metrics = {name: host.metrics.build(name, **cfg.eval.metric_params.get(name, {})) for name in cfg.eval.metrics}
@@ -130,7 +141,12 @@ def run_cell(cfg: CellConfig, host: PluginHost, *, progress: bool = True,
         loaded = load(cfg.model, seed=cfg.train.seed, quantizer=quantizer, compute_dtype=compute,
                       trains_base=bool(adapter.trains_base))
         model, tok = loaded.model, loaded.tokenizer
-        encoded = encode_cached(train_rows, tok, cfg.data.max_length, encode)
+        if cfg.train.steps == 0:  # evaluate only: no training set is encoded, and the record says none was used
+            from types import SimpleNamespace
+
+            train_rows, encoded = [], SimpleNamespace(examples=[], dropped=0, truncated=0)
+        else:
+            encoded = encode_cached(train_rows, tok, cfg.data.max_length, encode)
         rec.update(sections.load(loaded, device, train_rows, encoded, eval_items, eval_info))
         if quantizer is not None:
             qrep = loaded.quantized or quantize_(model, quantizer, compute_dtype=compute)

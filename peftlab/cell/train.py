@@ -74,7 +74,8 @@ class TrainConfig:
             ("batch_size", _posint(self.batch_size), "a positive integer"),
             ("grad_accum", _posint(self.grad_accum), "a positive integer"),
             ("warmup_steps", _int(self.warmup_steps) and self.warmup_steps >= 0, "an integer >= 0"),
-            ("seed", _int(self.seed), "an integer"),
+            ("seed", _int(self.seed) and 0 <= self.seed < 2**32, "an integer from 0 to 2**32 - 1 (what numpy's and "
+             "torch's generators take alike)"),
             ("attention", self.attention in ATTENTION_SETTINGS, f"one of {', '.join(ATTENTION_SETTINGS)}"),
             ("norm", self.norm in NORM_SETTINGS, f"one of {', '.join(NORM_SETTINGS)}"),
             ("compile", self.compile in compiled.COMPILE_SETTINGS, f"one of {', '.join(compiled.COMPILE_SETTINGS)}"),

@@ -15,8 +15,13 @@ def host_for(args: argparse.Namespace) -> PluginHost:
 
 
 def metric_names(text: str) -> list[str]:
-    """``--metrics a,b`` -> ["a", "b"]."""
-    return [m.strip() for m in text.split(",") if m.strip()]
+    """``--metrics a,b`` -> ["a", "b"]; a text that names no metric (``,``) is refused."""
+    from peftlab.plugin.errors import ValidationError
+
+    names = [m.strip() for m in text.split(",") if m.strip()]
+    if not names:
+        raise ValidationError("--metrics", text, "comma-separated metric names, at least one (peftlab metrics lists them)")
+    return names
 
 
 def metric_settings(items: list[str] | None) -> dict[str, dict[str, Any]]:

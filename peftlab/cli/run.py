@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from peftlab.cell.config import parse_sets
-from peftlab.cli.common import metric_names, metric_settings
+from peftlab.cli.common import metric_names, metric_settings, positive_int
 from peftlab.kernels.attention import ATTENTION_SETTINGS
 from peftlab.kernels.compiled import COMPILE_SETTINGS
 from peftlab.kernels.norm import NORM_SETTINGS
@@ -135,6 +135,10 @@ def add_parser(sub) -> None:
     g.add_argument("--merge-into", metavar="DIR", help="save the base with the adapter merged in "
                    "(save_pretrained layout; float bases, adapters that can merge)")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
+    g = p.add_argument_group("machine")
+    g.add_argument("--threads", type=positive_int, metavar="N", help="torch threads (default: one per core). "
+                   "On a machine where anything else runs, fewer threads than cores avoid OpenMP's collapse "
+                   "(recorded as cell.threads)")
     p.set_defaults(func=run)
 
 
@@ -208,6 +212,10 @@ def run(args: argparse.Namespace) -> int:
     from peftlab.cli.common import host_for
 
     cfg = CellConfig.from_dict(cell_dict(args))
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     for flag in ("out", "predictions", "merge_into"):  # before training, not after: a file is written there and removed
         if getattr(args, flag):
             path = Path(getattr(args, flag))

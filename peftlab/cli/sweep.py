@@ -6,6 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from peftlab.cli.common import positive_int
+
 
 def add_parsers(sub) -> None:
     p = sub.add_parser("sweep", help="run an experiment file's grid into results/<name>/ (resumable)")
@@ -27,6 +29,8 @@ def add_parsers(sub) -> None:
     p.add_argument("--gpus-per-cell", type=int, help="ray, slurm (default: 1 on CUDA, else 0)")
     p.add_argument("--cpus-per-cell", type=int, help="ray, slurm (default: 1 with a GPU, else this machine's cores)")
     p.add_argument("--mem-gb", type=int, help="slurm: memory per cell")
+    p.add_argument("--threads", type=positive_int, metavar="N", help="torch threads of each cell (default: the "
+                   "cores, or an equal share of them with --jobs); fewer where anything else runs on the machine")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=run_sweep)
     r = sub.add_parser("report", help="re-render report.md, tables and plots of a results folder")
@@ -58,7 +62,7 @@ def run_sweep(args: argparse.Namespace) -> int:
         "time_min": args.time_min, "gpus_per_cell": args.gpus_per_cell, "cpus_per_cell": args.cpus_per_cell,
         "mem_gb": args.mem_gb})
     device = ModelConfig(**exp.base.get("model", {})).resolved_device()
-    executor = build_executor(settings, device.type, out, progress=not args.no_progress)
+    executor = build_executor(settings, device.type, out, progress=not args.no_progress, threads=args.threads)
     try:
         records = sweep(exp, out, host=host, executor=executor, force=args.force, reuse_foreign=args.reuse_foreign,
                         progress=not args.no_progress, command=command)

@@ -56,6 +56,8 @@ class DataConfig:
             v = getattr(self, name)
             if v is not None and (not isinstance(v, int) or v <= 0):
                 raise ValidationError(f"data.{name}", v, "a positive integer or none")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or not 0 <= self.seed < 2**32:
+            raise ValidationError("data.seed", self.seed, "an integer from 0 to 2**32 - 1")
         if self.eval_sample not in EVAL_SAMPLES:
             raise ValidationError("data.eval_sample", self.eval_sample, f"one of {', '.join(EVAL_SAMPLES)}")
         if not isinstance(self.splits, dict) or not all(isinstance(v, str) for v in self.splits.values()):
@@ -147,6 +149,9 @@ def _load_files(source: str, field_name: str, files: list[str]):
         if os.path.getsize(f) == 0:
             raise ValidationError(field_name, f, "a non-empty data file")
     fmt = formats.pop()
+    if fmt == "json":
+        for f in files:
+            _check_json(f, field_name)
     try:
         kwargs = _csv_as_text(files, field_name) if fmt == "csv" else {}
         return datasets.load_dataset(fmt, data_files=files, split="train", **kwargs)
@@ -154,8 +159,54 @@ def _load_files(source: str, field_name: str, files: list[str]):
         raise ValidationError(field_name, source, f"a data file with at least one row ({exc})") from None
 
 
+def _check_json(path: str, field_name: str) -> None:
+    """A JSON or JSON Lines data file, read as ``datasets`` would, refused with the file and the line
+    where it is not: UTF-8 text, and either one JSON array or object of rows, or one object a line."""
+    import json
+
+    from peftlab.readback import DamagedFile, read_text
+
+    try:
+        text = read_text(path, "data file")
+    except DamagedFile as exc:
+        raise ValidationError(field_name, path, f"a data file of UTF-8 text; {exc.problem}") from None
+    if path.lower().endswith(".json"):
+        try:
+            whole = json.loads(text)
+        except json.JSONDecodeError:
+            whole = None  # JSON Lines in a .json file, as datasets reads them
+        else:
+            if not isinstance(whole, (list, dict)):
+                raise ValidationError(field_name, path, f"a JSON array of rows or an object of columns; it holds a "
+                                      f"JSON {type(whole).__name__}")
+            if isinstance(whole, list) and not all(isinstance(r, dict) for r in whole):
+                bad = next(i for i, r in enumerate(whole) if not isinstance(r, dict))
+                raise ValidationError(field_name, path, f"a JSON array of objects (rows); item {bad} is a JSON "
+                                      f"{type(whole[bad]).__name__}")
+            return
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ValidationError(field_name, path, f"one JSON object per line; line {n} is not valid JSON "
+                                  f"({exc.msg} at column {exc.colno})") from None
+        if not isinstance(row, dict):
+            raise ValidationError(field_name, path, f"one JSON object per line; line {n} holds a JSON "
+                                  f"{type(row).__name__}")
+
+
 def _load_hub(source: str, field_name: str):
     import datasets
+
+    from peftlab.hub import offline_mode, unreachable
+
+    why = None if offline_mode() else unreachable()  # offline mode reads the cache: let datasets answer
+    if why:
+        raise ValidationError(field_name, source, f"data available here: {source!r} is a hub dataset id and {why}. "
+                              "Point it at a local file or folder (json, jsonl, csv, parquet), or set HF_HUB_OFFLINE=1 "
+                              "if the dataset is in the local cache")
 
     try:
         return datasets.load_dataset(source.removeprefix("hf:"))
@@ -175,8 +226,14 @@ def _csv_as_text(files: list[str], field_name: str) -> dict[str, Any]:
 
     headers = []
     for path in files:
-        with open(path, newline="", encoding="utf-8-sig") as f:
-            headers.append(next(csv.reader(f), []))
+        try:
+            with open(path, newline="", encoding="utf-8-sig") as f:
+                headers.append(next(csv.reader(f), []))
+                for _ in f:  # every line decodes, or the file is named here rather than deep in pandas
+                    pass
+        except UnicodeDecodeError as exc:
+            raise ValidationError(field_name, path, f"a CSV file of UTF-8 text (byte {exc.start} of a line is "
+                                  "not; re-save it as UTF-8)") from None
     header = headers[0]
     dupes = sorted({c for c in header if header.count(c) > 1})
     if dupes:

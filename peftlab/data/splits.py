@@ -80,10 +80,13 @@ def _load(cfg: DataConfig) -> tuple[list[Row], list[Row], str]:
     train = _rows(cfg, raw, cfg.train_split, preset, instruction, "")
     if cfg.eval_source:
         eraw = open_source(cfg.eval_source, "data.eval_source", None, cfg.seed)
+        # one file, no split named: the whole file is the evaluation data (its split is "all", not
+        # the "train" that a lone file is called when it is loaded)
+        whole = cfg.eval_split is None and len(eraw) == 1 and "test" not in eraw
         split = cfg.eval_split or ("test" if "test" in eraw else next(iter(eraw)) if len(eraw) == 1 else None)
         if split not in eraw:
             raise ValidationError("data.eval_split", split, f"one of the splits of data.eval_source: {', '.join(eraw)}")
-        return train, _rows(cfg, eraw, split, preset, instruction, " in data.eval_source"), split
+        return train, _rows(cfg, eraw, split, preset, instruction, " in data.eval_source", whole), "all" if whole else split
     split = cfg.eval_split or ("test" if "test" in raw else HOLDOUT if len(raw) == 1 else None)
     if split is None:
         raise ValidationError("data.eval_split", None, f"a split to evaluate on: the source has {', '.join(raw)} "
@@ -105,13 +108,16 @@ def _load(cfg: DataConfig) -> tuple[list[Row], list[Row], str]:
     return train, _rows(cfg, raw, split, preset, instruction, ""), split
 
 
-def _rows(cfg: DataConfig, raw: dict[str, Any], split: str, preset, instruction, where: str) -> list[Row]:
+def _rows(cfg: DataConfig, raw: dict[str, Any], split: str, preset, instruction, where: str,
+          whole: bool = False) -> list[Row]:
     ds = raw[split]
-    cmap = column_map(preset, cfg.columns, cfg.instruction, list(ds.column_names), f" in split {split!r}{where}")
+    named = f" in {cfg.eval_source}" if whole else f" in split {split!r}{where}"
+    cmap = column_map(preset, cfg.columns, cfg.instruction, list(ds.column_names), named)
     rows = read_rows(ds, cmap, instruction, split)
-    if not rows:
-        field = "data.train_split" if split == cfg.train_split and not where else "data.eval_split"
-        raise ValidationError(field, split, "a split with at least one row")
+    if not rows:  # name what the user gave: the source (a header-only file), then the split
+        field, source = ("data.eval_source", cfg.eval_source) if where else ("data.source", cfg.source)
+        what = "data with at least one row" if whole else f"data whose split {split!r} has at least one row"
+        raise ValidationError(field, source, f"{what} (it has none{' after the header' if str(source).endswith('.csv') else ''})")
     return rows
 
 

@@ -57,6 +57,14 @@ def check_weight(w: object, name: str = "weight") -> torch.Tensor:
         raise ValidationError(f"{name}.dtype", w.dtype, "a floating dtype (float32, bfloat16, float16, float64)")
     if w.numel() == 0:
         raise ValidationError(f"{name}.shape", tuple(w.shape), "a tensor with at least one element")
+    if w.dtype == torch.float64:  # quantizers compute in float32: beyond its range a weight turns inf
+        limit = torch.finfo(torch.float32).max
+        big = w.abs() > limit
+        if bool(big.any()):
+            first = tuple(int(i) for i in big.nonzero()[0])
+            raise ValidationError(name, f"<{int(big.sum())} float64 value(s) beyond float32's range; first at index "
+                                  f"{first} = {w[first].item():.3g}>", f"values within float32's range (|w| <= "
+                                  f"{limit:.3g}): quantizers compute in float32, where these become inf")
     # one cheap reduction first: a NaN/inf anywhere makes the sum non-finite (a finite sum can
     # still overflow, in which case the exact check below finds nothing and we go on)
     if not bool(torch.isfinite(w.sum(dtype=torch.float64))) and not bool(torch.isfinite(w).all()):

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import math
 import types
 import typing
 from typing import Any, ClassVar, Literal
@@ -77,7 +78,7 @@ def describe_type(tp: Any) -> str:
         return " or ".join(describe_type(a) for a in args)
     if origin in (list, tuple):
         return f"a list of {describe_type(args[0]).removeprefix('a ').removeprefix('an ')}s" if args else "a list"
-    return {int: "an integer", float: "a number", bool: "true or false", str: "a string",
+    return {int: "an integer", float: "a finite number", bool: "true or false", str: "a string",
             dict: "a table (dict)"}.get(tp, getattr(tp, "__name__", str(tp)))
 
 
@@ -100,8 +101,8 @@ def conforms(value: Any, tp: Any) -> bool:
         return isinstance(value, bool)
     if tp is int:
         return isinstance(value, int) and not isinstance(value, bool)
-    if tp is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is float:  # NaN and inf are no setting: they surface later as a diverged run with another cause
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
     if tp is str:
         return isinstance(value, str)
     return isinstance(value, tp) if isinstance(tp, type) else True

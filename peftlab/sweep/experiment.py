@@ -112,7 +112,18 @@ class Experiment:
                 planned.setdefault(cid, PlannedCell(cid, describe(axes), full, axes, reason))
         if not planned:
             raise ValidationError("grid", self.grids, "at least one cell (every axis needs at least one value)")
+        self._check_best_by(planned.values())
         return list(planned.values())
+
+    def _check_best_by(self, cells) -> None:
+        """``best_by`` names a metric some cell scores, found now rather than after every cell ran."""
+        if self.save_adapters != "best":
+            return
+        metrics = sorted({m for c in cells for m in c.settings["eval"]["metrics"]})
+        if not any(self.best_by in (f"metric.{m}",) or self.best_by.startswith(f"metric.{m}.") for m in metrics):
+            raise ValidationError("experiment.best_by", self.best_by, "the column of a metric these cells score: "
+                                  + ", ".join(f"metric.{m}" for m in metrics) + " (or metric.<name>.<score> of a "
+                                  "metric with several scores)")
 
 
 def cell_id(settings: dict[str, Any]) -> str:
@@ -147,6 +158,9 @@ def expand_axis(name: str, values: Any, g: int, host: PluginHost | None = None) 
                 spec = _spec(host, name, v["name"])
                 params = {k: (p if isinstance(p, list) and not (spec and spec.takes_list(k)) else [p])
                           for k, p in v.items() if k != "name"}
+                empty = [k for k, p in params.items() if not p]
+                if empty:  # an empty axis would make the whole table vanish from the plan
+                    raise ValidationError(f"{where} {v['name']}: {empty[0]}", [], "a non-empty list of values")
                 for combo in itertools.product(*params.values()):
                     out.append({"name": v["name"], **dict(zip(params, combo))})
             else:
@@ -214,20 +228,29 @@ SAVE_ADAPTERS = ("none", "best", "all")
 def load_experiment(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Experiment:
     """Read an experiment file. ``overrides`` are ``key=value`` texts: ``train.steps=20`` sets the
     base cell, ``grid.train.seed=0,1`` replaces that axis in every grid, ``name=x`` renames."""
+    from peftlab.readback import DamagedFile, read_text
+
     path = Path(path)
+    if not path.is_file():
+        raise ValidationError("experiment", str(path), "an existing experiment TOML file (see experiments/)")
     try:
-        raw = tomllib.loads(path.read_text())
-    except FileNotFoundError:
-        raise ValidationError("experiment", str(path), "an existing experiment TOML file (see experiments/)") from None
+        raw = tomllib.loads(read_text(path, "experiment file"))
+    except DamagedFile as exc:
+        raise ValidationError("experiment", str(path), f"a TOML file of UTF-8 text ({exc.problem})") from None
     except tomllib.TOMLDecodeError as exc:
         raise ValidationError("experiment", str(path), f"valid TOML ({exc})") from None
     unknown = sorted(set(raw) - {"experiment", "base", "grid", "executor"})
     if unknown:
         raise ValidationError(f"{path.name}: {unknown[0]}", raw[unknown[0]],
                               "top-level tables experiment, base, grid and executor")
+    for table in ("experiment", "base", "executor"):
+        if not isinstance(raw.get(table, {}), dict):
+            raise ValidationError(f"{path.name}: {table}", raw[table], f"a table ([{table}] with keys under it)")
     meta = raw.get("experiment", {})
     grids = raw.get("grid", [{}])
     grids = [grids] if isinstance(grids, dict) else grids
+    if not isinstance(grids, list) or not all(isinstance(g, dict) for g in grids):
+        raise ValidationError(f"{path.name}: grid", raw["grid"], "[[grid]] tables of axes (axis = [values])")
     bad = sorted(set(meta) - {"name", "title", "save_adapters", "best_by"})
     if bad:
         raise ValidationError(f"experiment.{bad[0]}", meta[bad[0]], "a key among name, title, save_adapters, best_by")
@@ -246,6 +269,10 @@ def load_experiment(path: str | Path, overrides: list[str] | tuple[str, ...] = (
             for grid in exp.grids:
                 grid[axis] = value if isinstance(value, list) else [value]
         else:
+            axis_of = [g for g, grid in enumerate(exp.grids) if key in grid]
+            if axis_of:  # the grid would set it in every cell: the override would change nothing
+                raise ValidationError("override", text, f"grid.{key}={value if not isinstance(value, list) else ','.join(map(str, value))}: "
+                                      f"{key} is an axis of grid[{axis_of[0]}], which sets it in every cell")
             section, _, field_name = key.partition(".")
             if section in SECTIONS and field_name:
                 check_field(section, field_name, "override")

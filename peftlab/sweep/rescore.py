@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from peftlab.evaluate.predictions import export_official, read_predictions
-from peftlab.evaluate.score import score
+from peftlab.evaluate.score import score, unusable
 from peftlab.host import PluginHost
 from peftlab.plugin.errors import ValidationError
 from peftlab.readback import DamagedFile, warn_damaged
@@ -68,6 +68,11 @@ def rescore(folder: str | Path, metric_names: list[str], host: PluginHost,
                 warn_damaged(exc, f"{rec.get('label', cid)} keeps the scores it had")
                 continue
             scores, settings = score(preds, items, metrics)
+            bad = unusable(scores)
+            if bad:
+                log(f"peftlab: warning: {rec.get('label', cid)} keeps the scores it had: " + ", ".join(
+                    f"{k} came out {v!r}, not a finite number" for k, v in bad.items()))
+                continue
             old = json.loads(rec.get("metric.settings") or "{}")
             rec = {**rec, **scores, "metric.settings": json.dumps({**old, **settings}, sort_keys=True)}
             store.write_record(rec)

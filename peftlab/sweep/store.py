@@ -172,6 +172,7 @@ class ResultsStore:
         the folder's lock, after its schema is checked; yields the manifest."""
         if not self.folder.is_dir():
             raise ValidationError("results folder", str(self.folder), "an existing results folder (run a sweep first)")
+        self.check_schema()  # refused untouched: not even the lock file is written
         with self.locked():
             yield self.check_schema()
 

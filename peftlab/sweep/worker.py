@@ -7,7 +7,6 @@ the inputs, not from this process's environment."""
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import traceback
 
@@ -31,8 +30,13 @@ def main(argv: list[str] | None = None) -> int:
         import torch
 
         torch.set_num_threads(int(os.environ["PEFTLAB_NUM_THREADS"]))
-    with open(args.inputs) as f:
-        spec = json.load(f)
+    from peftlab.readback import DamagedFile, read_json
+
+    try:
+        spec = read_json(args.inputs, "cell inputs")
+    except DamagedFile as exc:  # no identity to write a record under: the sweep records the cell as failed
+        print(f"peftlab worker: {exc}", file=sys.stderr)
+        return 2
     cfg = CellConfig.from_dict(spec["settings"])
     ident = {k: spec[k] for k in ("cell_id", "label", "group", "axes", "run_id")}
     try:

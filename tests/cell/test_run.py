@@ -108,9 +108,18 @@ def test_unknown_config_keys_are_named():
         CellConfig.from_dict({"adaptor": "lora"})
 
 
-def test_models_resolve_by_short_name_path_and_hub_id(tmp_path):
+def test_models_resolve_by_short_name_path_and_hub_id(tmp_path, monkeypatch):
+    import peftlab.hub
+
     assert resolve("tiny-gpt2") == ("config", {"name": "tiny-gpt2"})
+    monkeypatch.setattr(peftlab.hub, "unreachable", lambda: None)
     assert resolve("HuggingFaceTB/SmolLM2-135M-Instruct")[0] == "pretrained"
+    monkeypatch.setattr(peftlab.hub, "unreachable", lambda: "huggingface.co does not answer")
+    with pytest.raises(ValidationError, match="not in the hub cache and huggingface.co does not answer.*local folder"):
+        resolve("HuggingFaceTB/SmolLM2-135M-Instrct")  # a typo, offline: at once, not after a minute of retries
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValidationError, match="a model folder with config.json.*it holds nothing"):
+        resolve(str(tmp_path / "empty"))
     with pytest.raises(ValidationError, match=r"\.gguf file"):
         resolve(str(tmp_path / "missing.gguf"))
     loaded = load(ModelConfig("tiny-llama"))

@@ -60,7 +60,7 @@ def test_separate_train_and_eval_files(e2e_folder):
     train, items, info = load_splits(cfg)
     assert len(train) == len(data["train"])  # all of it: nothing held out
     assert len(items) == 40
-    assert info["data.eval_source"].endswith("testset_w_refs.csv") and info["data.eval_split"] == "train"
+    assert info["data.eval_source"].endswith("testset_w_refs.csv") and info["data.eval_split"] == "all"  # the whole file, not "train"
     # the same through the command line
     args = ["run", "--train-data", cfg.source, "--eval-data", cfg.eval_source, "--preset", "e2e"]
     from peftlab.cli.main import build_parser

@@ -38,7 +38,8 @@ def test_values_are_checked_converted_and_recorded():
     ({"width": 65}, "width=65"),
     ({"width": 2.5}, "an integer"),
     ({"width": True}, "an integer"),
-    ({"rate": 1.0}, "rate=1.0 is not allowed: a number >= 0, < 1"),
+    ({"rate": 1.0}, "rate=1.0 is not allowed: a finite number >= 0, < 1"),
+    ({"rate": float("nan")}, "rate=nan is not allowed: a finite number"),
     ({"mode": "c"}, "one of 'a', 'b'"),
     ({"names": [1]}, "a list of strings or None"),
     ({"flag": "yes"}, "true or false"),
@@ -47,6 +48,13 @@ def test_values_are_checked_converted_and_recorded():
 def test_bad_values_name_the_setting_the_value_and_what_is_allowed(bad, message):
     with pytest.raises(ValidationError, match=message.replace("(", r"\(").replace(")", r"\)")):
         Toy(**bad)
+
+
+def test_a_real_adapter_refuses_an_infinite_setting_by_name():
+    from peftlab import load_host
+
+    with pytest.raises(ValidationError, match="alpha=inf is not allowed: a finite number"):
+        load_host().adapters.build("lora", alpha=float("inf"))
 
 
 def test_the_spec_sees_the_schema_as_a_signature():

@@ -109,3 +109,81 @@ def test_side_by_side_keeps_each_output_in_one_table_cell():
     from peftlab.report.outputs import cell
 
     assert cell("a |b\n c") == "a \\|b c"
+
+
+@pytest.fixture()
+def damaged(finished, tmp_path):
+    """A copy of the finished sweep whose first cell's predictions file is 200 random bytes."""
+    import os
+    import shutil
+
+    out, records = finished
+    copy = tmp_path / "tiny"
+    shutil.copytree(out, copy)
+    victim = ResultsStore(copy).predictions_path(records[0]["cell_id"])
+    seed = int.from_bytes(os.urandom(4), "little")
+    print("random bytes seed", seed)
+    import random
+
+    victim.write_bytes(random.Random(seed).randbytes(199) + b"\xff")
+    return copy, victim, records
+
+
+def test_one_damaged_predictions_file_costs_only_its_cell(damaged, capsys):
+    """sweep (nothing left to run), report, score and export all finish, naming the file; the
+    report leaves out that cell's outputs, score keeps its old scores, export leaves it out."""
+    copy, victim, records = damaged
+    assert main(["sweep", str(TINY), "grid.train.seed=0", "save_adapters=best", "best_by=metric.rougeL",
+                 "--out", str(copy), "--no-progress"]) == 0
+    assert f"predictions file {victim} is damaged" in capsys.readouterr().err
+    assert main(["report", str(copy)]) == 0
+    assert f"predictions file {victim} is damaged" in capsys.readouterr().err
+    assert main(["score", str(copy), "--metrics", "rougeL"]) == 0
+    out = capsys.readouterr()
+    assert "rescored 1 cells" in out.out and f"{records[0]['label']} keeps the scores it had" in out.err
+    assert main(["export", str(copy), "--out", str(copy.parent / "official")]) == 0
+    assert f"{records[0]['label']} is not exported" in capsys.readouterr().err
+    assert [p.name for p in (copy.parent / "official").iterdir()] == [records[1]["cell_id"]]
+
+
+def test_score_and_export_take_one_predictions_file(finished, tmp_path, capsys):
+    out, records = finished
+    file = ResultsStore(out).predictions_path(records[0]["cell_id"])
+    assert main(["score", str(file), "--metrics", "rougeL"]) == 0
+    said = capsys.readouterr().out
+    assert f"metric.rougeL {records[0]['metric.rougeL']:.4f}" in said
+    assert main(["export", str(file), "--out", str(tmp_path / "o")]) == 0
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["predictions.txt", "references.txt"]
+    assert main(["score", str(tmp_path / "nothing-here"), "--metrics", "rougeL"]) == 2
+    assert "a results folder (results/<experiment>) or a predictions file" in capsys.readouterr().err
+
+
+def test_report_and_score_refuse_another_schema_untouched_and_respect_the_lock(damaged, capsys):
+    import os
+
+    copy, _, _ = damaged
+    manifest = copy / "manifest.json"
+    manifest.write_text(json.dumps({**json.loads(manifest.read_text()), "schema": 99}))
+    before = {p: p.stat().st_mtime_ns for p in copy.rglob("*")}
+    assert main(["report", str(copy)]) == 2
+    assert main(["score", str(copy), "--metrics", "rougeL"]) == 2
+    assert "results schema 2; it has schema 99" in capsys.readouterr().err
+    assert {p: p.stat().st_mtime_ns for p in copy.rglob("*")} == before
+    manifest.write_text(json.dumps({**json.loads(manifest.read_text()), "schema": 2}))
+    with ResultsStore(copy).locked():
+        assert main(["report", str(copy)]) == 2
+        assert f"pid {os.getpid()}" in capsys.readouterr().err
+
+
+def test_records_and_reports_are_readable_by_others(finished):
+    out, records = finished
+    for path in (ResultsStore(out).record_path(records[0]["cell_id"]), out / "report.md", out / "cells.csv"):
+        assert path.stat().st_mode & 0o044 == 0o044 & ~_umask(), path
+
+
+def _umask() -> int:
+    import os
+
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

@@ -12,8 +12,10 @@ from peftlab.sweep.executors.local import LocalProcessExecutor
 from peftlab.sweep.executors.settings import ExecutorSettings
 
 
-def build_executor(settings: ExecutorSettings, device_type: str, out: Path, progress: bool = True) -> Executor:
-    """The executor the settings describe, checked before any cell runs."""
+def build_executor(settings: ExecutorSettings, device_type: str, out: Path, progress: bool = True,
+                   threads: int | None = None) -> Executor:
+    """The executor the settings describe, checked before any cell runs. ``threads``: each local
+    cell's torch threads (default: the cores, or an equal share of them per job)."""
     gpus = settings.gpus_per_cell if settings.gpus_per_cell is not None else int(device_type == "cuda")
     cpus = settings.cpus_per_cell if settings.cpus_per_cell is not None else \
         (1 if gpus else len(os.sched_getaffinity(0)))
@@ -26,7 +28,11 @@ def build_executor(settings: ExecutorSettings, device_type: str, out: Path, prog
 
         return SlurmExecutor(Path(out) / "slurm", partition=settings.partition, time_min=settings.time_min, cpus=cpus,
                              gpus=gpus, mem_gb=settings.mem_gb, cluster=settings.cluster)
-    return LocalProcessExecutor(progress=progress, jobs=settings.jobs, device_type=device_type)
+    if threads is not None and settings.kind != "local":
+        from peftlab.plugin.errors import ValidationError
+
+        raise ValidationError("--threads", threads, f"unset with executor {settings.kind!r} (use --cpus-per-cell)")
+    return LocalProcessExecutor(progress=progress, jobs=settings.jobs, device_type=device_type, threads=threads)
 
 
 __all__ = ["Executor", "ExecutorSettings", "LocalProcessExecutor", "build_executor"]

@@ -26,15 +26,15 @@ from peftlab.sweep.experiment import PlannedCell
 from peftlab.sweep.store import CellFiles
 
 
-def job_slots(jobs: int, device_type: str) -> list[dict[str, str]]:
+def job_slots(jobs: int, device_type: str, threads: int | None = None) -> list[dict[str, str]]:
     """The environment of each of ``jobs`` parallel workers: on CUDA one GPU each
     (``CUDA_VISIBLE_DEVICES``), on the CPU an equal share of the cores as torch threads (jobs x
     threads <= cores). One job changes nothing. Refused before anything runs when the machine
-    cannot give every job its share."""
+    cannot give every job its share. ``threads`` sets each job's torch threads instead (one job too)."""
     if not isinstance(jobs, int) or isinstance(jobs, bool) or jobs < 1:
         raise ValidationError("jobs", jobs, "a whole number of parallel cells, at least 1")
     if jobs == 1:
-        return [{}]
+        return [threads_env(threads) if threads else {}]
     if device_type == "cuda":
         import torch
 
@@ -47,7 +47,7 @@ def job_slots(jobs: int, device_type: str) -> list[dict[str, str]]:
     if jobs > cores:
         raise ValidationError("jobs", jobs, f"at most {cores}: this machine has {cores} CPU cores, and each job needs "
                               "at least one thread")
-    return [{**threads_env(cores // jobs), "PEFTLAB_SWEEP_JOBS": str(jobs)}] * jobs
+    return [{**threads_env(threads or cores // jobs), "PEFTLAB_SWEEP_JOBS": str(jobs)}] * jobs
 
 
 class LocalProcessExecutor(Executor):
@@ -55,9 +55,10 @@ class LocalProcessExecutor(Executor):
     that many at once, each with the environment :func:`job_slots` gives it (its own GPU, or its
     share of the CPU threads). Workers' own progress bars are shown only with one job."""
 
-    def __init__(self, progress: bool = True, tail_bytes: int = 4000, jobs: int = 1, device_type: str = "cpu"):
+    def __init__(self, progress: bool = True, tail_bytes: int = 4000, jobs: int = 1, device_type: str = "cpu",
+                 threads: int | None = None):
         self.progress, self.tail_bytes = progress, tail_bytes
-        self.slots = job_slots(jobs, device_type)
+        self.slots = job_slots(jobs, device_type, threads)
         self._live: set[subprocess.Popen] = set()
 
     def spawn(self, args: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
