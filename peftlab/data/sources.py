@@ -229,11 +229,12 @@ def _csv_as_text(files: list[str], field_name: str) -> dict[str, Any]:
         try:
             with open(path, newline="", encoding="utf-8-sig") as f:
                 headers.append(next(csv.reader(f), []))
-                for _ in f:  # every line decodes, or the file is named here rather than deep in pandas
-                    pass
+                rows = sum(1 for line in f if line.strip())  # every line decodes, or the file is named here
         except UnicodeDecodeError as exc:
             raise ValidationError(field_name, path, f"a CSV file of UTF-8 text (byte {exc.start} of a line is "
                                   "not; re-save it as UTF-8)") from None
+        if not rows:
+            raise ValidationError(field_name, path, "data with at least one row (it has none after the header)")
     header = headers[0]
     dupes = sorted({c for c in header if header.count(c) > 1})
     if dupes:
