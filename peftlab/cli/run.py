@@ -148,10 +148,13 @@ def cell_dict(args: argparse.Namespace) -> dict[str, Any]:
     if args.config:
         import tomllib
 
+        from peftlab.readback import DamagedFile, read_text
+
         try:
-            with open(args.config, "rb") as f:
-                d = tomllib.load(f)
-        except (OSError, tomllib.TOMLDecodeError) as exc:
+            d = tomllib.loads(read_text(args.config, "config file"))
+        except DamagedFile as exc:
+            raise ValidationError("--config", args.config, f"a readable TOML file of UTF-8 text ({exc.problem})") from None
+        except tomllib.TOMLDecodeError as exc:
             raise ValidationError("--config", args.config, f"a readable TOML file ({exc})") from None
 
     def put(section: str | None, key: str, value: Any) -> None:

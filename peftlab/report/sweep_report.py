@@ -226,6 +226,12 @@ def _render(store: ResultsStore, manifest: dict[str, Any]) -> Path:
         parts.append("### Skipped and failed cells\n")
         parts += [f"- {r['label']}: **{r['status']}**: {r['reason']}" for _, r in not_ok.iterrows()]
         parts.append("")
+    unwritten = df[df["keep.error"].notna()] if "keep.error" in df else df.iloc[:0]
+    if len(unwritten):
+        parts.append("### Outputs that could not be written\n")
+        parts.append("These cells' numbers stand; what they made beside their record was not kept.\n")
+        parts += [f"- {r['label']}: {r['keep.error']}" for _, r in unwritten.iterrows()]
+        parts.append("")
     for file, caption in figures:
         parts.append(f"![{caption}]({file})\n\n{caption}\n")
     outputs = side_by_side(store, records)

@@ -53,13 +53,22 @@ def main(argv: list[str] | None = None) -> int:
         rec = {**base_record(cfg), "status": "failed", "reason": str(exc)}
     except Exception as exc:  # a bug or a library error: keep the last frames for the reader
         frames = traceback.format_exception(exc)[-3:]
-        rec = {**base_record(cfg), "status": "failed", "reason": f"{type(exc).__name__}: {exc}",
+        reason = f"{type(exc).__name__}: {exc}"
+        if out_of_memory(exc):
+            reason = f"out of memory (the cell needs more than this machine or its limits give it): {reason}"
+        rec = {**base_record(cfg), "status": "failed", "reason": reason[:2000],
                "error.traceback": "".join(frames)[-2000:]}
         traceback.print_exc()
     if os.environ.get("PEFTLAB_SWEEP_JOBS"):
         rec["sweep.jobs"] = int(os.environ["PEFTLAB_SWEEP_JOBS"])
     write_record_file(args.record, {**ident, **rec})
     return 0
+
+
+def out_of_memory(exc: BaseException) -> bool:
+    """An allocation that failed: Python's MemoryError, torch's CPU allocator or CUDA's."""
+    return isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError" or (
+        isinstance(exc, RuntimeError) and ("can't allocate memory" in str(exc) or "out of memory" in str(exc)))
 
 
 if __name__ == "__main__":

@@ -97,6 +97,7 @@ def test_auto_compiles_only_when_the_run_left_pays(monkeypatch):
     assert compiled.pays("auto", CPU, 1.0, left)
     assert not compiled.pays("auto", CPU, 1.0, left - 2)  # 50 quickstart steps of about 2 s do not pay
     assert not compiled.pays("off", CPU, 1.0, left) and not compiled.pays("layers", CPU, 1.0, left)
+    assert not compiled.pays("auto", CPU, 1.0, 10 * left, trains_base=True)  # full fine-tuning stays eager
     monkeypatch.setattr(compiled, "compiler", lambda: None)
     assert not compiled.pays("auto", CPU, 1.0, left)
 
@@ -122,7 +123,7 @@ def test_auto_leaves_a_short_run_eager(seed):
 
 def test_auto_compiles_from_the_second_step_when_it_pays(monkeypatch, seed):
     """The decision is taken on the first step's time; the rest of the run trains compiled."""
-    monkeypatch.setattr(compiled, "pays", lambda setting, device, step_s, steps_left: step_s > 0)
+    monkeypatch.setattr(compiled, "pays", lambda setting, device, step_s, steps_left, trains_base=False: step_s > 0)
     entered = []
     real = compiled.compiled_layers
 

@@ -18,39 +18,64 @@ HOST = load_host()
 CORES = len(os.sched_getaffinity(0))
 
 
-class KillCell(LocalProcessExecutor):
-    """Parallel workers, but the one running the cell whose label contains ``victim`` is SIGKILLed."""
+class Faults(LocalProcessExecutor):
+    """Parallel workers, but the one running the cell labelled ``killed`` is SIGKILLed (what the
+    kernel's OOM killer does) and the one labelled ``starved`` runs under an address-space limit
+    (``RLIMIT_AS``) that its model's weights exceed."""
 
-    def __init__(self, victim, labels, jobs):
+    def __init__(self, labels, jobs, killed=None, starved=None, limit=0):
         super().__init__(progress=False, jobs=jobs)
-        self.victim, self.labels, self.started = victim, labels, []
+        self.labels, self.killed, self.starved, self.limit, self.started = labels, killed, starved, limit, []
 
     def spawn(self, args, env=None):
-        proc = super().spawn(args, env)
+        import resource
+        import subprocess
+
         label = self.labels[Path(args[3]).stem]  # the worker's inputs file is named by cell id
         self.started.append((label, dict(env or {})))
-        if self.victim in label:
+        if label == self.starved:
+            def limited():
+                resource.setrlimit(resource.RLIMIT_AS, (self.limit, self.limit))
+            return subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, preexec_fn=limited,
+                                    env={**os.environ, **(env or {})})
+        proc = super().spawn(args, env)
+        if label == self.killed:
             os.kill(proc.pid, signal.SIGKILL)
         return proc
 
 
-@pytest.mark.slow  # a 2-job grid with a killed worker (a minute); one job's kill-and-resume is in test_runner
 @pytest.mark.skipif(CORES < 2, reason="needs 2 CPU cores")
-def test_two_jobs_run_the_grid_with_a_killed_cell_and_resume(tmp_path):
-    exp = load_experiment(TINY)
+def test_two_jobs_with_a_killed_and_an_out_of_memory_cell_finish_the_rest_and_resume_only_those(tmp_path):
+    """Three cells, two at a time: one worker SIGKILLed, one out of memory under RLIMIT_AS (a
+    1B-parameter model's fp32 weights, 4 GB, in 3 GB more than the worker needs to start). Each
+    becomes a failed row saying why, the third finishes, and the next sweep runs only the two."""
+    import resource
+
+    grid = tmp_path / "faults.toml"
+    grid.write_text(TINY.read_text().replace(
+        '[[grid]]\nadapter = [{ name = "lora", r = [2, 4] }]\n"train.seed" = [0, 1]',
+        '[[grid]]\nadapter = [{ name = "lora", r = [2, 4] }]\n\n[[grid]]\n"model.name" = ["llama-1b"]\n'
+        'adapter = [{ name = "lora", r = 2 }]'))
+    exp = load_experiment(grid)
     labels = {c.cell_id: c.label for c in exp.cells(HOST)}
-    first = KillCell("lora(r=4) seed=1", labels, jobs=2)
-    records = {r["label"]: r for r in sweep(exp, tmp_path, host=HOST, executor=first, progress=False, log=lambda s: None)}
-    assert len(first.started) == 4
+    assert sorted(labels.values()) == ["lora(r=2)", "lora(r=2) name=llama-1b", "lora(r=4)"]
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    vm = next(int(ln.split()[1]) for ln in Path("/proc/self/status").read_text().splitlines() if ln.startswith("VmSize:"))
+    limit = vm * 1024 + 3 * 2**30  # this process has torch and transformers loaded, as a worker will
+    first = Faults(labels, jobs=2, killed="lora(r=4)", starved="lora(r=2) name=llama-1b", limit=limit)
+    out = tmp_path / "out"
+    records = {r["label"]: r for r in sweep(exp, out, host=HOST, executor=first, progress=False, log=lambda s: None)}
+    assert sorted(label for label, _ in first.started) == sorted(labels.values())
     assert all(env["PEFTLAB_NUM_THREADS"] == str(CORES // 2) for _, env in first.started)
-    dead = records.pop("lora(r=4) seed=1")
-    assert dead["status"] == "failed" and "SIGKILL" in dead["reason"]
-    for rec in records.values():
-        assert rec["status"] == "ok" and rec["sweep.jobs"] == 2 and rec["cell.threads"] == CORES // 2
-    again = KillCell("nothing", labels, jobs=2)
-    records = sweep(exp, tmp_path, host=HOST, executor=again, progress=False, log=lambda s: None)
-    assert [label for label, _ in again.started] == ["lora(r=4) seed=1"]  # the others count as done here
-    assert {r["status"] for r in records} == {"ok"}
+    killed, starved, ok = records["lora(r=4)"], records["lora(r=2) name=llama-1b"], records["lora(r=2)"]
+    assert killed["status"] == "failed" and "SIGKILL (out of memory, or killed from outside)" in killed["reason"]
+    assert starved["status"] == "failed" and starved["reason"].startswith("out of memory"), starved["reason"]
+    assert ok["status"] == "ok" and ok["sweep.jobs"] == 2 and ok["cell.threads"] == CORES // 2
+    again = Faults(labels, jobs=2, starved="lora(r=2) name=llama-1b", limit=limit)
+    records = {r["label"]: r for r in sweep(exp, out, host=HOST, executor=again, progress=False, log=lambda s: None)}
+    assert sorted(label for label, _ in again.started) == ["lora(r=2) name=llama-1b", "lora(r=4)"]
+    assert records["lora(r=4)"]["status"] == "ok" and records["lora(r=2) name=llama-1b"]["status"] == "failed"
+    assert resource.getrlimit(resource.RLIMIT_AS) == (soft, hard)  # only the worker was limited
 
 
 def test_too_many_jobs_are_refused_naming_what_the_machine_has(tmp_path):

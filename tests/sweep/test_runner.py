@@ -292,6 +292,8 @@ def test_records_of_an_earlier_plan_are_set_aside(tmp_path):
                and "superseded" in ln for ln in lines)
     assert "0123456789ab" not in ResultsStore(tmp_path).scan().records
     assert json.loads((tmp_path / "superseded" / "cells" / "0123456789ab.json").read_text())["reason"] == "old plan"
+    render(tmp_path)  # the report holds this plan's cells alone
+    assert set(pd.read_csv(tmp_path / "cells.csv")["cell_id"]) == {c.cell_id for c in exp.cells(HOST)}
 
 
 class Skipper(Executor):
