@@ -179,8 +179,7 @@ def run_cell(cfg: CellConfig, host: PluginHost, *, progress: bool = True,
                 with reuse_freed_memory(reuse) as kept:
                     rec["mem.cpu_heap_kept"] = kept
                     result = train(model, encoded.examples, cfg.train, pad_id=tok.pad_token_id, device=device,
-                                   progress=progress, param_groups=adapter.param_groups(model), on_peak=peak.sample,
-                                   trains_base=bool(adapter.trains_base))
+                                   progress=progress, param_groups=adapter.param_groups(model), on_peak=peak.sample)
         except TrainingError as exc:
             rec.update(status="failed", reason=str(exc), **peak.read(), **{"time.wall_s": time.perf_counter() - wall})
             return rec

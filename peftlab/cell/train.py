@@ -254,9 +254,8 @@ def optimizer_groups(model, groups: list[dict] | None, lr: float) -> list[dict]:
 
 def train(model, examples: list[tuple[list[int], list[int]]], cfg: TrainConfig, *, pad_id: int,
           device: torch.device, progress: bool = True, param_groups: list[dict] | None = None,
-          on_peak: Callable[[], None] | None = None, trains_base: bool = False) -> TrainResult:
-    """Train ``model``'s trainable parameters, in the adapter's ``param_groups`` when given
-    (``trains_base``: the adapter trains base weights, which ``train.compile = "auto"`` leaves eager).
+          on_peak: Callable[[], None] | None = None) -> TrainResult:
+    """Train ``model``'s trainable parameters, in the adapter's ``param_groups`` when given.
     ``on_peak`` is called where a step's memory peaks (a memory probe reads there): after each
     forward pass (the activations kept for backward) and after each optimizer step (gradients and
     optimizer state, before the gradients are freed)."""
@@ -288,9 +287,11 @@ def train(model, examples: list[tuple[list[int], list[int]]], cfg: TrainConfig, 
             for step in range(total):
                 if ((step == 0 and compile_from_start)
                         or (step == decide and compiled.pays(cfg.compile, device, last_step_s, total - step,
-                                                         trains_base))):
+                                                         cfg.precision))):
                     result.compiled_layers = compiling.enter_context(compiled.compiled_layers(model))
                     result.compiled_from_step = step + 1 if result.compiled_layers else 0
+                    if result.compiled_layers and result.bf16_matmul == "fp32-gemm":  # inductor's own bf16 products
+                        result.bf16_matmul = "fp32-gemm, then native (compiled layers)"
                 start = time.perf_counter()
                 step_loss = 0.0
                 for _ in range(cfg.grad_accum):

@@ -21,11 +21,12 @@ only when the steps left, at the last eager step's time, would take at least :da
 names what is missing); ``off`` never compiles. The compile's time counts in the cell's training
 time, and the record says how many layers ran compiled and from which step.
 
-``auto`` never compiles for an adapter that trains the base's own weights (full fine-tuning,
-FT-Top): measured in the quickstart's full fine-tuning cell (SmolLM2-135M, batch 8, 2-core AMD
-EPYC), the eager first step took 22 s and the compiled ones 240 s and then over ten minutes each,
-inductor's backward computing the base weights' gradients far slower than eager's matrix products.
-``layers`` still compiles them where asked.
+``auto`` never compiles where bf16 matrix products run as fp32 GEMMs
+(:func:`peftlab.kernels.precision.bf16_matmul_kind` says ``fp32-gemm``: a CPU without native bf16
+instructions, AVX2 only). Compiled layers run inductor's own products, in bf16, and there oneDNN's
+bf16 GEMM is the slow reference path: on a 2-core AMD EPYC (AVX2) a 1024x1024 product took 3,059 ms
+in bf16 against 70 ms in fp32 (2026-12-05), and the quickstart's cells stepped in 200-270 s
+compiled against 13-22 s eager. ``layers`` still compiles there where asked.
 
 Only training compiles: evaluation and generation run the layers as they are.
 """
@@ -99,12 +100,14 @@ def decide_after(device: torch.device) -> int:
     return 2 if device.type == "cuda" else 1
 
 
-def pays(setting: str, device: torch.device, step_s: float, steps_left: int, trains_base: bool = False) -> bool:
+def pays(setting: str, device: torch.device, step_s: float, steps_left: int, precision: str = "bf16") -> bool:
     """Whether ``auto`` compiles, with ``steps_left`` to go at ``step_s`` each (the last eager step's
     time): the same rule on CPU and CUDA, the time they would take against :data:`PAYS_AFTER_S`;
-    never when the adapter ``trains_base`` (see the module's docstring)."""
-    return (setting == "auto" and not trains_base and step_s * steps_left >= PAYS_AFTER_S
-            and missing(device) is None)
+    never where bf16 products run as fp32 GEMMs in eager (see the module's docstring)."""
+    from peftlab.kernels.precision import bf16_matmul_kind
+
+    return (setting == "auto" and step_s * steps_left >= PAYS_AFTER_S and missing(device) is None
+            and bf16_matmul_kind(precision, device) != "fp32-gemm")
 
 
 def decoder_layers(model: nn.Module) -> list[tuple[nn.Module, str, nn.Module]]:

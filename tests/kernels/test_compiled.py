@@ -92,12 +92,18 @@ def test_compiled_gradients_match_eager(adapter, checkpointing, seed):
 
 
 def test_auto_compiles_only_when_the_run_left_pays(monkeypatch):
+    import peftlab.kernels.precision as precision
+
     monkeypatch.setattr(compiled, "compiler", lambda: "/usr/bin/g++")
+    monkeypatch.setattr(precision, "native_bf16_matmul", lambda: True)  # AMX, or AVX512-BF16
     left = int(compiled.PAYS_AFTER_S) + 1
     assert compiled.pays("auto", CPU, 1.0, left)
     assert not compiled.pays("auto", CPU, 1.0, left - 2)  # 50 quickstart steps of about 2 s do not pay
     assert not compiled.pays("off", CPU, 1.0, left) and not compiled.pays("layers", CPU, 1.0, left)
-    assert not compiled.pays("auto", CPU, 1.0, 10 * left, trains_base=True)  # full fine-tuning stays eager
+    monkeypatch.setattr(precision, "native_bf16_matmul", lambda: False)
+    assert not compiled.pays("auto", CPU, 1.0, 10 * left)  # AVX2 only: compiled bf16 products are the slow path
+    assert compiled.pays("auto", CPU, 1.0, left, "fp32")  # fp32 training compiles there
+    monkeypatch.setattr(precision, "native_bf16_matmul", lambda: True)
     monkeypatch.setattr(compiled, "compiler", lambda: None)
     assert not compiled.pays("auto", CPU, 1.0, left)
 
@@ -123,7 +129,7 @@ def test_auto_leaves_a_short_run_eager(seed):
 
 def test_auto_compiles_from_the_second_step_when_it_pays(monkeypatch, seed):
     """The decision is taken on the first step's time; the rest of the run trains compiled."""
-    monkeypatch.setattr(compiled, "pays", lambda setting, device, step_s, steps_left, trains_base=False: step_s > 0)
+    monkeypatch.setattr(compiled, "pays", lambda setting, device, step_s, steps_left, precision="bf16": step_s > 0)
     entered = []
     real = compiled.compiled_layers
 
