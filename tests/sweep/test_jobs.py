@@ -58,23 +58,23 @@ def test_two_jobs_with_a_killed_and_an_out_of_memory_cell_finish_the_rest_and_re
         'adapter = [{ name = "lora", r = 2 }]'))
     exp = load_experiment(grid)
     labels = {c.cell_id: c.label for c in exp.cells(HOST)}
-    assert sorted(labels.values()) == ["lora(r=2)", "lora(r=2) name=llama-1b", "lora(r=4)"]
+    assert sorted(labels.values()) == ["lora(r=2)", "lora(r=4)", "name=llama-1b lora(r=2)"]
     soft, hard = resource.getrlimit(resource.RLIMIT_AS)
     vm = next(int(ln.split()[1]) for ln in Path("/proc/self/status").read_text().splitlines() if ln.startswith("VmSize:"))
     limit = vm * 1024 + 3 * 2**30  # this process has torch and transformers loaded, as a worker will
-    first = Faults(labels, jobs=2, killed="lora(r=4)", starved="lora(r=2) name=llama-1b", limit=limit)
+    first = Faults(labels, jobs=2, killed="lora(r=4)", starved="name=llama-1b lora(r=2)", limit=limit)
     out = tmp_path / "out"
     records = {r["label"]: r for r in sweep(exp, out, host=HOST, executor=first, progress=False, log=lambda s: None)}
     assert sorted(label for label, _ in first.started) == sorted(labels.values())
     assert all(env["PEFTLAB_NUM_THREADS"] == str(CORES // 2) for _, env in first.started)
-    killed, starved, ok = records["lora(r=4)"], records["lora(r=2) name=llama-1b"], records["lora(r=2)"]
+    killed, starved, ok = records["lora(r=4)"], records["name=llama-1b lora(r=2)"], records["lora(r=2)"]
     assert killed["status"] == "failed" and "SIGKILL (out of memory, or killed from outside)" in killed["reason"]
     assert starved["status"] == "failed" and starved["reason"].startswith("out of memory"), starved["reason"]
     assert ok["status"] == "ok" and ok["sweep.jobs"] == 2 and ok["cell.threads"] == CORES // 2
-    again = Faults(labels, jobs=2, starved="lora(r=2) name=llama-1b", limit=limit)
+    again = Faults(labels, jobs=2, starved="name=llama-1b lora(r=2)", limit=limit)
     records = {r["label"]: r for r in sweep(exp, out, host=HOST, executor=again, progress=False, log=lambda s: None)}
-    assert sorted(label for label, _ in again.started) == ["lora(r=2) name=llama-1b", "lora(r=4)"]
-    assert records["lora(r=4)"]["status"] == "ok" and records["lora(r=2) name=llama-1b"]["status"] == "failed"
+    assert sorted(label for label, _ in again.started) == ["lora(r=4)", "name=llama-1b lora(r=2)"]
+    assert records["lora(r=4)"]["status"] == "ok" and records["name=llama-1b lora(r=2)"]["status"] == "failed"
     assert resource.getrlimit(resource.RLIMIT_AS) == (soft, hard)  # only the worker was limited
 
 
