@@ -194,7 +194,6 @@ def resolve(name: str) -> tuple[str, dict[str, Any]]:
                                   f"it holds {', '.join(found[:6]) or 'nothing'}{hint}")
         return "pretrained", {"id": path}
     if "/" in name and not name.startswith((".", "/", "~")):
-        check_hub_reachable(name)
         return "pretrained", {"id": name}
     raise ValidationError("model.name", name,
                           f"one of {', '.join(KNOWN)}, a hub id (owner/name), a local model folder or a .gguf file")
@@ -263,6 +262,8 @@ def load(cfg: ModelConfig, seed: int = 0, quantizer: Any = None, compute_dtype: 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     kind, args = resolve(cfg.name)
+    if kind == "pretrained" and not os.path.isdir(os.path.expanduser(args["id"])):
+        check_hub_reachable(args["id"])  # at once, not after a minute of retries (planning stays offline-safe)
     device = cfg.resolved_device()
     dtype = cfg.resolved_dtype(device, trains_base)
     if kind == "pretrained" and quantizer is not None:

@@ -116,7 +116,7 @@ def test_models_resolve_by_short_name_path_and_hub_id(tmp_path, monkeypatch):
     assert resolve("HuggingFaceTB/SmolLM2-135M-Instruct")[0] == "pretrained"
     monkeypatch.setattr(peftlab.hub, "unreachable", lambda: "huggingface.co does not answer")
     with pytest.raises(ValidationError, match="not in the hub cache and huggingface.co does not answer.*local folder"):
-        resolve("HuggingFaceTB/SmolLM2-135M-Instrct")  # a typo, offline: at once, not after a minute of retries
+        load(ModelConfig("HuggingFaceTB/SmolLM2-135M-Instrct"))  # a typo, offline: at once, not after retries
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValidationError, match="a model folder with config.json.*it holds nothing"):
         resolve(str(tmp_path / "empty"))

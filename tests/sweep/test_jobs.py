@@ -47,7 +47,7 @@ class Faults(LocalProcessExecutor):
 @pytest.mark.skipif(CORES < 2, reason="needs 2 CPU cores")
 def test_two_jobs_with_a_killed_and_an_out_of_memory_cell_finish_the_rest_and_resume_only_those(tmp_path):
     """Three cells, two at a time: one worker SIGKILLed, one out of memory under RLIMIT_AS (a
-    1B-parameter model's fp32 weights, 4 GB, in 3 GB more than the worker needs to start). Each
+    1B-parameter model's fp32 weights, 3.9 GB, in 2 GiB more than a started worker's address space). Each
     becomes a failed row saying why, the third finishes, and the next sweep runs only the two."""
     import resource
 
@@ -60,8 +60,13 @@ def test_two_jobs_with_a_killed_and_an_out_of_memory_cell_finish_the_rest_and_re
     labels = {c.cell_id: c.label for c in exp.cells(HOST)}
     assert sorted(labels.values()) == ["lora(r=2)", "lora(r=4)", "name=llama-1b lora(r=2)"]
     soft, hard = resource.getrlimit(resource.RLIMIT_AS)
-    vm = next(int(ln.split()[1]) for ln in Path("/proc/self/status").read_text().splitlines() if ln.startswith("VmSize:"))
-    limit = vm * 1024 + 3 * 2**30  # this process has torch and transformers loaded, as a worker will
+    import subprocess
+    import sys
+
+    started = subprocess.run([sys.executable, "-c", "import peftlab.sweep.worker, peftlab.cell.run, peftlab; "
+                              "peftlab.load_host(); print(next(int(ln.split()[1]) for ln in open('/proc/self/status') "
+                              "if ln.startswith('VmSize:')))"], capture_output=True, text=True, check=True)
+    limit = int(started.stdout.split()[-1]) * 1024 + 2 * 2**30  # a started worker's address space + 2 GiB < 3.9 GB
     first = Faults(labels, jobs=2, killed="lora(r=4)", starved="name=llama-1b lora(r=2)", limit=limit)
     out = tmp_path / "out"
     records = {r["label"]: r for r in sweep(exp, out, host=HOST, executor=first, progress=False, log=lambda s: None)}
