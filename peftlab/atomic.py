@@ -11,7 +11,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 
-def _umask() -> int:
+def umask() -> int:
+    """The process's file-creation mask (read by setting it, then put back)."""
     mask = os.umask(0)
     os.umask(mask)
     return mask
@@ -27,7 +28,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.fchmod(fd, 0o666 & ~_umask())
+        os.fchmod(fd, 0o666 & ~umask())
         os.close(fd)
         yield Path(tmp)
         os.replace(tmp, path)

@@ -70,6 +70,8 @@ def save_adapter(model: nn.Module, adapter: Adapter, targets: list[str], folder:
     base; ``peft_base`` what peft's config names (``base_model_name_or_path``; default the same)."""
     from safetensors.torch import save_file
 
+    from peftlab.atomic import umask
+
     folder = check_adapter_destination(folder, "adapter folder")
     state = {k: v.detach().to("cpu").contiguous() for k, v in adapter.state_dict(model).items()}
     if not state:
@@ -81,7 +83,7 @@ def save_adapter(model: nn.Module, adapter: Adapter, targets: list[str], folder:
     tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
     old = None
     try:
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private
+        os.chmod(tmp, 0o777 & ~umask())  # mkdtemp makes it private
         if peft:
             base = base_model if peft_base is _SAME else peft_base
             config = {**adapter.peft_config(model, targets), "base_model_name_or_path": base}
@@ -102,12 +104,6 @@ def save_adapter(model: nn.Module, adapter: Adapter, targets: list[str], folder:
             if t is not None and t.exists():
                 shutil.rmtree(t)
     return folder
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def read_adapter_info(folder: str | os.PathLike) -> dict[str, Any]:

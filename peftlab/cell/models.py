@@ -138,20 +138,26 @@ def byte_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<|pad|>", eos_token="<|eos|>")
 
 
-def build_from_config(name: str, max_positions: int = 1024, seed: int = 0, device: torch.device | None = None):
-    """A randomly initialised model of ``name``'s config and the byte tokenizer. On a CUDA
-    ``device`` the weights are initialised there (a 1B model's CPU initialisation takes longer than
-    training it for a smoke run); elsewhere on the CPU, with the same seed the same weights."""
-    from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
+def config_of(name: str, max_positions: int = 1024):
+    """(transformers config, byte tokenizer) of the config-built model ``name``."""
+    from transformers import GPT2Config, LlamaConfig
 
     arch, overrides = CONFIG_MODELS[name]
     tok = byte_tokenizer()
     common = {"vocab_size": len(tok), "pad_token_id": tok.pad_token_id, "eos_token_id": tok.eos_token_id,
               "bos_token_id": tok.eos_token_id}
     if arch == "llama":
-        config = LlamaConfig(max_position_embeddings=max_positions, **common, **overrides)
-    else:
-        config = GPT2Config(n_positions=max_positions, **common, **overrides)
+        return LlamaConfig(max_position_embeddings=max_positions, **common, **overrides), tok
+    return GPT2Config(n_positions=max_positions, **common, **overrides), tok
+
+
+def build_from_config(name: str, max_positions: int = 1024, seed: int = 0, device: torch.device | None = None):
+    """A randomly initialised model of ``name``'s config and the byte tokenizer. On a CUDA
+    ``device`` the weights are initialised there (a 1B model's CPU initialisation takes longer than
+    training it for a smoke run); elsewhere on the CPU, with the same seed the same weights."""
+    from transformers import AutoModelForCausalLM
+
+    config, tok = config_of(name, max_positions)
     on_gpu = device is not None and device.type == "cuda"
     with torch.random.fork_rng(devices=[device] if on_gpu else []), (device if on_gpu else contextlib.nullcontext()):
         torch.manual_seed(seed)
@@ -211,10 +217,7 @@ def skeleton(cfg: ModelConfig):
 
         return meta_model("SmolLM2-135M")
     if kind == "config":
-        arch, overrides = CONFIG_MODELS[args["name"]]
-        tok = byte_tokenizer()
-        config = AutoConfig.for_model(arch, vocab_size=len(tok), pad_token_id=tok.pad_token_id,
-                                      eos_token_id=tok.eos_token_id, bos_token_id=tok.eos_token_id, **overrides)
+        config, _ = config_of(args["name"], cfg.max_positions)
     elif kind == "pretrained":
         try:
             config = AutoConfig.from_pretrained(args["id"], local_files_only=True)
