@@ -63,7 +63,7 @@ def test_nonsense_run_flags_are_refused(argv, words, capsys):
     refused([*RUN, *argv], capsys, *words)
 
 
-def test_a_metric_returning_nan_fails_the_cell_and_keeps_its_numbers():
+def test_a_metric_returning_nan_fails_the_cell_and_keeps_its_numbers(monkeypatch):
     from peftlab import ComponentSpec, Metric, hookimpl
     from peftlab.cell.config import CellConfig
     from peftlab.cell.run import run_cell
@@ -79,7 +79,7 @@ def test_a_metric_returning_nan_fails_the_cell_and_keeps_its_numbers():
 
     host = load_host()
     host.register(Plugin(), "nanny")
-    peftlab.cell.models.load = _real_load
+    monkeypatch.setattr(peftlab.cell.models, "load", _real_load)
     rec = run_cell(CellConfig.from_dict({"model": {"name": "tiny-llama"}, "train": {"steps": 1, "batch_size": 2},
                                          "data": {"eval_limit": 2, "train_limit": 20},
                                          "eval": {"max_new_tokens": 2, "metrics": ["nanny"]}}), host, progress=False)
