@@ -80,6 +80,7 @@ class Prefix(Adapter):
 
     size_setting = "length"
     supports_grad_checkpointing = False
+    supports_packing = False  # the prefix enters through the cache, and with a cache transformers builds no packed mask
     peft_type = "PREFIX_TUNING"
     peft_key_prefix = ""  # peft saves the prefix as the top-level tensor "prompt_embeddings"
 

@@ -95,6 +95,13 @@ def preflight(cfg: CellConfig, host: PluginHost) -> tuple[Any, Any, dict[str, An
     return adapter, quantizer, metrics, reason
 
 
+def packing_refusal(adapter) -> str | None:
+    """Why ``adapter`` cannot train on packed rows, where it declares so (``supports_packing``)."""
+    if getattr(adapter, "supports_packing", True):
+        return None
+    return f"adapter {adapter.family!r} does not take packed rows (supports_packing = False)"
+
+
 def base_record(cfg: CellConfig) -> dict[str, Any]:
     """The record a cell starts from: its settings and provenance (:func:`peftlab.cell.sections.settings`)."""
     from peftlab.cell import sections
@@ -179,7 +186,8 @@ def run_cell(cfg: CellConfig, host: PluginHost, *, progress: bool = True,
                 with reuse_freed_memory(reuse) as kept:
                     rec["mem.cpu_heap_kept"] = kept
                     result = train(model, encoded.examples, cfg.train, pad_id=tok.pad_token_id, device=device,
-                                   progress=progress, param_groups=adapter.param_groups(model), on_peak=peak.sample)
+                                   progress=progress, param_groups=adapter.param_groups(model), on_peak=peak.sample,
+                                   packing_refusal=packing_refusal(adapter))
         except TrainingError as exc:
             rec.update(status="failed", reason=str(exc), **peak.read(), **{"time.wall_s": time.perf_counter() - wall})
             return rec

@@ -30,7 +30,7 @@ def settings(cfg: CellConfig) -> dict[str, Any]:
         "quantizer": cfg.quantizer_name or "none", "data": cfg.data.source, "train.steps_planned": t.steps,
         "train.optimizer": t.optimizer, "train.precision": t.precision, "train.grad_checkpointing": t.grad_checkpointing,
         "train.frozen_dtype": t.frozen_dtype, "train.attention": t.attention, "train.norm": t.norm,
-        "train.compile": t.compile, "train.batch_size": t.batch_size, "train.grad_accum": t.grad_accum,
+        "train.compile": t.compile, "train.packing": t.packing, "train.batch_size": t.batch_size, "train.grad_accum": t.grad_accum,
         "train.lr": t.lr, "train.seed": t.seed, "memory_mode": memory_reading(cfg),
         "eval.batch_size": cfg.eval.batch_size, "eval.attention": cfg.eval.attention,
     }
@@ -100,7 +100,9 @@ def train(result: TrainResult) -> dict[str, Any]:
             "loss.first": result.losses[0] if result.losses else float("nan"), "loss.final": result.final_loss,
             "loss.mean": result.mean_loss, "train.optimizer_note": result.optimizer_note,
             "train.attention_impl": result.attention, "train.lean_norms": result.lean_norms,
-            "train.compiled_layers": result.compiled_layers, "train.compiled_from_step": result.compiled_from_step}
+            "train.compiled_layers": result.compiled_layers, "train.compiled_from_step": result.compiled_from_step,
+            "train.packed": result.packing, "train.pad_fraction": result.pad_fraction,
+            "train.pad_fraction_unpacked": result.pad_fraction_unpacked, "train.tokens_per_step": result.tokens_per_step}
 
 
 def loading_peak(reading: dict[str, Any]) -> dict[str, Any]:

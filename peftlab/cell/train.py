@@ -18,9 +18,12 @@ from typing import Any
 
 import torch
 
-from peftlab.data.prompts import IGNORE, batches
+from peftlab.cell.packed import PACKING_SETTINGS, leak, quiet_padding_warning
+from peftlab.data.packing import batches
+from peftlab.data.prompts import IGNORE
 from peftlab.kernels import compiled
 from peftlab.kernels.attention import ATTENTION_SETTINGS, attention, resolve
+from peftlab.kernels.attention import NAME as ATTENTION_NAME
 from peftlab.kernels.head_loss import head_loss
 from peftlab.kernels.norm import NORM_SETTINGS, lean_norms
 from peftlab.kernels.norm import resolve as resolve_norm
@@ -62,6 +65,7 @@ class TrainConfig:
     attention: str = "auto"  # auto: peftlab-cpu on CPU (peftlab.kernels.attention), the model's own elsewhere
     norm: str = "auto"  # auto: RMSNorm keeping bf16 inputs for backward on CPU (peftlab.kernels.norm); model: its own
     compile: str = "auto"  # auto: decoder layers compiled on CPU once the run is long enough to pay (peftlab.kernels.compiled)
+    packing: str = "auto"  # auto: a micro-batch's examples share rows where model and adapter keep them apart (peftlab.data.packing)
 
     def __post_init__(self) -> None:
         checks = [
@@ -79,6 +83,7 @@ class TrainConfig:
             ("attention", self.attention in ATTENTION_SETTINGS, f"one of {', '.join(ATTENTION_SETTINGS)}"),
             ("norm", self.norm in NORM_SETTINGS, f"one of {', '.join(NORM_SETTINGS)}"),
             ("compile", self.compile in compiled.COMPILE_SETTINGS, f"one of {', '.join(compiled.COMPILE_SETTINGS)}"),
+            ("packing", self.packing in PACKING_SETTINGS, f"one of {', '.join(PACKING_SETTINGS)}"),
             ("grad_checkpointing", isinstance(self.grad_checkpointing, bool), "true or false"),
             ("max_grad_norm", self.max_grad_norm is None or (_num(self.max_grad_norm) and self.max_grad_norm > 0),
              "a positive number or none"),
@@ -118,7 +123,10 @@ class TrainResult:
     steps: int = 0
     losses: list[float] = field(default_factory=list)
     tokens: int = 0  # non-padding tokens seen in training steps
+    positions: int = 0  # positions the micro-batches ran, padding included
+    padded_positions: int = 0  # positions the same micro-batches take padded to their longest example
     max_batch_positions: int = 0  # the largest micro-batch's positions, padding included (what activations scale with)
+    packing: str = ""  # "on", or "off" and why (train.packing)
     seconds: float = 0.0  # time inside training steps only (the first step included)
     first_step_s: float = 0.0  # the first step alone: on CUDA it carries handle and workspace setup, kernel
     first_step_tokens: int = 0  # selection and a paged optimizer's first touch, so throughput leaves it out
@@ -139,6 +147,21 @@ class TrainResult:
         if self.throughput_from_step == 2:
             return (self.tokens - self.first_step_tokens) / (self.seconds - self.first_step_s)
         return self.tokens / self.seconds if self.seconds else float("nan")
+
+    @property
+    def pad_fraction(self) -> float:
+        """The share of the positions trained on that were padding."""
+        return 1 - self.tokens / self.positions if self.positions else float("nan")
+
+    @property
+    def pad_fraction_unpacked(self) -> float:
+        """The share padding would have taken with every micro-batch padded to its longest example."""
+        return 1 - self.tokens / self.padded_positions if self.padded_positions else float("nan")
+
+    @property
+    def tokens_per_step(self) -> float:
+        """Real (non-padding) tokens per optimizer step."""
+        return self.tokens / self.steps if self.steps else float("nan")
 
     @property
     def throughput_from_step(self) -> int:
@@ -196,6 +219,29 @@ def lr_lambda(schedule: str, warmup: int, total: int):
     return f
 
 
+def packing(model, examples: list, cfg: TrainConfig, device: torch.device, refusal: str | None,
+            implementation: str | None = None) -> tuple[str, int | None]:
+    """What ``train.packing`` comes to: ``("on, rows of up to N tokens", N)`` or ``("off[: why]", None)``.
+    ``auto`` packs where the adapter takes packed rows (``refusal`` is None) and the model keeps
+    packed examples apart (:func:`peftlab.cell.packed.leak`). Under an attention that computes each
+    example's own square (``peftlab-cpu``, flash attention's variable-length kernels) a micro-batch
+    becomes one row, with no padding at all; under one that masks the whole row's square (SDPA,
+    eager), rows as wide as the longest training example, so attention never costs more than padded."""
+    if cfg.packing == "off":
+        return "off", None
+    why = refusal
+    if why is None and cfg.batch_size == 1:
+        why = "one example per micro-batch leaves nothing to pack"
+    if why is None:
+        why = leak(model, device)
+    if why is not None:
+        return f"off: {why}", None
+    longest = max(len(ids) for ids, _ in examples)
+    per_example = implementation is not None and (implementation == ATTENTION_NAME or implementation.startswith("flash"))
+    width = longest * cfg.batch_size if per_example else longest
+    return f"on, rows of up to {width} tokens", width
+
+
 def checkpointing(model, on: bool) -> None:
     """Recompute activations in backward instead of keeping them (the lecture's memory trick);
     transformers renamed the switch from gradient_ to activation_checkpointing in v5."""
@@ -212,12 +258,14 @@ def checkpointing(model, on: bool) -> None:
 
 def response_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Mean next-token cross-entropy over the labelled (response) positions; the output head
-    runs only there. Models without a separable backbone fall back to their own loss."""
+    runs only there. ``batch`` is padded (``attention_mask``) or packed (``position_ids``, no
+    mask: :mod:`peftlab.data.packing`). Models without a separable backbone fall back to their own loss."""
     backbone = getattr(model, getattr(model, "base_model_prefix", ""), None)
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if backbone is None or head is None:
         return model(**batch).loss
-    hidden = backbone(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+    hidden = backbone(**inputs).last_hidden_state
     targets = batch["labels"][:, 1:]
     keep = targets != IGNORE
     return head_loss(head, hidden[:, :-1][keep], targets[keep])
@@ -254,11 +302,12 @@ def optimizer_groups(model, groups: list[dict] | None, lr: float) -> list[dict]:
 
 def train(model, examples: list[tuple[list[int], list[int]]], cfg: TrainConfig, *, pad_id: int,
           device: torch.device, progress: bool = True, param_groups: list[dict] | None = None,
-          on_peak: Callable[[], None] | None = None) -> TrainResult:
+          on_peak: Callable[[], None] | None = None, packing_refusal: str | None = None) -> TrainResult:
     """Train ``model``'s trainable parameters, in the adapter's ``param_groups`` when given.
     ``on_peak`` is called where a step's memory peaks (a memory probe reads there): after each
     forward pass (the activations kept for backward) and after each optimizer step (gradients and
-    optimizer state, before the gradients are freed)."""
+    optimizer state, before the gradients are freed). ``packing_refusal``: why the adapter cannot
+    train on packed rows, where it cannot (``train.packing = "auto"`` then pads)."""
     from tqdm.auto import tqdm
 
     compile_from_start = compiled.from_start(cfg.compile, device)  # a setting this machine cannot run fails here
@@ -274,7 +323,6 @@ def train(model, examples: list[tuple[list[int], list[int]]], cfg: TrainConfig, 
         checkpointing(model, True)
     model.train()
     gen = torch.Generator().manual_seed(cfg.seed)
-    stream = batches(examples, cfg.batch_size, gen, pad_id)
     per_epoch = math.ceil(len(examples) / cfg.batch_size)
     micro = 0
     decide, last_step_s = compiled.decide_after(device), 0.0
@@ -282,8 +330,11 @@ def train(model, examples: list[tuple[list[int], list[int]]], cfg: TrainConfig, 
     try:
         with (attention(model, resolve(cfg.attention, device)) as implementation,
               lean_norms(model, resolve_norm(cfg.norm, device)) as result.lean_norms,
-              contextlib.ExitStack() as compiling):
+              contextlib.ExitStack() as compiling, quiet_padding_warning()):
             result.attention = implementation or ""
+            with bf16_matmuls(cfg.precision, device), autocast(cfg.precision, device):
+                result.packing, width = packing(model, examples, cfg, device, packing_refusal, implementation)
+            stream = batches(examples, cfg.batch_size, gen, pad_id, pack_width=width)
             for step in range(total):
                 if ((step == 0 and compile_from_start)
                         or (step == decide and compiled.pays(cfg.compile, device, last_step_s, total - step,
@@ -295,10 +346,9 @@ def train(model, examples: list[tuple[list[int], list[int]]], cfg: TrainConfig, 
                 start = time.perf_counter()
                 step_loss = 0.0
                 for _ in range(cfg.grad_accum):
-                    batch = next(stream)
-                    batch.pop("epoch")
+                    micro_batch = next(stream)
                     micro += 1
-                    batch = {k: v.to(device) for k, v in batch.items()}
+                    batch = {k: v.to(device) for k, v in micro_batch.inputs.items()}
                     # forward and backward alike; compiled layers run inductor's own products
                     with bf16_matmuls(cfg.precision, device) if not result.compiled_layers else contextlib.nullcontext():
                         with autocast(cfg.precision, device):
@@ -310,8 +360,10 @@ def train(model, examples: list[tuple[list[int], list[int]]], cfg: TrainConfig, 
                                                 f"{total} (micro-batch {micro}); try a lower train.lr (now {cfg.lr})")
                         (loss / cfg.grad_accum).backward()
                     step_loss += loss.item() / cfg.grad_accum
-                    result.tokens += int(batch["attention_mask"].sum())
-                    result.max_batch_positions = max(result.max_batch_positions, batch["attention_mask"].numel())
+                    result.tokens += micro_batch.tokens
+                    result.positions += micro_batch.positions
+                    result.padded_positions += micro_batch.padded_positions
+                    result.max_batch_positions = max(result.max_batch_positions, micro_batch.positions)
                 if cfg.max_grad_norm:
                     torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
                 optimizer.step()

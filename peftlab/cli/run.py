@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from peftlab.cell.config import parse_sets
+from peftlab.cell.packed import PACKING_SETTINGS
 from peftlab.cli.common import metric_names, metric_settings, positive_int
 from peftlab.kernels.attention import ATTENTION_SETTINGS
 from peftlab.kernels.compiled import COMPILE_SETTINGS
@@ -30,6 +31,7 @@ FLAGS = {
     "train.schedule": "--schedule", "train.warmup_steps": "--warmup-steps", "train.precision": "--precision",
     "train.grad_checkpointing": "--grad-checkpointing", "train.seed": "--seed", "train.frozen_dtype": "--frozen-dtype",
     "train.attention": "--attention", "train.norm": "--norm", "train.compile": "--compile",
+    "train.packing": "--packing",
     "eval.metrics": "--metrics", "eval.metric_params": "--mset", "eval.max_new_tokens": "--max-new-tokens",
     "eval.num_beams": "--beams", "eval.before": "--eval-before", "eval.attention": "--eval-attention",
 }
@@ -112,6 +114,10 @@ def add_parser(sub) -> None:
                    "(torch.compile, inductor) on CPU after the first step when the steps left would take 10 minutes "
                    "or more, layers from the first step, off never"
                    + dflt("train.compile"))
+    g.add_argument("--packing", choices=PACKING_SETTINGS, help="micro-batches in training: auto packs their examples "
+                   "into shared rows (positions restart, attention kept to each example, no padding but the last "
+                   "row's) where the model and adapter keep examples apart, off pads each to its longest example"
+                   + dflt("train.packing"))
     g = p.add_argument_group("evaluation")
     g.add_argument("--metrics", help="comma-separated metric names" + dflt("eval.metrics"))
     g.add_argument("--mset", action="append", metavar="METRIC:KEY=VALUE",
@@ -190,7 +196,7 @@ def cell_dict(args: argparse.Namespace) -> dict[str, Any]:
     else:
         put("train", "steps", args.steps)
     for key in ("batch_size", "grad_accum", "lr", "optimizer", "schedule", "warmup_steps", "precision",
-                "grad_checkpointing", "seed", "frozen_dtype", "attention", "norm", "compile"):
+                "grad_checkpointing", "seed", "frozen_dtype", "attention", "norm", "compile", "packing"):
         put("train", key, getattr(args, key))
     if args.seed is not None:
         put("data", "seed", args.seed)

@@ -8,7 +8,6 @@ entirely is dropped and counted (trained on, its all-masked labels would give a 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -79,16 +78,3 @@ def pad_batch(examples: list[tuple[list[int], list[int]]], pad_id: int) -> dict[
         mask[i, : len(x)] = 1
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
-
-def batches(examples: list[tuple[list[int], list[int]]], batch_size: int, generator: torch.Generator,
-            pad_id: int) -> Iterator[dict[str, torch.Tensor]]:
-    """Endless shuffled batches (a fresh permutation per epoch; the last partial batch of an
-    epoch is kept). Each batch carries its epoch under ``"epoch"``."""
-    epoch = 0
-    while True:
-        order = torch.randperm(len(examples), generator=generator).tolist()
-        for i in range(0, len(order), batch_size):
-            batch = pad_batch([examples[j] for j in order[i: i + batch_size]], pad_id)
-            batch["epoch"] = epoch
-            yield batch
-        epoch += 1

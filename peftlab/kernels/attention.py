@@ -15,6 +15,11 @@ other rows of its batch. SDPA's decoding step (one query, grouped heads packed a
 gave some rows other roundings at batch 32 than at batch 16, so an input's greedy output changed
 with its batch-mates (``peftlab.evaluate.decode`` relies on invariance).
 
+Packed rows (:mod:`peftlab.data.packing`: several examples in one row, their positions restarting)
+come with transformers' block-diagonal causal mask. Such a mask is recognised (exactly: anything
+else takes the ordinary path) and attention runs per example, the examples gathered into a batch
+of their own squares: a row of 8 examples of 125 tokens costs an eighth of its 1000 x 1000 square.
+
 Grouped key/value heads are used as they are, never repeated. The function runs only where it
 is built for: CPU tensors, no dropout, no soft cap, no position bias, no paged cache, a mask shared
 by all heads. Any other call (CUDA, say) goes to transformers' SDPA attention, and the masks are
@@ -112,12 +117,93 @@ def attention_forward(module, query, key, value, attention_mask, dropout: float 
     if causal and key.shape[2] > s:  # an empty static cache's prefill: SDPA crops the same way
         key, value = key[:, :, :s], value[:, :, :s]
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    bias = _bias(attention_mask, causal, s, key.shape[2], query.device)
     # one dtype for q, k and v, as SDPA under autocast (rotary embeddings leave q and k in fp32)
     dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else query.dtype
     q, k, v = query.to(dtype), key.to(dtype), value.to(dtype)
+    packed = _packed(attention_mask) if s > 1 and key.shape[2] == s else None
+    if packed is not None:
+        return _attend_packed(q, k, v, packed, scale), None
+    bias = _bias(attention_mask, causal, s, key.shape[2], query.device)
     out = _Attention.apply(q, k, v, bias, scale) if torch.is_grad_enabled() else _attend(q, k, v, bias, scale)
     return out.transpose(1, 2).contiguous(), None
+
+
+class _Packed:
+    """Where a packed row's examples lie: ``index`` (segments x longest) holds each segment's
+    positions in the flattened (rows x S) tokens, padded with the index of an extra zero row;
+    ``valid`` the same shape, True at real positions; ``bias`` the segments' causal mask with their
+    padding keys masked, (segments, 1, 1, L, L)."""
+
+    def __init__(self, starts: list[tuple[int, int, int]], device) -> None:
+        longest = max(n for _, _, n in starts)
+        self.index = torch.empty(len(starts), longest, dtype=torch.long)
+        self.valid = torch.zeros(len(starts), longest, dtype=torch.bool)
+        for i, (row_offset, start, n) in enumerate(starts):
+            self.index[i, :n] = torch.arange(row_offset + start, row_offset + start + n)
+            self.valid[i, :n] = True
+        self.index, self.valid = self.index.to(device), self.valid.to(device)
+        keep = torch.ones(longest, longest, dtype=torch.bool, device=device).tril() & self.valid[:, None, :]
+        self.bias = torch.zeros(keep.shape, device=device).masked_fill_(~keep, torch.finfo(torch.float32).min)
+        self.bias = self.bias.view(len(starts), 1, 1, longest, longest)
+
+
+_LAST: list = [None, None]  # (weak reference to the last mask examined, what it held): one look per forward
+
+
+def _packed(mask: torch.Tensor | None) -> _Packed | None:
+    """The examples of packed rows, where ``mask`` is exactly block-diagonal causal (transformers'
+    mask for rows whose ``position_ids`` restart: :mod:`peftlab.data.packing`); ``None`` for any
+    other mask. A forward's layers share one mask tensor, so it is examined once (a weak reference
+    to it: a later mask is another object, whatever memory it reuses)."""
+    import weakref
+
+    if mask is None or mask.dtype != torch.bool or mask.dim() != 4 or mask.shape[1] != 1 or mask.shape[2] != mask.shape[3]:
+        return None
+    if _LAST[0] is not None and _LAST[0]() is mask:
+        return _LAST[1]
+    found = _segments(mask)
+    _LAST[0], _LAST[1] = weakref.ref(mask), found
+    return found
+
+
+def _segments(mask: torch.Tensor) -> _Packed | None:
+    rows, _, s, _ = mask.shape
+    m = mask[:, 0]
+    # a segment starts where a position does not see the one before it
+    breaks = ~m.diagonal(offset=-1, dim1=1, dim2=2)  # (rows, S - 1)
+    starts = []
+    for r in range(rows):
+        cuts = [0, *(breaks[r].nonzero().flatten() + 1).tolist(), s]
+        starts += [(r * s, a, b - a) for a, b in zip(cuts, cuts[1:])]
+    if len(starts) == rows:  # one example a row: the ordinary causal path serves it
+        return None
+    seg = torch.zeros(rows, s, dtype=torch.long, device=mask.device)
+    for i, (offset, a, n) in enumerate(starts):
+        seg[offset // s, a: a + n] = i
+    expected = (seg[:, :, None] == seg[:, None, :]) & torch.ones(s, s, dtype=torch.bool, device=mask.device).tril()
+    if not torch.equal(expected, m):
+        return None
+    return _Packed(starts, mask.device)
+
+
+def _attend_packed(q, k, v, packed: _Packed, scale) -> torch.Tensor:
+    """Attention within each example of packed rows, as a batch of examples: q, k and v
+    (rows, heads, S, D) are gathered into (examples, heads, longest, D), attended under each
+    example's causal mask, and the outputs scattered back to (rows, S, heads, D). The products
+    cover each example's own square, not the rows' (a packed row of 8 examples of 125 tokens: an
+    eighth of the row's)."""
+    rows, h, s, d = q.shape
+
+    def gather(t):
+        flat = t.transpose(1, 2).reshape(rows * s, t.shape[1], d)
+        flat = torch.cat([flat, flat.new_zeros(1, t.shape[1], d)])  # the padding's index: rows * s
+        idx = torch.where(packed.valid, packed.index, rows * s)
+        return flat[idx].transpose(1, 2)  # (examples, heads, longest, D)
+
+    qs, ks, vs = gather(q), gather(k), gather(v)
+    out = _Attention.apply(qs, ks, vs, packed.bias, scale) if torch.is_grad_enabled() else _attend(qs, ks, vs, packed.bias, scale)
+    # every position is in one segment, and segments run in row order: their real positions, in order, are the rows'
+    return out.transpose(1, 2)[packed.valid].view(rows, s, h, d)
 
 
 def register() -> None:

@@ -67,6 +67,10 @@ class Adapter(Configurable, ABC):
     - ``mergeable``: :meth:`merge` can fold the adapter into a float base (LoRA, IA3, DoRA);
     - ``supports_grad_checkpointing``: whether it trains with activation checkpointing (a KV prefix
       passed through the cache does not: transformers drops the cache inside checkpointed layers);
+    - ``supports_packing``: whether it trains on packed rows, several examples sharing a row
+      (``train.packing``); an adapter that adds anything every position of a row sees (a key/value
+      prefix passed through the cache, for which transformers builds no packed mask) sets it
+      ``False``, and training then pads instead;
     - ``reads_base_weights``: the method reads its target layers' frozen weights outside their
       forward (DoRA's weight norms), so the engine keeps those layers in the model's dtype when it
       stores the other frozen linear weights in the compute dtype (``train.frozen_dtype``);
@@ -77,6 +81,7 @@ class Adapter(Configurable, ABC):
     size_setting: ClassVar[str | None] = None
     mergeable: ClassVar[bool] = False
     supports_grad_checkpointing: ClassVar[bool] = True
+    supports_packing: ClassVar[bool] = True
     reads_base_weights: ClassVar[bool] = False
     #: the module class that wraps each adapted layer (its frozen layer as ``base_layer``, a
     #: ``merged`` flag and ``fold(sign)``), where the adapter has one: merging and unloading then

@@ -218,3 +218,56 @@ def test_only_sdpa_models_are_switched_and_restored():
 def test_a_bad_setting_is_named():
     with pytest.raises(ValidationError, match="train.attention"):
         TrainConfig(attention="flash")
+
+
+def packed_mask(gen, rows, s):
+    """transformers' mask for packed rows: block-diagonal causal, random segment lengths per row."""
+    seg = torch.zeros(rows, s, dtype=torch.long)
+    for r in range(rows):
+        cuts = sorted(set(torch.randint(1, s, (int(torch.randint(1, 5, (), generator=gen)),), generator=gen).tolist()))
+        for c in cuts:
+            seg[r, c:] += 1
+    return ((seg[:, :, None] == seg[:, None, :]) & torch.ones(s, s, dtype=torch.bool).tril())[:, None]
+
+
+@pytest.mark.parametrize("heads,kv", [(4, 4), (9, 3)])
+def test_packed_rows_attend_per_example_with_the_masks_values_and_gradients(heads, kv, gen, monkeypatch):
+    """A block-diagonal causal mask (packed rows) is computed example by example, on each example's
+    own square: the same outputs and gradients as SDPA under the whole mask (float64 reference)."""
+    from peftlab.kernels import attention as module
+
+    rows, s, d = 2, int(torch.randint(6, 40, (), generator=gen)), 8
+    mask = packed_mask(gen, rows, s)
+    assert module._packed(mask) is not None and module._packed(mask) is module._packed(mask)  # looked at once
+    q = torch.randn(rows, heads, s, d, generator=gen, requires_grad=True)
+    k = torch.randn(rows, kv, s, d, generator=gen, requires_grad=True)
+    v = torch.randn(rows, kv, s, d, generator=gen, requires_grad=True)
+    grad = torch.randn(rows, s, heads, d, generator=gen)
+    dense = []
+    monkeypatch.setattr(module, "_Attention", type("Spy", (), {"apply": lambda *a: dense.append(a[0].shape) or
+                                                                _Attention.apply(*a)}))
+    out, _ = attention_forward(torch.nn.Module(), q, k, v, mask, scaling=0.3)
+    assert dense and dense[0][2] < s  # the per-example square, not the row's
+    out.backward(grad)
+    got = [out.detach(), q.grad, k.grad, v.grad]
+    q.grad = k.grad = v.grad = None
+    ref = sdpa(*(x.double() for x in (q, k, v)), mask, False, 0.3).transpose(1, 2)
+    ref.backward(grad.double())
+    for name, a, r in zip(["out", "dq", "dk", "dv"], got, [ref.detach(), q.grad, k.grad, v.grad]):
+        torch.testing.assert_close(a.double(), r.double(), rtol=1e-4, atol=1e-4, msg=name)
+
+
+def test_only_an_exactly_block_diagonal_mask_counts_as_packed(gen):
+    from peftlab.kernels.attention import _packed
+
+    s = 12
+    causal = torch.ones(s, s, dtype=torch.bool).tril()[None, None].expand(2, 1, s, s)
+    assert _packed(causal) is None  # one example a row
+    padded = padding_mask(gen, 2, s, s)
+    padded[0, 0, :, 0] = False  # at least one padded key, so no row is plain causal
+    assert _packed(padded) is None  # padded rows: their padding queries see nothing, not themselves
+    mask = packed_mask(gen, 2, s)
+    leaky = mask.clone()
+    r, i, j = torch.nonzero(~mask[:, 0] & torch.ones(s, s, dtype=torch.bool).tril())[0].tolist()
+    leaky[r, 0, i, j] = True  # one position that sees an earlier example
+    assert _packed(mask) is not None and _packed(leaky) is None
