@@ -10,12 +10,20 @@ allocator reuses, and the only full-size thing kept for backward is those bf16 l
 plain path keeps an fp32 log-softmax, twice the size). The numbers are the plain path's: the same
 bf16 matmul under autocast, log-sum-exp and softmax in fp32, the gradient rounded to the logits'
 dtype before it meets the head's weight.
+
+Where bf16 products run as fp32 GEMMs (:func:`peftlab.kernels.precision.bf16_matmuls` on a CPU
+without bf16 units), each chunk's product would widen the whole head weight again (SmolLM2: 28M
+values, 113 MB of fresh fp32 per chunk, forward and backward; 1.1 s of a 12.5 s LoRA step on the
+2-core EPYC). There the weight is widened once per pass and every chunk multiplies with it: the
+same GEMMs on the same values, so the same bits.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from peftlab.kernels.precision import routes_bf16_via_fp32
 
 #: rows of logits per chunk: 64 x 49,152 bf16 is 6 MB, far below glibc's 32 MB mmap threshold
 CHUNK = 64
@@ -28,8 +36,9 @@ class _HeadLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, chunk):
         logits, total = [], hidden.new_zeros((), dtype=torch.float32)
+        product = _widened_once(weight, bias)
         for rows in range(0, hidden.shape[0], chunk):
-            z = F.linear(hidden[rows: rows + chunk], weight, bias)
+            z = product(hidden[rows: rows + chunk]) if product else F.linear(hidden[rows: rows + chunk], weight, bias)
             t = targets[rows: rows + chunk]
             zf = z.float()
             total += (torch.logsumexp(zf, -1) - zf.gather(1, t[:, None]).squeeze(1)).sum()
@@ -45,6 +54,7 @@ class _HeadLoss(torch.autograd.Function):
         want_h, want_w, want_b = ctx.needs_input_grad[:3]
         dtype = logits[0].dtype  # the matmul's (autocast's) dtype
         w = weight.to(dtype)
+        wide = w.float() if dtype == torch.bfloat16 and routes_bf16_via_fp32() else None
         grad_h = torch.empty_like(hidden) if want_h else None
         grads = []  # of the logits, per chunk (kept only for the weight's and bias's gradients)
         scale = grad.float() / n
@@ -54,7 +64,7 @@ class _HeadLoss(torch.autograd.Function):
             g[torch.arange(z.shape[0], device=z.device), targets[rows]] -= 1
             g = g.mul_(scale).to(dtype)
             if want_h:
-                grad_h[rows] = g @ w
+                grad_h[rows] = (g.float() @ wide).to(dtype) if wide is not None else g @ w
             if want_w or want_b:
                 grads.append(g)
         grad_w = grad_b = None
@@ -63,6 +73,23 @@ class _HeadLoss(torch.autograd.Function):
             grad_w = (g.t() @ hidden.to(dtype)).to(weight.dtype) if want_w else None
             grad_b = g.float().sum(0).to(bias.dtype) if want_b else None
         return grad_h, grad_w, grad_b, None, None
+
+
+def _widened_once(weight: torch.Tensor, bias: torch.Tensor | None):
+    """Where autocast's bf16 product of a chunk with ``weight`` would run as an fp32 GEMM, a function
+    computing exactly that with ``weight`` widened once: rows rounded to bf16 and widened, one fp32
+    GEMM, the result rounded to bf16. ``None`` elsewhere (and with a bias: the plain path)."""
+    if bias is not None or not torch.is_autocast_enabled("cpu") or weight.device.type != "cpu":
+        return None
+    if torch.get_autocast_dtype("cpu") != torch.bfloat16 or not routes_bf16_via_fp32():
+        return None
+    wide = weight.to(torch.bfloat16).float().t()
+
+    def product(rows: torch.Tensor) -> torch.Tensor:
+        with torch.autocast("cpu", enabled=False):
+            return torch.mm(rows.to(torch.bfloat16).float(), wide).to(torch.bfloat16)
+
+    return product
 
 
 def head_loss(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor, chunk: int = CHUNK) -> torch.Tensor:

@@ -78,6 +78,14 @@ def bf16_matmuls(precision: str, device: torch.device):
             yield kind
 
 
+def routes_bf16_via_fp32() -> bool:
+    """Whether bf16 matrix products run as fp32 GEMMs here and now (inside :func:`bf16_matmuls`
+    on a CPU without bf16 units), for code that can widen an operand once instead of per product."""
+    from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
+
+    return any(isinstance(m, _Bf16ViaFp32) for m in _get_current_dispatch_mode_stack())
+
+
 def bf16_matmul_kind(precision: str, device: torch.device) -> str:
     """How :func:`bf16_matmuls` runs bf16 matrix products on ``device`` under ``precision``."""
     if precision != "bf16" or device.type != "cpu":

@@ -58,3 +58,27 @@ def test_other_heads_take_the_plain_path(gen):
     head = torch.nn.Sequential(torch.nn.Linear(8, 20))
     hidden, targets = torch.randn(5, 8, generator=gen), torch.randint(0, 20, (5,), generator=gen)
     assert torch.equal(head_loss(head, hidden, targets), F.cross_entropy(head(hidden).float(), targets))
+
+
+@pytest.mark.parametrize("train_weight", [False, True])
+def test_widening_the_weight_once_gives_the_routed_products_bits(train_weight, gen, monkeypatch):
+    """Where bf16 products run as fp32 GEMMs (forced here with the routing mode itself, whatever the
+    CPU), the head's weight is widened once per pass instead of per chunk: the same loss and
+    gradients, bit for bit."""
+    from peftlab.kernels import head_loss as module
+    from peftlab.kernels.precision import _Bf16ViaFp32
+
+    head, hidden, targets = case(gen, 30, train_weight, with_bias=False)
+    head.to(torch.bfloat16)  # a frozen head as a cell stores it
+    widened = []
+    real = module._widened_once
+    monkeypatch.setattr(module, "_widened_once", lambda w, b: widened.append(real(w, b)) or widened[-1])
+    with _Bf16ViaFp32():
+        once = loss_and_grads(head, hidden, targets, "bf16", chunked=True)
+        monkeypatch.setattr(module, "routes_bf16_via_fp32", lambda: False)
+        monkeypatch.setattr(module, "_widened_once", lambda w, b: None)
+        per_chunk = loss_and_grads(head, hidden, targets, "bf16", chunked=True)
+    assert widened and widened[0] is not None  # the first pass did widen once
+    assert torch.equal(once[0], per_chunk[0])
+    for a, b in zip(once[1], per_chunk[1]):
+        assert torch.equal(a, b)
