@@ -5,7 +5,8 @@
   path, including its quirks: an empty output counts as one empty token, and an output shorter
   than n subtracts from the n-gram total as the scorer's does.
 - ``meteor``: METEOR 1.5 (``-l en -norm``), the jar pycocoevalcap ships, on COCO's PTB tokens; x100.
-  Needs Java: without it the metric is refused when built, before any training.
+  Needs Java: without it the metric is refused when built, before any training. Its JVM starts
+  once per process and stays (:class:`MeteorJVM`).
 - ``cider``: CIDEr-D as pycocoevalcap computes it (n=4, sigma=6, document frequencies from the
   scored corpus's references), on COCO's PTB tokens.
 - ``rougeL-e2e``: COCO's ROUGE-L (max precision and max recall over references, beta 1.2) on PTB
@@ -19,11 +20,16 @@ of its rules elsewhere (see :func:`peftlab.ptb_tokenize`); every score's setting
 
 from __future__ import annotations
 
+import atexit
+import functools
 import math
 import re
 import shutil
+import subprocess
+import threading
 from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 from peftlab import ComponentSpec, Metric, hookimpl, option
@@ -48,15 +54,28 @@ def mteval_tokens(text: str) -> list[str]:
     return re.sub(r"\s+", " ", text).strip().lower().split(" ")
 
 
+@functools.lru_cache(maxsize=200_000)
+def _mteval_tokens_of(text: str) -> tuple[str, ...]:
+    """A reference's tokens, remembered: the same references are scored in every cell of a sweep."""
+    return tuple(mteval_tokens(text))
+
+
 def ngrams(tokens: list[str], n: int) -> Counter:
     return Counter(tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1))
 
 
 def clipped_hits(pred: list[str], refs: list[list[str]], n: int) -> Counter:
+    return ngrams(pred, n) & _most(tuple(map(tuple, refs)), n)
+
+
+@functools.lru_cache(maxsize=50_000)
+def _most(refs: tuple[tuple[str, ...], ...], n: int) -> Counter:
+    """Each n-gram's largest count over ``refs``: BLEU and NIST both clip by it, for every output
+    scored against the same references (kept: a sweep scores every cell against the same ones)."""
     best: Counter = Counter()
     for ref in refs:
-        best |= ngrams(ref, n)  # max count of each n-gram over the references
-    return ngrams(pred, n) & best
+        best |= ngrams(list(ref), n)
+    return best
 
 
 def mteval_bleu(preds: list[list[str]], refs: list[list[list[str]]], max_n: int = 4) -> float:
@@ -97,19 +116,26 @@ def mteval_nist(preds: list[list[str]], refs: list[list[list[str]]], max_n: int 
     return penalty * total
 
 
+def lcs_length(a: list[str], b: list[str]) -> int:
+    """The longest common subsequence's length, bit-parallel (Hyyrö 2004): one bit per position of
+    ``a`` and a few integer operations per token of ``b``, instead of a table of len(a) x len(b)."""
+    where: dict[str, int] = {}
+    for i, x in enumerate(a):
+        where[x] = where.get(x, 0) | (1 << i)
+    full = (1 << len(a)) - 1
+    v = full
+    for y in b:
+        u = v & where.get(y, 0)
+        v = ((v + u) | (v - u)) & full
+    return len(a) - v.bit_count()
+
+
 def coco_rouge_l(cand: list[str], refs: list[list[str]], beta: float = 1.2) -> float:
-    def lcs(a: list[str], b: list[str]) -> int:
-        prev = [0] * (len(b) + 1)
-        for x in a:
-            cur = [0]
-            for j, y in enumerate(b):
-                cur.append(prev[j] + 1 if x == y else max(prev[j + 1], cur[j]))
-            prev = cur
-        return prev[-1]
     # COCO splits the joined tokens on " ": an empty text is one empty token
     cand = cand or [""]
-    p = max(lcs(cand, r or [""]) / len(cand) for r in refs)
-    r = max(lcs(cand, r or [""]) / len(r or [""]) for r in refs)
+    common = [(lcs_length(cand, r or [""]), len(r or [""])) for r in refs]
+    p = max(n / len(cand) for n, _ in common)
+    r = max(n / length for n, length in common)
     return (1 + beta**2) * p * r / (r + beta**2 * p) if p and r else 0.0
 
 
@@ -122,17 +148,64 @@ def coco_cider(cands: list[list[str]], refs: list[list[list[str]]]) -> float:
     return float(scorer.compute_score()[0])
 
 
-def coco_meteor(cands: list[list[str]], refs: list[list[list[str]]]) -> float:
-    from pycocoevalcap.meteor.meteor import Meteor
+class MeteorJVM:
+    """METEOR 1.5 (the jar pycocoevalcap ships, run as pycocoevalcap runs it: ``-stdio -l en -norm``)
+    started once per process and kept: its start, mostly the paraphrase table's loading, took 11 s
+    on two cores, per call before. The lines are pycocoevalcap's (``SCORE ||| ref ||| ... ||| hyp``
+    per segment, then one ``EVAL``), but written in one go by a second thread while this one reads
+    the answers, where pycocoevalcap waits for each segment's answer before sending the next."""
 
-    meteor = Meteor()  # one JVM for the whole corpus
-    try:
-        gts = {i: [" ".join(r) for r in rs] for i, rs in enumerate(refs)}
-        res = {i: [" ".join(c)] for i, c in enumerate(cands)}
-        return float(meteor.compute_score(gts, res)[0])
-    finally:
-        meteor.meteor_p.kill()
-        meteor.meteor_p.wait()
+    _lock = threading.Lock()
+    _proc: subprocess.Popen | None = None
+
+    @classmethod
+    def _process(cls) -> subprocess.Popen:
+        if cls._proc is None or cls._proc.poll() is not None:
+            import pycocoevalcap.meteor.meteor as module
+
+            folder = Path(module.__file__).parent
+            cls._proc = subprocess.Popen(["java", "-jar", "-Xmx2G", module.METEOR_JAR, "-", "-", "-stdio", "-l", "en",
+                                          "-norm"], cwd=folder, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                         stderr=subprocess.DEVNULL)
+            atexit.register(cls.stop)
+        return cls._proc
+
+    @classmethod
+    def stop(cls) -> None:
+        with cls._lock:
+            if cls._proc is not None and cls._proc.poll() is None:
+                cls._proc.kill()
+                cls._proc.wait()
+            cls._proc = None
+
+    @classmethod
+    def score(cls, hypotheses: list[str], references: list[list[str]]) -> float:
+        """The corpus METEOR of ``hypotheses`` against their ``references`` (joined tokens)."""
+        lines = ["SCORE ||| " + " ||| ".join(rs) + " ||| " + h.replace("|||", "").replace("  ", " ")
+                 for h, rs in zip(hypotheses, references)]
+        with cls._lock:
+            proc = cls._process()
+            try:
+                writer = threading.Thread(target=cls._send, args=(proc, lines))
+                writer.start()
+                stats = [proc.stdout.readline().decode().strip() for _ in lines]
+                writer.join()
+                cls._send(proc, ["EVAL" + "".join(f" ||| {s}" for s in stats)])
+                for _ in lines:  # each segment's score, then the corpus's
+                    proc.stdout.readline()
+                return float(proc.stdout.readline().strip())
+            except (OSError, ValueError):
+                proc.kill()  # a half-read answer would shift every later call's: the next call starts afresh
+                raise
+
+    @staticmethod
+    def _send(proc: subprocess.Popen, lines: list[str]) -> None:
+        proc.stdin.write("".join(line + "\n" for line in lines).encode())
+        proc.stdin.flush()
+
+
+def coco_meteor(cands: list[list[str]], refs: list[list[list[str]]]) -> float:
+    return MeteorJVM.score([" ".join(c) for c in cands], [[" ".join(r) for r in rs] for rs in refs])
 
 
 def check_java(metric: str) -> None:
@@ -171,7 +244,7 @@ class E2EMetric(Metric):
         want = self.WHICH[:5] if self.which == "e2e" else (self.which,)
         if {"bleu", "nist"} & set(want):
             mp = [mteval_tokens(p) for p in predictions]
-            mr = [[mteval_tokens(r) for r in rs] for rs in references]
+            mr = [[list(_mteval_tokens_of(r)) for r in rs] for rs in references]
             if "bleu" in want:
                 out["bleu"] = 100 * mteval_bleu(mp, mr)
             if "nist" in want:

@@ -52,13 +52,26 @@ def ptb_backend(backend: str = "auto") -> str:
     return backend
 
 
+#: texts already tokenized, per backend: a sweep scores the same references in every cell (and
+#: before and after training), and each Java call starts a JVM; at most :data:`REMEMBERED` texts
+_SEEN: dict[tuple[str, str], list[str]] = {}
+REMEMBERED = 200_000
+
+
 def ptb_tokenize(texts: list[str], backend: str = "auto") -> list[list[str]]:
-    """COCO's tokens of each text: PTB-tokenized, lower-cased, punctuation removed."""
-    if ptb_backend(backend) == "java":
-        lines = _java_lines(texts)
-    else:
-        lines = [" ".join(_port(t)) for t in texts]
-    return [[w for w in line.split(" ") if w and w not in COCO_PUNCTUATION] for line in lines]
+    """COCO's tokens of each text: PTB-tokenized, lower-cased, punctuation removed. Texts
+    tokenized before in this process are not tokenized again (each line is tokenized on its own,
+    so a text's tokens do not depend on the others)."""
+    which = ptb_backend(backend)
+    fresh = list(dict.fromkeys(t for t in texts if (which, t) not in _SEEN))
+    if len(_SEEN) + len(fresh) > REMEMBERED:
+        _SEEN.clear()
+        fresh = list(dict.fromkeys(texts))
+    if fresh:
+        lines = _java_lines(fresh) if which == "java" else [" ".join(_port(t)) for t in fresh]
+        for t, line in zip(fresh, lines):
+            _SEEN[(which, t)] = [w for w in line.split(" ") if w and w not in COCO_PUNCTUATION]
+    return [list(_SEEN[(which, t)]) for t in texts]
 
 
 def _java_lines(texts: list[str]) -> list[str]:

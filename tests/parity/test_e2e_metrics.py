@@ -162,3 +162,62 @@ def test_line_breaks_inside_an_output_do_not_shift_the_others(backend):
     """A tiny model's output held a form feed; the Java tokenizer took it for a new line."""
     texts = ["a b\x0cc", "d\re\u2028f", "g\u0085h", "the end"]
     assert ptb_tokenize(texts, backend) == [["a", "b", "c"], ["d", "e", "f"], ["g", "h"], ["the", "end"]]
+
+
+@needs_java
+def test_meteor_keeps_one_jvm_and_each_call_equals_pycocoevalcap(host, rng):
+    """The JVM started once serves later calls (the same process) with each call's scores still
+    pycocoevalcap's; a JVM that died is started again."""
+    from peftlab_plugins.e2e import MeteorJVM
+    from pycocoevalcap.meteor.meteor import Meteor
+
+    metric = host.metrics.build("meteor")
+    pids = []
+    for trial in range(3):
+        preds, refs = corpus(rng, rng.randint(1, 30))
+        (expected,) = coco_pipeline(preds, refs, [Meteor()])
+        assert metric.compute(preds, refs)["meteor"] == pytest.approx(100 * expected, abs=1e-9)
+        pids.append(MeteorJVM._proc.pid)
+        if trial == 1:
+            MeteorJVM._proc.kill()
+            MeteorJVM._proc.wait()
+    assert pids[0] == pids[1] != pids[2]
+
+
+@needs_java
+def test_ptb_tokens_of_a_text_do_not_depend_on_its_batch(rng):
+    """Texts tokenized once are remembered, so a text's tokens must not depend on the texts it was
+    tokenized with: the Java tokenizer on a batch, and on each text alone, agree."""
+    from peftlab.plugin import ptb
+
+    preds, refs = corpus(rng, 12)
+    texts = preds + [r for rs in refs for r in rs]
+    order = list(range(len(texts)))
+    rng.shuffle(order)
+    ptb._SEEN.clear()
+    together = ptb_tokenize(texts, "java")
+    assert ptb_tokenize(texts, "java") == together  # remembered
+    ptb._SEEN.clear()
+    shuffled = ptb_tokenize([texts[i] for i in order], "java")  # each text among other neighbours
+    assert [shuffled[order.index(k)] for k in range(len(texts))] == together
+
+
+def test_bit_parallel_lcs_equals_the_table(rng):
+    """ROUGE-L's longest common subsequence, bit-parallel, against the textbook table on fresh
+    random token lists (small alphabets, so subsequences are long and varied)."""
+    from peftlab_plugins.e2e import lcs_length
+
+    def table(a, b):
+        prev = [0] * (len(b) + 1)
+        for x in a:
+            cur = [0]
+            for j, y in enumerate(b):
+                cur.append(prev[j] + 1 if x == y else max(prev[j + 1], cur[j]))
+            prev = cur
+        return prev[-1]
+
+    for _ in range(2000):
+        alphabet = "abcdefgh"[: rng.randint(1, 8)]
+        a = [rng.choice(alphabet) for _ in range(rng.randint(0, 70))]
+        b = [rng.choice(alphabet) for _ in range(rng.randint(0, 70))]
+        assert lcs_length(a, b) == table(a, b), (a, b)
