@@ -101,7 +101,7 @@ def train(result: TrainResult) -> dict[str, Any]:
             "loss.mean": result.mean_loss, "train.optimizer_note": result.optimizer_note,
             "train.attention_impl": result.attention, "train.lean_norms": result.lean_norms,
             "train.compiled_layers": result.compiled_layers, "train.compiled_from_step": result.compiled_from_step,
-            "train.packed": result.packing, "train.pad_fraction": result.pad_fraction,
+            "train.compile_s": result.compile_s, "train.packed": result.packing, "train.pad_fraction": result.pad_fraction,
             "train.pad_fraction_unpacked": result.pad_fraction_unpacked, "train.tokens_per_step": result.tokens_per_step}
 
 

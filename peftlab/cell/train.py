@@ -139,6 +139,7 @@ class TrainResult:
     lean_norms: int = 0  # RMSNorm modules that ran peftlab.kernels.norm's forward
     compiled_layers: int = 0  # decoder layers that trained compiled (peftlab.kernels.compiled)
     compiled_from_step: int = 0  # the first step they ran compiled (1-based; 0: none did)
+    compile_s: float = 0.0  # what compiling cost: the first compiled step's time over an eager (or later) step's
 
     @property
     def tokens_per_s(self) -> float:
@@ -326,6 +327,8 @@ def train(model, examples: list[tuple[list[int], list[int]]], cfg: TrainConfig, 
     per_epoch = math.ceil(len(examples) / cfg.batch_size)
     micro = 0
     decide, last_step_s = compiled.decide_after(device), 0.0
+    layout = compiled.layout_key(model, cfg.precision, device) if cfg.compile != "off" else None
+    first_compiled_s = None
     bar = tqdm(total=total, desc="train", unit="step", disable=not progress, dynamic_ncols=True)
     try:
         with (attention(model, resolve(cfg.attention, device)) as implementation,
@@ -338,7 +341,7 @@ def train(model, examples: list[tuple[list[int], list[int]]], cfg: TrainConfig, 
             for step in range(total):
                 if ((step == 0 and compile_from_start)
                         or (step == decide and compiled.pays(cfg.compile, device, last_step_s, total - step,
-                                                         cfg.precision))):
+                                                         cfg.precision, cost_s=compiled.known_cost(layout)))):
                     result.compiled_layers = compiling.enter_context(compiled.compiled_layers(model))
                     result.compiled_from_step = step + 1 if result.compiled_layers else 0
                     if result.compiled_layers and result.bf16_matmul == "fp32-gemm":  # inductor's own bf16 products
@@ -373,7 +376,15 @@ def train(model, examples: list[tuple[list[int], list[int]]], cfg: TrainConfig, 
                 optimizer.zero_grad(set_to_none=True)
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
-                last_step_s = time.perf_counter() - start
+                eager_s, last_step_s = last_step_s, time.perf_counter() - start
+                if result.compiled_layers and step + 1 == result.compiled_from_step:
+                    first_compiled_s = last_step_s
+                    if step > 0:  # compiled after eager steps: the compile is what this step took over the last eager one
+                        result.compile_s = max(first_compiled_s - eager_s, 0.0)
+                elif result.compiled_layers and step == result.compiled_from_step and step == 1:
+                    result.compile_s = max(first_compiled_s - last_step_s, 0.0)  # compiled from the start: over the second
+                if result.compile_s and step + 1 in (result.compiled_from_step, result.compiled_from_step + 1):
+                    compiled.remember_cost(layout, result.compile_s)
                 result.seconds += last_step_s
                 result.steps += 1
                 if step == 0:

@@ -28,6 +28,14 @@ bf16 GEMM is the slow reference path: on a 2-core AMD EPYC (AVX2) a 1024x1024 pr
 in bf16 against 70 ms in fp32 (2026-12-05), and the quickstart's cells stepped in 200-270 s
 compiled against 13-22 s eager. ``layers`` still compiles there where asked.
 
+What a compile leaves is kept in peftlab's cache (``$PEFTLAB_CACHE/inductor``: inductor's FX
+graph and kernel caches, keyed by inductor itself by the graph, torch's version and its settings;
+``TORCHINDUCTOR_CACHE_DIR`` set by the user wins), so a sweep's later cells and later sweeps build
+no kernel twice. And what compiling cost is remembered (``compile-costs.json`` beside it, per
+decoder layer class, parameter layout, precision, device type and torch version: what the graph
+depends on): ``auto`` weighs a warm compile's measured cost, not the cold one's, against the steps
+left, so once a layer has compiled on this machine, shorter runs compile too.
+
 Only training compiles: evaluation and generation run the layers as they are.
 """
 
@@ -44,9 +52,10 @@ from torch import nn
 from peftlab.plugin.errors import ValidationError
 
 COMPILE_SETTINGS = ("auto", "layers", "off")
-#: eager training time left (s) from which ``auto`` compiles: the cold compile (about 45 s) is then
-#: under 8% of it and the fused step saves about 11%
+#: eager training time left (s) from which ``auto`` compiles a layer never compiled here: the cold
+#: compile (about :data:`COLD_COMPILE_S`) is then under 8% of it and the fused step saves about 11%
 PAYS_AFTER_S = 600.0
+COLD_COMPILE_S = 45.0
 
 
 @functools.cache
@@ -100,14 +109,95 @@ def decide_after(device: torch.device) -> int:
     return 2 if device.type == "cuda" else 1
 
 
-def pays(setting: str, device: torch.device, step_s: float, steps_left: int, precision: str = "bf16") -> bool:
+def pays(setting: str, device: torch.device, step_s: float, steps_left: int, precision: str = "bf16",
+         cost_s: float | None = None) -> bool:
     """Whether ``auto`` compiles, with ``steps_left`` to go at ``step_s`` each (the last eager step's
-    time): the same rule on CPU and CUDA, the time they would take against :data:`PAYS_AFTER_S`;
-    never where bf16 products run as fp32 GEMMs in eager (see the module's docstring)."""
+    time): the same rule on CPU and CUDA, the time they would take against :data:`PAYS_AFTER_S`,
+    scaled by what compiling costs (``cost_s``, a remembered compile's: :func:`known_cost`; unknown:
+    :data:`COLD_COMPILE_S`); never where bf16 products run as fp32 GEMMs in eager (see the module's
+    docstring)."""
     from peftlab.kernels.precision import bf16_matmul_kind
 
-    return (setting == "auto" and step_s * steps_left >= PAYS_AFTER_S and missing(device) is None
-            and bf16_matmul_kind(precision, device) != "fp32-gemm")
+    cost = COLD_COMPILE_S if cost_s is None else min(max(cost_s, 1.0), COLD_COMPILE_S)
+    return (setting == "auto" and step_s * steps_left >= PAYS_AFTER_S * cost / COLD_COMPILE_S
+            and missing(device) is None and bf16_matmul_kind(precision, device) != "fp32-gemm")
+
+
+def layout_key(model: nn.Module, precision: str, device: torch.device) -> str | None:
+    """What a decoder layer's compiled graph depends on, hashed: its class, its parameters' names,
+    shapes, dtypes and whether they train, the precision, the device type and torch's version.
+    ``None`` for a model without decoder layers."""
+    from peftlab.cachedir import digest
+
+    layers = decoder_layers(model)
+    if not layers:
+        return None
+    layer = layers[0][2]
+    params = [(n, tuple(p.shape), str(p.dtype), p.requires_grad) for n, p in layer.named_parameters()]
+    return digest(type(layer).__qualname__, params, precision, device.type, torch.__version__)
+
+
+def _costs_file():
+    from peftlab.cachedir import cache_root
+
+    root = cache_root()
+    return None if root is None else root / "compile-costs.json"
+
+
+def known_cost(key: str | None) -> float | None:
+    """The seconds compiling ``key``'s layers last cost on this machine, where remembered."""
+    import json
+
+    path = _costs_file()
+    if key is None or path is None or not path.is_file():
+        return None
+    try:
+        value = json.loads(path.read_text()).get(key)
+    except (OSError, ValueError, AttributeError):
+        return None  # a damaged memory is no memory: auto falls back to the cold estimate
+    return float(value) if isinstance(value, (int, float)) else None
+
+
+def remember_cost(key: str | None, seconds: float) -> None:
+    """Keep what compiling ``key``'s layers cost (the first compiled step's time over an eager one's)."""
+    import json
+
+    from peftlab.atomic import write_text_atomic
+
+    path = _costs_file()
+    if key is None or path is None:
+        return
+    try:
+        known = json.loads(path.read_text()) if path.is_file() else {}
+        if not isinstance(known, dict):
+            known = {}
+    except (OSError, ValueError):
+        known = {}
+    known[key] = round(max(seconds, 0.0), 3)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(path, json.dumps(known, indent=1, sort_keys=True))
+    except OSError:
+        pass  # a cache that cannot be written costs the next run a cold estimate, nothing else
+
+
+@contextlib.contextmanager
+def kept_artefacts() -> Iterator[None]:
+    """Inductor's caches in ``$PEFTLAB_CACHE/inductor`` for the block (unless the user set
+    ``TORCHINDUCTOR_CACHE_DIR``, or peftlab's cache is off)."""
+    import os
+
+    from peftlab.cachedir import cache_root
+
+    root = cache_root()
+    if root is None or "TORCHINDUCTOR_CACHE_DIR" in os.environ:
+        yield
+        return
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(root / "inductor")
+    try:
+        yield
+    finally:
+        os.environ.pop("TORCHINDUCTOR_CACHE_DIR", None)
 
 
 def decoder_layers(model: nn.Module) -> list[tuple[nn.Module, str, nn.Module]]:
@@ -138,7 +228,8 @@ def compiled_layers(model: nn.Module, on: bool = True) -> Iterator[int]:
     for parent, name, layer in swapped:
         parent._modules[name] = torch.compile(layer)
     try:
-        yield len(swapped)
+        with kept_artefacts() if swapped else contextlib.nullcontext():
+            yield len(swapped)
     finally:
         for parent, name, layer in swapped:
             parent._modules[name] = layer

@@ -129,7 +129,8 @@ def test_auto_leaves_a_short_run_eager(seed):
 
 def test_auto_compiles_from_the_second_step_when_it_pays(monkeypatch, seed):
     """The decision is taken on the first step's time; the rest of the run trains compiled."""
-    monkeypatch.setattr(compiled, "pays", lambda setting, device, step_s, steps_left, precision="bf16": step_s > 0)
+    monkeypatch.setattr(compiled, "pays", lambda setting, device, step_s, steps_left, precision="bf16", cost_s=None:
+                        step_s > 0)
     entered = []
     real = compiled.compiled_layers
 
@@ -169,3 +170,52 @@ def test_the_command_line_sets_it():
     assert cell_dict(build_parser().parse_args(["run", "--compile", "off"]))["train"]["compile"] == "off"
     with pytest.raises(SystemExit):
         build_parser().parse_args(["run", "--compile", "fused"])
+
+
+def test_a_remembered_compile_lowers_the_bar_auto_compiles_at(monkeypatch):
+    """With no compile remembered, auto weighs the cold cost; once one is, the measured cost: a run
+    as short as its share of the cold one's bar compiles, and no run shorter than a second's worth."""
+    import peftlab.kernels.precision as precision
+
+    monkeypatch.setattr(compiled, "compiler", lambda: "/usr/bin/g++")
+    monkeypatch.setattr(precision, "native_bf16_matmul", lambda: True)
+    bar = compiled.PAYS_AFTER_S
+    assert not compiled.pays("auto", CPU, 1.0, int(bar / 3))
+    warm = compiled.COLD_COMPILE_S / 3
+    assert compiled.pays("auto", CPU, 1.0, int(bar / 3) + 1, cost_s=warm)
+    assert not compiled.pays("auto", CPU, 1.0, int(bar / 3) - 2, cost_s=warm)
+    assert not compiled.pays("auto", CPU, 1.0, 5, cost_s=0.0)  # a cost floored at 1 s: 5 s left do not pay
+    assert not compiled.pays("auto", CPU, 1.0, int(bar) - 2, cost_s=10 * compiled.COLD_COMPILE_S)  # capped at cold
+
+
+def test_compile_costs_are_remembered_per_layer_layout(tmp_path, monkeypatch, seed):
+    monkeypatch.setenv("PEFTLAB_CACHE", str(tmp_path))
+    loaded = load(ModelConfig("tiny-llama"), seed=seed % 1000)
+    key = compiled.layout_key(loaded.model, "bf16", CPU)
+    assert key and key != compiled.layout_key(loaded.model, "fp32", CPU)
+    assert compiled.known_cost(key) is None
+    compiled.remember_cost(key, 12.5)
+    assert compiled.known_cost(key) == 12.5
+    attach(loaded.model, HOST.adapters.build("lora", r=2))  # other trainable parameters: another graph
+    assert compiled.layout_key(loaded.model, "bf16", CPU) != key
+    (tmp_path / "compile-costs.json").write_text("{damaged")
+    assert compiled.known_cost(key) is None  # a damaged memory is none: the cold estimate applies
+    compiled.remember_cost(key, 3.0)
+    assert compiled.known_cost(key) == 3.0
+    monkeypatch.setenv("PEFTLAB_CACHE", "off")
+    assert compiled.known_cost(key) is None
+
+
+def test_compiled_artefacts_go_to_peftlabs_cache_unless_the_user_chose(tmp_path, monkeypatch, seed):
+    import os
+
+    monkeypatch.setenv("PEFTLAB_CACHE", str(tmp_path))
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    monkeypatch.setattr(torch, "compile", lambda module, **kw: module)
+    loaded = load(ModelConfig("tiny-llama"), seed=seed % 1000)
+    with compiled.compiled_layers(loaded.model):
+        assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "inductor")
+    assert "TORCHINDUCTOR_CACHE_DIR" not in os.environ
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "/elsewhere")
+    with compiled.compiled_layers(loaded.model):
+        assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == "/elsewhere"
