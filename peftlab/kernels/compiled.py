@@ -183,21 +183,29 @@ def remember_cost(key: str | None, seconds: float) -> None:
 
 @contextlib.contextmanager
 def kept_artefacts() -> Iterator[None]:
-    """Inductor's caches in ``$PEFTLAB_CACHE/inductor`` for the block (unless the user set
-    ``TORCHINDUCTOR_CACHE_DIR``, or peftlab's cache is off)."""
+    """Inductor's caches in ``$PEFTLAB_CACHE/inductor`` for the block, unless the user chose a
+    folder (``TORCHINDUCTOR_CACHE_DIR`` set to anything but inductor's default, which inductor
+    itself writes into the environment once it has looked) or peftlab's cache is off."""
     import os
+
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
 
     from peftlab.cachedir import cache_root
 
     root = cache_root()
-    if root is None or "TORCHINDUCTOR_CACHE_DIR" in os.environ:
+    before = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    chosen = before is not None and os.path.abspath(before) != os.path.abspath(default_cache_dir())
+    if root is None or chosen:
         yield
         return
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(root / "inductor")
     try:
         yield
     finally:
-        os.environ.pop("TORCHINDUCTOR_CACHE_DIR", None)
+        if before is None:
+            os.environ.pop("TORCHINDUCTOR_CACHE_DIR", None)
+        else:
+            os.environ["TORCHINDUCTOR_CACHE_DIR"] = before
 
 
 def decoder_layers(model: nn.Module) -> list[tuple[nn.Module, str, nn.Module]]:

@@ -216,6 +216,13 @@ def test_compiled_artefacts_go_to_peftlabs_cache_unless_the_user_chose(tmp_path,
     with compiled.compiled_layers(loaded.model):
         assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "inductor")
     assert "TORCHINDUCTOR_CACHE_DIR" not in os.environ
-    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "/elsewhere")
+    from torch._inductor.runtime.cache_dir_utils import cache_dir, default_cache_dir
+
+    cache_dir()  # inductor writes its default into the environment once it has looked: still peftlab's choice
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == os.path.abspath(default_cache_dir())
+    with compiled.compiled_layers(loaded.model):
+        assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "inductor")
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == os.path.abspath(default_cache_dir())
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "/elsewhere")  # the user's own choice wins
     with compiled.compiled_layers(loaded.model):
         assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == "/elsewhere"
