@@ -221,13 +221,14 @@ def lr_lambda(schedule: str, warmup: int, total: int):
 
 
 def packing(model, examples: list, cfg: TrainConfig, device: torch.device, refusal: str | None,
-            implementation: str | None = None) -> tuple[str, int | None]:
-    """What ``train.packing`` comes to: ``("on, rows of up to N tokens", N)`` or ``("off[: why]", None)``.
+            implementation: str | None = None) -> tuple[str, int | str | None]:
+    """What ``train.packing`` comes to: ``("on, ...", row width or "dense")`` or ``("off[: why]", None)``.
     ``auto`` packs where the adapter takes packed rows (``refusal`` is None) and the model keeps
     packed examples apart (:func:`peftlab.cell.packed.leak`). Under an attention that computes each
     example's own square (``peftlab-cpu``, flash attention's variable-length kernels) a micro-batch
     becomes one row, with no padding at all; under one that masks the whole row's square (SDPA,
-    eager), rows as wide as the longest training example, so attention never costs more than padded."""
+    eager), each batch's rows are sized so that neither its positions nor its attention square
+    exceed the padded batch's (:func:`peftlab.data.packing.dense_width`)."""
     if cfg.packing == "off":
         return "off", None
     why = refusal
@@ -237,10 +238,10 @@ def packing(model, examples: list, cfg: TrainConfig, device: torch.device, refus
         why = leak(model, device)
     if why is not None:
         return f"off: {why}", None
-    longest = max(len(ids) for ids, _ in examples)
     per_example = implementation is not None and (implementation == ATTENTION_NAME or implementation.startswith("flash"))
-    width = longest * cfg.batch_size if per_example else longest
-    return f"on, rows of up to {width} tokens", width
+    if per_example:
+        return "on, one row per micro-batch (attention per example)", max(len(ids) for ids, _ in examples) * cfg.batch_size
+    return "on, rows sized per micro-batch (attention over whole rows)", "dense"
 
 
 def checkpointing(model, on: bool) -> None:

@@ -1,9 +1,13 @@
 """Padding-free batches: a micro-batch's examples packed into shared rows.
 
 Padded to its longest example, a batch of 8 E2E-style examples is about a fifth padding, and every
-linear layer multiplies it. Packed, the same examples share rows of one width (the training set's
-longest example): first-fit decreasing puts each example into the first row it fits, so only the
-last row of a batch is short. Each example keeps its own positions (they restart at 0), and the
+linear layer multiplies it. Packed, the same examples share rows: first-fit decreasing puts each
+example into the first row it fits. Under an attention that computes each example's own square
+(``peftlab-cpu``, flash attention's variable-length kernel) a micro-batch is one row, no padding at
+all. Under one that masks a whole row's square (SDPA, eager), :func:`dense_width` sizes each
+batch's rows: the fewest positions among a few widths from the batch's longest example up, keeping
+the attention square no larger than the padded batch's, so a packed batch never costs more than a
+padded one. Each example keeps its own positions (they restart at 0), and the
 first label of each is masked (nothing before it in its row belongs to it, so no position predicts
 it: exactly as the first token of an unpacked row, which no position predicts either). The padding
 that closes the last row is a segment of its own, unlabelled.
@@ -51,6 +55,27 @@ def pack_rows(lengths: list[int], width: int) -> list[list[int]]:
     return rows
 
 
+#: row widths :func:`dense_width` tries, in multiples of the batch's longest example
+DENSE_WIDTHS = (1.0, 1.25, 1.5, 2.0, 3.0, 4.0)
+
+
+def dense_width(lengths: list[int]) -> int:
+    """The row width for a batch of ``lengths`` under an attention that masks whole rows: of the
+    widths in :data:`DENSE_WIDTHS`, the one giving the fewest positions (rows x the fullest row)
+    whose attention (rows x width²) is at most the padded batch's (examples x longest²). The
+    longest itself always qualifies, and never takes more positions than padding does."""
+    longest = max(lengths)
+    budget = len(lengths) * longest**2
+    best = None
+    for m in DENSE_WIDTHS:
+        width = int(longest * m)
+        rows = pack_rows(lengths, width)
+        used = max(sum(lengths[i] for i in row) for row in rows)
+        if len(rows) * used**2 <= budget and (best is None or len(rows) * used < best[0]):
+            best = (len(rows) * used, width)
+    return best[1]
+
+
 def pack_batch(examples: list[Example], pad_id: int, width: int) -> dict[str, torch.Tensor]:
     """``examples`` packed into rows of ``width`` (:func:`pack_rows`), trimmed to the fullest row:
     ``input_ids``, ``position_ids`` (restarting at each example and at the closing padding) and
@@ -88,16 +113,21 @@ class Batch:
 
 
 def batches(examples: list[Example], batch_size: int, generator: torch.Generator, pad_id: int,
-            pack_width: int | None = None) -> Iterator[Batch]:
+            pack_width: int | str | None = None) -> Iterator[Batch]:
     """Endless shuffled micro-batches (a fresh permutation per epoch; the last partial batch of an
-    epoch is kept), padded to their longest example, or packed into rows of ``pack_width``. The
-    permutation is the same either way, so both hold the same examples step by step."""
+    epoch is kept), padded to their longest example, or packed into rows of ``pack_width`` tokens
+    (``"dense"``: each batch's :func:`dense_width`). The permutation is the same either way, so
+    both hold the same examples step by step."""
     epoch = 0
     while True:
         order = torch.randperm(len(examples), generator=generator).tolist()
         for i in range(0, len(order), batch_size):
             chosen = [examples[j] for j in order[i: i + batch_size]]
             longest = max(len(x) for x, _ in chosen)
-            inputs = pad_batch(chosen, pad_id) if pack_width is None else pack_batch(chosen, pad_id, pack_width)
+            if pack_width is None:
+                inputs = pad_batch(chosen, pad_id)
+            else:
+                width = dense_width([len(x) for x, _ in chosen]) if pack_width == "dense" else pack_width
+                inputs = pack_batch(chosen, pad_id, width)
             yield Batch(inputs, epoch, sum(len(x) for x, _ in chosen), longest * len(chosen))
         epoch += 1

@@ -132,7 +132,7 @@ def test_training_packed_records_the_padding_it_saved(seed):
     model = model_with_lora("tiny-llama", seed)
     padded = train(model, examples, TrainConfig(**{**cfg.__dict__, "packing": "off"}), pad_id=0, device=CPU,
                    progress=False)
-    assert packed.packing == f"on, rows of up to {8 * max(len(x) for x, _ in examples)} tokens" and padded.packing == "off"
+    assert packed.packing == "on, one row per micro-batch (attention per example)" and padded.packing == "off"
     assert packed.tokens == padded.tokens and packed.tokens_per_step == padded.tokens / 3
     assert packed.pad_fraction_unpacked == padded.pad_fraction == padded.pad_fraction_unpacked > 0.2
     assert packed.pad_fraction < padded.pad_fraction and packed.max_batch_positions < padded.max_batch_positions
@@ -160,3 +160,12 @@ def test_packing_is_a_checked_setting():
 
     with pytest.raises(ValidationError, match="train.packing.*'on'.*one of auto, off"):
         TrainConfig(packing="on")
+
+
+def test_under_an_attention_over_whole_rows_batches_pack_no_wider_than_padded(seed):
+    model = model_with_lora("tiny-llama", seed)
+    examples = examples_of(torch.Generator().manual_seed(seed), 40, 200)
+    result = train(model, examples, TrainConfig(steps=3, batch_size=8, attention="model"), pad_id=0, device=CPU,
+                   progress=False)
+    assert result.attention == "sdpa" and result.packing == "on, rows sized per micro-batch (attention over whole rows)"
+    assert result.pad_fraction <= result.pad_fraction_unpacked

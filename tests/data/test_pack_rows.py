@@ -60,9 +60,13 @@ def test_a_packed_batch_holds_each_example_with_its_own_positions_and_labels(rng
     assert int((labels[:, 1:] != IGNORE).sum()) == sum(sum(t != IGNORE for t in y[1:]) for _, y in examples)
 
 
-def test_packed_and_padded_streams_hold_the_same_examples_step_by_step(rng, seed):
+@pytest.mark.parametrize("mode", ["one row", "dense"])
+def test_packed_and_padded_streams_hold_the_same_examples_step_by_step(rng, seed, mode):
+    """As training packs (one row per micro-batch, or rows sized per batch): the same examples as
+    the padded stream, never more positions. (A fixed row width could take more: [20, 20, 19] in
+    rows of 40 is 2 x 40 positions against 3 x 20 padded.)"""
     examples = random_examples(rng, 37)
-    width = max(len(x) for x, _ in examples)
+    width = 8 * max(len(x) for x, _ in examples) if mode == "one row" else "dense"
     padded = batches(examples, 8, torch.Generator().manual_seed(seed), pad_id=0)
     packed = batches(examples, 8, torch.Generator().manual_seed(seed), pad_id=0, pack_width=width)
     for _ in range(12):  # past an epoch's end (37 = 4 x 8 + 5)
@@ -77,3 +81,28 @@ def test_packed_and_padded_streams_hold_the_same_examples_step_by_step(rng, seed
             starts = [k for k in range(len(p)) if p[k] == 0] + [len(p)]
             theirs += [tuple(row[s:e].tolist()) for s, e in zip(starts, starts[1:])]
         assert mine == sorted(t for t in theirs if any(t))  # the closing padding (all pad ids) left out
+
+
+def test_dense_rows_never_take_more_positions_or_attention_than_padding(rng):
+    from peftlab.data.packing import dense_width
+
+    for _ in range(200):
+        lengths = [rng.randint(1, 200) for _ in range(rng.randint(1, 16))]
+        width = dense_width(lengths)
+        rows = pack_rows(lengths, width)
+        used = max(sum(lengths[i] for i in row) for row in rows)
+        longest = max(lengths)
+        assert width >= longest
+        assert len(rows) * used <= len(lengths) * longest  # positions: at most the padded batch's
+        assert len(rows) * used**2 <= len(lengths) * longest**2  # the attention square: likewise
+    # short examples beside a long one share its width
+    assert len(pack_rows([100, 40, 40, 30, 30], dense_width([100, 40, 40, 30, 30]))) < 5
+
+
+def test_a_dense_stream_sizes_each_batch(rng, seed):
+    examples = random_examples(rng, 30)
+    padded = batches(examples, 8, torch.Generator().manual_seed(seed), pad_id=0)
+    dense = batches(examples, 8, torch.Generator().manual_seed(seed), pad_id=0, pack_width="dense")
+    for _ in range(6):
+        a, b = next(padded), next(dense)
+        assert a.tokens == b.tokens and b.positions <= a.positions
