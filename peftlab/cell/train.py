@@ -329,7 +329,7 @@ def train(model, examples: list[tuple[list[int], list[int]]], cfg: TrainConfig, 
     micro = 0
     decide, last_step_s = compiled.decide_after(device), 0.0
     layout = compiled.layout_key(model, cfg.precision, device) if cfg.compile != "off" else None
-    first_compiled_s = None
+    step_times: list[float] = []
     bar = tqdm(total=total, desc="train", unit="step", disable=not progress, dynamic_ncols=True)
     try:
         with (attention(model, resolve(cfg.attention, device)) as implementation,
@@ -377,15 +377,12 @@ def train(model, examples: list[tuple[list[int], list[int]]], cfg: TrainConfig, 
                 optimizer.zero_grad(set_to_none=True)
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
-                eager_s, last_step_s = last_step_s, time.perf_counter() - start
-                if result.compiled_layers and step + 1 == result.compiled_from_step:
-                    first_compiled_s = last_step_s
-                    if step > 0:  # compiled after eager steps: the compile is what this step took over the last eager one
-                        result.compile_s = max(first_compiled_s - eager_s, 0.0)
-                elif result.compiled_layers and step == result.compiled_from_step and step == 1:
-                    result.compile_s = max(first_compiled_s - last_step_s, 0.0)  # compiled from the start: over the second
-                if result.compile_s and step + 1 in (result.compiled_from_step, result.compiled_from_step + 1):
-                    compiled.remember_cost(layout, result.compile_s)
+                last_step_s = time.perf_counter() - start
+                step_times.append(last_step_s)
+                if result.compiled_layers and len(step_times) == compiled.costed_after(result.compiled_from_step):
+                    result.compile_s = compiled.compile_cost(step_times, result.compiled_from_step)
+                    if result.compile_s:
+                        compiled.remember_cost(layout, result.compile_s)
                 result.seconds += last_step_s
                 result.steps += 1
                 if step == 0:

@@ -130,13 +130,13 @@ def attention_forward(module, query, key, value, attention_mask, dropout: float 
 
 class _Packed:
     """Where a packed row's examples lie: ``index`` (segments x longest) holds each segment's
-    positions in the flattened (rows x S) tokens, padded with the index of an extra zero row;
-    ``valid`` the same shape, True at real positions; ``bias`` the segments' causal mask with their
-    padding keys masked, (segments, 1, 1, L, L)."""
+    positions in the flattened (``total`` = rows x S) tokens, padded with ``total``, the index of an
+    extra zero row; ``valid`` the same shape, True at real positions; ``bias`` the segments' causal
+    mask with their padding keys masked, (segments, 1, 1, L, L)."""
 
-    def __init__(self, starts: list[tuple[int, int, int]], device) -> None:
+    def __init__(self, starts: list[tuple[int, int, int]], total: int, device) -> None:
         longest = max(n for _, _, n in starts)
-        self.index = torch.empty(len(starts), longest, dtype=torch.long)
+        self.index = torch.full((len(starts), longest), total, dtype=torch.long)
         self.valid = torch.zeros(len(starts), longest, dtype=torch.bool)
         for i, (row_offset, start, n) in enumerate(starts):
             self.index[i, :n] = torch.arange(row_offset + start, row_offset + start + n)
@@ -183,7 +183,7 @@ def _segments(mask: torch.Tensor) -> _Packed | None:
     expected = (seg[:, :, None] == seg[:, None, :]) & torch.ones(s, s, dtype=torch.bool, device=mask.device).tril()
     if not torch.equal(expected, m):
         return None
-    return _Packed(starts, mask.device)
+    return _Packed(starts, rows * s, mask.device)
 
 
 def _attend_packed(q, k, v, packed: _Packed, scale) -> torch.Tensor:
@@ -197,8 +197,7 @@ def _attend_packed(q, k, v, packed: _Packed, scale) -> torch.Tensor:
     def gather(t):
         flat = t.transpose(1, 2).reshape(rows * s, t.shape[1], d)
         flat = torch.cat([flat, flat.new_zeros(1, t.shape[1], d)])  # the padding's index: rows * s
-        idx = torch.where(packed.valid, packed.index, rows * s)
-        return flat[idx].transpose(1, 2)  # (examples, heads, longest, D)
+        return flat[packed.index].transpose(1, 2)  # (examples, heads, longest, D)
 
     qs, ks, vs = gather(q), gather(k), gather(v)
     out = _Attention.apply(qs, ks, vs, packed.bias, scale) if torch.is_grad_enabled() else _attend(qs, ks, vs, packed.bias, scale)

@@ -123,6 +123,20 @@ def pays(setting: str, device: torch.device, step_s: float, steps_left: int, pre
             and missing(device) is None and bf16_matmul_kind(precision, device) != "fp32-gemm")
 
 
+def costed_after(compiled_from_step: int) -> int:
+    """After how many steps :func:`compile_cost` can tell what compiling cost: the first compiled
+    one (1-based ``compiled_from_step``) after eager steps; the second when compiled from the first."""
+    return max(compiled_from_step, 2)
+
+
+def compile_cost(step_times: list[float], compiled_from_step: int) -> float:
+    """What compiling cost, from the steps' times: the first compiled step's time over the last eager
+    step's, or, compiled from the first step, over the second's (never below 0)."""
+    first = compiled_from_step - 1
+    other = first - 1 if first > 0 else 1
+    return max(step_times[first] - step_times[other], 0.0)
+
+
 def layout_key(model: nn.Module, precision: str, device: torch.device) -> str | None:
     """What a decoder layer's compiled graph depends on, hashed: its class, its parameters' names,
     shapes, dtypes and whether they train, the precision, the device type and torch's version.

