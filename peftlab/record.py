@@ -180,6 +180,8 @@ FIELDS: tuple[Field, ...] = (
     _f("gen.tokens_per_s", "float", "generate", "generated tokens per second", "tokens/s"),
     _f("gen.attention_impl", "str", "generate", "the attention implementation generation ran"),
     _f("gen.packed_linears", "int", "generate", "linear layers that multiplied with weights laid out once"),
+    _f("gen.bf16_matmul", "str", "generate", "how bf16 matrix products ran: native, or fp32-gemm (weights widened "
+       "once) on CPUs without bf16 units"),
     _f("gen.rows_leave", "bool", "generate", "finished rows left the batch"),
     _f("sample.prediction", "str", "generate", "the first evaluation input's prediction"),
     _f("sample.references", "json", "generate", "its references"),

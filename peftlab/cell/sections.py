@@ -117,6 +117,7 @@ def generate(gens: Generations, eval_items: list) -> dict[str, Any]:
     """Generation on the evaluation inputs."""
     return {"gen.tokens": gens.new_tokens, "gen.seconds": gens.seconds, "gen.tokens_per_s": gens.tokens_per_s,
             "gen.attention_impl": gens.attention, "gen.packed_linears": gens.packed_linears,
+            "gen.bf16_matmul": gens.bf16_matmul,
             "gen.rows_leave": gens.rows_leave, "sample.prediction": gens.texts[0],
             "sample.references": json.dumps(list(eval_items[0].references))}
 

@@ -21,8 +21,9 @@ and lets finished rows leave a batch only where that changes no output (the reco
 ``gen.rows_leave``; tested: ``tests/cell/test_generate_batching.py``, ``tests/cell/test_decode.py``).
 
 Greedy decoding runs :func:`peftlab.evaluate.decode.greedy`; on CPU in bf16 the linear layers
-multiply with weights laid out once (:mod:`peftlab.kernels.packed`, the same bits). Beam search
-runs ``transformers.generate``. Inputs are batched longest first.
+multiply with weights laid out once (:mod:`peftlab.kernels.packed`, the same bits), or, on a CPU
+without bf16 matrix units, as fp32 GEMMs with weights widened once (:mod:`peftlab.kernels.widened`,
+the arithmetic training's products have there). Beam search runs ``transformers.generate``. Inputs are batched longest first.
 """
 
 from __future__ import annotations
@@ -73,6 +74,7 @@ class Generations:
     seconds: float = 0.0
     attention: str = ""  # the attention implementation generation ran with
     packed_linears: int = 0  # linear layers that multiplied with weights laid out once (peftlab.kernels.packed)
+    bf16_matmul: str = ""  # native, or fp32-gemm (peftlab.kernels.widened); "" where nothing computes in bf16
     rows_leave: bool | None = None  # greedy: finished rows left their batch (decode.rows_round_alike); beams: None
 
     @property
@@ -117,6 +119,7 @@ def generate(model, tokenizer, items: list[EvalItem], cfg: EvalConfig, *, device
 
     from peftlab.evaluate.decode import greedy, rows_round_alike
     from peftlab.kernels.packed import packed_linears
+    from peftlab.kernels.widened import wanted, widened_linears
 
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     prompts = [prompt_ids(tokenizer, it.instruction, it.context) for it in items]
@@ -125,8 +128,10 @@ def generate(model, tokenizer, items: list[EvalItem], cfg: EvalConfig, *, device
     out = Generations()
     model.eval()
     with attention(model, resolve(cfg.attention, device)) as implementation, \
-            packed_linears(model, compute_dtype(precision), device) as out.packed_linears:
+            packed_linears(model, compute_dtype(precision), device) as out.packed_linears, \
+            widened_linears(model, compute_dtype(precision), device):
         out.attention = implementation or ""
+        out.bf16_matmul = ("fp32-gemm" if wanted(compute_dtype(precision), device) else "native") if precision == "bf16" else ""
         # peftlab-cpu casts keys and values to the autocast dtype: the cache may as well hold them so
         store = compute_dtype(precision) if implementation == NAME and device.type == "cpu" else None
         if cfg.num_beams == 1:

@@ -32,6 +32,8 @@ import contextlib
 
 import torch
 
+from peftlab.kernels.widened import product
+
 NAME = "peftlab-cpu"
 ATTENTION_SETTINGS = ("auto", "model", NAME)
 
@@ -68,7 +70,7 @@ def _attend(q, k, v, bias, scale):
     b, h, s, d = q.shape
     kv, t = k.shape[1], k.shape[2]
     probs = _probs(q, k, bias, scale)
-    return torch.matmul(probs.to(q.dtype).view(b, kv, -1, t), v).view(b, h, s, d)
+    return product(probs.to(q.dtype).view(b, kv, -1, t), v).view(b, h, s, d)
 
 
 def _probs(q, k, bias, scale):
@@ -77,7 +79,7 @@ def _probs(q, k, bias, scale):
     scores), where softmax stays fast."""
     b, h, s, d = q.shape
     kv = k.shape[1]
-    scores = torch.matmul(q.reshape(b, kv, -1, d), k.transpose(-1, -2)).view(b, kv, h // kv, s, -1).float()
+    scores = product(q.reshape(b, kv, -1, d), k.transpose(-1, -2)).view(b, kv, h // kv, s, -1).float()
     scores.mul_(scale)
     return torch.softmax(scores if bias is None else scores.add_(bias), -1)
 

@@ -159,3 +159,22 @@ def test_a_prefix_decodes_as_generate_with_no_deprecated_cache_argument(seed):
                               pad_token_id=tok.pad_token_id)[:, width:].tolist()
         got = greedy(model, ids, mask, 8, None)
     assert got == want
+
+
+def test_rows_leave_a_widened_batch_without_changing_an_output(seed):
+    """LoRA on llama-512x6 in bf16 with every product widened (``peftlab.kernels.widened``, forced):
+    decoding with finished rows leaving, where ``rows_round_alike`` lets them (on the CPU this was
+    written on it does), equals decoding with every row kept."""
+    from peftlab.kernels import widened
+
+    model, tok = bf16_lora("llama-512x6", seed)
+    prompts = prompts_of(tok, 6)
+    ids, mask = left_padded(prompts, padded_width(max(map(len, prompts)), 32), tok.pad_token_id)
+    with widened.widened_linears(model, torch.bfloat16, CPU, force=True), torch.inference_mode(), \
+            torch.autocast("cpu", dtype=torch.bfloat16), attention(model, NAME):
+        alike = rows_round_alike(model, len(prompts))
+        eos = spread_end_token(greedy(model, ids, mask, 12, None, store_dtype=torch.bfloat16))
+        batch = greedy(model, ids, mask, 12, eos, store_dtype=torch.bfloat16, drop_finished=alike)
+        kept = greedy(model, ids, mask, 12, eos, store_dtype=torch.bfloat16, drop_finished=False)
+    print(f"rows round alike under widened products: {alike}")
+    assert batch == kept
