@@ -58,10 +58,10 @@ def test_a_linear_layer_computes_what_trainings_route_computes(gen, seed, bias):
     assert ours.dtype == BF16 and torch.equal(ours, full)  # 32 rows: the mode's own call
     for rows in (1, 2, 3, 5, 7, 11, 12, 13):
         part = x.reshape(-1, fan_in)[:rows]
-        small = inside(layer, lambda: layer(part))
+        small = inside(layer, lambda part=part: layer(part))
         assert small.shape == (rows, fan_out)
         if rows >= widened.PAD_BELOW:
-            assert torch.equal(small, routed(lambda: layer(part)))
+            assert torch.equal(small, routed(lambda part=part: layer(part)))
         assert_close_to_route(small, full.reshape(-1, fan_out)[:rows], part, layer.weight, layer.bias)
 
 
