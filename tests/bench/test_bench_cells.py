@@ -20,9 +20,11 @@ NF4 with double quantization, bf16 compute). Batch 8 x 128 tokens, half of them 
   whole process) and printed beside it.
 - **Generation** (one round = the quickstart's 50 evaluation inputs, greedy, up to 64 new tokens):
   peftlab's ``generate`` at its defaults (its own decoding loop, finished rows leaving the batch,
-  ``peftlab-cpu`` attention, packed linear layers, batches of 64) against peft's model under
+  ``peftlab-cpu`` attention, packed linear layers, or on a CPU without bf16 matrix units fp32
+  GEMMs with weights widened once, batches of 64) against peft's model under
   ``transformers.generate``, batches of 16 padded to their longest prompt (what peftlab did before
-  issue 14). Goal: at least 2x the generated tokens/s. Both hold the same LoRA weights (seeded A and
+  issue 14), in bf16, or in fp32 on a CPU without bf16 matrix units (torch's fastest there; the
+  output says which). Goal: at least 2x the generated tokens/s. Both hold the same LoRA weights (seeded A and
   B). How many of the 50 outputs are the same is printed: they differ by rounding (the attention
   kernel, and in the peer an input's batch-mates' padding, see ``peftlab.evaluate.generate``).
 
@@ -164,8 +166,17 @@ def interleaved_ratio(step, pairs: int = 5) -> float:
     return statistics.median(times[True]) / statistics.median(times[False])
 
 
+def peer_precision() -> str:
+    """bf16 where torch multiplies bf16 with oneDNN's kernels; elsewhere (AVX2 only) fp32, torch's
+    fastest there: its bf16 products fall back to a loop several times slower than fp32 GEMMs."""
+    from peftlab.kernels.precision import native_bf16_matmul
+
+    return "bf16" if native_bf16_matmul() else "fp32"
+
+
 def peer_generate(model, tok, items, max_new_tokens: int, batch_size: int = 16):
-    """What peftlab did before: batches in input order, left-padded to their longest prompt."""
+    """What peftlab did before: batches in input order, left-padded to their longest prompt (in
+    :func:`peer_precision`)."""
     from peftlab.data.prompts import prompt_ids
     from peftlab.evaluate.generate import Generations, left_padded
     from peftlab.kernels.precision import autocast
@@ -178,7 +189,7 @@ def peer_generate(model, tok, items, max_new_tokens: int, batch_size: int = 16):
         width = max(map(len, chunk))
         ids, mask = left_padded(chunk, width, tok.pad_token_id)
         start = time.perf_counter()
-        with torch.inference_mode(), autocast("bf16", CPU):
+        with torch.inference_mode(), autocast(peer_precision(), CPU):
             seq = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=max_new_tokens,
                                  eos_token_id=eos, pad_token_id=tok.pad_token_id, use_cache=True)
         out.seconds += time.perf_counter() - start
@@ -208,7 +219,10 @@ def test_quickstart_generation(benchmark, impl):
     else:
         run = lambda: peer_generate(model, tok, items, 64)  # noqa: E731
     gens = run()  # also the warm-up
-    benchmark.extra_info.update(impl="peftlab" if impl == "peftlab" else "peer", tokens=gens.new_tokens)
+    benchmark.extra_info.update(impl="peftlab" if impl == "peftlab" else "peer", tokens=gens.new_tokens,
+                                precision="bf16" if impl == "peftlab" else peer_precision())
+    print(f"\n{impl}: {gens.new_tokens} tokens, {gens.seconds:.1f} s generating "
+          f"({'bf16, products ' + gens.bf16_matmul if impl == 'peftlab' else peer_precision()})")
     GENERATED[impl] = gens.texts
     benchmark.pedantic(run, rounds=2, iterations=1)
     if len(GENERATED) == 2:

@@ -99,8 +99,15 @@ def test_a_missing_local_path_says_nothing_is_there(tmp_path, monkeypatch, missi
 
 
 def test_an_unreachable_hub_id_is_a_clear_error(monkeypatch):
+    import datasets
+    import huggingface_hub
+
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    # both libraries read the variables when imported: set their constants too, or datasets goes
+    # to the network and waits out its timeouts (23 s)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(ValidationError, match=r"data.source='someone/no-such-dataset'.*hub said"):
         load_splits(DataConfig(source="someone/no-such-dataset"))
 

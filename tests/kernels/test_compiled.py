@@ -20,7 +20,7 @@ HOST = load_host()
 needs_compiler = pytest.mark.skipif(compiled.compiler() is None, reason="no C++ compiler for inductor")
 
 
-def fit(setting, seed, adapter="lora", steps=3):
+def fit(setting, seed, adapter="lora", steps=2):
     torch.manual_seed(seed)
     loaded = load(ModelConfig("tiny-llama"), seed=seed)
     attach(loaded.model, HOST.adapters.build(adapter, **({"r": 4} if adapter == "lora" else {})))
@@ -234,3 +234,57 @@ def test_the_compile_cost_is_the_first_compiled_step_over_an_uncompiled_one():
     # layers, compiled from step 1: the first step over the second, a compiled one that did not compile
     assert compiled.costed_after(1) == 2 and compiled.compile_cost([30.0, 2.0], 1) == 28.0
     assert compiled.compile_cost([5.0, 4.0], 2) == 0.0  # never negative
+
+
+_FRESH_PROCESS = """
+import json, sys
+import torch
+from torch._dynamo.utils import counters
+from peftlab import load_host
+from peftlab.adapt.attach import attach
+from peftlab.cell.models import ModelConfig, load
+from peftlab.cell.train import TrainConfig, train
+from peftlab.data.prompts import encode
+from peftlab.data.sources import DataConfig
+from peftlab.data.splits import load_splits
+
+seed, setting = int(sys.argv[1]), sys.argv[2]
+torch.manual_seed(seed)
+loaded = load(ModelConfig("tiny-llama"), seed=seed)
+attach(loaded.model, load_host().adapters.build("lora", r=4))
+rows, _, _ = load_splits(DataConfig(train_limit=4))
+examples = encode(rows, loaded.tokenizer, 256).examples
+cfg = TrainConfig(steps=2, batch_size=4, lr=1e-3, warmup_steps=0, seed=seed, compile=setting)
+res = train(loaded.model, examples, cfg, pad_id=loaded.tokenizer.pad_token_id, device=torch.device("cpu"), progress=False)
+print(json.dumps({"losses": res.losses, "layers": res.compiled_layers, "hits": counters["inductor"]["fxgraph_cache_hit"],
+                  "misses": counters["inductor"]["fxgraph_cache_miss"]}))
+"""
+
+
+@needs_compiler
+def test_a_step_compiled_from_the_kept_artefacts_equals_the_cold_compile(tmp_path, seed):
+    """Three fresh processes on one tiny-llama LoRA batch (one shape, so one graph): the first compiles
+    cold into ``$PEFTLAB_CACHE/inductor``, the second builds every graph from those artefacts (no
+    inductor miss) and computes the very same losses, bit for bit (the same generated kernels on
+    the same inputs and threads), and both agree with eager training within bf16 tolerance."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    seed %= 1000
+    env = {**os.environ, "PEFTLAB_CACHE": str(tmp_path)}
+    env.pop("TORCHINDUCTOR_CACHE_DIR", None)
+
+    def run(setting):
+        done = subprocess.run([sys.executable, "-c", _FRESH_PROCESS, str(seed), setting], env=env, capture_output=True,
+                              text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return json.loads(done.stdout.strip().splitlines()[-1])
+
+    cold, warm, eager = run("layers"), run("layers"), run("off")
+    assert cold["layers"] == warm["layers"] > 0 and eager["layers"] == 0
+    assert cold["misses"] > 0 and any((tmp_path / "inductor").rglob("*"))
+    assert warm["misses"] == 0 and warm["hits"] > 0
+    assert warm["losses"] == cold["losses"]
+    assert cold["losses"] == pytest.approx(eager["losses"], rel=2e-2)

@@ -107,6 +107,9 @@ def test_only_norms_that_pass_the_check_are_swapped_and_restored():
     assert not any("forward" in vars(m) for m in model.modules())
     with lean_norms(model, on=False) as n:
         assert n == 0
+    with lean_norms(model) as n:  # a forward gone before the block ends (seen once, cause unknown) costs nothing
+        del model.model.norm.forward
+    assert not any("forward" in vars(m) for m in model.modules())
 
 
 def fit(norm, seed, adapter="lora"):
