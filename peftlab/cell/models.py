@@ -258,6 +258,18 @@ def safetensors_folder(name: str) -> str:
     return snapshot_download(name, allow_patterns=["*.json", "*.safetensors"])
 
 
+def no_hub_kernels() -> dict:
+    """``from_pretrained``'s arguments that keep hub kernels out. transformers 5 kernelizes every
+    model it loads with the ``kernels`` library unless told not to, and kernelizes again at each
+    ``model.train()``/``model.eval()`` switch, which resets the forward of the modules it maps
+    (RMSNorm): peftlab's own forwards (:mod:`peftlab.kernels.norm`) vanished at the first switch,
+    and a cell on a loaded model failed after training. peftlab picks its kernels itself (and hub
+    kernels need the network)."""
+    from transformers import PreTrainedModel
+
+    return {"use_kernels": False} if hasattr(PreTrainedModel, "set_use_kernels") else {}
+
+
 def load(cfg: ModelConfig, seed: int = 0, quantizer: Any = None, compute_dtype: torch.dtype = torch.bfloat16,
          trains_base: bool = False) -> Loaded:
     """Load ``cfg``'s model on its device in its dtype (``trains_base``: the adapter will train base
@@ -293,17 +305,18 @@ def load(cfg: ModelConfig, seed: int = 0, quantizer: Any = None, compute_dtype: 
         cached = float_copy = cached_gguf_folder(source, "float32")
         if cached is None:
             tok = AutoTokenizer.from_pretrained(args["folder"], gguf_file=args["gguf_file"])
-            model = AutoModelForCausalLM.from_pretrained(args["folder"], gguf_file=args["gguf_file"], dtype=torch.float32)
+            model = AutoModelForCausalLM.from_pretrained(args["folder"], gguf_file=args["gguf_file"], dtype=torch.float32,
+                                                         **no_hub_kernels())
             float_copy = store_gguf_copy(source, "float32", model, tok)
             if float_copy is not None:  # trained on, the GGUF-loaded model left about 430 MiB
                 del model               # more in use than the copy every later cell reads (measured)
                 gc.collect()
         if float_copy is not None:  # the float copy (an earlier cell's or just stored): the same weights
             tok = AutoTokenizer.from_pretrained(float_copy)
-            model = AutoModelForCausalLM.from_pretrained(float_copy, dtype=torch.float32)
+            model = AutoModelForCausalLM.from_pretrained(float_copy, dtype=torch.float32, **no_hub_kernels())
     else:
         tok = AutoTokenizer.from_pretrained(args["id"])
-        model = AutoModelForCausalLM.from_pretrained(args["id"], dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(args["id"], dtype=dtype, **no_hub_kernels())
         source = args["id"]
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token

@@ -107,9 +107,9 @@ def lean_norms(model: nn.Module, on: bool = True) -> Iterator[int]:
         yield len(swapped)
     finally:
         for module in swapped:
-            # pop, not del: a 50-step SmolLM2-135M full fine-tune (quickstart, 2-core AVX2 EPYC) ended
-            # with a norm's forward already gone and failed the cell after training (not reproduced on
-            # the tiny models; either forward gives the same bits, checked when swapped)
+            # pop, not del: a model kernelized by transformers resets these forwards at every
+            # train/eval switch (peftlab loads without hub kernels: cell.models.no_hub_kernels), and
+            # a user's model may be one; either forward gives the same bits, checked when swapped
             vars(module).pop("forward", None)
 
 

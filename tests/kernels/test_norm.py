@@ -112,6 +112,21 @@ def test_only_norms_that_pass_the_check_are_swapped_and_restored():
     assert not any("forward" in vars(m) for m in model.modules())
 
 
+def test_a_loaded_model_keeps_them_across_train_and_eval(tmp_path):
+    """A model from ``from_pretrained`` (a local folder): transformers would kernelize it and reset
+    the norms' forward at every train/eval switch (as the packing probe makes); peftlab loads
+    without hub kernels, so the swapped forwards stay for the whole block."""
+    built = load(ModelConfig("tiny-llama"))
+    built.model.save_pretrained(tmp_path / "m")
+    built.tokenizer.save_pretrained(tmp_path / "m")
+    model = load(ModelConfig(str(tmp_path / "m"))).model
+    with lean_norms(model) as n:
+        model.train()
+        model.eval()
+        model.train()
+        assert sum("forward" in vars(m) for m in model.modules()) == n > 0
+
+
 def fit(norm, seed, adapter="lora"):
     torch.manual_seed(seed)
     loaded = load(ModelConfig("tiny-llama"), seed=seed)
