@@ -262,6 +262,7 @@ print(json.dumps({"losses": res.losses, "layers": res.compiled_layers, "hits": c
 
 
 @needs_compiler
+@pytest.mark.slow  # three fresh processes, two of them compiling: 1-3 minutes on 2 cores
 def test_a_step_compiled_from_the_kept_artefacts_equals_the_cold_compile(tmp_path, seed):
     """Three fresh processes on one tiny-llama LoRA batch (one shape, so one graph): the first compiles
     cold into ``$PEFTLAB_CACHE/inductor``, the second builds every graph from those artefacts (no
