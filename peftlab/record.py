@@ -34,6 +34,7 @@ STAGES = {
     "generate": "generation on the evaluation inputs",
     "score": "the metrics' scores",
     "keep": "what the cell wrote beside its record",
+    "tune": "a tuning trial's place in its search (trials only; peftlab.sweep.tuner)",
 }
 #: what a record's ``status`` may be
 STATUSES = ("ok", "skipped", "failed")
@@ -158,6 +159,8 @@ FIELDS: tuple[Field, ...] = (
     _f("loss.final", "float", "train", "the last step's training loss"),
     _f("loss.mean", "float", "train", "the mean training loss over the steps"),
     _f("mem.paged_state_bytes", "int", "train", "optimizer state in paged (CUDA managed) memory", "bytes"),
+    _f("train.stopped_at", "int", "train", "the step after which the tuning pruner stopped training (the cell "
+       "then ends unevaluated)"),
     # measure
     _f("mem.peak_bytes", "int", "measure", "the training peak the memory_mode reads, model included", "bytes"),
     _f("mem.peak_kind", "str", "measure", "which reading mem.peak_bytes is"),
@@ -183,6 +186,9 @@ FIELDS: tuple[Field, ...] = (
     _f("gen.bf16_matmul", "str", "generate", "how bf16 matrix products ran: native, or fp32-gemm (weights widened "
        "once) on CPUs without bf16 units"),
     _f("gen.rows_leave", "bool", "generate", "finished rows left the batch"),
+    _f("eval.loss", "float", "score", "the mean cross-entropy per response token over every evaluation input with "
+       "each of its references (eval.loss = true), in training's arithmetic", "nats"),
+    _f("eval.loss_tokens", "int", "score", "the response tokens eval.loss averages over", "tokens"),
     _f("sample.prediction", "str", "generate", "the first evaluation input's prediction"),
     _f("sample.references", "json", "generate", "its references"),
     # score
@@ -191,6 +197,13 @@ FIELDS: tuple[Field, ...] = (
     _f("predictions.file", "str", "keep", "the predictions file (inputs, references, prediction per line)"),
     _f("adapter.saved", "str", "keep", "where the trained adapter was saved"),
     _f("adapter.merged", "str", "keep", "where the base with the adapter merged in was saved"),
+    _f("tune.group", "str", "tune", "the method (grid group) the trial tunes"),
+    _f("tune.trial", "int", "tune", "the trial's number in its study"),
+    _f("tune.study", "str", "tune", "the Optuna study (group, search and machine) in tuning/optuna.journal"),
+    _f("tune.params", "json", "tune", "the searched settings' values this trial ran with"),
+    _f("tune.metric", "str", "tune", "what the trial is judged by: loss (eval.loss) or a metric column"),
+    _f("tune.curve", "json", "tune", "the validation losses it reported to the pruner: [[step, loss], ...]"),
+    _f("tune.note", "str", "tune", "what the trial did differently (not pruned: its study could not be reached)"),
     _f("keep.error", "str", "keep", "what the cell made but could not write (a full disk, a vanished folder), "
        "and where; the record's numbers stand"),
 )

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -110,9 +111,13 @@ def base_record(cfg: CellConfig) -> dict[str, Any]:
 
 
 def run_cell(cfg: CellConfig, host: PluginHost, *, progress: bool = True,
-             outputs: CellOutputs | None = None) -> dict[str, Any]:
+             outputs: CellOutputs | None = None, on_step: Callable[..., bool] | None = None) -> dict[str, Any]:
     """Run one cell: load -> quantize -> attach -> train -> generate -> score, each stage adding its
-    section of the record (:mod:`peftlab.cell.sections`, declared in :mod:`peftlab.record`)."""
+    section of the record (:mod:`peftlab.cell.sections`, declared in :mod:`peftlab.record`).
+    ``on_step(steps_done, validation_loss)`` is called after each training step with a function
+    that computes the validation loss (:mod:`peftlab.evaluate.loss`) when asked; when it returns
+    true, training stops there and the cell ends without evaluating (a pruned tuning trial,
+    ``train.stopped_at``)."""
     from peftlab.adapt.attach import attach
     from peftlab.cache import encode_cached
     from peftlab.cell import sections
@@ -123,6 +128,8 @@ def run_cell(cfg: CellConfig, host: PluginHost, *, progress: bool = True,
     from peftlab.data.splits import load_splits
     from peftlab.evaluate.generate import generate
     from peftlab.evaluate.score import score, unusable
+    from peftlab.kernels.attention import attention
+    from peftlab.kernels.attention import resolve as resolve_attention
     from peftlab.kernels.compiled import check as check_compile
     from peftlab.kernels.heap import reuse_freed_memory
     from peftlab.kernels.precision import FrozenCast, frozen_to_compute
@@ -183,11 +190,15 @@ def run_cell(cfg: CellConfig, host: PluginHost, *, progress: bool = True,
                 result = TrainResult()
             else:
                 reuse = device.type == "cpu" and cfg.memory_mode != "rss-strict"
+                reporter = None
+                if on_step is not None:
+                    def reporter(steps: int) -> bool:
+                        return on_step(steps, lambda: validation_loss(cfg, model, tok, eval_items, device).loss)
                 with reuse_freed_memory(reuse) as kept:
                     rec["mem.cpu_heap_kept"] = kept
                     result = train(model, encoded.examples, cfg.train, pad_id=tok.pad_token_id, device=device,
                                    progress=progress, param_groups=adapter.param_groups(model), on_peak=peak.sample,
-                                   packing_refusal=packing_refusal(adapter))
+                                   packing_refusal=packing_refusal(adapter), on_step=reporter)
         except TrainingError as exc:
             rec.update(status="failed", reason=str(exc), **peak.read(), **{"time.wall_s": time.perf_counter() - wall})
             return rec
@@ -195,19 +206,41 @@ def run_cell(cfg: CellConfig, host: PluginHost, *, progress: bool = True,
         rec.update(peak.read(paged_bytes=result.paged_state_bytes))  # the training peak, before generation's caches
     finally:
         peak.stop()
-    gens = generate(model, tok, eval_items, cfg.eval, device=device, precision=cfg.train.precision, progress=progress)
-    scores, metric_settings = score(gens.texts, eval_items, metrics)
-    bad = unusable(scores)
-    rec.update(sections.score({k: (None if k in bad else v) for k, v in scores.items()}, metric_settings))
-    rec.update(sections.generate(gens, eval_items))
+    if result.stopped_at:  # stopped by on_step: a pruned trial is judged by what it reported, nothing more
+        rec["train.stopped_at"] = result.stopped_at
+        rec["time.wall_s"] = time.perf_counter() - wall
+        return rec
+    if cfg.eval.loss:
+        with attention(model, resolve_attention(cfg.train.attention, device)):
+            measured = validation_loss(cfg, model, tok, eval_items, device)
+        rec.update({"eval.loss": measured.loss, "eval.loss_tokens": measured.tokens})
+    bad = {}
+    gens = None
+    if cfg.eval.generate:
+        gens = generate(model, tok, eval_items, cfg.eval, device=device, precision=cfg.train.precision,
+                        progress=progress)
+        scores, metric_settings = score(gens.texts, eval_items, metrics)
+        bad = unusable(scores)
+        rec.update(sections.score({k: (None if k in bad else v) for k, v in scores.items()}, metric_settings))
+        rec.update(sections.generate(gens, eval_items))
     rec["time.wall_s"] = time.perf_counter() - wall
     if bad:  # a NaN would pass for a score in every table: the cell says it failed, and why
         rec.update(status="failed", reason="; ".join(
             f"metric {k.removeprefix('metric.')!r} (plugin {host.metrics.provider(k.split('.')[1])!r}) returned {v!r}, "
             "not a finite number" for k, v in bad.items()))
-    keep(outputs or CellOutputs(), rec, eval_items, gens.texts, model, adapter, report.targets, tok, cast,
-         base_model=loaded)
+    keep(outputs or CellOutputs(), rec, eval_items, gens.texts if gens else None, model, adapter, report.targets,
+         tok, cast, base_model=loaded)
     return rec
+
+
+def validation_loss(cfg: CellConfig, model, tok, eval_items, device):
+    """The evaluation rows' mean response loss (:func:`peftlab.evaluate.loss.eval_loss`), encoded
+    as training encodes its rows, in training's precision and batch size."""
+    from peftlab.evaluate.loss import eval_examples, eval_loss
+
+    examples = eval_examples(eval_items, tok, cfg.data.max_length)
+    return eval_loss(model, examples, pad_id=tok.pad_token_id, device=device, precision=cfg.train.precision,
+                     batch_size=cfg.train.batch_size)
 
 
 def trained_over(cfg: CellConfig) -> dict[str, Any]:
@@ -249,7 +282,7 @@ def keep(out: CellOutputs, rec: dict[str, Any], items, texts, model, adapter, ta
             errors.append(f"{what} was not written to {path}: {reason}")
             return False
 
-    if out.predictions and attempt("the predictions file", out.predictions,
+    if out.predictions and texts is not None and attempt("the predictions file", out.predictions,
                                    lambda: write_predictions(out.predictions, items, texts)):
         rec["predictions.file"] = str(out.predictions)
     if out.adapter:

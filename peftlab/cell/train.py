@@ -20,11 +20,10 @@ import torch
 
 from peftlab.cell.packed import PACKING_SETTINGS, leak, quiet_padding_warning
 from peftlab.data.packing import batches
-from peftlab.data.prompts import IGNORE
 from peftlab.kernels import compiled
 from peftlab.kernels.attention import ATTENTION_SETTINGS, attention, resolve
 from peftlab.kernels.attention import NAME as ATTENTION_NAME
-from peftlab.kernels.head_loss import head_loss
+from peftlab.kernels.head_loss import response_loss
 from peftlab.kernels.norm import NORM_SETTINGS, lean_norms
 from peftlab.kernels.norm import resolve as resolve_norm
 from peftlab.kernels.precision import (
@@ -140,6 +139,7 @@ class TrainResult:
     compiled_layers: int = 0  # decoder layers that trained compiled (peftlab.kernels.compiled)
     compiled_from_step: int = 0  # the first step they ran compiled (1-based; 0: none did)
     compile_s: float = 0.0  # what compiling cost: the first compiled step's time over an eager (or later) step's
+    stopped_at: int = 0  # the step after which on_step stopped training early (a pruned tuning trial); 0: it ran out
 
     @property
     def tokens_per_s(self) -> float:
@@ -258,21 +258,6 @@ def checkpointing(model, on: bool) -> None:
         model.gradient_checkpointing_disable()
 
 
-def response_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Mean next-token cross-entropy over the labelled (response) positions; the output head
-    runs only there. ``batch`` is padded (``attention_mask``) or packed (``position_ids``, no
-    mask: :mod:`peftlab.data.packing`). Models without a separable backbone fall back to their own loss."""
-    backbone = getattr(model, getattr(model, "base_model_prefix", ""), None)
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if backbone is None or head is None:
-        return model(**batch).loss
-    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
-    hidden = backbone(**inputs).last_hidden_state
-    targets = batch["labels"][:, 1:]
-    keep = targets != IGNORE
-    return head_loss(head, hidden[:, :-1][keep], targets[keep])
-
-
 def optimizer_groups(model, groups: list[dict] | None, lr: float) -> list[dict]:
     """The adapter's parameter groups (``Adapter.param_groups``) as optimizer groups, each at
     ``lr`` times its ``lr_scale``. They must cover every trainable parameter exactly once."""
@@ -304,12 +289,15 @@ def optimizer_groups(model, groups: list[dict] | None, lr: float) -> list[dict]:
 
 def train(model, examples: list[tuple[list[int], list[int]]], cfg: TrainConfig, *, pad_id: int,
           device: torch.device, progress: bool = True, param_groups: list[dict] | None = None,
-          on_peak: Callable[[], None] | None = None, packing_refusal: str | None = None) -> TrainResult:
+          on_peak: Callable[[], None] | None = None, packing_refusal: str | None = None,
+          on_step: Callable[[int], bool] | None = None) -> TrainResult:
     """Train ``model``'s trainable parameters, in the adapter's ``param_groups`` when given.
     ``on_peak`` is called where a step's memory peaks (a memory probe reads there): after each
     forward pass (the activations kept for backward) and after each optimizer step (gradients and
     optimizer state, before the gradients are freed). ``packing_refusal``: why the adapter cannot
-    train on packed rows, where it cannot (``train.packing = "auto"`` then pads)."""
+    train on packed rows, where it cannot (``train.packing = "auto"`` then pads). ``on_step`` is
+    called with the number of steps done after each optimizer step, inside training's attention
+    and norms; when it returns true, training stops there (a tuning trial the pruner stopped)."""
     from tqdm.auto import tqdm
 
     compile_from_start = compiled.from_start(cfg.compile, device)  # a setting this machine cannot run fails here
@@ -391,6 +379,9 @@ def train(model, examples: list[tuple[list[int], list[int]]], cfg: TrainConfig, 
                 result.losses.append(step_loss)
                 bar.update(1)
                 bar.set_postfix(loss=f"{step_loss:.3f}", tok_s=f"{result.tokens_per_s:.0f}")
+                if on_step is not None and step + 1 < total and on_step(step + 1):
+                    result.stopped_at = step + 1
+                    break
     finally:
         bar.close()
         if cfg.grad_checkpointing:

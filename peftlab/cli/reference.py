@@ -132,7 +132,7 @@ def _table(title: str, rows: list[tuple[str, Any, Any, str]], flags: dict[str, t
 
 
 def experiment_md() -> str:
-    from peftlab.sweep import experiment
+    from peftlab.sweep import experiment, tune_config
     from peftlab.sweep.executors import settings
 
     ex_hints = typing.get_type_hints(settings.ExecutorSettings)
@@ -146,14 +146,21 @@ def experiment_md() -> str:
     ex_rows = [f"| `executor.{f.name}` | {_type(ex_hints[f.name]).replace('|', chr(92) + '|')} | "
                f"{_value(getattr(ex_default, f.name))} | {_cell(ex_comments.get(f.name, ''))} |"
                for f in dataclasses.fields(settings.ExecutorSettings)]
+    tune_default = tune_config.TuneConfig(space=())
+    tune_rows = [f"| `tune.{f.name}` | {_type(f.type).replace('|', chr(92) + '|')} | "
+                 f"{'-' if f.name == 'space' else _value(getattr(tune_default, f.name))} | "
+                 f"{_cell(_comments(tune_config.TuneConfig).get(f.name, ''))} |"
+                 for f in dataclasses.fields(tune_config.TuneConfig)]
     doc = inspect.getdoc(experiment) or ""
     return (HEADER + "# Experiment files\n\n" + doc + "\n\n## Tables\n\n"
             "- `[experiment]`: the experiment's name and what it keeps;\n"
             "- `[base]`: one cell's settings, every [cell field](cell.md);\n"
             "- `[[grid]]`: axes crossed into cells (several grids are unioned); a key is `adapter`, `quantizer` or "
             "any `section.field` of a cell;\n"
-            "- `[executor]`: where the cells run (flags of `peftlab sweep` win).\n\n"
-            "| key | type | default | meaning |\n| --- | --- | --- | --- |\n" + "\n".join(rows + ex_rows) + "\n")
+            "- `[executor]`: where the cells run (flags of `peftlab sweep` win);\n"
+            "- `[tune]`: settings chosen per method on validation data before the grid runs "
+            "(see [sweeps](../guide/sweeps.md#tuning)).\n\n"
+            "| key | type | default | meaning |\n| --- | --- | --- | --- |\n" + "\n".join(rows + ex_rows + tune_rows) + "\n")
 
 
 def cli_md() -> str:

@@ -51,9 +51,18 @@ def run_sweep(args: argparse.Namespace) -> int:
     exp = load_experiment(args.experiment, args.overrides)
     if args.plan:
         cells = exp.cells(host)
+        tuned = set()
+        if exp.tune is not None:
+            from peftlab.sweep.tuner import plan_check
+
+            for g in plan_check(exp.tune, cells, host):
+                print(f"tune  {g.label}: {exp.tune.trials} trials of {'; '.join(p.describe() for p in g.params)}")
+                tuned.update(c.cell_id for c in g.cells)
         for c in cells:
-            print(f"{c.cell_id}  {c.label}" + (f"  [skipped: {c.skip_reason}]" if c.skip_reason else ""))
-        print(f"{len(cells)} cells", file=sys.stderr)
+            print(f"{c.cell_id}  {c.label}" + (f"  [skipped: {c.skip_reason}]" if c.skip_reason else "")
+                  + ("  [its id changes with the tuned values]" if c.cell_id in tuned else ""))
+        print(f"{len(cells)} cells" + (f", {len(tuned)} of them at settings tuning chooses" if tuned else ""),
+              file=sys.stderr)
         return 0
     out = Path(args.out or Path("results") / exp.name)
     command = " ".join(["peftlab", *args.argv])

@@ -3,7 +3,9 @@
 Evaluation rows come from ``data.eval_source`` when it is set, else from the source's
 ``data.eval_split`` ("test" when not named). A source with a single split (one file) holds out
 10% of its inputs instead, said in the record as split ``holdout``; a named split that does not
-exist is an error listing the splits found. Rows with the same prompt are grouped, so an E2E input
+exist is an error listing the splits found. Split ``tune-holdout`` is tuning's validation data for a
+source without a validation split: 10% of the training inputs left after the ``holdout`` inputs are
+set aside (so it never shares an input with ``holdout``), the cell training on the rest. Rows with the same prompt are grouped, so an E2E input
 is scored against all its references. ``data.eval_limit`` keeps a seeded random sample of the
 inputs (``data.eval_sample = "first"`` keeps the first ones: the real E2E test file is sorted by
 input size, so its first inputs are the simplest).
@@ -21,6 +23,7 @@ from peftlab.data.sources import BUILTIN, DataConfig, looks_local, open_source
 from peftlab.plugin.errors import ValidationError
 
 HOLDOUT = "holdout"
+TUNE_HOLDOUT = "tune-holdout"
 
 
 @dataclass(frozen=True)
@@ -92,20 +95,32 @@ def _load(cfg: DataConfig) -> tuple[list[Row], list[Row], str]:
         raise ValidationError("data.eval_split", None, f"a split to evaluate on: the source has {', '.join(raw)} "
                               f"and no 'test'; name one, or '{HOLDOUT}' for 10% of {cfg.train_split!r}")
     if split == HOLDOUT:
-        prompts = sorted({(r.instruction, r.context) for r in train})
-        random.Random(cfg.seed).shuffle(prompts)
-        held = set(prompts[: max(1, len(prompts) // 10)]) if len(prompts) > 1 else set()
-        evals = [r for r in train if (r.instruction, r.context) in held]
-        train = [r for r in train if (r.instruction, r.context) not in held]
-        if not train or not evals:
-            raise ValidationError("data.source", cfg.source, "at least two distinct inputs to hold one out for "
-                                  "evaluation (or give evaluation data: --eval-data)")
+        train, evals = hold_out(cfg, train, cfg.seed)
         return train, evals, HOLDOUT
+    if split == TUNE_HOLDOUT:  # the test inputs a holdout would take are set aside first, never read
+        train, _ = hold_out(cfg, train, cfg.seed)
+        train, evals = hold_out(cfg, train, cfg.seed + 1)
+        return train, evals, TUNE_HOLDOUT
     if split not in raw:
-        raise ValidationError("data.eval_split", split, f"one of the splits found: {', '.join(raw)} (or '{HOLDOUT}')")
+        raise ValidationError("data.eval_split", split, f"one of the splits found: {', '.join(raw)} (or '{HOLDOUT}', "
+                              f"or '{TUNE_HOLDOUT}')")
     if split == cfg.train_split:
         raise ValidationError("data.eval_split", split, f"a split other than the training split (or '{HOLDOUT}')")
     return train, _rows(cfg, raw, split, preset, instruction, ""), split
+
+
+def hold_out(cfg: DataConfig, rows: list[Row], seed: int) -> tuple[list[Row], list[Row]]:
+    """(kept, held): 10% of the distinct prompts (at least one), drawn with ``seed``, held out with all
+    their rows."""
+    prompts = sorted({(r.instruction, r.context) for r in rows})
+    random.Random(seed).shuffle(prompts)
+    held = set(prompts[: max(1, len(prompts) // 10)]) if len(prompts) > 1 else set()
+    evals = [r for r in rows if (r.instruction, r.context) in held]
+    kept = [r for r in rows if (r.instruction, r.context) not in held]
+    if not kept or not evals:
+        raise ValidationError("data.source", cfg.source, "at least two distinct inputs to hold one out for "
+                              "evaluation (or give evaluation data: --eval-data)")
+    return kept, evals
 
 
 def _rows(cfg: DataConfig, raw: dict[str, Any], split: str, preset, instruction, where: str,

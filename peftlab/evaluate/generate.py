@@ -52,12 +52,17 @@ class EvalConfig:
     num_beams: int = 1  # 1: greedy
     before: bool = False  # also score the untrained model
     attention: str = "auto"  # auto: peftlab-cpu on CPU (batch-invariant), the model's own elsewhere
+    loss: bool = False  # also the mean response loss on the evaluation rows (eval.loss; peftlab.evaluate.loss)
+    generate: bool = True  # false: no generation (and no metric), e.g. a tuning trial judged by its loss
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "max_new_tokens", "num_beams", "pad_to"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
                 raise ValidationError(f"eval.{name}", v, "a positive integer")
+        for name in ("loss", "generate", "before"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValidationError(f"eval.{name}", getattr(self, name), "true or false")
         if self.attention not in ATTENTION_SETTINGS:
             raise ValidationError("eval.attention", self.attention, f"one of {', '.join(ATTENTION_SETTINGS)}")
         if isinstance(self.metrics, str) or not all(isinstance(m, str) for m in self.metrics):
@@ -65,6 +70,11 @@ class EvalConfig:
         stray = sorted(set(self.metric_params) - set(self.metrics))
         if stray:
             raise ValidationError("eval.metric_params", stray[0], f"settings of a chosen metric ({', '.join(self.metrics)})")
+        if not self.generate and self.metrics:
+            raise ValidationError("eval.metrics", list(self.metrics), "none with eval.generate = false (metrics score "
+                                  "generations)")
+        if not self.generate and self.before:
+            raise ValidationError("eval.before", True, "false with eval.generate = false (it scores generations)")
 
 
 @dataclass

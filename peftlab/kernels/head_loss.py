@@ -23,6 +23,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from peftlab.data.prompts import IGNORE
 from peftlab.kernels.precision import routes_bf16_via_fp32
 
 #: rows of logits per chunk: 64 x 49,152 bf16 is 6 MB, far below glibc's 32 MB mmap threshold
@@ -99,3 +100,18 @@ def head_loss(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor
     if type(head) is not torch.nn.Linear:
         return F.cross_entropy(head(hidden).float(), targets)
     return _HeadLoss.apply(hidden, head.weight, head.bias, targets, chunk)
+
+
+def response_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Mean next-token cross-entropy over the labelled (response) positions; the output head
+    runs only there. ``batch`` is padded (``attention_mask``) or packed (``position_ids``, no
+    mask: :mod:`peftlab.data.packing`). Models without a separable backbone fall back to their own loss."""
+    backbone = getattr(model, getattr(model, "base_model_prefix", ""), None)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if backbone is None or head is None:
+        return model(**batch).loss
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+    hidden = backbone(**inputs).last_hidden_state
+    targets = batch["labels"][:, 1:]
+    keep = targets != IGNORE
+    return head_loss(head, hidden[:, :-1][keep], targets[keep])

@@ -17,6 +17,7 @@ from typing import Any
 import pandas as pd
 
 from peftlab.atomic import atomic_path, write_text_atomic
+from peftlab.report import tuning
 from peftlab.report.outputs import side_by_side
 from peftlab.report.tables import aggregate, to_frame
 from peftlab.sweep.store import ResultsStore
@@ -234,6 +235,9 @@ def _render(store: ResultsStore, manifest: dict[str, Any]) -> Path:
         parts.append("")
     for file, caption in figures:
         parts.append(f"![{caption}]({file})\n\n{caption}\n")
+    tuned, _ = tuning.section(folder, store.artifact, drawing)
+    if tuned:
+        parts.append(tuned)
     outputs = side_by_side(store, records)
     if outputs:
         parts.append(outputs)

@@ -16,6 +16,10 @@ adapter = ["full", { name = "lora", r = [1, 8] }]   # a table with list values e
                             # a dotted key in it ("train.lr" = 5e-5) sets that cell's setting
 quantizer = ["none", "nf4-dq"]
 "train.seed" = [0, 1]       # any section.field of the cell
+
+[tune]                      # optional: settings chosen per method on validation data first
+[tune.space]                # (peftlab.sweep.tune_config, peftlab.sweep.tuner)
+"train.lr" = { low = 1e-4, high = 3e-2, log = true }
 ```
 
 Every cell is validated (names, settings, the veto hook) before anything runs; a vetoed cell is
@@ -38,6 +42,7 @@ from typing import TYPE_CHECKING, Any
 from peftlab.cell.config import CellConfig
 from peftlab.plugin.errors import ValidationError
 from peftlab.sweep.store import check_name
+from peftlab.sweep.tune_config import TuneConfig, parse_tune
 
 if TYPE_CHECKING:
     from peftlab.host import PluginHost
@@ -77,6 +82,7 @@ class Experiment:
     save_adapters: str = "none"  # none | best | all: which cells keep their trained adapter
     best_by: str = "metric.bleu-e2e"  # the record column "best" maximises
     executor: dict[str, Any] = field(default_factory=dict)  # the [executor] table (peftlab.sweep.executors)
+    tune: TuneConfig | None = None  # the [tune] table: settings chosen per method before the grid runs
 
     def cells(self, host: PluginHost) -> list[PlannedCell]:
         """Expand and validate every cell (cheap: no model is loaded)."""
@@ -126,7 +132,16 @@ class Experiment:
                                   "metric with several scores)")
 
 
+#: settings added after results were committed: left out of the id at their default, so every
+#: earlier cell keeps its id and its record
+LATER_DEFAULTS = {("eval", "loss"): False, ("eval", "generate"): True}
+
+
 def cell_id(settings: dict[str, Any]) -> str:
+    settings = {k: dict(v) if isinstance(v, dict) else v for k, v in settings.items()}
+    for (section, key), default in LATER_DEFAULTS.items():
+        if key in settings.get(section, {}) and settings[section][key] == default:
+            del settings[section][key]
     text = json.dumps(settings, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
@@ -213,6 +228,26 @@ def apply_axis(settings: dict[str, Any], name: str, value: Any) -> None:
         settings.setdefault(section, {})[key] = value
 
 
+def check_untouched(exp: Experiment) -> None:
+    """No grid sets a searched setting: tuning would silently replace the grid's values."""
+    searched = {p.key: p for p in exp.tune.space}
+    for g, grid in enumerate(exp.grids):
+        for axis, values in grid.items():
+            if axis in searched:
+                raise ValidationError(f"grid[{g}].{axis}", values, f"no grid value for a setting [tune.space] searches "
+                                      f"(remove {axis} from the grid, or from [tune.space])")
+            if axis not in NAMED_AXES or not isinstance(values, list):
+                continue
+            for v in values:
+                if not isinstance(v, dict):
+                    continue
+                for key in v:
+                    hit = searched.get(key) if "." in key else searched.get(f"{v.get('name')}.{key}")
+                    if hit is not None:
+                        raise ValidationError(f"grid[{g}].{axis} {v.get('name')}: {key}", v[key], "no grid value for a "
+                                              f"setting [tune.space] searches ({hit.key}); remove one of them")
+
+
 def parse_override(text: str) -> tuple[str, Any]:
     from peftlab.cell.config import parse_value
 
@@ -239,10 +274,10 @@ def load_experiment(path: str | Path, overrides: list[str] | tuple[str, ...] = (
         raise ValidationError("experiment", str(path), f"a TOML file of UTF-8 text ({exc.problem})") from None
     except tomllib.TOMLDecodeError as exc:
         raise ValidationError("experiment", str(path), f"valid TOML ({exc})") from None
-    unknown = sorted(set(raw) - {"experiment", "base", "grid", "executor"})
+    unknown = sorted(set(raw) - {"experiment", "base", "grid", "executor", "tune"})
     if unknown:
         raise ValidationError(f"{path.name}: {unknown[0]}", raw[unknown[0]],
-                              "top-level tables experiment, base, grid and executor")
+                              "top-level tables experiment, base, grid, tune and executor")
     for table in ("experiment", "base", "executor"):
         if not isinstance(raw.get(table, {}), dict):
             raise ValidationError(f"{path.name}: {table}", raw[table], f"a table ([{table}] with keys under it)")
@@ -257,7 +292,7 @@ def load_experiment(path: str | Path, overrides: list[str] | tuple[str, ...] = (
     exp = Experiment(name=meta.get("name", path.stem), path=str(path), base=raw.get("base", {}), grids=grids,
                      title=meta.get("title", ""), overrides=list(overrides),
                      save_adapters=meta.get("save_adapters", "none"), best_by=meta.get("best_by", "metric.bleu-e2e"),
-                     executor=dict(raw.get("executor", {})))
+                     executor=dict(raw.get("executor", {})), tune=parse_tune(raw.get("tune")))
     for text in overrides:
         key, value = parse_override(text)
         if key == "name":
@@ -283,6 +318,11 @@ def load_experiment(path: str | Path, overrides: list[str] | tuple[str, ...] = (
                 raise ValidationError("override", key, f"name, adapter, quantizer, memory_mode, grid.<axis> or section.field "
                                       f"with section in {', '.join(SECTIONS)}")
     check_name(exp.name)
+    if exp.tune is not None:
+        for p in exp.tune.space:
+            if p.component is None:
+                check_field(p.key.partition(".")[0], p.setting, f"tune.space.{p.key}")
+        check_untouched(exp)
     from peftlab.sweep.executors.settings import ExecutorSettings
 
     ExecutorSettings.from_sources(exp.executor)  # checked now, built by the sweep

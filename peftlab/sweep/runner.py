@@ -48,8 +48,11 @@ def sweep(exp: Experiment, out: Path, *, host: PluginHost, executor: Executor | 
     store = ResultsStore(out)
     with store.locked():
         store.open(exp.name, exp.path, command, versions()["peftlab"])
+        place = here(exp)
+        if exp.tune is not None:
+            cells = tuned_cells(exp, cells, store, host, executor, place, reuse_foreign, log, progress)
         scan = store.scan()
-        todo, done, foreign, place = [], 0, 0, here(exp)
+        todo, done, foreign = [], 0, 0
         for c in cells:
             prior = scan.records.get(c.cell_id)
             finished = prior is not None and prior["status"] in DONE and not force
@@ -101,6 +104,34 @@ def sweep(exp: Experiment, out: Path, *, host: PluginHost, executor: Executor | 
         if exp.save_adapters == "best":
             keep_best_adapter(store, records, exp.best_by, log)
         return [records[c.cell_id] for c in cells if c.cell_id in records]
+
+
+def tuned_cells(exp: Experiment, cells: list[PlannedCell], store: ResultsStore, host: PluginHost, executor: Executor,
+                place: dict[str, str], reuse_foreign: bool, log: Callable[[str], None],
+                progress: bool) -> list[PlannedCell]:
+    """Run the experiment's tuning (:mod:`peftlab.sweep.tuner`) into ``tuning/`` and return the grid's
+    cells at the chosen settings. A trial's record counts when it finished here (or anywhere, with
+    ``reuse_foreign``); ``--force`` re-runs the grid, not the tuning (delete ``tuning/`` for that)."""
+    from peftlab.sweep.tuner import DIVERGED, FOLDER, apply_chosen, outcome, run_tuning
+
+    settings = host.settings.to_dict()
+
+    def done(prior: dict[str, Any] | None) -> bool:
+        if prior is None:
+            return False
+        finished = prior["status"] in DONE or outcome(prior, exp.tune.metric)[0] == DIVERGED
+        return finished and (reuse_foreign or same_place(prior, place))
+
+    def write_inputs(trials: ResultsStore, cell: PlannedCell, link: dict[str, Any]) -> CellFiles:
+        return trials.write_inputs(cell.cell_id, {**cell_identity(cell), "settings": cell.settings, "host": settings,
+                                                  "outputs": {"predictions": str(trials.predictions_path(cell.cell_id)),
+                                                              "adapter": None}, "tune": link})
+
+    log(f"peftlab sweep {exp.name} ({exp.path}): tuning before the grid, into {store.folder / FOLDER}")
+    found, failed = run_tuning(exp.tune, cells, store.folder / FOLDER, host=host, executor=executor, place=place,
+                               done=done, log=log, write_inputs=write_inputs, progress=progress,
+                               batch=len(getattr(executor, "slots", ())) or 1)
+    return apply_chosen(cells, found, exp.tune, failed)
 
 
 def keep_best_adapter(store: ResultsStore, records: dict[str, dict[str, Any]], by: str,

@@ -1,0 +1,216 @@
+"""Tuning before the grid (peftlab.sweep.tuner): trials are cells, a killed tuning resumes without
+re-running a finished trial, trials never read the split the grid is scored on, the pruner stops
+a trial that reports worse than its rung's best, and the grid runs at the chosen settings."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from peftlab import ValidationError, load_host
+from peftlab.data.sources import DataConfig
+from peftlab.data.splits import HOLDOUT, TUNE_HOLDOUT, load_splits
+from peftlab.sweep.executors import Executor
+from peftlab.sweep.experiment import load_experiment
+from peftlab.sweep.runner import sweep
+from peftlab.sweep.store import ResultsStore
+from peftlab.sweep.tune_config import parse_tune
+from peftlab.sweep.tuner import COMPLETE, FOLDER, best, make_pruner, outcome
+
+HOST = load_host()
+
+EXPERIMENT = """
+[experiment]
+name = "tiny-tune"
+
+[base.model]
+name = "tiny-llama"
+
+[base.data]
+train_limit = 32
+eval_limit = 3
+
+[base.train]
+steps = 3
+batch_size = 2
+
+[base.eval]
+metrics = ["bleu-e2e"]
+max_new_tokens = 3
+
+[tune]
+trials = 3
+eval_limit = 3
+pruner = "none"
+
+[tune.space]
+"train.lr" = { low = 1e-4, high = 1e-1, log = true }
+
+[[grid]]
+adapter = [{ name = "lora", r = 2 }]
+"train.seed" = [0, 1]
+"""
+
+
+def write(tmp_path: Path, text: str = EXPERIMENT) -> Path:
+    path = tmp_path / "tune.toml"
+    path.write_text(text)
+    return path
+
+
+class WorkerInProcess(Executor):
+    """Runs each cell through the worker's own entry point in this process (its inputs, its tuning
+    link, its record), recording which cells ran and the splits each one read; ``stop_at``: the
+    n-th cell raises KeyboardInterrupt instead, as a sweep killed mid-cell."""
+
+    def __init__(self, stop_at: int | None = None):
+        self.ran, self.reads, self.stop_at = [], {}, stop_at
+
+    def run(self, cell, files):
+        import peftlab.data.splits as splits
+        from peftlab.sweep import worker
+
+        if self.stop_at is not None and len(self.ran) == self.stop_at:
+            raise KeyboardInterrupt
+        self.ran.append(cell.cell_id)
+        seen = self.reads.setdefault(cell.cell_id, [])
+        original = splits._rows
+
+        def spy(cfg, raw, split, *args, **kwargs):
+            seen.append(split)
+            return original(cfg, raw, split, *args, **kwargs)
+
+        splits._rows = spy
+        try:
+            worker.main([str(files.inputs), str(files.record), "--no-progress"])
+        finally:
+            splits._rows = original
+        return json.loads(files.record.read_text())
+
+
+def trial_records(out: Path) -> dict[str, dict]:
+    return ResultsStore(out / FOLDER).scan().records
+
+
+def test_a_killed_tuning_resumes_without_rerunning_finished_trials(tmp_path):
+    exp = load_experiment(write(tmp_path))
+    out = tmp_path / "out"
+    killed = WorkerInProcess(stop_at=1)  # the first trial finishes, the sweep dies as the second starts
+    with pytest.raises(KeyboardInterrupt):
+        sweep(exp, out, host=HOST, executor=killed, progress=False, log=lambda s: None)
+    first = trial_records(out)
+    assert list(first) == killed.ran and len(first) == 1
+
+    again = WorkerInProcess()
+    records = sweep(exp, out, host=HOST, executor=again, progress=False, log=lambda s: None)
+    trials = trial_records(out)
+    assert killed.ran[0] not in again.ran  # the finished trial was read, not run again
+    assert len(trials) == 3 and set(killed.ran) < set(trials)
+    # the trial the dead sweep was starting is asked again first, with the same values: the trials are
+    # the seeded sampler's first three, as an uninterrupted tuning's are
+    fresh = WorkerInProcess()
+    sweep(exp, tmp_path / "fresh", host=HOST, executor=fresh, progress=False, log=lambda s: None)
+    assert set(trial_records(tmp_path / "fresh")) == set(trials)
+
+    # the grid ran at the best trial's rate, every seed of it
+    chosen = best(list(trials.values()), "loss")
+    lr = json.loads(chosen["tune.params"])["train.lr"]
+    assert {r["train.lr"] for r in records} == {lr} and sorted(r["train.seed"] for r in records) == [0, 1]
+    assert all(r["status"] == "ok" and f"lr={lr}" in r["label"] for r in records)
+    summary = json.loads((out / FOLDER / "summary.json").read_text())
+    assert summary["groups"][0]["chosen"] == {"train.lr": lr}
+
+    from peftlab.report.sweep_report import render
+
+    text = render(out).read_text()  # the report says what was searched, run and chosen
+    assert "## Tuning" in text and f"| lora(r=2) | train.lr in [0.0001, 0.1] (log) | 3 | 3 | 0 | 0 | 0 | lr={lr:.4g} |" in text
+    assert (out / "tuning.png").stat().st_size > 1000
+
+    # a third sweep runs nothing: tuning and grid are done
+    idle = WorkerInProcess()
+    sweep(exp, out, host=HOST, executor=idle, progress=False, log=lambda s: None)
+    assert idle.ran == []
+
+
+def test_trials_never_read_the_test_split(tmp_path):
+    exp = load_experiment(write(tmp_path))
+    run = WorkerInProcess()
+    records = sweep(exp, tmp_path / "out", host=HOST, executor=run, progress=False, log=lambda s: None)
+    trials = trial_records(tmp_path / "out")
+    for cid, rec in trials.items():
+        assert run.reads[cid] == ["train", "validation"], run.reads[cid]  # what the trial's worker read
+        assert rec["data.eval_split"] == "validation" and outcome(rec, "loss")[0] == COMPLETE
+        assert "gen.tokens" not in rec and "metric.bleu-e2e" not in rec  # judged by its loss alone
+        assert rec["eval.loss_tokens"] > 0
+    for rec in records:  # the grid's cells are scored on the test split
+        assert run.reads[rec["cell_id"]] == ["train", "test"] and rec["data.eval_split"] == "test"
+    assert {r["data.eval_hash"] for r in trials.values()}.isdisjoint({r["data.eval_hash"] for r in records})
+
+
+def test_a_one_file_source_tunes_on_inputs_the_holdout_never_shares(tmp_path):
+    rows = [{"instruction": f"Say {i}.", "context": "", "response": f"{i}"} for i in range(60)]
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    train_t, test, _ = load_splits(DataConfig(source=str(path), eval_split=HOLDOUT))
+    train_v, val, info = load_splits(DataConfig(source=str(path), eval_split=TUNE_HOLDOUT))
+    test_inputs = {it.instruction for it in test}
+    val_inputs = {it.instruction for it in val}
+    assert info["data.eval_split"] == TUNE_HOLDOUT and len(val_inputs) == 5 and len(test_inputs) == 6
+    assert not val_inputs & test_inputs  # tuning never judges on an input the holdout scores
+    assert not {r.instruction for r in train_v} & (val_inputs | test_inputs)  # nor trains on either
+    assert {r.instruction for r in train_t} == {r.instruction for r in train_v} | val_inputs
+
+
+def test_the_pruner_stops_a_trial_worse_than_its_rung(tmp_path):
+    import optuna
+
+    from peftlab.sweep.worker import TrialReporter
+
+    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(tmp_path / "j")))
+    study = optuna.create_study(study_name="s", storage=storage, pruner=make_pruner([2, 6], 3))
+    for value in (1.0, 1.1, 1.2):  # three trials reached the first rung and finished
+        t = study.ask()
+        t.report(value, 2)
+        assert not t.should_prune() or value > 1.0
+        study.tell(t, value)
+    link = {"journal": str(tmp_path / "j"), "study": "s", "rungs": [2, 6], "reduction": 3, "group": "g",
+            "trial": 3, "params": {}, "metric": "loss"}
+    good, bad = study.ask(), study.ask()
+    keeps = TrialReporter({**link, "trial_id": good._trial_id})
+    stops = TrialReporter({**link, "trial_id": bad._trial_id})
+    assert keeps.on_step(1, lambda: 9.0) is False and keeps.curve == []  # not a rung: not even evaluated
+    assert keeps.on_step(2, lambda: 0.9) is False  # the best at its rung goes on
+    assert stops.on_step(2, lambda: 1.5) is True  # worse than the best third: stopped
+    assert json.loads(stops.fields()["tune.curve"]) == [[2, 1.5]]
+
+
+def test_a_bad_tune_table_is_refused_naming_the_field(tmp_path):
+    space = {"train.lr": {"low": 1e-4, "high": 1e-1, "log": True}}
+    cases = [
+        ({"space": {"train.lr": {"low": 1e-1, "high": 1e-4}}}, "tune.space.train.lr"),
+        ({"space": {"train.seed": {"choices": [0, 1]}}}, "tune.space"),
+        ({"space": {"data.eval_split": {"choices": ["a"]}}}, "tune.space"),
+        ({"space": {"train.lr": {"low": 0, "high": 1, "log": True}}}, "tune.space.train.lr.low"),
+        ({"space": space, "split": "test"}, "tune.split"),
+        ({"space": space, "metric": "bleu"}, "tune.metric"),
+        ({"space": space, "metric": "metric.bleu-e2e", "pruner": "successive-halving"}, "tune.pruner"),
+        ({"space": space, "trials": 0}, "tune.trials"),
+        ({"space": space, "budget": 3}, "tune.budget"),
+        ({}, "tune.space"),
+    ]
+    for raw, field in cases:
+        with pytest.raises(ValidationError) as err:
+            parse_tune(raw)
+        assert err.value.field == field, (raw, err.value)
+    with pytest.raises(ValidationError, match="tune.space.train.nope"):
+        load_experiment(write(tmp_path, EXPERIMENT.replace('"train.lr" = {', '"train.nope" = {')))
+    grid_sets_it = EXPERIMENT.replace('{ name = "lora", r = 2 }', '{ name = "lora", r = 2, "train.lr" = 1e-3 }')
+    with pytest.raises(ValidationError, match="tune.space"):
+        load_experiment(write(tmp_path, grid_sets_it))
+    component = EXPERIMENT.replace('"train.lr" = { low', '"lora.r" = { choices = [2, 4] }\n"train.lr" = { low')
+    with pytest.raises(ValidationError, match="lora"):
+        load_experiment(write(tmp_path, component))
+    misspelt = EXPERIMENT.replace('"train.lr" = { low', '"lroa.alpha" = { choices = [2] }\n"train.lr" = { low')
+    with pytest.raises(ValidationError, match="tune.space.lroa.alpha"):
+        sweep(load_experiment(write(tmp_path, misspelt)), tmp_path / "o", host=HOST, executor=WorkerInProcess(),
+              progress=False, log=lambda s: None)
