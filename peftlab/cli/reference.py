@@ -159,7 +159,9 @@ def experiment_md() -> str:
             "any `section.field` of a cell;\n"
             "- `[executor]`: where the cells run (flags of `peftlab sweep` win);\n"
             "- `[tune]`: settings chosen per method on validation data before the grid runs "
-            "(see [sweeps](../guide/sweeps.md#tuning)).\n\n"
+            "(see [sweeps](../guide/sweeps.md#tuning));\n"
+            "- `[budget]`: `trainable_params = N` sizes every adapter to the count nearest N "
+            "(see [sweeps](../guide/sweeps.md#equal-budgets)).\n\n"
             "| key | type | default | meaning |\n| --- | --- | --- | --- |\n" + "\n".join(rows + ex_rows + tune_rows) + "\n")
 
 

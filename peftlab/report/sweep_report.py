@@ -235,6 +235,8 @@ def _render(store: ResultsStore, manifest: dict[str, Any]) -> Path:
         parts.append("")
     for file, caption in figures:
         parts.append(f"![{caption}]({file})\n\n{caption}\n")
+    if manifest.get("budget"):
+        parts.append(budget_section(manifest["budget"], summary))
     tuned, _ = tuning.section(folder, store.artifact, drawing)
     if tuned:
         parts.append(tuned)
@@ -248,6 +250,25 @@ def _render(store: ResultsStore, manifest: dict[str, Any]) -> Path:
     if not drawing:
         parts.append("No plots: matplotlib is not installed where this report was rendered.\n")
     return write_text_atomic(store.artifact("report.md"), "\n".join(parts))
+
+
+def budget_section(budget: dict[str, Any], summary: pd.DataFrame) -> str:
+    """Every method beside the experiment's trainable-parameter budget: the size it was given, the
+    count it reached and how far that is from the budget, with its quality."""
+    target = int(budget["trainable_params"])
+    metrics = _metric_columns(summary)
+    head = ["method", "size", "trainable", "vs budget", *[m.removeprefix("metric.") for m in metrics]]
+    lines = [f"## At an equal budget: {target:,} trainable parameters\n",
+             "Each adapter's declared size setting was set to the value whose exact trainable count (counted on "
+             "the model's shapes) comes nearest the budget; a method without one keeps its own count.\n",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for _, r in summary[summary["status"] == "ok"].iterrows():
+        n = r.get("params.trainable")
+        size = f"{r['adapter.size_setting']}={r['adapter.size']:g}" if not pd.isna(r.get("adapter.size")) else "fixed"
+        gap = f"{100 * (float(n) - target) / target:+.1f}%" if not pd.isna(n) else "-"
+        lines.append("| " + " | ".join([str(r["group"]), size, _fmt(n, digits=0), gap,
+                                       *[_fmt(r.get(m), r.get(f"{m}.ci95")) for m in metrics]]) + " |")
+    return "\n".join(lines) + "\n"
 
 
 #: what each ``mem.peak_kind`` measured, for the report's reading guide

@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING, Any
 
 from peftlab.cell.config import CellConfig
 from peftlab.plugin.errors import ValidationError
+from peftlab.sweep.budget import Budget, parse_budget, sizer
 from peftlab.sweep.store import check_name
 from peftlab.sweep.tune_config import TuneConfig, parse_tune
 
@@ -83,12 +84,17 @@ class Experiment:
     best_by: str = "metric.bleu-e2e"  # the record column "best" maximises
     executor: dict[str, Any] = field(default_factory=dict)  # the [executor] table (peftlab.sweep.executors)
     tune: TuneConfig | None = None  # the [tune] table: settings chosen per method before the grid runs
+    budget: Budget | None = None  # the [budget] table: every adapter sized to one trainable count
 
     def cells(self, host: PluginHost) -> list[PlannedCell]:
         """Expand and validate every cell (cheap: no model is loaded)."""
         from peftlab.cell.run import preflight
         from peftlab.data.splits import check_source
 
+        if self.budget is not None:
+            from peftlab.sweep.budget import check_untouched as budget_untouched
+
+            budget_untouched(self.grids, host)
         axes_by_grid = [{name: expand_axis(name, grid[name], g, host) for name in grid} for g, grid in enumerate(self.grids)]
         total = sum(math.prod(len(v) for v in axes.values()) for axes in axes_by_grid)
         if total > MAX_CELLS:
@@ -119,7 +125,26 @@ class Experiment:
         if not planned:
             raise ValidationError("grid", self.grids, "at least one cell (every axis needs at least one value)")
         self._check_best_by(planned.values())
-        return list(planned.values())
+        cells = list(planned.values())
+        if self.budget is not None:
+            cells = list({c.cell_id: c for c in self._budgeted(cells, host)}.values())
+        return cells
+
+    def _budgeted(self, cells: list[PlannedCell], host: PluginHost) -> list[PlannedCell]:
+        """Each cell's adapter sized to the budget (peftlab.sweep.budget), the size a grid value."""
+        size_of, out = sizer(self.budget, host), []
+        for c in cells:
+            found = None if c.skip_reason else size_of(c.settings)
+            if found is None:
+                out.append(c)
+                continue
+            name, size = found
+            settings = copy.deepcopy(c.settings)
+            settings.setdefault("adapter_params", {})[name] = size
+            full = CellConfig.from_dict(settings).to_dict()
+            axes = {**c.axes, f"budget.{name}": size}
+            out.append(PlannedCell(cell_id(full), describe(axes), full, axes, c.skip_reason))
+        return out
 
     def _check_best_by(self, cells) -> None:
         """``best_by`` names a metric some cell scores, found now rather than after every cell ran."""
@@ -274,10 +299,10 @@ def load_experiment(path: str | Path, overrides: list[str] | tuple[str, ...] = (
         raise ValidationError("experiment", str(path), f"a TOML file of UTF-8 text ({exc.problem})") from None
     except tomllib.TOMLDecodeError as exc:
         raise ValidationError("experiment", str(path), f"valid TOML ({exc})") from None
-    unknown = sorted(set(raw) - {"experiment", "base", "grid", "executor", "tune"})
+    unknown = sorted(set(raw) - {"experiment", "base", "grid", "executor", "tune", "budget"})
     if unknown:
         raise ValidationError(f"{path.name}: {unknown[0]}", raw[unknown[0]],
-                              "top-level tables experiment, base, grid, tune and executor")
+                              "top-level tables experiment, base, grid, tune, budget and executor")
     for table in ("experiment", "base", "executor"):
         if not isinstance(raw.get(table, {}), dict):
             raise ValidationError(f"{path.name}: {table}", raw[table], f"a table ([{table}] with keys under it)")
@@ -292,7 +317,8 @@ def load_experiment(path: str | Path, overrides: list[str] | tuple[str, ...] = (
     exp = Experiment(name=meta.get("name", path.stem), path=str(path), base=raw.get("base", {}), grids=grids,
                      title=meta.get("title", ""), overrides=list(overrides),
                      save_adapters=meta.get("save_adapters", "none"), best_by=meta.get("best_by", "metric.bleu-e2e"),
-                     executor=dict(raw.get("executor", {})), tune=parse_tune(raw.get("tune")))
+                     executor=dict(raw.get("executor", {})), tune=parse_tune(raw.get("tune")),
+                     budget=parse_budget(raw.get("budget")))
     for text in overrides:
         key, value = parse_override(text)
         if key == "name":

@@ -47,7 +47,8 @@ def sweep(exp: Experiment, out: Path, *, host: PluginHost, executor: Executor | 
         executor = LocalProcessExecutor(progress=progress, jobs=jobs, device_type=device.type)
     store = ResultsStore(out)
     with store.locked():
-        store.open(exp.name, exp.path, command, versions()["peftlab"])
+        store.open(exp.name, exp.path, command, versions()["peftlab"],
+                   extra={"budget": exp.budget.to_dict()} if exp.budget else None)
         place = here(exp)
         if exp.tune is not None:
             cells = tuned_cells(exp, cells, store, host, executor, place, reuse_foreign, log, progress)

@@ -176,11 +176,14 @@ class ResultsStore:
         with self.locked():
             yield self.check_schema()
 
-    def open(self, experiment: str, file: str, command: str | None, peftlab_version: str) -> None:
+    def open(self, experiment: str, file: str, command: str | None, peftlab_version: str,
+             extra: dict[str, Any] | None = None) -> None:
         """Check (or create) the manifest before a sweep writes: a folder written with another
         results schema is refused untouched; schema 1 (inputs beside the records) is upgraded."""
         manifest = self.check_schema(upgrade=True)
         manifest.update(schema=SCHEMA, experiment=experiment, file=file, peftlab=peftlab_version)
+        manifest.pop("budget", None)  # what the experiment asks now, not what it once asked
+        manifest.update(extra or {})
         if command:
             manifest["command"] = command
         write_text_atomic(self.manifest_path, json.dumps(manifest, indent=2) + "\n")
