@@ -189,6 +189,14 @@ FIELDS: tuple[Field, ...] = (
     _f("eval.loss", "float", "score", "the mean cross-entropy per response token over every evaluation input with "
        "each of its references (eval.loss = true), in training's arithmetic", "nats"),
     _f("eval.loss_tokens", "int", "score", "the response tokens eval.loss averages over", "tokens"),
+    _f("forget.loss_base", "float", "score", "the bare base model's mean next-token loss on the general text "
+       "(eval.forgetting), measured before the adapter was attached", "nats"),
+    _f("forget.loss_after", "float", "score", "the trained model's loss on the same windows", "nats"),
+    _f("forget.delta", "float", "score", "forgetting: forget.loss_after minus forget.loss_base (positive: worse "
+       "on general text than the base)", "nats"),
+    _f("forget.tokens", "int", "score", "the tokens of general text measured", "tokens"),
+    _f("forget.text", "str", "score", "which general text (the shipped sample, or the user's file name)"),
+    _f("forget.definition", "str", "score", "what forget.delta measures, in words"),
     _f("sample.prediction", "str", "generate", "the first evaluation input's prediction"),
     _f("sample.references", "json", "generate", "its references"),
     # score

@@ -75,6 +75,10 @@ def preflight(cfg: CellConfig, host: PluginHost) -> tuple[Any, Any, dict[str, An
     from peftlab.cell.models import resolve
 
     resolve(cfg.model.name)
+    if cfg.eval.forgetting != "none":
+        from peftlab.data.general_text import documents
+
+        documents(cfg.eval.forgetting)  # the text exists and reads, before any model is loaded
     if cfg.adapter_from:
         from peftlab.adapt.persist import check_adapter_folder
         from peftlab.cell.models import skeleton
@@ -166,6 +170,7 @@ def run_cell(cfg: CellConfig, host: PluginHost, *, progress: bool = True,
             qrep = loaded.quantized or quantize_(model, quantizer, compute_dtype=compute)
             rec.update(sections.quantize(qrep, while_loading=loaded.quantized is not None))
         rec["base.weight_bytes"] = base_weight_bytes(model)
+        forget = Forgetting(cfg, model, tok, device) if cfg.eval.forgetting != "none" else None
         torch.manual_seed(cfg.train.seed)
         if cfg.adapter_from:
             from peftlab.adapt.persist import load_adapter
@@ -210,6 +215,8 @@ def run_cell(cfg: CellConfig, host: PluginHost, *, progress: bool = True,
         rec["train.stopped_at"] = result.stopped_at
         rec["time.wall_s"] = time.perf_counter() - wall
         return rec
+    if forget is not None:
+        rec.update(forget.after(model))
     if cfg.eval.loss:
         with attention(model, resolve_attention(cfg.train.attention, device)):
             measured = validation_loss(cfg, model, tok, eval_items, device)
@@ -231,6 +238,40 @@ def run_cell(cfg: CellConfig, host: PluginHost, *, progress: bool = True,
     keep(outputs or CellOutputs(), rec, eval_items, gens.texts if gens else None, model, adapter, report.targets,
          tok, cast, base_model=loaded)
     return rec
+
+
+class Forgetting:
+    """What fine-tuning costs the model outside the task: the mean next-token loss on general text
+    (``eval.forgetting``) of the bare base, measured when built (before any adapter is attached),
+    and of the trained model (:meth:`after`), in training's arithmetic."""
+
+    DEFINITION = ("mean next-token cross-entropy (nats per token) on the general text after training minus the "
+                  "same on the bare base model (as loaded and quantized, before the adapter was attached)")
+
+    def __init__(self, cfg: CellConfig, model, tok, device):
+        from peftlab.data.general_text import documents, windows
+
+        self.cfg, self.device, self.pad_id = cfg, device, tok.pad_token_id
+        self.windows = windows(documents(cfg.eval.forgetting), tok, cfg.eval.forgetting_tokens)
+        self.base = self._loss(model)
+
+    def _loss(self, model):
+        from peftlab.evaluate.loss import eval_loss
+        from peftlab.kernels.attention import attention
+        from peftlab.kernels.attention import resolve as resolve_attention
+
+        examples = [(ids, ids) for ids in self.windows]
+        with attention(model, resolve_attention(self.cfg.train.attention, self.device)):
+            return eval_loss(model, examples, pad_id=self.pad_id, device=self.device,
+                             precision=self.cfg.train.precision, batch_size=self.cfg.train.batch_size)
+
+    def after(self, model) -> dict[str, Any]:
+        from peftlab.data.general_text import describe
+
+        now = self._loss(model)
+        return {"forget.loss_base": self.base.loss, "forget.loss_after": now.loss,
+                "forget.delta": now.loss - self.base.loss, "forget.tokens": now.tokens,
+                "forget.text": describe(self.cfg.eval.forgetting), "forget.definition": self.DEFINITION}
 
 
 def validation_loss(cfg: CellConfig, model, tok, eval_items, device):

@@ -54,12 +54,16 @@ class EvalConfig:
     attention: str = "auto"  # auto: peftlab-cpu on CPU (batch-invariant), the model's own elsewhere
     loss: bool = False  # also the mean response loss on the evaluation rows (eval.loss; peftlab.evaluate.loss)
     generate: bool = True  # false: no generation (and no metric), e.g. a tuning trial judged by its loss
+    forgetting: str = "none"  # none; default (general English shipped with peftlab); or a .txt/.jsonl file: forget.*
+    forgetting_tokens: int = 4096  # tokens of that text measured, in windows of 128 (peftlab.data.general_text)
 
     def __post_init__(self) -> None:
-        for name in ("batch_size", "max_new_tokens", "num_beams", "pad_to"):
+        for name in ("batch_size", "max_new_tokens", "num_beams", "pad_to", "forgetting_tokens"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
                 raise ValidationError(f"eval.{name}", v, "a positive integer")
+        if not isinstance(self.forgetting, str) or not self.forgetting:
+            raise ValidationError("eval.forgetting", self.forgetting, "none, default or a .txt/.jsonl file of general text")
         for name in ("loss", "generate", "before"):
             if not isinstance(getattr(self, name), bool):
                 raise ValidationError(f"eval.{name}", getattr(self, name), "true or false")

@@ -74,6 +74,9 @@ def summary_markdown(summary: pd.DataFrame, cells: pd.DataFrame | None = None) -
     bits = base_bits(cells) if cells is not None else {}
     head = ["cell", "status", "seeds", "trainable", "% of total", "base MiB", "base bits/param", "peak MiB",
             "train tok/s", "gen tok/s", "final loss", *[m.removeprefix("metric.") for m in metrics]]
+    forgetting = "forget.delta" in summary and summary["forget.delta"].notna().any()
+    if forgetting:
+        head.append("forgetting (Δ loss)")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for _, r in summary.iterrows():
         def g(col, digits=1, scale=1.0, r=r):
@@ -85,6 +88,8 @@ def summary_markdown(summary: pd.DataFrame, cells: pd.DataFrame | None = None) -
                   _fmt(r.get("params.trainable_pct"), digits=3), "-" if pd.isna(base) else _mib(base / 2**20),
                   _fmt(bits.get(r["group"]), digits=2), g("mem.peak_bytes", 0, 2**20), g("train.tokens_per_s", 0),
                   g("gen.tokens_per_s", 0), g("loss.final", 3), *[g(m, 1) for m in metrics]]
+        if forgetting:
+            cells_.append(g("forget.delta", 3))
         lines.append("| " + " | ".join(cells_) + " |")
     return "\n".join(lines)
 
@@ -220,7 +225,8 @@ def _render(store: ResultsStore, manifest: dict[str, Any]) -> Path:
         "Mean over seeds, ± the half-width of a 95% Student t interval where there are several. "
         "Parameters are logical (a packed 4-bit weight counts as its elements); base MiB is the base "
         "model's weights as stored, and base bits/param their bits per base parameter (32 for an fp32 base; "
-        "a quantized one's embeddings and norms stay float); peak memory is " + peak_sentence(df["mem.peak_kind"].dropna()) + ".\n",
+        "a quantized one's embeddings and norms stay float); peak memory is " + peak_sentence(df["mem.peak_kind"].dropna())
+        + "." + forgetting_sentence(df) + "\n",
         summary_markdown(summary, df) + "\n",
     ]
     if len(not_ok):
@@ -250,6 +256,16 @@ def _render(store: ResultsStore, manifest: dict[str, Any]) -> Path:
     if not drawing:
         parts.append("No plots: matplotlib is not installed where this report was rendered.\n")
     return write_text_atomic(store.artifact("report.md"), "\n".join(parts))
+
+
+def forgetting_sentence(df: pd.DataFrame) -> str:
+    """What the forgetting column measured, where cells measured it."""
+    if "forget.delta" not in df or not df["forget.delta"].notna().any():
+        return ""
+    texts = ", ".join(sorted(df["forget.text"].dropna().unique()))
+    return (f" Forgetting is the trained model's mean next-token loss on general text ({texts}) minus the bare "
+            "base model's, measured before the adapter was attached (nats per token; positive: the model got worse "
+            "outside the task).")
 
 
 def budget_section(budget: dict[str, Any], summary: pd.DataFrame) -> str:

@@ -159,7 +159,8 @@ class Experiment:
 
 #: settings added after results were committed: left out of the id at their default, so every
 #: earlier cell keeps its id and its record
-LATER_DEFAULTS = {("eval", "loss"): False, ("eval", "generate"): True}
+LATER_DEFAULTS = {("eval", "loss"): False, ("eval", "generate"): True, ("eval", "forgetting"): "none",
+                  ("eval", "forgetting_tokens"): 4096}
 
 
 def cell_id(settings: dict[str, Any]) -> str:

@@ -110,6 +110,7 @@ def trial_settings(tune: TuneConfig, group: Group, values: dict[str, Any], split
         set_value(s, p, values[p.key])
     data, ev = s.setdefault("data", {}), s.setdefault("eval", {})
     data.update(eval_source=None, eval_split=split, eval_limit=tune.eval_limit, eval_sample="random")
+    ev["forgetting"] = "none"  # what a trial is judged by is the validation split alone
     if tune.metric == "loss":
         ev.update(metrics=[], metric_params={}, loss=True, generate=False, before=False)
     else:
