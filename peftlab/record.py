@@ -204,6 +204,8 @@ FIELDS: tuple[Field, ...] = (
     # keep
     _f("predictions.file", "str", "keep", "the predictions file (inputs, references, prediction per line)"),
     _f("adapter.saved", "str", "keep", "where the trained adapter was saved"),
+    _f("adapter.disk_bytes", "int", "keep", "the saved adapter's size on disk (where not kept: saved to a scratch "
+       "folder, measured, deleted)", "bytes"),
     _f("adapter.merged", "str", "keep", "where the base with the adapter merged in was saved"),
     _f("tune.group", "str", "tune", "the method (grid group) the trial tunes"),
     _f("tune.trial", "int", "tune", "the trial's number in its study"),

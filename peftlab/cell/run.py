@@ -236,7 +236,7 @@ def run_cell(cfg: CellConfig, host: PluginHost, *, progress: bool = True,
             f"metric {k.removeprefix('metric.')!r} (plugin {host.metrics.provider(k.split('.')[1])!r}) returned {v!r}, "
             "not a finite number" for k, v in bad.items()))
     keep(outputs or CellOutputs(), rec, eval_items, gens.texts if gens else None, model, adapter, report.targets,
-         tok, cast, base_model=loaded)
+         tok, cast, base_model=loaded, disk_size=cfg.eval.generate)
     return rec
 
 
@@ -274,6 +274,11 @@ class Forgetting:
                 "forget.text": describe(self.cfg.eval.forgetting), "forget.definition": self.DEFINITION}
 
 
+def folder_bytes(folder: Path) -> int:
+    """The bytes of the files under ``folder``."""
+    return sum(p.stat().st_size for p in Path(folder).rglob("*") if p.is_file())
+
+
 def validation_loss(cfg: CellConfig, model, tok, eval_items, device):
     """The evaluation rows' mean response loss (:func:`peftlab.evaluate.loss.eval_loss`), encoded
     as training encodes its rows, in training's precision and batch size."""
@@ -304,7 +309,7 @@ def trained_over(cfg: CellConfig) -> dict[str, Any]:
 
 
 def keep(out: CellOutputs, rec: dict[str, Any], items, texts, model, adapter, targets, tok, cast=None,
-         base_model: Any = None) -> None:
+         base_model: Any = None, disk_size: bool = False) -> None:
     """Write what the cell made where ``out`` says, and say in the record where it went. A saved
     adapter names the base it was trained over (``base_model``, the :class:`~peftlab.cell.models.Loaded`
     model). A write that fails (a full disk, a vanished folder) costs only that output: the record
@@ -334,6 +339,21 @@ def keep(out: CellOutputs, rec: dict[str, Any], items, texts, model, adapter, ta
         if attempt("the adapter", out.adapter, lambda: save_adapter(model, adapter, targets, out.adapter,
                                                                     base_model=bases[0], peft_base=bases[1], extra=extra)):
             rec["adapter.saved"] = str(out.adapter)
+            rec["adapter.disk_bytes"] = folder_bytes(out.adapter)
+    elif disk_size:  # what keeping it would take: saved to a scratch folder, measured, deleted
+        import tempfile
+
+        from peftlab.cell.models import adapter_bases
+
+        bases = adapter_bases(base_model)
+        with tempfile.TemporaryDirectory(prefix="peftlab-adapter-size-") as scratch:
+            try:
+                folder = save_adapter(model, adapter, targets, Path(scratch) / "adapter", base_model=bases[0],
+                                      peft_base=bases[1])
+                rec["adapter.disk_bytes"] = folder_bytes(folder)
+            except Exception as exc:  # a full scratch disk costs this figure only
+                rec["adapter.disk_bytes"] = None
+                errors.append(f"the adapter's size on disk was not measured: {type(exc).__name__}: {exc}")
     if out.merged:
         def merge():
             if cast is not None:  # merge in the model's dtype (values stay the ones the cell computed with)

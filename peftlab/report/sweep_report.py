@@ -17,7 +17,7 @@ from typing import Any
 import pandas as pd
 
 from peftlab.atomic import atomic_path, write_text_atomic
-from peftlab.report import tuning
+from peftlab.report import pareto, tuning
 from peftlab.report.outputs import side_by_side
 from peftlab.report.tables import aggregate, to_frame
 from peftlab.sweep.store import ResultsStore
@@ -243,6 +243,11 @@ def _render(store: ResultsStore, manifest: dict[str, Any]) -> Path:
         parts.append(f"![{caption}]({file})\n\n{caption}\n")
     if manifest.get("budget"):
         parts.append(budget_section(manifest["budget"], summary))
+    metrics = _metric_columns(summary)
+    quality = "metric.bleu-e2e" if "metric.bleu-e2e" in metrics else (metrics[0] if metrics else None)
+    front, _ = pareto.section(summary, quality, store.artifact, drawing)
+    if front:
+        parts.append(front)
     tuned, _ = tuning.section(folder, store.artifact, drawing)
     if tuned:
         parts.append(tuned)

@@ -89,3 +89,7 @@ def test_the_report_sets_each_method_beside_the_budget(tmp_path):
     gap = f"{100 * (count - 5000) / 5000:+.1f}%"
     assert "## At an equal budget: 5,000 trainable parameters" in text
     assert f"| lora r={size} | r={size} | {count:,} | {gap} |" in text and "| ia3 | fixed |" in text
+    # the report's fronts include the saved adapter's size, measured for every cell
+    assert "## Pareto fronts" in text and "adapter size on disk" in text and (tmp_path / "out" / "pareto.png").exists()
+    ia3 = next(r for r in records if r["adapter"] == "ia3")
+    assert 4 * ia3["params.trainable"] < ia3["adapter.disk_bytes"] < 4 * ia3["params.trainable"] + 64 * 1024
