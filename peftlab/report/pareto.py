@@ -115,14 +115,10 @@ def section(summary: pd.DataFrame, quality: str | None, out: Callable[[str], Pat
              "has no interval and is compared by its value).\n",
              "| method | " + " | ".join(words for _, words, _, _ in costs) + " |",
              "|---|" + "---|" * len(costs)]
-    marks: dict[str, list[str]] = {}
     fronts = {}
-    for col, words, _, _ in costs:
+    for col, *_ in costs:
         pts = points(summary, quality, col)
         fronts[col] = (pts, front(pts, (True, False)))
-        for p in pts:
-            by = fronts[col][1][p.name]
-            marks.setdefault(p.name, []).append("front" if not by else "dominated by " + ", ".join(by))
     names = [str(g) for g in summary[summary["status"] == "ok"]["group"]]
     for name in names:
         cells = []
