@@ -186,9 +186,9 @@ FIELDS: tuple[Field, ...] = (
     _f("gen.bf16_matmul", "str", "generate", "how bf16 matrix products ran: native, or fp32-gemm (weights widened "
        "once) on CPUs without bf16 units"),
     _f("gen.rows_leave", "bool", "generate", "finished rows left the batch"),
-    _f("eval.loss", "float", "score", "the mean cross-entropy per response token over every evaluation input with "
+    _f("loss.eval", "float", "score", "the mean cross-entropy per response token over every evaluation input with "
        "each of its references (eval.loss = true), in training's arithmetic", "nats"),
-    _f("eval.loss_tokens", "int", "score", "the response tokens eval.loss averages over", "tokens"),
+    _f("loss.eval_tokens", "int", "score", "the response tokens loss.eval averages over", "tokens"),
     _f("forget.loss_base", "float", "score", "the bare base model's mean next-token loss on the general text "
        "(eval.forgetting), measured before the adapter was attached", "nats"),
     _f("forget.loss_after", "float", "score", "the trained model's loss on the same windows", "nats"),
@@ -211,7 +211,7 @@ FIELDS: tuple[Field, ...] = (
     _f("tune.trial", "int", "tune", "the trial's number in its study"),
     _f("tune.study", "str", "tune", "the Optuna study (group, search and machine) in tuning/optuna.journal"),
     _f("tune.params", "json", "tune", "the searched settings' values this trial ran with"),
-    _f("tune.metric", "str", "tune", "what the trial is judged by: loss (eval.loss) or a metric column"),
+    _f("tune.metric", "str", "tune", "what the trial is judged by: loss (loss.eval) or a metric column"),
     _f("tune.curve", "json", "tune", "the validation losses it reported to the pruner: [[step, loss], ...]"),
     _f("tune.note", "str", "tune", "what the trial did differently (not pruned: its study could not be reached)"),
     _f("keep.error", "str", "keep", "what the cell made but could not write (a full disk, a vanished folder), "

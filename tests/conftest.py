@@ -75,6 +75,10 @@ def embedded_model() -> str:
     return "smollm2-135m"
 
 
+# the mlflow plugin logs every sweep's cells wherever MLflow is installed; tests that want it turn it on
+os.environ["PEFTLAB_MLFLOW"] = "off"
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _private_cache(tmp_path_factory):
     """Tests read and write peftlab's cache in a folder of their own, never the user's."""

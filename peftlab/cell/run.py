@@ -220,7 +220,7 @@ def run_cell(cfg: CellConfig, host: PluginHost, *, progress: bool = True,
     if cfg.eval.loss:
         with attention(model, resolve_attention(cfg.train.attention, device)):
             measured = validation_loss(cfg, model, tok, eval_items, device)
-        rec.update({"eval.loss": measured.loss, "eval.loss_tokens": measured.tokens})
+        rec.update({"loss.eval": measured.loss, "loss.eval_tokens": measured.tokens})
     bad = {}
     gens = None
     if cfg.eval.generate:

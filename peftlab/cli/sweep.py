@@ -45,7 +45,7 @@ def run_sweep(args: argparse.Namespace) -> int:
     from peftlab.sweep.executors import build_executor
     from peftlab.sweep.executors.settings import ExecutorSettings
     from peftlab.sweep.experiment import load_experiment
-    from peftlab.sweep.runner import sweep
+    from peftlab.sweep.runner import finished_sweep, sweep
 
     host = host_for(args)
     exp = load_experiment(args.experiment, args.overrides)
@@ -80,6 +80,7 @@ def run_sweep(args: argparse.Namespace) -> int:
               f"to resume:\n  {command}", file=sys.stderr)
         return 130
     report = render(out)
+    finished_sweep(host, exp.name, out, report)
     failed = sum(r.get("status") == "failed" for r in records)
     print(f"wrote {report} ({len(records)} cells, {failed} failed)", file=sys.stderr)
     return 1 if failed else 0

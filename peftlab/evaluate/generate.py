@@ -52,7 +52,7 @@ class EvalConfig:
     num_beams: int = 1  # 1: greedy
     before: bool = False  # also score the untrained model
     attention: str = "auto"  # auto: peftlab-cpu on CPU (batch-invariant), the model's own elsewhere
-    loss: bool = False  # also the mean response loss on the evaluation rows (eval.loss; peftlab.evaluate.loss)
+    loss: bool = False  # also the mean response loss on the evaluation rows (loss.eval in the record; peftlab.evaluate.loss)
     generate: bool = True  # false: no generation (and no metric), e.g. a tuning trial judged by its loss
     forgetting: str = "none"  # none; default (general English shipped with peftlab); or a .txt/.jsonl file: forget.*
     forgetting_tokens: int = 4096  # tokens of that text measured, in windows of 128 (peftlab.data.general_text)

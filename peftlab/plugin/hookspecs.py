@@ -88,14 +88,34 @@ def peftlab_skip_reason(cell: CellView) -> str | None:
 
 
 @hookspec
-def peftlab_cell_finished(record: dict[str, Any]) -> None:
-    """Observe one finished grid cell.
+def peftlab_cell_finished(record: dict[str, Any], settings: dict[str, Any], experiment: str, folder: str,
+                          files: dict[str, str]) -> None:
+    """Observe one finished cell of a sweep (a grid cell, or a tuning trial: its record has
+    ``tune.*`` keys). Declare only the parameters you use.
 
     :param record: the cell's flat result record (``status`` is ``ok``, ``failed`` or ``skipped``);
         every key is declared in ``peftlab/record.py`` (the reference's record page lists them with
         their types, units and meaning). A copy: changing it changes nothing stored.
+    :param settings: the cell's full settings, nested as a cell's TOML table (``model``, ``adapter``,
+        ``adapter_params``, ``quantizer``, ``data``, ``train``, ``eval``, ...): what its id hashes.
+    :param experiment: the experiment's name.
+    :param folder: the experiment's results folder (``results/<name>``), absolute.
+    :param files: absolute paths of what the cell wrote that exists: ``record`` and, where kept,
+        ``predictions`` and ``adapter``.
 
     Return values are ignored; an exception here is reported on stderr, never fatal to the sweep.
+    """
+
+
+@hookspec
+def peftlab_sweep_finished(experiment: str, folder: str, report: str) -> None:
+    """Observe a finished ``peftlab sweep``, after its report was written.
+
+    :param experiment: the experiment's name.
+    :param folder: its results folder, absolute.
+    :param report: the path of ``report.md``; the tables and plots lie beside it.
+
+    Return values are ignored; an exception here is reported on stderr, never fatal.
     """
 
 

@@ -60,7 +60,7 @@ def sweep(exp: Experiment, out: Path, *, host: PluginHost, executor: Executor | 
             if finished and (reuse_foreign or prior["status"] == "skipped" or same_place(prior, place)):
                 done += 1
             elif c.skip_reason:
-                _finish(host, store, own_record(c, "skipped", c.skip_reason))
+                _finish(host, store, own_record(c, "skipped", c.skip_reason), settings=c.settings, experiment=exp.name)
                 done += 1
             else:
                 foreign += finished
@@ -93,7 +93,7 @@ def sweep(exp: Experiment, out: Path, *, host: PluginHost, executor: Executor | 
         def on_record(cell: PlannedCell, f: CellFiles, rec: dict[str, Any]) -> None:
             if rec.get("run_id") != f.run_id:  # no worker wrote it (executors return what a worker wrote)
                 store.write_record(rec)
-            _finish(host, store, rec, write=False)
+            _finish(host, store, rec, write=False, settings=cell.settings, experiment=exp.name)
             bar.update(1)
             bar.write(f"  {cell.label}: {rec['status']}" + (f" ({rec['reason']})" if rec.get("reason") else ""))
 
@@ -129,9 +129,12 @@ def tuned_cells(exp: Experiment, cells: list[PlannedCell], store: ResultsStore, 
                                                               "adapter": None}, "tune": link})
 
     log(f"peftlab sweep {exp.name} ({exp.path}): tuning before the grid, into {store.folder / FOLDER}")
+    def observed(trials: ResultsStore, cell: PlannedCell, rec: dict[str, Any]) -> None:
+        _finish(host, trials, rec, write=False, settings=cell.settings, experiment=exp.name, top=store.folder)
+
     found, failed = run_tuning(exp.tune, cells, store.folder / FOLDER, host=host, executor=executor, place=place,
                                done=done, log=log, write_inputs=write_inputs, progress=progress,
-                               batch=len(getattr(executor, "slots", ())) or 1)
+                               batch=len(getattr(executor, "slots", ())) or 1, finished=observed)
     return apply_chosen(cells, found, exp.tune, failed)
 
 
@@ -152,13 +155,31 @@ def keep_best_adapter(store: ResultsStore, records: dict[str, dict[str, Any]], b
     log(f"  kept the adapter of the best cell by {by}: {store.adapter_path(best)}")
 
 
-def _finish(host: PluginHost, store: ResultsStore, rec: dict[str, Any], write: bool = True) -> None:
+def _finish(host: PluginHost, store: ResultsStore, rec: dict[str, Any], write: bool = True, *,
+            settings: dict[str, Any] | None = None, experiment: str = "", top: Path | None = None) -> None:
+    """Store ``rec`` (unless a worker did) and tell the ``peftlab_cell_finished`` observers."""
+    import copy
+
     if write:
         store.write_record(rec)
+    files = {"record": store.record_path(rec["cell_id"])}
+    for key, name in (("predictions.file", "predictions"), ("adapter.saved", "adapter")):
+        if rec.get(key):
+            files[name] = store.folder / rec[key]
     try:
-        host.hook.peftlab_cell_finished(record=dict(rec))
+        host.hook.peftlab_cell_finished(record=dict(rec), settings=copy.deepcopy(settings or {}), experiment=experiment,
+                                        folder=str((top or store.folder).resolve()),
+                                        files={k: str(p.resolve()) for k, p in files.items() if p.exists()})
     except Exception as exc:  # an observer must not stop the sweep
         print(f"peftlab: warning: a peftlab_cell_finished hook failed: {exc!r}", file=sys.stderr)
+
+
+def finished_sweep(host: PluginHost, experiment: str, folder: Path, report: Path) -> None:
+    """Tell the ``peftlab_sweep_finished`` observers (after the report is written)."""
+    try:
+        host.hook.peftlab_sweep_finished(experiment=experiment, folder=str(folder.resolve()), report=str(report.resolve()))
+    except Exception as exc:
+        print(f"peftlab: warning: a peftlab_sweep_finished hook failed: {exc!r}", file=sys.stderr)
 
 
 def header(exp: Experiment, host: PluginHost, total: int, done: int, todo: int) -> str:

@@ -181,7 +181,7 @@ def outcome(rec: dict[str, Any], metric: str) -> tuple[str, float | None]:
     if rec.get("train.stopped_at"):
         curve = json.loads(rec.get("tune.curve") or "[]")
         return PRUNED, (curve[-1][1] if curve else None)
-    value = rec.get("eval.loss" if metric == "loss" else metric)
+    value = rec.get("loss.eval" if metric == "loss" else metric)
     if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
         return FAILED, None
     return COMPLETE, float(value)
@@ -320,10 +320,12 @@ class Trial:
 def run_tuning(tune: TuneConfig, cells: list[PlannedCell], folder: Path, *, host, executor, place: dict[str, str],
                done: Callable[[dict[str, Any] | None], bool], log: Callable[[str], None],
                write_inputs: Callable[[Any, PlannedCell, dict[str, Any]], Any], progress: bool = True,
-               batch: int = 1) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
+               batch: int = 1, finished: Callable[[Any, PlannedCell, dict[str, Any]], None] | None = None,
+               ) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
     """Run every group's trials into the store at ``folder``; returns (group key -> chosen values,
     group key -> why nothing was chosen). ``done(record)``: whether an existing trial record counts
-    (finished here). ``batch``: trials asked at once (the executor's jobs)."""
+    (finished here). ``batch``: trials asked at once (the executor's jobs). ``finished(store, cell,
+    record)``: called for each trial that ran."""
     from tqdm.auto import tqdm
 
     from peftlab.sweep.store import ResultsStore
@@ -389,6 +391,8 @@ def run_tuning(tune: TuneConfig, cells: list[PlannedCell], folder: Path, *, host
                 if rec.get("run_id") != f.run_id:
                     store.write_record(rec)
                 what = tell(studies[t.group.key], t.optuna_trial, rec, tune.metric, replay=False)
+                if finished is not None:
+                    finished(store, cell, rec)
                 bar.update(1)
                 bar.write(f"  {cell.label}: {what}" + (f" ({rec['reason']})" if rec.get("reason") else ""))
 

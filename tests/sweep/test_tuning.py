@@ -141,7 +141,7 @@ def test_trials_never_read_the_test_split(tmp_path):
         assert run.reads[cid] == ["train", "validation"], run.reads[cid]  # what the trial's worker read
         assert rec["data.eval_split"] == "validation" and outcome(rec, "loss")[0] == COMPLETE
         assert "gen.tokens" not in rec and "metric.bleu-e2e" not in rec  # judged by its loss alone
-        assert rec["eval.loss_tokens"] > 0
+        assert rec["loss.eval_tokens"] > 0
     for rec in records:  # the grid's cells are scored on the test split
         assert run.reads[rec["cell_id"]] == ["train", "test"] and rec["data.eval_split"] == "test"
     assert {r["data.eval_hash"] for r in trials.values()}.isdisjoint({r["data.eval_hash"] for r in records})
