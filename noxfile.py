@@ -95,11 +95,11 @@ def install(session: nox.Session, extras: str = "test", need_cuda: bool = False)
 
 @nox.session
 def tests(session: nox.Session) -> None:
-    """Run the test suite (with the example third-party plugin, the Ray and Slurm extras and the docs
-    tools installed: a test builds the documentation strictly). Tests marked `slow` (a minute or more
+    """Run the test suite (with the example third-party plugin, the Ray, Slurm and MLflow extras and
+    the docs tools installed: a test builds the documentation strictly). Tests marked `slow` (a minute or more
     each: the real model, Ray, submitit) are left out; `nox -s tests -- -m slow` runs them, and
     `-- -m "slow or not slow"` everything."""
-    install(session, "test,ray,slurm,docs")
+    install(session, "test,ray,slurm,docs,mlflow")
     session.install(EXAMPLE_PLUGIN)
     chosen = any(a == "-m" or a.startswith("-m") for a in session.posargs)  # `-- -m slow` runs the slow ones
     session.run("pytest", "-q", "-p", "no:cacheprovider", *([] if chosen else ["-m", "not slow"]), *session.posargs,
