@@ -141,13 +141,14 @@ def generate(model, tokenizer, items: list[EvalItem], cfg: EvalConfig, *, device
     texts: list[str | None] = [None] * len(prompts)
     out = Generations()
     model.eval()
+    dtype = compute_dtype(precision)
     with attention(model, resolve(cfg.attention, device)) as implementation, \
-            packed_linears(model, compute_dtype(precision), device) as out.packed_linears, \
-            widened_linears(model, compute_dtype(precision), device):
+            packed_linears(model, dtype, device) as out.packed_linears, \
+            widened_linears(model, dtype, device):
         out.attention = implementation or ""
-        out.bf16_matmul = ("fp32-gemm" if wanted(compute_dtype(precision), device) else "native") if precision == "bf16" else ""
+        out.bf16_matmul = ("fp32-gemm" if wanted(dtype, device) else "native") if precision == "bf16" else ""
         # peftlab-cpu casts keys and values to the autocast dtype: the cache may as well hold them so
-        store = compute_dtype(precision) if implementation == NAME and device.type == "cpu" else None
+        store = dtype if implementation == NAME and device.type == "cpu" else None
         if cfg.num_beams == 1:
             with torch.inference_mode(), autocast(precision, device):
                 out.rows_leave = rows_round_alike(model, max(len(rows) for _, rows in plan))
