@@ -24,6 +24,8 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
+from peftlab.kernels.swap import swapped_forwards
+
 NORM_SETTINGS = ("auto", "model")
 CHECK_SHAPE = (3, 5)  # rows of random input each check runs on (times the hidden size)
 
@@ -91,26 +93,18 @@ def lean_norms(model: nn.Module, on: bool = True) -> Iterator[int]:
     """Run ``model``'s qualifying RMSNorm modules with :func:`rms_norm` for the block (``on``), then
     restore their own forward; yields how many were swapped. The check runs once per class, weight
     dtype, device and width."""
-    swapped: list[nn.Module] = []
     verdicts: dict[tuple, bool] = {}
-    if on:
-        for module in model.modules():
-            if not _candidate(module) or "forward" in vars(module):
-                continue
-            key = (type(module), module.weight.dtype, module.weight.device, module.weight.shape[0])
-            if key not in verdicts:
-                verdicts[key] = _same_forward(module)
-            if verdicts[key]:
-                module.forward = _forward(module)
-                swapped.append(module)
-    try:
-        yield len(swapped)
-    finally:
-        for module in swapped:
-            # pop, not del: a model kernelized by transformers resets these forwards at every
-            # train/eval switch (peftlab loads without hub kernels: cell.models.no_hub_kernels), and
-            # a user's model may be one; either forward gives the same bits, checked when swapped
-            vars(module).pop("forward", None)
+
+    def lean(module: nn.Module):
+        if not on or not _candidate(module):
+            return None
+        key = (type(module), module.weight.dtype, module.weight.device, module.weight.shape[0])
+        if key not in verdicts:  # either forward gives the same bits, checked here
+            verdicts[key] = _same_forward(module)
+        return _forward(module) if verdicts[key] else None
+
+    with swapped_forwards(model, lean) as n:
+        yield n
 
 
 def resolve(setting: str, device: torch.device) -> bool:

@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from peftlab.kernels.swap import swapped_forwards
+
 BATCH_HINT = 32  # the row count oneDNN lays the weight out for; any row count may be multiplied
 CHECK_ROWS = (2, 3, 17, 64)
 #: layers with a side below this are not packed: an adapter's rank-r matrices cost little to lay
@@ -82,23 +84,19 @@ def packed_linears(model: nn.Module, dtype: torch.dtype | None, device: torch.de
     if device.type != "cpu" or dtype != torch.bfloat16 or not available():
         yield 0
         return
-    swapped: list[nn.Linear] = []
     verdict: dict[tuple, bool] = {}
-    try:
-        with torch.no_grad():
-            for module in model.modules():
-                if (type(module) is not nn.Linear or "forward" in vars(module) or module.weight.device.type != "cpu"
-                        or min(module.in_features, module.out_features) < MIN_SIDE):
-                    continue
-                packed = torch.ops.mkldnn._reorder_linear_weight(module.weight.detach().to(dtype), BATCH_HINT)
-                bias = None if module.bias is None else module.bias.detach().to(dtype)
-                shape = (module.in_features, module.out_features, bias is not None, module.weight.dtype)
-                if shape not in verdict:
-                    verdict[shape] = _same_bits(module, packed, bias, dtype)
-                if verdict[shape]:
-                    module.forward = _forward(packed, bias, dtype)
-                    swapped.append(module)
-        yield len(swapped)
-    finally:
-        for module in swapped:
-            del module.forward
+
+    @torch.no_grad()
+    def pack(module: nn.Module):
+        if (type(module) is not nn.Linear or module.weight.device.type != "cpu"
+                or min(module.in_features, module.out_features) < MIN_SIDE):
+            return None
+        packed = torch.ops.mkldnn._reorder_linear_weight(module.weight.detach().to(dtype), BATCH_HINT)
+        bias = None if module.bias is None else module.bias.detach().to(dtype)
+        shape = (module.in_features, module.out_features, bias is not None, module.weight.dtype)
+        if shape not in verdict:
+            verdict[shape] = _same_bits(module, packed, bias, dtype)
+        return _forward(packed, bias, dtype) if verdict[shape] else None
+
+    with swapped_forwards(model, pack) as n:
+        yield n

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from peftlab.kernels.precision import native_bf16_matmul
+from peftlab.kernels.swap import swapped_forwards
 
 #: calls of fewer rows than PAD_BELOW are padded to a multiple of ROW_MULTIPLE (module docstring)
 ROW_MULTIPLE, PAD_BELOW = 4, 12
@@ -111,22 +112,17 @@ def widened_linears(model: nn.Module, dtype: torch.dtype | None, device: torch.d
     if dtype != torch.bfloat16 or device.type != "cpu" or not (force or wanted(dtype, device)):
         yield 0
         return
-    swapped: list[nn.Module] = []
-    try:
-        with torch.no_grad():
-            for module in model.modules():
-                if "forward" in vars(module):
-                    continue
-                if isinstance(module, QuantizedLinear):
-                    module.forward = _quantized_forward(module)
-                elif type(module) is nn.Linear and module.weight.device.type == "cpu":
-                    module.forward = _plain_forward(_widened(module.weight), _widened(module.bias))
-                else:
-                    continue
-                swapped.append(module)
+    @torch.no_grad()
+    def widen(module: nn.Module):
+        if isinstance(module, QuantizedLinear):
+            return _quantized_forward(module)
+        if type(module) is nn.Linear and module.weight.device.type == "cpu":
+            return _plain_forward(_widened(module.weight), _widened(module.bias))
+        return None
+
+    with swapped_forwards(model, widen) as n:
         _state.on = True
-        yield len(swapped)
-    finally:
-        _state.on = False
-        for module in swapped:
-            del module.forward
+        try:
+            yield n
+        finally:
+            _state.on = False
