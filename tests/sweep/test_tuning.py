@@ -214,3 +214,21 @@ def test_a_bad_tune_table_is_refused_naming_the_field(tmp_path):
     with pytest.raises(ValidationError, match="tune.space.lroa.alpha"):
         sweep(load_experiment(write(tmp_path, misspelt)), tmp_path / "o", host=HOST, executor=WorkerInProcess(),
               progress=False, log=lambda s: None)
+
+
+def test_trials_of_a_one_file_source_are_judged_on_tune_holdout(tmp_path):
+    from peftlab.sweep.tuner import plan_check, trial_settings, tuning_split
+
+    rows = [{"instruction": f"Say {i}.", "context": "", "response": f"{i}"} for i in range(40)]
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    text = EXPERIMENT.replace("[base.data]\n", f'[base.data]\nsource = "{data}"\n')
+    exp = load_experiment(write(tmp_path, text))
+    cells = exp.cells(HOST)
+    (group,) = plan_check(exp.tune, cells, HOST)
+    split = tuning_split(exp.tune, group.settings)
+    trial = trial_settings(exp.tune, group, {"train.lr": 1e-3}, split)
+    assert split == TUNE_HOLDOUT and trial["data"]["eval_split"] == TUNE_HOLDOUT
+    assert trial["data"]["eval_source"] is None and trial["eval"] == {**trial["eval"], "loss": True, "generate": False,
+                                                                      "metrics": [], "forgetting": "none"}
+    assert all(c.settings["data"].get("eval_split") in (None, HOLDOUT) for c in cells)  # the grid: holdout
