@@ -48,6 +48,7 @@ class Group:
     axes: dict[str, Any]
     params: tuple[Param, ...]  # the searched settings that apply to this method
     cells: list[PlannedCell]
+    split: str = ""  # what its trials are judged on (tuning_split), set by plan_check
 
 
 def applies(param: Param, settings: dict[str, Any]) -> bool:
@@ -140,7 +141,7 @@ def tuning_split(tune: TuneConfig, settings: dict[str, Any]) -> str:
 
 def plan_check(tune: TuneConfig, cells: list[PlannedCell], host) -> list[Group]:
     """Every group's trials, at the edges of the space, are valid cells (names, settings, data),
-    before anything runs; returns the groups."""
+    before anything runs; returns the groups, each with the split its trials are judged on."""
     from peftlab.cell.config import CellConfig
     from peftlab.cell.run import preflight
     from peftlab.data.splits import check_source
@@ -154,11 +155,11 @@ def plan_check(tune: TuneConfig, cells: list[PlannedCell], host) -> list[Group]:
                                   f"or <component>.<setting> for a component the grid runs ({', '.join(names)})")
     checked: set[str] = set()
     for g in out:
-        split = tuning_split(tune, g.settings)
+        g.split = tuning_split(tune, g.settings)
         for edge in (0, -1):
             values = {p.key: p.bounds()[edge] for p in g.params}
             try:
-                cfg = CellConfig.from_dict(trial_settings(tune, g, values, split))
+                cfg = CellConfig.from_dict(trial_settings(tune, g, values, g.split))
                 preflight(cfg, host)
                 key = json.dumps(cfg.to_dict()["data"], sort_keys=True, default=str)
                 if key not in checked:
@@ -310,8 +311,6 @@ def recover(study, group: Group) -> None:
 @dataclass(frozen=True)
 class Trial:
     group: Group
-    number: int
-    values: dict[str, Any]
     cell: PlannedCell
     link: dict[str, Any]  # what the worker needs to report to the study
     optuna_trial: Any
@@ -337,11 +336,10 @@ def run_tuning(tune: TuneConfig, cells: list[PlannedCell], folder: Path, *, host
     studies = open_studies(tune, gs, folder, place)
     for g in gs:
         recover(studies[g.key], g)
-    splits = {g.key: tuning_split(tune, g.settings) for g in gs}
     total = tune.trials * len(gs)
     left = {g.key: tune.trials - len(told(studies[g.key])) for g in gs}
     log(f"  tuning {len(gs)} group(s), {tune.trials} trials each ({total - sum(max(0, n) for n in left.values())} "
-        f"done), by {tune.metric} on split {', '.join(sorted(set(splits.values())))}: "
+        f"done), by {tune.metric} on split {', '.join(sorted({g.split for g in gs}))}: "
         + "; ".join(p.describe() for p in tune.space))
     bar = tqdm(total=total, initial=total - sum(max(0, n) for n in left.values()), desc="tune", unit="trial",
                disable=not progress, dynamic_ncols=True, position=0)
@@ -356,7 +354,7 @@ def run_tuning(tune: TuneConfig, cells: list[PlannedCell], folder: Path, *, host
                 for _ in range(min(per_group, left[g.key])):
                     ot = study.ask()
                     values = {p.key: p.suggest(ot) for p in g.params}
-                    settings = trial_settings(tune, g, values, splits[g.key])
+                    settings = trial_settings(tune, g, values, g.split)
                     from peftlab.cell.config import CellConfig
 
                     full = CellConfig.from_dict(settings).to_dict()
@@ -366,7 +364,7 @@ def run_tuning(tune: TuneConfig, cells: list[PlannedCell], folder: Path, *, host
                     link = {"journal": journal, "study": study.study_name, "trial_id": ot._trial_id,
                             "trial": ot.number, "group": g.label, "params": values, "metric": tune.metric,
                             "rungs": tune.rungs(steps), "reduction": tune.reduction}
-                    asked.append(Trial(g, ot.number, values, cell, link, ot))
+                    asked.append(Trial(g, cell, link, ot))
                     left[g.key] -= 1
             scan = store.scan().records
             fresh = []
