@@ -8,6 +8,7 @@ so bad input fails in seconds, before a model is loaded. A vetoed combination co
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from collections.abc import Callable
@@ -131,9 +132,8 @@ def run_cell(cfg: CellConfig, host: PluginHost, *, progress: bool = True,
     from peftlab.data.prompts import encode
     from peftlab.data.splits import load_splits
     from peftlab.evaluate.generate import generate
+    from peftlab.evaluate.loss import eval_examples
     from peftlab.evaluate.score import score, unusable
-    from peftlab.kernels.attention import attention
-    from peftlab.kernels.attention import resolve as resolve_attention
     from peftlab.kernels.compiled import check as check_compile
     from peftlab.kernels.heap import reuse_freed_memory
     from peftlab.kernels.precision import FrozenCast, frozen_to_compute
@@ -141,6 +141,11 @@ def run_cell(cfg: CellConfig, host: PluginHost, *, progress: bool = True,
 
     wall = time.perf_counter()
     adapter, quantizer, metrics, reason = preflight(cfg, host)
+
+    @functools.cache
+    def validation() -> list:  # the evaluation rows as training rows, encoded once (pruner rungs, loss.eval)
+        return eval_examples(eval_items, tok, cfg.data.max_length)
+
     if outputs is not None and outputs.merged is not None and not reason:
         refusal = adapter.merge_refusal(f"quantizer {cfg.quantizer_name!r} packs the weights" if quantizer else None)
         if refusal:
@@ -198,7 +203,7 @@ def run_cell(cfg: CellConfig, host: PluginHost, *, progress: bool = True,
                 reporter = None
                 if on_step is not None:
                     def reporter(steps: int) -> bool:
-                        return on_step(steps, lambda: validation_loss(cfg, model, tok, eval_items, device).loss)
+                        return on_step(steps, lambda: measured_loss(cfg, model, validation(), tok, device).loss)
                 with reuse_freed_memory(reuse) as kept:
                     rec["mem.cpu_heap_kept"] = kept
                     result = train(model, encoded.examples, cfg.train, pad_id=tok.pad_token_id, device=device,
@@ -218,8 +223,7 @@ def run_cell(cfg: CellConfig, host: PluginHost, *, progress: bool = True,
     if forget is not None:
         rec.update(forget.after(model))
     if cfg.eval.loss:
-        with attention(model, resolve_attention(cfg.train.attention, device)):
-            measured = validation_loss(cfg, model, tok, eval_items, device)
+        measured = measured_loss(cfg, model, validation(), tok, device)
         rec.update({"loss.eval": measured.loss, "loss.eval_tokens": measured.tokens})
     bad = {}
     gens = None
@@ -251,24 +255,14 @@ class Forgetting:
     def __init__(self, cfg: CellConfig, model, tok, device):
         from peftlab.data.general_text import documents, windows
 
-        self.cfg, self.device, self.pad_id = cfg, device, tok.pad_token_id
-        self.windows = windows(documents(cfg.eval.forgetting), tok, cfg.eval.forgetting_tokens)
-        self.base = self._loss(model)
-
-    def _loss(self, model):
-        from peftlab.evaluate.loss import eval_loss
-        from peftlab.kernels.attention import attention
-        from peftlab.kernels.attention import resolve as resolve_attention
-
-        examples = [(ids, ids) for ids in self.windows]
-        with attention(model, resolve_attention(self.cfg.train.attention, self.device)):
-            return eval_loss(model, examples, pad_id=self.pad_id, device=self.device,
-                             precision=self.cfg.train.precision, batch_size=self.cfg.train.batch_size)
+        self.cfg, self.tok, self.device = cfg, tok, device
+        self.examples = [(ids, ids) for ids in windows(documents(cfg.eval.forgetting), tok, cfg.eval.forgetting_tokens)]
+        self.base = measured_loss(cfg, model, self.examples, tok, device)
 
     def after(self, model) -> dict[str, Any]:
         from peftlab.data.general_text import describe
 
-        now = self._loss(model)
+        now = measured_loss(self.cfg, model, self.examples, self.tok, self.device)
         return {"forget.loss_base": self.base.loss, "forget.loss_after": now.loss,
                 "forget.delta": now.loss - self.base.loss, "forget.tokens": now.tokens,
                 "forget.text": describe(self.cfg.eval.forgetting), "forget.definition": self.DEFINITION}
@@ -279,14 +273,16 @@ def folder_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in Path(folder).rglob("*") if p.is_file())
 
 
-def validation_loss(cfg: CellConfig, model, tok, eval_items, device):
-    """The evaluation rows' mean response loss (:func:`peftlab.evaluate.loss.eval_loss`), encoded
-    as training encodes its rows, in training's precision and batch size."""
-    from peftlab.evaluate.loss import eval_examples, eval_loss
+def measured_loss(cfg: CellConfig, model, examples, tok, device):
+    """The mean loss of ``examples`` (:func:`peftlab.evaluate.loss.eval_loss`) in training's
+    arithmetic: its attention (entered here, a no-op inside training, which has switched it
+    already), precision and batch size. The validation loss and forgetting's both."""
+    from peftlab.evaluate.loss import eval_loss
+    from peftlab.kernels.attention import attention, resolve
 
-    examples = eval_examples(eval_items, tok, cfg.data.max_length)
-    return eval_loss(model, examples, pad_id=tok.pad_token_id, device=device, precision=cfg.train.precision,
-                     batch_size=cfg.train.batch_size)
+    with attention(model, resolve(cfg.train.attention, device)):
+        return eval_loss(model, examples, pad_id=tok.pad_token_id, device=device, precision=cfg.train.precision,
+                         batch_size=cfg.train.batch_size)
 
 
 def trained_over(cfg: CellConfig) -> dict[str, Any]:
