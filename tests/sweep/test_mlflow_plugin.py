@@ -14,41 +14,17 @@ from peftlab.sweep.runner import finished_sweep, sweep
 
 mlflow = pytest.importorskip("mlflow")
 
-EXPERIMENT = """
-[experiment]
-name = "tiny-mlflow"
-[base.model]
-name = "tiny-llama"
-[base.data]
-train_limit = 16
-eval_limit = 2
-[base.train]
-steps = 2
-batch_size = 2
-[base.eval]
-metrics = ["bleu-e2e"]
-max_new_tokens = 2
-[tune]
-trials = 2
-eval_limit = 2
-pruner = "none"
-[tune.space]
-"train.lr" = { low = 1e-4, high = 1e-2, log = true }
-[[grid]]
-adapter = [{ name = "lora", r = 2 }]
-"train.seed" = [0, 1]
-"""
-
 
 def test_every_trial_cell_and_report_becomes_a_run(tmp_path, monkeypatch):
-    from test_tuning import WorkerInProcess  # the worker's own entry point, in this process
+    # tuning's tiny experiment, each cell through the worker's own entry point in this process
+    from test_tuning import EXPERIMENT, WorkerInProcess
 
     monkeypatch.setenv("PEFTLAB_MLFLOW", "on")
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.delenv("PEFTLAB_MLFLOW_URI", raising=False)
     host = load_host()
     path = tmp_path / "e.toml"
-    path.write_text(EXPERIMENT)
+    path.write_text(EXPERIMENT.replace('name = "tiny-tune"', 'name = "tiny-mlflow"').replace("trials = 3", "trials = 2"))
     exp = load_experiment(path)
     out = tmp_path / "out"
     records = sweep(exp, out, host=host, executor=WorkerInProcess(), progress=False, log=lambda s: None)
