@@ -2,7 +2,8 @@
 
 The grid's cells that differ only by seed form a *group* (one method at its settings). For every
 group the searched settings that apply to it (``train.lr`` to all, ``lora.alpha`` to LoRA's) are
-tuned in an Optuna study: a TPE sampler seeded with ``tune.seed``, and, when judged by the
+tuned in an Optuna study: a TPE sampler seeded afresh for every trial (:func:`sampler_for`), and,
+when judged by the
 validation loss, a successive-halving pruner fed by the trials themselves during training. Every
 trial is a cell: its settings are the group's with the trial's values, trained with the group's
 lowest seed and judged on the validation split (the source's ``validation``, else
@@ -12,7 +13,7 @@ lowest seed and judged on the validation split (the source's ``validation``, els
 Resuming: the studies live in ``tuning/optuna.journal`` (Optuna's journal storage, one study per
 group and machine); a trial whose record is already there, made here, is told from it rather
 than run again, and a trial that was running when the sweep died is asked again with the same
-values. The best finished trial of each group gives the settings its grid cells run with; the
+values; the trials after it draw what an uninterrupted tuning's would have. The best finished trial of each group gives the settings its grid cells run with; the
 choice is a function of the records (:func:`best`), so the report makes the same one.
 """
 
@@ -34,6 +35,9 @@ from peftlab.sweep.tune_config import Param, TuneConfig
 JOURNAL = "optuna.journal"
 SUMMARY = "summary.json"  # per group: the search, its trials' cell ids, the chosen values (what reports read)
 FOLDER = "tuning"
+#: how trials are drawn (:func:`sampler_for`); part of a study's name, so a study drawn another way
+#: is not continued as if it had been drawn this way
+DRAWS = "tpe, seed + trial index"
 #: a trial's outcome, from its record
 COMPLETE, PRUNED, DIVERGED, FAILED = "complete", "pruned", "diverged", "failed"
 
@@ -240,8 +244,31 @@ def study_name(tune: TuneConfig, group: Group, place: dict[str, str]) -> str:
     """One study per group, search (space, judge, budget, sampler) and machine: a changed search
     starts a study of its own (a trial whose cell already has a record here still reads it)."""
     search = {k: v for k, v in tune.to_dict().items() if k != "trials"}  # a larger budget goes on with the study
+    search["draws"] = DRAWS
     search = hashlib.sha256(json.dumps(search, sort_keys=True).encode()).hexdigest()[:8]
     return f"{group.key}-{search}@{place_key(place)}"
+
+
+def sampler_for(tune: TuneConfig, index: int):
+    """The TPE sampler that draws a study's ``index``-th trial (counting those a dead sweep left
+    running only once, by the values they are asked again with): seeded with ``tune.seed + index``.
+
+    One sampler per study seeded once would restart its random stream whenever a sweep resumes, and
+    a resumed study in its random start-up phase would draw its first trial's values again. Seeded
+    by the trial's place, every draw is a function of the seed, the index and the finished trials
+    (TPE's model of them), whether the sweep ran through or was killed and resumed."""
+    import optuna
+
+    return optuna.samplers.TPESampler(seed=tune.seed + index, n_startup_trials=tune.n_startup)
+
+
+def drawn(study) -> int:
+    """How many of the study's trials took the sampler's draws or an enqueued re-ask's: all but the
+    interrupted ones (:func:`recover` fails them without a record and asks their values again)."""
+    from optuna.trial import TrialState
+
+    return sum(1 for t in study.get_trials(deepcopy=False)
+               if not (t.state == TrialState.FAIL and "cell_id" not in t.user_attrs))
 
 
 def make_pruner(rungs: list[int], reduction: int):
@@ -264,7 +291,7 @@ def open_studies(tune: TuneConfig, gs: list[Group], folder: Path, place: dict[st
     storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(folder / JOURNAL)))
     studies = {}
     for g in gs:
-        sampler = optuna.samplers.TPESampler(seed=tune.seed, n_startup_trials=tune.n_startup)
+        sampler = sampler_for(tune, 0)
         pruner = make_pruner(tune.rungs(g.settings["train"]["steps"] or 0), tune.reduction)
         studies[g.key] = optuna.create_study(study_name=study_name(tune, g, place), storage=storage,
                                              sampler=sampler, pruner=pruner, load_if_exists=True,
@@ -352,6 +379,7 @@ def run_tuning(tune: TuneConfig, cells: list[PlannedCell], folder: Path, *, host
             for g in pending:
                 study = studies[g.key]
                 for _ in range(min(per_group, left[g.key])):
+                    study.sampler = sampler_for(tune, drawn(study))
                     ot = study.ask()
                     values = {p.key: p.suggest(ot) for p in g.params}
                     settings = trial_settings(tune, g, values, g.split)

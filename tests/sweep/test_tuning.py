@@ -106,11 +106,11 @@ def test_a_killed_tuning_resumes_without_rerunning_finished_trials(tmp_path):
     trials = trial_records(out)
     assert killed.ran[0] not in again.ran  # the finished trial was read, not run again
     assert len(trials) == 3 and set(killed.ran) < set(trials)
-    # the trial the dead sweep was starting is asked again first, with the same values: the trials are
-    # the seeded sampler's first three, as an uninterrupted tuning's are
+    # the trial the dead sweep was starting is asked again first, with the same values, and the
+    # trials after it draw what an uninterrupted tuning's drew, not the first trial's values again
     fresh = WorkerInProcess()
     sweep(exp, tmp_path / "fresh", host=HOST, executor=fresh, progress=False, log=lambda s: None)
-    assert set(trial_records(tmp_path / "fresh")) == set(trials)
+    assert fresh.ran[:3] == killed.ran + again.ran[:2]
 
     # the grid ran at the best trial's rate, every seed of it
     chosen = best(list(trials.values()), "loss")
@@ -130,6 +130,29 @@ def test_a_killed_tuning_resumes_without_rerunning_finished_trials(tmp_path):
     idle = WorkerInProcess()
     sweep(exp, out, host=HOST, executor=idle, progress=False, log=lambda s: None)
     assert idle.ran == []
+
+
+def test_a_resumed_study_draws_new_values_not_its_first_trials_again(tmp_path):
+    """Killed while the second method's first trial ran, the first method's study resumes in the
+    sampler's random start-up phase with one trial done: it must draw what an uninterrupted tuning
+    draws next, not its first trial's values again (a sampler seeded once per process would)."""
+    text = EXPERIMENT.replace('adapter = [{ name = "lora", r = 2 }]\n"train.seed" = [0, 1]',
+                              'adapter = [{ name = "lora", r = 2 }, { name = "lora", r = 4 }]')
+    exp = load_experiment(write(tmp_path, text))
+    killed = WorkerInProcess(stop_at=1)  # r=2's trial 0 finishes; the sweep dies in r=4's trial 0
+    with pytest.raises(KeyboardInterrupt):
+        sweep(exp, tmp_path / "out", host=HOST, executor=killed, progress=False, log=lambda s: None)
+    sweep(exp, tmp_path / "out", host=HOST, executor=WorkerInProcess(), progress=False, log=lambda s: None)
+    sweep(exp, tmp_path / "fresh", host=HOST, executor=WorkerInProcess(), progress=False, log=lambda s: None)
+
+    def drawn(out):
+        groups = json.loads((out / FOLDER / "summary.json").read_text())["groups"]
+        records = trial_records(out)
+        return {g["group"]: [json.loads(records[i]["tune.params"])["train.lr"] for i in g["trials"]] for g in groups}
+
+    resumed, fresh = drawn(tmp_path / "out"), drawn(tmp_path / "fresh")
+    assert all(len(set(lrs)) == 3 for lrs in resumed.values()), resumed
+    assert resumed == fresh
 
 
 def test_trials_never_read_the_test_split(tmp_path):
