@@ -223,9 +223,12 @@ def trainable_bytes(model: torch.nn.Module) -> int:
 
 def backward_blocks(model: torch.nn.Module) -> int | None:
     """How many transformer blocks the backward pass goes through: from the top down to the lowest
-    block holding a trainable parameter (all of them when something below the blocks trains, none
-    when only the head trains). The activations a step keeps scale with it. ``None`` for a model
-    without a block stack."""
+    block holding a trainable parameter. A trainable parameter outside the stack counts as below it
+    (all of the blocks: the embeddings, or a prefix whose keys and values every block's attention
+    reads) unless it is in the output head (the output embeddings, or a module that follows the
+    stack beside it, as the final norm), which backward reaches before any block (none when only
+    the head trains). The activations a step keeps scale with it. ``None`` for a model without a
+    block stack."""
     from peftlab.plugin.adapter import transformer_blocks
     from peftlab.plugin.errors import ValidationError
 
@@ -233,14 +236,18 @@ def backward_blocks(model: torch.nn.Module) -> int | None:
         prefix, blocks = transformer_blocks(model)
     except ValidationError:
         return None
-    names = [n for n, _ in model.named_parameters()]
-    first_block = next((i for i, n in enumerate(names) if n.startswith(prefix + ".")), len(names))
+    parent_name, _, stack = prefix.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    names = list(dict(parent.named_children()))
+    after = tuple(f"{parent_name}.{c}." if parent_name else f"{c}." for c in names[names.index(stack) + 1:])
+    out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    head = {id(p) for p in out.parameters()} if out is not None else set()
     lowest = len(blocks)
-    for i, (name, p) in enumerate(model.named_parameters()):
+    for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         if name.startswith(prefix + "."):
             lowest = min(lowest, int(name[len(prefix) + 1:].split(".", 1)[0]))
-        elif i < first_block:
+        elif id(p) not in head and not name.startswith(after):
             lowest = 0
     return len(blocks) - lowest

@@ -237,11 +237,11 @@ def test_a_base_training_adapter_under_any_name_is_skipped_over_a_quantized_base
 
 
 @pytest.mark.parametrize("adapter,params,size,blocks", [("lora", {"r": 2}, 2, 2), ("ft-top", {"k": 1}, 1, 1),
-                                                         ("full", {}, None, 2)])
+                                                         ("full", {}, None, 2), ("prefix", {"length": 2}, 2, 2)])
 def test_records_carry_what_the_adapter_declares(adapter, params, size, blocks):
     rec = run_cell(cell(adapter=adapter, adapter_params=params), HOST, progress=False)
     assert rec["adapter.size"] == size and rec["params.backward_blocks"] == blocks
-    assert rec["adapter.size_setting"] == {"lora": "r", "ft-top": "k", "full": None}[adapter]
+    assert rec["adapter.size_setting"] == {"lora": "r", "ft-top": "k", "full": None, "prefix": "length"}[adapter]
     assert rec["params.trainable_bytes"] == 4 * rec["params.trainable"]  # fp32 adapters / fp32 CPU weights
 
 
