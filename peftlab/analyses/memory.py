@@ -59,7 +59,7 @@ def model_estimates(name: str, host: PluginHost, *, adapter: str = defaults.ADAP
     return [rows[0], replace(rows[1], method=adapter), replace(rows[2], method=f"{adapter}+{quantizer or 'nf4-dq'}")]
 
 
-def record_estimate(rec: dict[str, Any]) -> dict[str, float]:
+def record_estimate(rec: dict[str, Any], shape_of: tuple[int, int] | None = None) -> dict[str, float]:
     """The estimator's terms for one measured cell, from its record. The base counts as stored
     (``base.weight_bytes``, measured exactly). Trained parameters get gradients in their own dtype
     and the optimizer's states. With bf16 autocast over an fp32 float base, every matmul saves
@@ -70,7 +70,8 @@ def record_estimate(rec: dict[str, Any]) -> dict[str, float]:
     backward pass goes through (``params.backward_blocks``: only the top k for FT-Top-k), s b =
     the largest micro-batch's positions, padding included (``train.max_batch_positions``; older
     records: the mean training tokens per step). Nothing here knows an adapter by name: what trains
-    the base, and the bytes of what trains, come from the record."""
+    the base, and the bytes of what trains, come from the record. ``shape_of``: the model's (hidden
+    size, blocks) where its name is not an architecture :func:`peftlab.architectures.shape` knows."""
     trainable = float(rec["params.trainable"])
     full_like = bool(rec["adapter.trains_base"])
     own = float(rec["params.trainable_bytes"]) / trainable
@@ -80,7 +81,7 @@ def record_estimate(rec: dict[str, Any]) -> dict[str, float]:
     stored = float(rec["base.weight_bytes"]) - (float(rec.get("cast.bytes_saved") or 0) if cast else 0.0)
     weights = stored + (0 if full_like else trainable * own)
     optim = "adamw8bit" if "8bit" in str(rec["train.optimizer"]) else "adamw"
-    hidden, layers = shape(rec["model"])
+    hidden, layers = shape_of or shape(rec["model"])
     if rec.get("params.backward_blocks") is not None:
         layers = int(rec["params.backward_blocks"])
     # activations live one micro-batch at a time and the peak comes with the largest, padding included

@@ -229,6 +229,30 @@ def skeleton(cfg: ModelConfig):
         return AutoModelForCausalLM.from_config(config)
 
 
+def load_tokenizer(cfg: ModelConfig):
+    """``cfg``'s tokenizer alone, as :func:`load` gives it (its pad token set), read offline;
+    ``None`` where it is not at hand (a hub id not in the local cache)."""
+    from transformers import AutoTokenizer
+
+    kind, args = resolve(cfg.name)
+    try:
+        if kind == "config":
+            tok = byte_tokenizer()
+        elif kind == "gguf":
+            from peftlab.cache import cached_gguf_folder
+
+            cached = cached_gguf_folder(os.path.join(args["folder"], args["gguf_file"]), "float32")
+            tok = AutoTokenizer.from_pretrained(cached) if cached is not None else \
+                AutoTokenizer.from_pretrained(args["folder"], gguf_file=args["gguf_file"])
+        else:
+            tok = AutoTokenizer.from_pretrained(args["id"], local_files_only=True)
+    except (OSError, ValueError):
+        return None
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
 def check_hub_reachable(name: str) -> None:
     """A hub id not in the local hub cache needs the hub: refused at once when it cannot be reached,
     instead of a minute of retries and a traceback."""

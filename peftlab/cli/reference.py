@@ -160,7 +160,8 @@ def experiment_md() -> str:
             "- `[executor]`: where the cells run (flags of `peftlab sweep` win);\n"
             "- `[tune]`: settings chosen per method on validation data before the grid runs "
             "(see [sweeps](../guide/sweeps.md#tuning));\n"
-            "- `[budget]`: `trainable_params = N` sizes every adapter to the count nearest N "
+            "- `[budget]`: `trainable_params = N` sizes every adapter to the count nearest N, or "
+            "`peak_memory = \"24 GB\"` to the largest size whose estimated training peak fits "
             "(see [sweeps](../guide/sweeps.md#equal-budgets)).\n\n"
             "| key | type | default | meaning |\n| --- | --- | --- | --- |\n" + "\n".join(rows + ex_rows + tune_rows) + "\n")
 

@@ -242,7 +242,7 @@ def _render(store: ResultsStore, manifest: dict[str, Any]) -> Path:
     for file, caption in figures:
         parts.append(f"![{caption}]({file})\n\n{caption}\n")
     if manifest.get("budget"):
-        parts.append(budget_section(manifest["budget"], summary))
+        parts.append(budget_section(manifest["budget"], summary, df))
     metrics = _metric_columns(summary)
     quality = "metric.bleu-e2e" if "metric.bleu-e2e" in metrics else (metrics[0] if metrics else None)
     front, _ = pareto.section(summary, quality, store.artifact, drawing)
@@ -273,9 +273,12 @@ def forgetting_sentence(df: pd.DataFrame) -> str:
             "outside the task).")
 
 
-def budget_section(budget: dict[str, Any], summary: pd.DataFrame) -> str:
-    """Every method beside the experiment's trainable-parameter budget: the size it was given, the
-    count it reached and how far that is from the budget, with its quality."""
+def budget_section(budget: dict[str, Any], summary: pd.DataFrame, df: pd.DataFrame | None = None) -> str:
+    """Every method beside the experiment's budget: the size it was given and, for a trainable
+    count, the count it reached and how far that is from the budget; for a peak memory, its
+    measured and estimated peaks against it. With its quality."""
+    if "peak_memory" in budget:
+        return memory_budget_section(int(budget["peak_memory"]), summary, df)
     target = int(budget["trainable_params"])
     metrics = _metric_columns(summary)
     head = ["method", "size", "trainable", "vs budget", *[m.removeprefix("metric.") for m in metrics]]
@@ -285,10 +288,56 @@ def budget_section(budget: dict[str, Any], summary: pd.DataFrame) -> str:
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for _, r in summary[summary["status"] == "ok"].iterrows():
         n = r.get("params.trainable")
-        size = f"{r['adapter.size_setting']}={r['adapter.size']:g}" if not pd.isna(r.get("adapter.size")) else "fixed"
         gap = f"{100 * (float(n) - target) / target:+.1f}%" if not pd.isna(n) else "-"
-        lines.append("| " + " | ".join([str(r["group"]), size, _fmt(n, digits=0), gap,
+        lines.append("| " + " | ".join([str(r["group"]), _size(r), _fmt(n, digits=0), gap,
                                        *[_fmt(r.get(m), r.get(f"{m}.ci95")) for m in metrics]]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _size(r) -> str:
+    return f"{r['adapter.size_setting']}={r['adapter.size']:g}" if not pd.isna(r.get("adapter.size")) else "fixed"
+
+
+def memory_budget_section(limit: int, summary: pd.DataFrame, df: pd.DataFrame | None) -> str:
+    """Methods at the most each can be within a peak-memory budget: its size, the measured peak
+    against the budget, and the estimator's peak from the cell's own record (what ran)."""
+    from peftlab.analyses.memory import peak_bytes, record_estimate
+
+    def estimated(group: str) -> float | None:
+        if df is None:
+            return None
+        peaks = []
+        for _, r in df[(df["group"] == group) & (df["status"] == "ok")].iterrows():
+            try:
+                peaks.append(peak_bytes(record_estimate(r.to_dict())))
+            except (KeyError, TypeError, ValueError):  # a model the estimator has no shape for, an older record
+                return None
+        return sum(peaks) / len(peaks) if peaks else None
+
+    metrics = _metric_columns(summary)
+    head = ["method", "size", "peak MB (measured)", "vs budget", "peak MB (estimated)", "trainable",
+            *[m.removeprefix("metric.") for m in metrics]]
+    lines = [f"## Within one peak memory: {limit / 1e6:,.0f} MB\n",
+             "Each adapter's declared size setting was set to the largest value whose training peak, estimated "
+             "before the sweep ran (the memory estimator's terms on the model's shapes, with the data's longest "
+             "example in every row of a batch), fits the budget; a method without one runs at its own size, and a "
+             "cell that does not fit at its smallest is skipped (below). Measured: the cells' own peak memory; "
+             "estimated: the estimator's terms from each cell's record (its largest batch as it ran). MB = 10^6 "
+             "bytes.\n",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for _, r in summary[summary["status"] == "ok"].iterrows():
+        peak = r.get("mem.peak_bytes")
+        gap = f"{100 * (float(peak) - limit) / limit:+.1f}%" if not pd.isna(peak) else "-"
+        est = estimated(r["group"])
+        lines.append("| " + " | ".join([str(r["group"]), _size(r), _fmt(peak / 1e6 if not pd.isna(peak) else None,
+                                                                           digits=0),
+                                       gap, _fmt(est / 1e6 if est is not None else None, digits=0),
+                                       _fmt(r.get("params.trainable"), digits=0),
+                                       *[_fmt(r.get(m), r.get(f"{m}.ci95")) for m in metrics]]) + " |")
+    if df is not None and "reason" in df:
+        over = df[(df["status"] == "skipped") & df["reason"].astype(str).str.contains("peak-memory budget")]
+        for _, r in over.iterrows():
+            lines.append(f"\n- {r['label']}: {r['reason']}")
     return "\n".join(lines) + "\n"
 
 

@@ -35,7 +35,7 @@ import itertools
 import json
 import math
 import tomllib
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -84,7 +84,7 @@ class Experiment:
     best_by: str = "metric.bleu-e2e"  # the record column "best" maximises
     executor: dict[str, Any] = field(default_factory=dict)  # the [executor] table (peftlab.sweep.executors)
     tune: TuneConfig | None = None  # the [tune] table: settings chosen per method before the grid runs
-    budget: Budget | None = None  # the [budget] table: every adapter sized to one trainable count
+    budget: Budget | None = None  # the [budget] table: every adapter sized to one trainable count or peak memory
 
     def cells(self, host: PluginHost) -> list[PlannedCell]:
         """Expand and validate every cell (cheap: no model is loaded)."""
@@ -134,15 +134,17 @@ class Experiment:
         """Each cell's adapter sized to the budget (peftlab.sweep.budget), the size a grid value."""
         size_of, out = sizer(self.budget, host), []
         for c in cells:
-            found = None if c.skip_reason else size_of(c.settings)
-            if found is None:
+            sized = None if c.skip_reason else size_of(c.settings)
+            if sized is not None and sized.skip:  # it does not fit a memory budget at any size
+                out.append(replace(c, skip_reason=sized.skip))
+                continue
+            if sized is None or sized.setting is None:  # skipped already, or no size to set
                 out.append(c)
                 continue
-            name, size = found
             settings = copy.deepcopy(c.settings)
-            settings.setdefault("adapter_params", {})[name] = size
+            settings.setdefault("adapter_params", {})[sized.setting] = sized.size
             full = CellConfig.from_dict(settings).to_dict()
-            axes = {**c.axes, f"budget.{name}": size}
+            axes = {**c.axes, f"budget.{sized.setting}": sized.size}
             out.append(PlannedCell(cell_id(full), describe(axes), full, axes, c.skip_reason))
         return out
 
