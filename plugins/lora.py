@@ -1,4 +1,5 @@
-"""LoRA: h = W0·x + (alpha/r)·B·A·x with W0 frozen, B = 0 and A random at the start.
+"""LoRA: h = W0·x + (alpha/r)·B·A·x with W0 frozen, B = 0 and A random at the start; rsLoRA
+(Kalajdzievski 2023) scales by alpha/sqrt(r) instead, so the update's size stays put as r grows.
 
 Works over ``nn.Linear``, GPT-2's ``Conv1D`` and peftlab's ``QuantizedLinear`` (LoRA over an
 NF4-DQ base is QLoRA). The adapter matrices live in their own dtype (fp32 by default) whatever
@@ -33,7 +34,7 @@ class LoraLayer(nn.Module):
     """A frozen ``base_layer`` plus the trainable low-rank path ``lora_B(lora_A(dropout(x)))``."""
 
     def __init__(self, base_layer: nn.Module, r: int, alpha: float, dropout: float = 0.0,
-                 init: str = "gaussian", dtype: torch.dtype = torch.float32):
+                 init: str = "gaussian", dtype: torch.dtype = torch.float32, rslora: bool = False):
         super().__init__()
         in_f, out_f = linear_dims(base_layer)
         self.base_layer = base_layer
@@ -41,7 +42,7 @@ class LoraLayer(nn.Module):
         self.lora_A = nn.Linear(in_f, r, bias=False, dtype=dtype, device=device)
         self.lora_B = nn.Linear(r, out_f, bias=False, dtype=dtype, device=device)
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.r, self.scaling = r, alpha / r
+        self.r, self.scaling = r, alpha / (math.sqrt(r) if rslora else r)
         self.merged = False
         with torch.no_grad():
             if init == "gaussian":  # the LoRA paper's (and the lecture's) A ~ N(0, sigma^2)
@@ -104,6 +105,7 @@ class Lora(Adapter):
         init: Literal["gaussian", "kaiming"] = option("gaussian", "A's start: N(0, 1/r^2) as in the paper, or peft's kaiming")
         dtype: Literal["float32", "bfloat16", "float16"] = option("float32", "dtype of A and B, whatever the base's")
         lr_ratio: float = option(1.0, "LoRA+: B's learning rate over A's (1: plain LoRA; LoRA+ suggests 16)", gt=0)
+        rslora: bool = option(False, "rsLoRA: scale the update by alpha/sqrt(r) instead of alpha/r")
 
     def _attach(self, model: nn.Module) -> list[str]:
         targets = linear_targets(model, self.target_modules, ATTENTION_TARGETS)
@@ -112,7 +114,8 @@ class Lora(Adapter):
                 raise ValidationError("r", self.r, f"a rank of at most {min(linear_dims(layer))}, the smaller dimension "
                                       f"of target layer {name} ({'x'.join(map(str, linear_dims(layer)))})")
         for name, layer in targets.items():
-            replace_module(model, name, LoraLayer(layer, self.r, self.alpha, self.dropout, self.init, DTYPES[self.dtype]))
+            replace_module(model, name, LoraLayer(layer, self.r, self.alpha, self.dropout, self.init, DTYPES[self.dtype],
+                                                  self.rslora))
         return list(targets)
 
 
@@ -129,18 +132,19 @@ class Lora(Adapter):
     def peft_config(self, model: nn.Module, targets: list[str]) -> dict[str, Any]:
         return {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": self.r, "lora_alpha": self.alpha,
                 "lora_dropout": self.dropout, "target_modules": sorted(targets), "bias": "none",
-                "fan_in_fan_out": peft_fan_in_fan_out(model, targets, self.target_modules), "use_rslora": False, "use_dora": False,
+                "fan_in_fan_out": peft_fan_in_fan_out(model, targets, self.target_modules), "use_rslora": self.rslora,
+                "use_dora": False,
                 "modules_to_save": None, "init_lora_weights": True, "inference_mode": True}
 
     @classmethod
     def settings_from_peft(cls, config: dict[str, Any], model: nn.Module) -> dict[str, Any]:
-        unsupported = {"use_rslora": False, "use_dora": False, "bias": "none", "modules_to_save": None,
+        unsupported = {"use_dora": False, "bias": "none", "modules_to_save": None,
                        "rank_pattern": {}, "alpha_pattern": {}, "layers_to_transform": None}
         for key, plain in unsupported.items():
             if config.get(key) not in (plain, None, [], {}, False) and config.get(key) != plain:
                 raise ValidationError(f"adapter_config.{key}", config[key], f"{plain!r}: peftlab's LoRA does not have it")
         return {"r": int(config["r"]), "alpha": config.get("lora_alpha", 8),
-                "dropout": float(config.get("lora_dropout") or 0.0),
+                "dropout": float(config.get("lora_dropout") or 0.0), "rslora": bool(config.get("use_rslora")),
                 "target_modules": peft_target_names(model, config.get("target_modules"))}
 
 

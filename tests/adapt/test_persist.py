@@ -47,10 +47,11 @@ def train_(model, x, steps=3):
     model.eval()
 
 
-@pytest.mark.parametrize("model_name,r", [("tiny-llama", 4), ("tiny-gpt2", 2)])
-def test_a_trained_peftlab_lora_loads_in_peft_with_equal_logits(host, tmp_path, gen, model_name, r):
+@pytest.mark.parametrize("model_name,r,rslora", [("tiny-llama", 4, False), ("tiny-gpt2", 2, False),
+                                                 ("tiny-llama", 16, True)])
+def test_a_trained_peftlab_lora_loads_in_peft_with_equal_logits(host, tmp_path, gen, model_name, r, rslora):
     model = fresh(model_name)
-    adapter = host.adapters.build("lora", r=r, alpha=8)
+    adapter = host.adapters.build("lora", r=r, alpha=8, rslora=rslora)
     report = attach(model, adapter)
     x = ids(gen)
     train_(model, x)
@@ -59,6 +60,8 @@ def test_a_trained_peftlab_lora_loads_in_peft_with_equal_logits(host, tmp_path, 
     save_adapter(model, adapter, report.targets, tmp_path / "a", base_model=model_name)
     cfg = json.loads((tmp_path / "a" / PEFT_CONFIG).read_text())
     assert cfg["peft_type"] == "LORA" and cfg["r"] == r and cfg["fan_in_fan_out"] == (model_name == "tiny-gpt2")
+    assert cfg["use_rslora"] is rslora
+    assert load_adapter(fresh(model_name), tmp_path / "a", host)[0].rslora is rslora  # and peftlab reads it back
     theirs_model = peft.PeftModel.from_pretrained(fresh(model_name), str(tmp_path / "a"))
     with torch.no_grad():
         theirs = theirs_model(x).logits
@@ -66,9 +69,11 @@ def test_a_trained_peftlab_lora_loads_in_peft_with_equal_logits(host, tmp_path, 
     assert not torch.allclose(ours, fresh(model_name)(x).logits, atol=1e-3)  # the adapter does change them
 
 
-def test_a_lora_peft_trained_loads_in_peftlab_with_equal_logits(host, tmp_path, gen):
+@pytest.mark.parametrize("rslora", [False, True], ids=["lora", "rslora"])
+def test_a_lora_peft_trained_loads_in_peftlab_with_equal_logits(host, tmp_path, gen, rslora):
     base = fresh()
-    config = peft.LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "v_proj", "o_proj"], lora_dropout=0.0)
+    config = peft.LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "v_proj", "o_proj"], lora_dropout=0.0,
+                             use_rslora=rslora)
     pm = peft.get_peft_model(base, config)
     x = ids(gen)
     train_(pm, x)  # trained by peft
@@ -78,16 +83,16 @@ def test_a_lora_peft_trained_loads_in_peftlab_with_equal_logits(host, tmp_path, 
     assert "peft" in read_adapter_info(tmp_path / "p")
     model = fresh()
     adapter, report = load_adapter(model, tmp_path / "p", host)
-    assert adapter.name == "lora" and adapter.r == 4 and len(report.targets) == 6
+    assert adapter.name == "lora" and adapter.r == 4 and adapter.rslora is rslora and len(report.targets) == 6
     with torch.no_grad():
         ours = model(x).logits
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
 
 
 def test_peft_settings_peftlab_cannot_represent_are_refused(host, tmp_path):
-    pm = peft.get_peft_model(fresh(), peft.LoraConfig(r=2, target_modules=["q_proj"], use_rslora=True))
+    pm = peft.get_peft_model(fresh(), peft.LoraConfig(r=2, target_modules=["q_proj"], bias="lora_only"))
     pm.save_pretrained(str(tmp_path / "p"))
-    with pytest.raises(ValidationError, match="adapter_config.use_rslora=True"):
+    with pytest.raises(ValidationError, match="adapter_config.bias='lora_only'"):
         load_adapter(fresh(), tmp_path / "p", host)
 
 

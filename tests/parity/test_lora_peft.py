@@ -32,9 +32,9 @@ CASES = [
 ]
 
 
-def peft_model(arch, targets, r, alpha=16.0):
+def peft_model(arch, targets, r, alpha=16.0, rslora=False):
     cfg = peft.LoraConfig(r=r, lora_alpha=alpha, target_modules=targets, lora_dropout=0.0,
-                          fan_in_fan_out=arch == "gpt2", init_lora_weights=True)
+                          fan_in_fan_out=arch == "gpt2", init_lora_weights=True, use_rslora=rslora)
     return peft.get_peft_model(tiny(arch), cfg)
 
 
@@ -70,11 +70,12 @@ def copy_ab(ours: nn.Module, ref: nn.Module, gen: torch.Generator) -> None:
             ref_layers[name].lora_B["default"].weight.copy_(b)
 
 
+@pytest.mark.parametrize("rslora", [False, True], ids=["lora", "rslora"])
 @pytest.mark.parametrize("arch,targets,r", CASES)
-def test_outputs_equal_peft_given_same_a_and_b(arch, targets, r, gen):
-    ref = peft_model(arch, targets, r, alpha=2.0 * r + 3)
+def test_outputs_equal_peft_given_same_a_and_b(arch, targets, r, rslora, gen):
+    ref = peft_model(arch, targets, r, alpha=2.0 * r + 3, rslora=rslora)
     ours = tiny(arch)
-    attach(ours, Lora(r=r, alpha=2.0 * r + 3, target_modules=targets))
+    attach(ours, Lora(r=r, alpha=2.0 * r + 3, target_modules=targets, rslora=rslora))
     copy_ab(ours, ref, gen)
     ids = torch.randint(0, 120, (3, 11), generator=gen)
     torch.testing.assert_close(ours(ids).logits, ref(ids).logits, rtol=0, atol=0)
