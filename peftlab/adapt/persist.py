@@ -186,7 +186,8 @@ def check_adapter_folder(folder: str | os.PathLike, skeleton: nn.Module | None,
     attach(skeleton, adapter)
     want = {k: tuple(v.shape) for k, v in adapter.state_dict(skeleton).items()}
     if info.get("layout") == "peft":
-        header = {k.removeprefix(adapter.peft_key_prefix): v for k, v in header.items()}
+        header = {k.removeprefix(adapter.peft_key_prefix): v for k, v in header.items()
+                  if k not in adapter.peft_extra_keys}
     have = {k: tuple(e.shape) for k, e in header.items()}
     missing, extra = sorted(set(want) - set(have)), sorted(set(have) - set(want))
     wrong = sorted(k for k in set(want) & set(have) if want[k] != have[k])

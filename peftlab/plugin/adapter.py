@@ -92,6 +92,9 @@ class Adapter(Configurable, ABC):
     peft_type: ClassVar[str | None] = None
     #: what peft puts before a module's parameter names in its saved file
     peft_key_prefix: ClassVar[str] = "base_model.model."
+    #: keys a peft folder may hold besides the trained state (VeRA's shared projections), as
+    #: written there; :meth:`load_state_dict` receives and checks them
+    peft_extra_keys: ClassVar[tuple[str, ...]] = ()
 
     def settings(self) -> dict[str, Any]:
         """The adapter's settings, as recorded with every result."""

@@ -1,4 +1,4 @@
-"""IA3, DoRA and prefix tuning against peft's implementations of the same methods: equal trainable
+"""IA3, DoRA, VeRA and prefix tuning against peft's implementations of the same methods: equal trainable
 and total counts, and given the same (fresh random) weights equal logits, on tiny GPT-2 and Llama
 (with grouped KV heads) models; for the prefix also a greedy generation with the KV cache and left
 padding. Saved adapters cross over both ways (peftlab -> peft, peft -> peftlab)."""
@@ -51,8 +51,11 @@ PEFT_CONFIGS = {
                                          target_modules=["c_attn"] if arch == "gpt2" else ["q_proj", "v_proj"],
                                          fan_in_fan_out=arch == "gpt2"),
     "prefix": lambda arch: peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=5),
+    "vera": lambda arch: peft.VeraConfig(task_type="CAUSAL_LM", r=16, projection_prng_key=7, save_projection=False,
+                                         target_modules=["c_attn"] if arch == "gpt2" else ["q_proj", "v_proj"],
+                                         fan_in_fan_out=arch == "gpt2"),
 }
-OURS = {"ia3": {}, "dora": {"r": 4, "alpha": 8}, "prefix": {"length": 5}}
+OURS = {"ia3": {}, "dora": {"r": 4, "alpha": 8}, "prefix": {"length": 5}, "vera": {"r": 16, "projection_seed": 7}}
 
 
 def pair(method: str, arch: str, seed: int):
@@ -80,7 +83,7 @@ def pair(method: str, arch: str, seed: int):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize("method", ["ia3", "dora", "prefix"])
+@pytest.mark.parametrize("method", ["ia3", "dora", "vera", "prefix"])
 def test_counts_and_logits_equal_peft(method, arch):
     seed = fresh_seed()
     ours, ref, _, report = pair(method, arch, seed)
@@ -93,9 +96,10 @@ def test_counts_and_logits_equal_peft(method, arch):
     torch.testing.assert_close(a[keep], b[keep], rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("method", ["ia3", "dora"])
+@pytest.mark.parametrize("method", ["ia3", "dora", "vera"])
 def test_initial_weights_equal_peft(method):
-    """Before any change: IA3 vectors are ones and DoRA's magnitude is ||W0|| per row, as in peft."""
+    """Before any change: IA3 vectors are ones, DoRA's magnitude is ||W0|| per row and VeRA's
+    vectors are d_initial and zero over the projections its seed draws, as in peft."""
     base = tiny("llama")
     ours = copy.deepcopy(base)
     attach(ours, HOST.adapters.build(method, **OURS[method]))
@@ -105,6 +109,9 @@ def test_initial_weights_equal_peft(method):
     for n, p in ours.named_parameters():
         if p.requires_grad and "lora_A" not in n:  # A is random in both
             torch.testing.assert_close(p, theirs[n])
+    if method == "vera":  # the shared projections, drawn from the same seed
+        torch.testing.assert_close(ours.peftlab_vera.vera_A, ref.base_model.vera_A["default"], rtol=0, atol=0)
+        torch.testing.assert_close(ours.peftlab_vera.vera_B, ref.base_model.vera_B["default"], rtol=0, atol=0)
 
 
 def forward_greedy(model, ids: torch.Tensor, mask: torch.Tensor, n: int) -> torch.Tensor:
@@ -142,7 +149,7 @@ def test_prefix_generation_with_kv_cache_equals_peft(arch):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize("method", ["ia3", "dora"])
+@pytest.mark.parametrize("method", ["ia3", "dora", "vera"])
 def test_merge_equals_peft_merge_and_unmerge_restores(method, arch):
     seed = fresh_seed()
     ours, ref, adapter, _ = pair(method, arch, seed)
@@ -163,7 +170,7 @@ def test_merge_equals_peft_merge_and_unmerge_restores(method, arch):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize("method", ["ia3", "dora", "prefix"])
+@pytest.mark.parametrize("method", ["ia3", "dora", "vera", "prefix"])
 def test_saved_adapter_loads_in_peft_and_back(method, arch, tmp_path):
     seed = fresh_seed()
     ours, ref, adapter, report = pair(method, arch, seed)
@@ -181,6 +188,38 @@ def test_saved_adapter_loads_in_peft_and_back(method, arch, tmp_path):
         assert loaded.name == method
         torch.testing.assert_close(back.eval()(input_ids=ids, attention_mask=mask).logits[keep], want,
                                    rtol=1e-4, atol=1e-5)
+
+
+def test_a_vera_folder_with_its_projections_loads_and_other_projections_are_refused(tmp_path):
+    """peft's default saves VeRA's shared projections too: they load when they are the ones the
+    folder's seed draws (checked before a model loads, too), and are refused when they are not."""
+    import json
+
+    from peftlab.adapt.persist import check_adapter_folder
+    from peftlab.plugin.errors import ValidationError
+
+    seed = fresh_seed()
+    ref = peft.get_peft_model(tiny("llama"), peft.VeraConfig(r=8, projection_prng_key=seed % 1000,
+                                                             target_modules=["q_proj"], save_projection=True))
+    with torch.no_grad():
+        for p in ref.parameters():
+            if p.requires_grad:
+                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(seed)))
+    ref.save_pretrained(tmp_path / "p")
+    ids, mask = batch(torch.Generator().manual_seed(seed))
+    with torch.inference_mode():
+        want = ref.eval()(input_ids=ids, attention_mask=mask).logits
+    skeleton = tiny("llama").to("meta")
+    assert check_adapter_folder(tmp_path / "p", skeleton, HOST)[1] == "vera"
+    model = tiny("llama")
+    loaded, _ = load_adapter(model, tmp_path / "p", HOST)
+    assert loaded.projection_seed == seed % 1000
+    with torch.inference_mode():
+        torch.testing.assert_close(model.eval()(input_ids=ids, attention_mask=mask).logits, want, rtol=1e-4, atol=1e-5)
+    config = json.loads((tmp_path / "p" / "adapter_config.json").read_text())
+    (tmp_path / "p" / "adapter_config.json").write_text(json.dumps({**config, "projection_prng_key": seed % 1000 + 1}))
+    with pytest.raises(ValidationError, match="base_model.vera_A"):
+        load_adapter(tiny("llama"), tmp_path / "p", HOST)
 
 
 def test_lora_and_dora_folders_from_peft_go_to_the_right_plugin(tmp_path):
