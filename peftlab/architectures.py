@@ -33,15 +33,7 @@ ALIASES = {"smollm2-135m": "SmolLM2-135M"}
 
 
 def shape(name: str) -> tuple[int, int]:
-    """(hidden size, number of blocks) of an architecture above or of a config-built model
-    (``tiny-llama``), for the activation term."""
-    if ALIASES.get(name, name) not in ARCHITECTURES:
-        from peftlab.cell.models import CONFIG_MODELS, config_of
-
-        if name in CONFIG_MODELS:
-            config, _ = config_of(name)
-            return (getattr(config, "hidden_size", None) or config.n_embd,
-                    getattr(config, "num_hidden_layers", None) or config.n_layer)
+    """(hidden size, number of blocks) of an architecture above, for the activation term."""
     _, kw = ARCHITECTURES[ALIASES.get(name, name)]
     return kw.get("hidden_size", kw.get("n_embd")), kw.get("num_hidden_layers", kw.get("n_layer"))
 

@@ -2,10 +2,10 @@
 
 Three parts, each a markdown section of ``peftlab estimate --report``:
 
-1. The lecture's 10B figures from :func:`peftlab.analyses.estimate.estimate`, with the activation budget
+1. The lecture's 10B figures from :func:`peftlab.cell.estimate.estimate`, with the activation budget
    its "~40 GB for LoRA" implies (the per-parameter accounting alone gives 20 GB).
 2. Real architectures (meta-device counts from :mod:`peftlab.analyses.ranks`) at a stated sequence and batch.
-3. The estimator against peak memory measured by a sweep: :func:`record_estimate` rebuilds the
+3. The estimator against peak memory measured by a sweep: :func:`peftlab.cell.estimate.record_estimate` rebuilds the
    terms from one cell's record (its stored base bytes, trainable count, dtypes, optimizer and
    tokens per step), and the report states the gap.
 """
@@ -17,15 +17,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import peftlab.defaults as defaults
-from peftlab.analyses.estimate import (
-    OPTIMIZER_BYTES,
+from peftlab.analyses.ranks import architecture_counts, sized_adapter
+from peftlab.architectures import ALIASES, ARCHITECTURES, shape
+from peftlab.cell.estimate import (
     Estimate,
     activation_bytes,
     estimate,
-    step_peak,
+    peak_bytes,
+    record_estimate,
 )
-from peftlab.analyses.ranks import architecture_counts, sized_adapter
-from peftlab.architectures import ALIASES, ARCHITECTURES, shape
 
 if TYPE_CHECKING:
     from peftlab.host import PluginHost
@@ -57,52 +57,6 @@ def model_estimates(name: str, host: PluginHost, *, adapter: str = defaults.ADAP
     if adapter == defaults.ADAPTER and quantizer is None:  # the lecture's names for its rows
         return rows
     return [rows[0], replace(rows[1], method=adapter), replace(rows[2], method=f"{adapter}+{quantizer or 'nf4-dq'}")]
-
-
-def record_estimate(rec: dict[str, Any], shape_of: tuple[int, int] | None = None) -> dict[str, float]:
-    """The estimator's terms for one measured cell, from its record. The base counts as stored
-    (``base.weight_bytes``, measured exactly). Trained parameters get gradients in their own dtype
-    and the optimizer's states. With bf16 autocast over an fp32 float base, every matmul saves
-    a bf16 copy of its weight for the backward pass (2 bytes per parameter), except weights the
-    cell stored in bf16 already (``cast.layers``, ``train.frozen_dtype = "compute"``: the frozen
-    linear layers; their bytes saved, ``cast.bytes_saved``, come off the base); a quantized base
-    dequantizes again in backward instead. Activations: 34 s b h bytes per block that the
-    backward pass goes through (``params.backward_blocks``: only the top k for FT-Top-k), s b =
-    the largest micro-batch's positions, padding included (``train.max_batch_positions``; older
-    records: the mean training tokens per step). Nothing here knows an adapter by name: what trains
-    the base, and the bytes of what trains, come from the record. ``shape_of``: the model's (hidden
-    size, blocks) where its name is not an architecture :func:`peftlab.architectures.shape` knows."""
-    trainable = float(rec["params.trainable"])
-    full_like = bool(rec["adapter.trains_base"])
-    own = float(rec["params.trainable_bytes"]) / trainable
-    # train.frozen_dtype = "compute": frozen linear weights were stored in bf16 after the base was
-    # measured (cast.bytes_saved, net of a tied head's own copy), so autocast copies only what trains
-    cast = int(rec.get("cast.layers") or 0) > 0
-    stored = float(rec["base.weight_bytes"]) - (float(rec.get("cast.bytes_saved") or 0) if cast else 0.0)
-    weights = stored + (0 if full_like else trainable * own)
-    optim = "adamw8bit" if "8bit" in str(rec["train.optimizer"]) else "adamw"
-    hidden, layers = shape_of or shape(rec["model"])
-    if rec.get("params.backward_blocks") is not None:
-        layers = int(rec["params.backward_blocks"])
-    # activations live one micro-batch at a time and the peak comes with the largest, padding included
-    # (train.max_batch_positions); records made before it was recorded give the mean real tokens per step
-    tokens_per_step = float(rec.get("train.max_batch_positions") or 0) or \
-        float(rec["train.tokens"]) / max(1, int(rec["train.steps"]))
-    copies = 0.0
-    if rec.get("train.precision") == "bf16" and rec.get("quantizer", "none") == "none" \
-            and rec.get("model.dtype") == "float32":
-        copies = 2.0 * (trainable if cast else float(rec["params.total"] - (0 if full_like else trainable)))
-    return {"weights": weights, "gradients": trainable * own, "optimizer": trainable * OPTIMIZER_BYTES[optim],
-            "autocast_copies": copies,
-            "activations": activation_bytes(round(tokens_per_step), 1, hidden, layers,
-                                            bool(rec.get("train.grad_checkpointing")))}
-
-
-def peak_bytes(terms: dict[str, float]) -> float:
-    """A step's peak (:func:`peftlab.analyses.estimate.step_peak`) from :func:`record_estimate`'s
-    terms; autocast's weight copies live from forward through backward."""
-    return step_peak(terms["weights"], terms["gradients"], terms["optimizer"], terms["activations"],
-                     held=terms["autocast_copies"])
 
 
 def _gb(x: float) -> str:

@@ -71,7 +71,7 @@ def _architectures() -> list[str]:
 
 
 def run_estimate(args: argparse.Namespace) -> int:
-    from peftlab.analyses.estimate import activation_bytes, estimate
+    from peftlab.cell.estimate import activation_bytes, estimate
     from peftlab.plugin.errors import ValidationError
 
     if args.report:

@@ -301,7 +301,7 @@ def _size(r) -> str:
 def memory_budget_section(limit: int, summary: pd.DataFrame, df: pd.DataFrame | None) -> str:
     """Methods at the most each can be within a peak-memory budget: its size, the measured peak
     against the budget, and the estimator's peak from the cell's own record (what ran)."""
-    from peftlab.analyses.memory import peak_bytes, record_estimate
+    from peftlab.cell.estimate import peak_bytes, record_estimate
 
     def estimated(group: str) -> float | None:
         if df is None:

@@ -17,7 +17,7 @@ its one count; the report puts every method beside the budget with the count it 
 shows (``budget.r=5``); a grid may not set it too.
 
 A peak-memory budget is a ceiling, as a card's memory is: each adapter gets the largest size whose
-training peak, estimated before anything runs (:func:`peftlab.analyses.planned.planned_peak`: the
+training peak, estimated before anything runs (:func:`peftlab.cell.planned.planned_peak`: the
 memory estimator's terms on the model's shapes and the data's longest batch), fits it; a cell that
 does not fit at its smallest size (or at its one size) is skipped with the estimate as its reason.
 The estimate leaves out what a process holds besides the step (the runtime, the tokenized data,
@@ -89,30 +89,14 @@ def trainable_count(settings: dict[str, Any], host, size_setting: str | None, si
     """The exact trainable parameters of the cell's adapter at ``size`` on its model's shapes."""
     from peftlab.adapt.attach import attach
     from peftlab.cell.config import CellConfig
+    from peftlab.cell.planned import skeleton_copy
 
     cfg = CellConfig.from_dict(settings)
     params = dict(cfg.adapter_params)
     if size_setting is not None:
         params[size_setting] = size
     adapter = host.adapters.build(cfg.adapter, **params)
-    return attach(_skeleton(cfg.model), adapter).trainable
-
-
-def _skeleton(model_cfg):
-    import copy as _copy
-
-    return _copy.deepcopy(_cached_skeleton(model_cfg))
-
-
-@functools.cache
-def _cached_skeleton(model_cfg):
-    from peftlab.cell.models import skeleton
-
-    model = skeleton(model_cfg)
-    if model is None:
-        raise ValidationError("budget", model_cfg.name, "a model whose configuration is at hand offline (a built-in "
-                              "name, a folder, or a hub id in the local cache): equal budgets count on its shapes")
-    return model
+    return attach(skeleton_copy(cfg.model), adapter).trainable
 
 
 def nearest_size(settings: dict[str, Any], host, target: int) -> tuple[Any, int]:
@@ -155,7 +139,7 @@ def largest_fitting(settings: dict[str, Any], host, limit: int) -> tuple[Any, fl
     """(size, estimated peak): the size setting's largest whole value whose estimated training peak
     is at most ``limit`` bytes (``None`` for the size where even the smallest does not fit, with its
     peak), found by doubling then bisecting (the peak grows with the size)."""
-    from peftlab.analyses.planned import planned_peak
+    from peftlab.cell.planned import planned_peak
 
     spec = host.adapters.build(settings["adapter"], **settings.get("adapter_params", {}))
     name = spec.size_setting
@@ -202,7 +186,7 @@ class Sized:
 def sizer(budget: Budget, host):
     """A function of a cell's settings: how the budget sizes it (:class:`Sized`); each adapter (with
     its other settings, on its model and data) is searched once."""
-    from peftlab.analyses.planned import planned_peak
+    from peftlab.cell.planned import planned_peak
 
     found: dict[str, Sized] = {}
 

@@ -3,7 +3,7 @@
 import pytest
 
 from peftlab import ValidationError
-from peftlab.analyses.estimate import activation_bytes, estimate
+from peftlab.cell.estimate import activation_bytes, estimate
 
 GB = 1e9
 
@@ -79,7 +79,7 @@ def _record(**kw):
 
 
 def test_record_estimate_terms():
-    from peftlab.analyses.memory import record_estimate
+    from peftlab.cell.estimate import record_estimate
 
     e = record_estimate(_record())
     assert e == {"weights": 4000 + 40, "gradients": 40, "optimizer": 80, "autocast_copies": 2 * 990,
@@ -138,7 +138,7 @@ def test_estimate_refuses_negative_and_infinite_numbers(args, capsys):
 def test_a_steps_peak_holds_the_larger_of_gradients_and_activations():
     """Backward frees each activation as it makes a gradient, so full fine-tuning's peak is not
     gradients plus activations; LoRA's tiny gradients leave its peak at the activations."""
-    from peftlab.analyses.memory import peak_bytes, record_estimate
+    from peftlab.cell.estimate import peak_bytes, record_estimate
 
     full = estimate(10e9, activations=5 * GB)
     assert full.peak == full.total - 5 * GB  # 20 GB of gradients outweigh 5 GB of activations
@@ -155,7 +155,7 @@ def test_any_quantizer_plugin_sizes_the_quantized_row(capsys):
     same row as the analytic default, a 2-bit quantizer a quarter of a byte per parameter."""
     import json
 
-    from peftlab.analyses.estimate import estimate
+    from peftlab.cell.estimate import estimate
     from peftlab.cli.main import main
 
     two_bit = estimate(1e9, method="qlora", trainable=1e6, adapter_dtype="bf16", base_bits=2.0)

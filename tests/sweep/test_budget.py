@@ -113,10 +113,10 @@ def test_the_plan_estimates_from_what_the_run_records(adapter, params, quantizer
     """The record the plan writes on the meta device holds what the run's record holds (trainable
     count and bytes, blocks backward goes through, the base's stored bytes, the compute cast), and its
     batch bound is at least the run's largest batch: so its peak is at least the record's estimate."""
-    from peftlab.analyses.memory import peak_bytes, record_estimate
-    from peftlab.analyses.planned import planned_record
     from peftlab.cell.config import CellConfig
+    from peftlab.cell.estimate import peak_bytes, record_estimate
     from peftlab.cell.models import config_of
+    from peftlab.cell.planned import planned_record
     from peftlab.cell.run import run_cell
 
     s = cell_settings(adapter, params, quantizer)
@@ -136,7 +136,7 @@ def test_the_plan_estimates_from_what_the_run_records(adapter, params, quantizer
 
 
 def test_the_size_found_is_the_largest_that_fits(rng):
-    from peftlab.analyses.planned import planned_peak
+    from peftlab.cell.planned import planned_peak
     from peftlab.sweep.budget import largest_fitting
 
     s = cell_settings("lora", {"r": 1})
@@ -152,7 +152,7 @@ def test_the_size_found_is_the_largest_that_fits(rng):
 
 
 def test_a_memory_budget_sizes_adapters_and_skips_what_cannot_fit(tmp_path):
-    from peftlab.analyses.planned import planned_peak
+    from peftlab.cell.planned import planned_peak
     from peftlab.report.sweep_report import render
     from peftlab.sweep.runner import sweep
 

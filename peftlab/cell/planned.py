@@ -1,6 +1,6 @@
 """A cell's training peak, estimated before it runs (what a peak-memory budget sizes adapters by).
 
-The estimator's terms (:func:`peftlab.analyses.memory.record_estimate`) are read from a record;
+The estimator's terms (:func:`peftlab.cell.estimate.record_estimate`) are read from a record;
 this writes the part of one a plan can know without loading a weight: the adapter attached to the
 model's shapes on the meta device (its trainable count and bytes, the blocks the backward pass goes
 through, the frozen weights' storage under ``train.frozen_dtype``), the base's stored bytes in the
@@ -12,6 +12,8 @@ longer than padding it does, and a run samples only some of the examples.
 
 from __future__ import annotations
 
+import copy
+import functools
 import json
 from typing import Any
 
@@ -26,11 +28,10 @@ def planned_record(settings: dict[str, Any], host) -> tuple[dict[str, Any], tupl
     from peftlab.cell.measure import base_weight_bytes
     from peftlab.kernels.precision import FrozenCast, frozen_to_compute
     from peftlab.quantize.apply import select_layers
-    from peftlab.sweep.budget import _skeleton
 
     cfg = CellConfig.from_dict(settings)
     adapter = host.adapters.build(cfg.adapter, **cfg.adapter_params)
-    model = _skeleton(cfg.model)
+    model = skeleton_copy(cfg.model)
     dtype = cfg.model.resolved_dtype(cfg.model.resolved_device(), bool(adapter.trains_base))
     model.to(dtype)
     stored = base_weight_bytes(model)
@@ -58,11 +59,27 @@ def planned_record(settings: dict[str, Any], host) -> tuple[dict[str, Any], tupl
 
 
 def planned_peak(settings: dict[str, Any], host) -> float:
-    """The estimated training peak of the cell ``settings``, in bytes (:func:`peftlab.analyses.memory.peak_bytes`)."""
-    from peftlab.analyses.memory import peak_bytes, record_estimate
+    """The estimated training peak of the cell ``settings``, in bytes (:func:`peftlab.cell.estimate.peak_bytes`)."""
+    from peftlab.cell.estimate import peak_bytes, record_estimate
 
     rec, shape = planned_record(settings, host)
     return peak_bytes(record_estimate(rec, shape_of=shape))
+
+
+def skeleton_copy(model_cfg):
+    """A fresh copy of ``model_cfg``'s model on the meta device (built once per model)."""
+    return copy.deepcopy(_skeleton(model_cfg))
+
+
+@functools.cache
+def _skeleton(model_cfg):
+    from peftlab.cell.models import skeleton
+
+    model = skeleton(model_cfg)
+    if model is None:
+        raise ValidationError("budget", model_cfg.name, "a model whose configuration is at hand offline (a built-in "
+                              "name, a folder, or a hub id in the local cache): budgets count on its shapes")
+    return model
 
 
 _LONGEST: dict[str, int] = {}
