@@ -118,6 +118,12 @@ FIELDS: tuple[Field, ...] = (
     _f("quant.bytes_before", "int", "quantize", "those layers' weight bytes before", "bytes"),
     _f("quant.bytes_after", "int", "quantize", "their bytes as stored after (codes and constants)", "bytes"),
     _f("quant.while_loading", "bool", "quantize", "quantized as the checkpoint was read"),
+    _f("start.from_weights", "bool", "quantize", "the adapter's start was computed from the weights (PiSSA, OLoRA, "
+       "LoftQ) before the quantizer packed them"),
+    _f("start.layers", "int", "quantize", "the adapter's target layers start.error averages over"),
+    _f("start.error", "float", "quantize", "mean over the target layers of ||W - base - update|| / ||W|| "
+       "(Frobenius) at the start: W the float weight, base the quantized base, update the adapter's start"),
+    _f("start.error_max", "float", "quantize", "the largest of those layer errors"),
     _f("base.weight_bytes", "int", "quantize", "the base model's weight bytes as stored", "bytes"),
     # attach
     _f("cast.layers", "int", "attach", "frozen linear layers stored in the compute dtype"),
@@ -190,7 +196,8 @@ FIELDS: tuple[Field, ...] = (
        "each of its references (eval.loss = true), in training's arithmetic", "nats"),
     _f("loss.eval_tokens", "int", "score", "the response tokens loss.eval averages over", "tokens"),
     _f("forget.loss_base", "float", "score", "the bare base model's mean next-token loss on the general text "
-       "(eval.forgetting), measured before the adapter was attached", "nats"),
+       "(eval.forgetting), measured before the adapter was attached (after, where the adapter's start rewrote the "
+       "base: see forget.definition)", "nats"),
     _f("forget.loss_after", "float", "score", "the trained model's loss on the same windows", "nats"),
     _f("forget.delta", "float", "score", "forgetting: forget.loss_after minus forget.loss_base (positive: worse "
        "on general text than the base)", "nats"),

@@ -16,6 +16,9 @@ Inserting modules into blocks (bottleneck adapters, (IA)³):
 Prefixes through the key/value cache (prefix tuning):
     :func:`install_kv_prefix`, :func:`attention_geometry`, :func:`backbone_of`,
     :func:`cache_argument`, :func:`returned_cache`
+Starts computed from the weights (:meth:`~peftlab.Adapter.start`):
+    :class:`Started` (what a start returns), :func:`pissa`, :func:`olora`, :func:`loftq`,
+    :func:`low_rank`, :func:`left_error`
 Saving in peft's format (adapters that peft also has):
     :func:`peft_target_names`, :func:`peft_fan_in_fan_out`
 Quantizers:
@@ -33,6 +36,7 @@ from peftlab.plugin import blockwise
 from peftlab.plugin.adapter import (
     ATTENTION_TARGETS,
     AttachReport,
+    Started,
     linear_targets,
     match_modules,
     peft_fan_in_fan_out,
@@ -55,11 +59,12 @@ from peftlab.plugin.layers import is_conv1d, is_linear_like, linear_dims, logica
 from peftlab.plugin.ptb import COCO_PUNCTUATION, ptb_backend, ptb_tokenize
 from peftlab.plugin.quantizer import check_block_size, check_weight
 from peftlab.plugin.settings import describe_schema
+from peftlab.plugin.starts import left_error, loftq, low_rank, olora, pissa
 
 __all__ = [
-    "ATTENTION_TARGETS", "COCO_PUNCTUATION", "AttachReport", "MissingDependency", "attention_geometry", "backbone_of", "block_sublayers", "blockwise",
+    "ATTENTION_TARGETS", "COCO_PUNCTUATION", "AttachReport", "MissingDependency", "Started", "attention_geometry", "backbone_of", "block_sublayers", "blockwise",
     "cache_argument", "check_block_size", "check_weight", "describe_schema", "insert_after", "install_kv_prefix",
-    "is_conv1d", "is_linear_like", "linear_dims", "linear_targets", "logical_parameter_count", "match_modules",
-    "norm_layers", "peft_fan_in_fan_out", "peft_target_names", "ptb_backend", "ptb_tokenize", "quantized_layers",
+    "is_conv1d", "is_linear_like", "left_error", "linear_dims", "linear_targets", "loftq", "logical_parameter_count",
+    "low_rank", "match_modules", "norm_layers", "olora", "peft_fan_in_fan_out", "pissa", "peft_target_names", "ptb_backend", "ptb_tokenize", "quantized_layers",
     "replace_module", "returned_cache", "transformer_blocks", "unwrap_layers",
 ]

@@ -76,9 +76,12 @@ def save_adapter(model: nn.Module, adapter: Adapter, targets: list[str], folder:
     state = {k: v.detach().to("cpu").contiguous() for k, v in adapter.state_dict(model).items()}
     if not state:
         raise ValidationError("adapter", adapter.family, "an adapter with trained parameters to save")
-    peft = adapter.peft_type is not None
+    restart = adapter.saved_start()
+    peft = adapter.peft_type is not None and restart is None
     meta = {"format": "peftlab-adapter", "version": 1, "adapter": adapter.name, "settings": adapter.saved_settings(),
             "layout": "peft" if peft else "peftlab", "base_model": base_model, **(extra or {})}
+    if restart is not None:
+        meta["start"] = restart
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
     old = None
@@ -207,12 +210,19 @@ def check_adapter_folder(folder: str | os.PathLike, skeleton: nn.Module | None,
     return info, adapter.name
 
 
-def load_adapter(model: nn.Module, folder: str | os.PathLike, host) -> tuple[Adapter, AttachReport]:
-    """Attach the adapter saved in ``folder`` to ``model`` (a fresh base) with its trained weights."""
+def load_adapter(model: nn.Module, folder: str | os.PathLike, host, adapter: Adapter | None = None,
+                 ) -> tuple[Adapter, AttachReport]:
+    """Attach the adapter saved in ``folder`` to ``model`` (a fresh base) with its trained weights;
+    ``adapter``: the one the folder describes, built already (a start from the weights ran on it:
+    its folder's ``start``)."""
     from safetensors.torch import load_file
 
     info = read_adapter_info(folder)
-    adapter = adapter_from_info(info, model, host)
+    if info.get("start") and adapter is None:
+        raise ValidationError("adapter folder", str(folder), f"a cell that runs its start again: it was trained from "
+                              f"{info['start'].get('init')} over a base {info['start'].get('quantizer')} packed from "
+                              "the weight the start left (peftlab run/sweep with adapter_from and that quantizer)")
+    adapter = adapter or adapter_from_info(info, model, host)
     report = attach(model, adapter)
     state = load_file(str(Path(folder) / WEIGHTS))
     if info.get("layout") == "peft":

@@ -295,9 +295,11 @@ def no_hub_kernels() -> dict:
 
 
 def load(cfg: ModelConfig, seed: int = 0, quantizer: Any = None, compute_dtype: torch.dtype = torch.bfloat16,
-         trains_base: bool = False) -> Loaded:
+         trains_base: bool = False, start=None) -> Loaded:
     """Load ``cfg``'s model on its device in its dtype (``trains_base``: the adapter will train base
-    weights, which ``model.dtype = "auto"`` then keeps in fp32)."""
+    weights, which ``model.dtype = "auto"`` then keeps in fp32). With ``quantizer``, a safetensors
+    checkpoint is quantized as it loads, ``start`` seeing each selected weight first (as in
+    :func:`peftlab.quantize_`)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     kind, args = resolve(cfg.name)
@@ -309,7 +311,7 @@ def load(cfg: ModelConfig, seed: int = 0, quantizer: Any = None, compute_dtype: 
         from peftlab.quantize.while_loading import load_quantized
 
         streamed = load_quantized(safetensors_folder(args["id"]), quantizer, device=device, dtype=dtype,
-                                  compute_dtype=compute_dtype)
+                                  compute_dtype=compute_dtype, start=start)
         if streamed is not None:
             tok = AutoTokenizer.from_pretrained(args["id"])
             if tok.pad_token is None:

@@ -94,6 +94,19 @@ def preflight(cfg: CellConfig, host: PluginHost) -> tuple[Any, Any, dict[str, An
                                   f"{cfg.adapter_from} holds a {saved} adapter, which is what would train")
         if "adapter" in info:
             adapter = host.adapters.build(info["adapter"], **info["settings"])
+        restart = info.get("start")
+        if restart:  # trained over a base its start left: the same start and quantizer must make it again
+            q = host.quantizers.build(cfg.quantizer_name, **cfg.quantizer_params) if cfg.quantizer_name else None
+            if q is None or cfg.quantizer_name != restart.get("quantizer") or \
+                    json.dumps(q.settings(), sort_keys=True, default=str) != \
+                    json.dumps(restart.get("quantizer_settings"), sort_keys=True, default=str):
+                raise ValidationError("quantizer", cfg.quantizer_name, f"{restart.get('quantizer')!r} with settings "
+                                      f"{restart.get('quantizer_settings')} with adapter_from {cfg.adapter_from}: it was "
+                                      f"trained from a {restart.get('init')} start over a base that quantizer packed")
+            if cfg.eval.forgetting != "none":
+                raise ValidationError("eval.forgetting", cfg.eval.forgetting, f"none with adapter_from {cfg.adapter_from}"
+                                      ": its start rewrites the base, so neither the bare base nor the model as this "
+                                      "cell starts (the saved adapter, trained already) is forgetting's baseline")
     if cfg.train.grad_checkpointing and not adapter.supports_grad_checkpointing and cfg.train.steps != 0:
         raise ValidationError("train.grad_checkpointing", True, f"false for adapter {cfg.adapter!r}: it passes its "
                               "state through the KV cache, which transformers drops inside checkpointed layers")
@@ -124,10 +137,12 @@ def run_cell(cfg: CellConfig, host: PluginHost, *, progress: bool = True,
     true, training stops there and the cell ends without evaluating (a pruned tuning trial,
     ``train.stopped_at``)."""
     from peftlab.adapt.attach import attach
+    from peftlab.adapt.persist import read_adapter_info
+    from peftlab.adapt.starting import StartLog, start_float, starter
     from peftlab.cache import encode_cached
     from peftlab.cell import sections
     from peftlab.cell.measure import PeakMemory, base_weight_bytes
-    from peftlab.cell.models import load
+    from peftlab.cell.models import load, skeleton
     from peftlab.cell.train import TrainResult, train
     from peftlab.data.prompts import encode
     from peftlab.data.splits import load_splits
@@ -161,8 +176,15 @@ def run_cell(cfg: CellConfig, host: PluginHost, *, progress: bool = True,
     try:  # the sampler thread stops however this ends (a load error, a diverged or interrupted run)
         torch.manual_seed(cfg.train.seed)
         compute = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
+        starts, streamed = StartLog(), None
+        # a saved adapter trained from a start over a quantized base: its start runs again, then its state loads
+        restart = bool(cfg.adapter_from) and bool(read_adapter_info(cfg.adapter_from).get("start"))
+        fresh = not cfg.adapter_from or restart
+        if quantizer is not None and fresh:  # a checkpoint quantized as it loads: starts on the way
+            skel = skeleton(cfg.model)
+            streamed = starter(adapter, quantizer, adapter.start_targets(skel), starts) if skel is not None else None
         loaded = load(cfg.model, seed=cfg.train.seed, quantizer=quantizer, compute_dtype=compute,
-                      trains_base=bool(adapter.trains_base))
+                      trains_base=bool(adapter.trains_base), start=streamed)
         model, tok = loaded.model, loaded.tokenizer
         if cfg.train.steps == 0:  # evaluate only: no training set is encoded, and the record says none was used
             from types import SimpleNamespace
@@ -172,19 +194,27 @@ def run_cell(cfg: CellConfig, host: PluginHost, *, progress: bool = True,
             encoded = encode_cached(train_rows, tok, cfg.data.max_length, encode)
         rec.update(sections.load(loaded, device, train_rows, encoded, eval_items, eval_info))
         if quantizer is not None:
-            qrep = loaded.quantized or quantize_(model, quantizer, compute_dtype=compute)
+            qrep = loaded.quantized or quantize_(model, quantizer, compute_dtype=compute, start=starter(
+                adapter, quantizer, adapter.start_targets(model), starts) if fresh else None)
             rec.update(sections.quantize(qrep, while_loading=loaded.quantized is not None))
+        elif fresh:
+            start_float(model, adapter)
+        rec.update(starts.fields(adapter))
         rec["base.weight_bytes"] = base_weight_bytes(model)
-        forget = Forgetting(cfg, model, tok, device) if cfg.eval.forgetting != "none" else None
+        # the bare base, before the adapter; where the adapter's start rewrote the base, the model as it starts
+        started = adapter.starts_from_weights() and not cfg.adapter_from  # (a restarted one measures no forgetting)
+        forget = Forgetting(cfg, model, tok, device) if cfg.eval.forgetting != "none" and not started else None
         torch.manual_seed(cfg.train.seed)
         if cfg.adapter_from:
             from peftlab.adapt.persist import load_adapter
 
-            adapter, report = load_adapter(model, cfg.adapter_from, host)
+            adapter, report = load_adapter(model, cfg.adapter_from, host, adapter=adapter if restart else None)
             rec.update({"adapter": adapter.name, "adapter.from": str(cfg.adapter_from), **sections.adapter(adapter),
                         **trained_over(cfg)})
         else:
             report = attach(model, adapter)
+            if started and cfg.eval.forgetting != "none":
+                forget = Forgetting(cfg, model, tok, device, Forgetting.STARTED)
         cast = FrozenCast()
         if cfg.train.frozen_dtype == "compute":
             cast = frozen_to_compute(model, cfg.train.precision, keep=report.targets if adapter.reads_base_weights else [])
@@ -251,11 +281,16 @@ class Forgetting:
 
     DEFINITION = ("mean next-token cross-entropy (nats per token) on the general text after training minus the "
                   "same on the bare base model (as loaded and quantized, before the adapter was attached)")
+    #: for an adapter whose start rewrote the base (PiSSA, OLoRA, LoftQ): the bare base is then a
+    #: residual that is not the model, and the baseline is the model as training starts
+    STARTED = ("mean next-token cross-entropy (nats per token) on the general text after training minus the same "
+               "on the model as training started (the base the adapter's start left, quantized if the cell quantizes, "
+               "plus that start: the loaded model itself, up to rounding and quantization)")
 
-    def __init__(self, cfg: CellConfig, model, tok, device):
+    def __init__(self, cfg: CellConfig, model, tok, device, definition: str = DEFINITION):
         from peftlab.data.general_text import documents, windows
 
-        self.cfg, self.tok, self.device = cfg, tok, device
+        self.cfg, self.tok, self.device, self.definition = cfg, tok, device, definition
         self.examples = [(ids, ids) for ids in windows(documents(cfg.eval.forgetting), tok, cfg.eval.forgetting_tokens)]
         self.base = measured_loss(cfg, model, self.examples, tok, device)
 
@@ -265,7 +300,7 @@ class Forgetting:
         now = measured_loss(self.cfg, model, self.examples, self.tok, self.device)
         return {"forget.loss_base": self.base.loss, "forget.loss_after": now.loss,
                 "forget.delta": now.loss - self.base.loss, "forget.tokens": now.tokens,
-                "forget.text": describe(self.cfg.eval.forgetting), "forget.definition": self.DEFINITION}
+                "forget.text": describe(self.cfg.eval.forgetting), "forget.definition": self.definition}
 
 
 def folder_bytes(folder: Path) -> int:

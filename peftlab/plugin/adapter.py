@@ -27,6 +27,17 @@ from peftlab.plugin.settings import Configurable
 
 
 @dataclass
+class Started:
+    """What :meth:`Adapter.start` did to one layer: ``base``, the weight the frozen layer keeps
+    instead of its own (same shape and dtype; ``None``: its own), which the cell's quantizer then
+    packs; ``update``, the (out, in) change the adapter's path adds at the start (``None``: none),
+    so the cell can record how far base and update leave the layer from its float weight."""
+
+    base: torch.Tensor | None = None
+    update: torch.Tensor | None = None
+
+
+@dataclass
 class AttachReport:
     """What :func:`attach` did: the adapter, the layers it touched and the logical counts after."""
 
@@ -146,6 +157,31 @@ class Adapter(Configurable, ABC):
         It also runs on models on the meta device (shapes without values: ``peftlab ranks`` and
         ``peftlab estimate`` count parameters that way, on architectures up to 180B): build new
         parameters from shapes, never read or copy a weight's values per layer there."""
+
+    # -- starts computed from the weights (PiSSA, OLoRA, LoftQ) ---------------------------------
+    def starts_from_weights(self) -> bool:
+        """Whether :meth:`start` must see each target layer's float weight before the base is
+        quantized and the adapter attached."""
+        return False
+
+    def start_targets(self, model: nn.Module) -> list[str]:
+        """The layers :meth:`start` is called for: those :meth:`_attach` will adapt, found by name
+        and type alone (it also runs on the weightless skeleton a quantize-while-loading load
+        builds before reading any weight)."""
+        return []
+
+    def saved_start(self) -> dict[str, Any] | None:
+        """What a saved state must be loaded over besides the model: where a start rewrote a
+        quantized base (which no adapter state can express over the plain base), the start and the
+        quantizer to run again when it loads; ``None``: the model as loaded. Such a state is saved
+        in peftlab's layout only (peft would load it over the plain base)."""
+        return None
+
+    def start(self, name: str, weight: torch.Tensor, quantizer: Any) -> Started:
+        """Called once for each of :meth:`start_targets` with the layer's weight as (out, in),
+        before anything packs it, and the :class:`~peftlab.Quantizer` that will (``None``: the base
+        stays float). Keep what :meth:`_attach` starts from; return what the base keeps."""
+        return Started()
 
     # -- what outlives the run ---------------------------------------------------------------
     def state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:

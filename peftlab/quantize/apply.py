@@ -11,7 +11,7 @@ from torch import nn
 
 from peftlab.plugin.adapter import replace_module
 from peftlab.plugin.errors import ValidationError
-from peftlab.plugin.layers import QuantizedLinear, is_linear_like
+from peftlab.plugin.layers import QuantizedLinear, is_conv1d, is_linear_like
 from peftlab.plugin.quantizer import Quantizer
 
 
@@ -67,7 +67,7 @@ def select_layers(model: nn.Module, filter: Filter) -> list[tuple[str, nn.Module
 
 
 def quantize_(model: nn.Module, quantizer: Quantizer, filter: Filter = None, *,
-              compute_dtype: torch.dtype = torch.bfloat16) -> QuantizeReport:
+              compute_dtype: torch.dtype = torch.bfloat16, start=None) -> QuantizeReport:
     """Replace the linear layers of ``model`` selected by ``filter`` with :class:`QuantizedLinear`,
     in place (torchao's ``quantize_`` verb).
 
@@ -75,6 +75,10 @@ def quantize_(model: nn.Module, quantizer: Quantizer, filter: Filter = None, *,
     (``host.quantizers.build("nf4-dq")``). ``filter`` is ``None`` (every ``nn.Linear``/``Conv1D``
     but ``lm_head``), a callable ``(name, module) -> bool``, or regular expressions searched in the
     layer names. A filter that selects nothing is an error listing the candidate names.
+
+    ``start``: called with each selected layer's name and weight, as (out, in), before it is
+    packed; a tensor it returns is packed instead (an adapter's start from the weights,
+    :mod:`peftlab.adapt.starting`).
 
     Each float weight is released as soon as its packed copy replaces it (unless something else
     holds it, such as a tied head), so memory never grows by more than one layer's quantization
@@ -87,6 +91,13 @@ def quantize_(model: nn.Module, quantizer: Quantizer, filter: Filter = None, *,
     report = QuantizeReport(getattr(quantizer, "name", None) or type(quantizer).__name__)
     for full_name in names:
         layer = model.get_submodule(full_name)
+        if start is not None:
+            conv = is_conv1d(layer)
+            w = layer.weight.detach()
+            instead = start(full_name, w.t() if conv else w)
+            if instead is not None:
+                with torch.no_grad():
+                    layer.weight.copy_(instead.t() if conv else instead)
         new = QuantizedLinear.from_linear(layer, quantizer, compute_dtype)
         replace_module(model, full_name, new)
         report.layers.append(full_name)

@@ -117,11 +117,12 @@ def _place(model: nn.Module, target: str, value: torch.Tensor) -> None:
 
 def load_quantized(folder: str | Path, quantizer: Quantizer, *, filter: Filter = None, device: torch.device | str = "cpu",
                    dtype: torch.dtype = torch.float32, compute_dtype: torch.dtype = torch.bfloat16,
-                   config=None) -> tuple[nn.Module, QuantizeReport] | None:
+                   config=None, start=None) -> tuple[nn.Module, QuantizeReport] | None:
     """The causal LM saved as safetensors in ``folder``, its selected linear layers quantized as
     they load (``filter`` as in :func:`quantize_`); ``None`` when the folder holds no safetensors
     checkpoint. Errors (a missing shard, a tensor of the wrong shape, a layer the quantizer
-    refuses) name the file, tensor or layer, and come before or instead of a usable model."""
+    refuses) name the file, tensor or layer, and come before or instead of a usable model.
+    ``start``: as in :func:`quantize_`, called as each selected layer's weight arrives."""
     from transformers import AutoConfig
 
     if not isinstance(quantizer, Quantizer):
@@ -162,6 +163,9 @@ def load_quantized(folder: str | Path, quantizer: Quantizer, *, filter: Filter =
                     layer_name = weights[target]
                     layer = model.get_submodule(layer_name)
                     w = value.t() if is_conv1d(layer) else value
+                    if start is not None:
+                        instead = start(layer_name, w)
+                        w = instead if instead is not None else w
                     try:
                         qweight = quantizer.quantize(w.contiguous())
                     except ValidationError as exc:

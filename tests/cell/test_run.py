@@ -262,7 +262,7 @@ def test_a_broken_veto_hook_is_named_before_anything_runs(hook, match):
 
 @pytest.mark.parametrize("setting,match", [({"eval": {"metrics": ["bleu"], "metric_params": {"bleu": {"smoth": "exp"}}}},
                                             "metric 'bleu' setting='smoth'.*smooth_method"),
-                                           ({"adapter_params": {"rank": 8}}, "adapter 'lora' setting='rank'.*alpha, dropout, dtype, init, lr_ratio, r, target_modules"),
+                                           ({"adapter_params": {"rank": 8}}, "adapter 'lora' setting='rank'.*alpha, dropout, dtype, init, loftq_iterations, lr_ratio, r, rslora, target_modules"),
                                            ({"quantizer": "nf4", "quantizer_params": {"blocksize": 64}},
                                             "quantizer 'nf4' setting='blocksize'.*block_size")])
 def test_misspelled_settings_name_the_setting_and_the_allowed_ones(setting, match):
