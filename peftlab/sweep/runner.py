@@ -95,7 +95,7 @@ def sweep(exp: Experiment, out: Path, *, host: PluginHost, executor: Executor | 
                 store.write_record(rec)
             _finish(host, store, rec, write=False, settings=cell.settings, experiment=exp.name)
             bar.update(1)
-            bar.write(f"  {cell.label}: {rec['status']}" + (f" ({rec['reason']})" if rec.get("reason") else ""))
+            bar.write(f"  {cell.label}: {rec['status']}" + (f" ({rec['reason']})" if rec.get("reason") else ""), file=sys.stderr)
 
         try:
             executor.run_all(todo, files, on_record)

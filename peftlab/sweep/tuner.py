@@ -23,6 +23,7 @@ import copy
 import hashlib
 import json
 import math
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -401,7 +402,7 @@ def run_tuning(tune: TuneConfig, cells: list[PlannedCell], folder: Path, *, host
                 if done(prior):
                     what = tell(studies[t.group.key], t.optuna_trial, prior, tune.metric, replay=True)
                     bar.update(1)
-                    bar.write(f"  {t.cell.label}: {what} (record kept)")
+                    bar.write(f"  {t.cell.label}: {what} (record kept)", file=sys.stderr)
                 else:
                     fresh.append(t)
             by_id = {t.cell.cell_id: t for t in fresh}
@@ -420,7 +421,7 @@ def run_tuning(tune: TuneConfig, cells: list[PlannedCell], folder: Path, *, host
                 if finished is not None:
                     finished(store, cell, rec)
                 bar.update(1)
-                bar.write(f"  {cell.label}: {what}" + (f" ({rec['reason']})" if rec.get("reason") else ""))
+                bar.write(f"  {cell.label}: {what}" + (f" ({rec['reason']})" if rec.get("reason") else ""), file=sys.stderr)
 
             executor.run_all([t.cell for t in fresh], lambda c, by_id=by_id: write_inputs(store, c, by_id[c.cell_id].link),
                              on_record)

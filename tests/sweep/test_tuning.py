@@ -92,7 +92,7 @@ def trial_records(out: Path) -> dict[str, dict]:
     return ResultsStore(out / FOLDER).scan().records
 
 
-def test_a_killed_tuning_resumes_without_rerunning_finished_trials(tmp_path):
+def test_a_killed_tuning_resumes_without_rerunning_finished_trials(tmp_path, capsys):
     exp = load_experiment(write(tmp_path))
     out = tmp_path / "out"
     killed = WorkerInProcess(stop_at=1)  # the first trial finishes, the sweep dies as the second starts
@@ -109,8 +109,11 @@ def test_a_killed_tuning_resumes_without_rerunning_finished_trials(tmp_path):
     # the trial the dead sweep was starting is asked again first, with the same values, and the
     # trials after it draw what an uninterrupted tuning's drew, not the first trial's values again
     fresh = WorkerInProcess()
+    capsys.readouterr()
     sweep(exp, tmp_path / "fresh", host=HOST, executor=fresh, progress=False, log=lambda s: None)
     assert fresh.ran[:3] == killed.ran + again.ran[:2]
+    said = capsys.readouterr()  # each trial's and cell's line on stderr with the log, not buffered stdout
+    assert "lora(r=2) trial 2:" in said.err and "lora(r=2) seed=1" in said.err and "trial" not in said.out
 
     # the grid ran at the best trial's rate, every seed of it
     chosen = best(list(trials.values()), "loss")
