@@ -108,5 +108,5 @@ def peftlab_quantizers() -> list[ComponentSpec]:
         ComponentSpec("quantizer", "hqq", HQQ, {"bits": 4, "group_size": 64},
                       "HQQ 4-bit, groups of 64 along the input features, zero fitted by the half-quadratic solver"),
         ComponentSpec("quantizer", "hqq-3bit", HQQ, {"bits": 3, "group_size": 64}, "HQQ 3-bit, groups of 64"),
-        ComponentSpec("quantizer", "hqq-2bit", HQQ, {"bits": 2, "group_size": 16}, "HQQ 2-bit, groups of 16"),
+        ComponentSpec("quantizer", "hqq-2bit", HQQ, {"bits": 2, "group_size": 64}, "HQQ 2-bit, groups of 64"),
     ]
