@@ -77,6 +77,9 @@ def summary_markdown(summary: pd.DataFrame, cells: pd.DataFrame | None = None) -
     forgetting = "forget.delta" in summary and summary["forget.delta"].notna().any()
     if forgetting:
         head.append("forgetting (Δ loss)")
+    started = "start.error" in summary and summary["start.error"].notna().any()
+    if started:
+        head.append("start error")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for _, r in summary.iterrows():
         def g(col, digits=1, scale=1.0, r=r):
@@ -90,6 +93,8 @@ def summary_markdown(summary: pd.DataFrame, cells: pd.DataFrame | None = None) -
                   g("gen.tokens_per_s", 0), g("loss.final", 3), *[g(m, 1) for m in metrics]]
         if forgetting:
             cells_.append(g("forget.delta", 3))
+        if started:
+            cells_.append(g("start.error", 4))
         lines.append("| " + " | ".join(cells_) + " |")
     return "\n".join(lines)
 
@@ -226,7 +231,7 @@ def _render(store: ResultsStore, manifest: dict[str, Any]) -> Path:
         "Parameters are logical (a packed 4-bit weight counts as its elements); base MiB is the base "
         "model's weights as stored, and base bits/param their bits per base parameter (32 for an fp32 base; "
         "a quantized one's embeddings and norms stay float); peak memory is " + peak_sentence(df["mem.peak_kind"].dropna())
-        + "." + forgetting_sentence(df) + "\n",
+        + "." + forgetting_sentence(df) + start_sentence(df) + "\n",
         summary_markdown(summary, df) + "\n",
     ]
     if len(not_ok):
@@ -271,6 +276,15 @@ def forgetting_sentence(df: pd.DataFrame) -> str:
     return (f" Forgetting is the trained model's mean next-token loss on general text ({texts}) minus the bare "
             "base model's, measured before the adapter was attached (nats per token; positive: the model got worse "
             "outside the task).")
+
+
+def start_sentence(df: pd.DataFrame) -> str:
+    """What the start error column is, where a quantized cell recorded one."""
+    if "start.error" not in df or not df["start.error"].notna().any():
+        return ""
+    return (" Start error is how far each quantized cell's base and adapter start leave its target layers from "
+            "their float weights before training: the mean over those layers of ||W - base - start|| / ||W|| "
+            "(a quantization-aware start, LoftQ or QPiSSA, exists to lower it; plain LoRA starts at zero).")
 
 
 def budget_section(budget: dict[str, Any], summary: pd.DataFrame, df: pd.DataFrame | None = None) -> str:

@@ -26,3 +26,13 @@ def test_base_bits_and_small_sizes():
 def test_a_group_without_a_finished_cell_has_no_bits():
     skipped = {**record("q", "full", True, 1, 1, 1), "status": "skipped"}
     assert base_bits(to_frame([skipped])) == {}
+
+
+def test_a_start_error_column_where_quantized_cells_recorded_one():
+    cells = to_frame([{**record("lora", "lora", False, 1_000_100, 100, 500_000), "start.error": 0.09},
+                      {**record("loftq", "lora", False, 1_000_100, 100, 500_000), "start.error": 0.05}])
+    table = summary_markdown(aggregate(cells), cells)
+    assert table.splitlines()[0].endswith("| start error |")
+    assert next(line for line in table.splitlines() if line.startswith("| loftq ")).endswith("| 0.0500 |")
+    plain = to_frame([record("lora", "lora", False, 1_000_100, 100, 500_000)])
+    assert "start error" not in summary_markdown(aggregate(plain), plain)
