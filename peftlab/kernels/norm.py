@@ -13,7 +13,8 @@ recomputes the rest. On the benchmark Llama (``llama-512x6``, 13 norms, 8 x 128 
 its class is named ``*RMSNorm``, holds ``weight`` and ``variance_epsilon``, and its own forward
 gives the same bits as this one on random inputs, in its weight's dtype and in fp32: a norm with
 another formula (Gemma's ``1 + weight``, say) fails the check and keeps its forward. Backward
-gives the same values up to the order of fp32 sums (in bf16, the same bits in the tests here).
+gives the same values up to the order of fp32 sums (in bf16 the same bits, but for a rare input-gradient
+element one rounding step apart: 9 of 300 random cases, at most 0.04% of their elements).
 """
 
 from __future__ import annotations
