@@ -4,7 +4,6 @@ for every installed quantizer; the base a cell packs is the one the start was fi
 quantized after loading or while a checkpoint loads."""
 
 import copy
-import random
 
 import pytest
 import torch
@@ -17,11 +16,6 @@ from peftlab.toolkit import linear_dims
 transformers = pytest.importorskip("transformers")
 HOST = load_host()
 
-
-def fresh_seed() -> int:
-    seed = random.SystemRandom().randrange(2**31)
-    print(f"seed={seed}")
-    return seed
 
 
 def tiny(arch: str = "llama", seed: int = 0):
@@ -36,11 +30,10 @@ def tiny(arch: str = "llama", seed: int = 0):
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 @pytest.mark.parametrize("init", ["pissa", "olora"])
-def test_float_starts_equal_peft(init, arch):
+def test_float_starts_equal_peft(init, arch, seed):
     """The same A, B and residual base as peft's init_lora_weights, and at the start the model
     computes what the loaded model did (base + scaling·B·A = W, up to float32 rounding)."""
     peft = pytest.importorskip("peft")
-    seed = fresh_seed()
     base = tiny(arch, seed % 1000)
     targets = ["c_attn"] if arch == "gpt2" else ["q_proj", "v_proj"]
     ours = copy.deepcopy(base)
@@ -70,14 +63,13 @@ def test_float_starts_equal_peft(init, arch):
         torch.testing.assert_close(ours(ids).logits, base(ids).logits, rtol=1e-4, atol=1e-4)
 
 
-def test_loftq_lowers_what_quantization_leaves_for_every_quantizer():
+def test_loftq_lowers_what_quantization_leaves_for_every_quantizer(seed):
     """For each installed quantizer, on a fresh random weight: the first iteration leaves less than
     quantizing alone (Eckart-Young: the best rank-r fit of a nonzero residual removes some of it),
     and further iterations end no worse than the first. Single steps may rise a little: the
     quantizers' block scales move with their input, so quantizing is not a projection onto a fixed
     grid and the alternation is not a strict descent (seen: up to 2% with double-quantized int8
     scales, over 40 seeds; the bound below is 5%)."""
-    seed = fresh_seed()
     gen = torch.Generator().manual_seed(seed)
     w = torch.randn(96, 64, generator=gen) * 0.05 * (1 + 4 * torch.rand(1, 64, generator=gen))
     for spec in HOST.quantizers:
@@ -195,13 +187,12 @@ def _perturb(model, seed):
 
 
 @pytest.mark.parametrize("init,rslora", [("pissa", False), ("olora", True)])
-def test_a_float_started_lora_saves_as_plain_lora_of_twice_the_rank(init, rslora, tmp_path):
+def test_a_float_started_lora_saves_as_plain_lora_of_twice_the_rank(init, rslora, tmp_path, seed):
     """Trained from a start that took B'·A' out of W, the model is W + s·(B·A - B'·A'): saved as a
     plain rank-2r LoRA at the same scaling, which peft and peftlab load over the unchanged base."""
     from peftlab.adapt.persist import load_adapter, read_adapter_info, save_adapter
 
     peft = pytest.importorskip("peft")
-    seed = fresh_seed()
     model = tiny()
     adapter = HOST.adapters.build("lora", r=4, alpha=8, init=init, rslora=rslora)
     start_float(model, adapter)
@@ -223,14 +214,13 @@ def test_a_float_started_lora_saves_as_plain_lora_of_twice_the_rank(init, rslora
     torch.testing.assert_close(ours, want, rtol=1e-4, atol=1e-5)
 
 
-def test_a_quantized_start_saves_its_start_and_loads_by_running_it_again(tmp_path):
+def test_a_quantized_start_saves_its_start_and_loads_by_running_it_again(tmp_path, seed):
     """Over a quantized base the start moved the base itself: the folder records the start and the
     quantizer (peftlab's layout only), refuses to load without running them, and loads to equal
     logits when a fresh model runs them first."""
     from peftlab import ValidationError
     from peftlab.adapt.persist import load_adapter, read_adapter_info, save_adapter
 
-    seed = fresh_seed()
     q = HOST.quantizers.build("nf4")
 
     def started(adapter):

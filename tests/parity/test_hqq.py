@@ -2,8 +2,6 @@
 the same dequantized weight, bit for bit, on fresh random weights (seed printed), for every bit
 width the package packs, both group layouts, with and without the zero-point solver."""
 
-import random
-
 import pytest
 import torch
 
@@ -13,17 +11,11 @@ hqq = pytest.importorskip("hqq.core.quantize")
 HOST = load_host()
 
 
-def fresh_seed() -> int:
-    seed = random.SystemRandom().randrange(2**31)
-    print(f"seed={seed}")
-    return seed
-
 
 @pytest.mark.parametrize("bits,group,axis,optimize", [(4, 64, 1, True), (4, 64, 0, True), (3, 64, 1, True),
                                                       (2, 16, 1, True), (2, 16, 0, True), (8, 128, 1, True),
                                                       (1, 32, 1, True), (4, 64, 1, False)])
-def test_codes_and_weights_equal_the_hqq_package(bits, group, axis, optimize):
-    seed = fresh_seed()
+def test_codes_and_weights_equal_the_hqq_package(bits, group, axis, optimize, seed):
     gen = torch.Generator().manual_seed(seed)
     # a weight with outliers in some columns, as real layers have: what the lp solver is for
     w = torch.randn(96, 256, generator=gen) * 0.02
@@ -42,10 +34,10 @@ def test_codes_and_weights_equal_the_hqq_package(bits, group, axis, optimize):
     assert packed.bits_per_param == pytest.approx(q.nominal_bits(), rel=0.01)
 
 
-def test_the_solver_lowers_the_error_a_min_max_grid_leaves():
+def test_the_solver_lowers_the_error_a_min_max_grid_leaves(seed):
     """On a weight with outliers, fitting the zero point lowers the mean absolute error (what the
     solver stops on) below min/max's."""
-    gen = torch.Generator().manual_seed(fresh_seed())
+    gen = torch.Generator().manual_seed(seed)
     w = torch.randn(64, 256, generator=gen) * 0.02
     w[:, :3] *= 10
     errs = {}
@@ -55,11 +47,11 @@ def test_the_solver_lowers_the_error_a_min_max_grid_leaves():
     assert errs[True] < errs[False], errs
 
 
-def test_a_weight_that_is_not_whole_groups_fills_its_last_group():
+def test_a_weight_that_is_not_whole_groups_fills_its_last_group(seed):
     """The package refuses it; here the last group is filled with its last value, so whole groups
     are as the package makes them and the tail is coded on its own min and max (its error within
     one code step on average)."""
-    gen = torch.Generator().manual_seed(fresh_seed())
+    gen = torch.Generator().manual_seed(seed)
     w = torch.randn(70, 64, generator=gen) * 0.02  # 4,480 = 70 groups of 64: whole
     tail = torch.cat([w.reshape(-1), torch.randn(40, generator=gen) * 0.02])  # and 40 more
     q = HOST.quantizers.build("hqq", bits=4)
