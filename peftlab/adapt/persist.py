@@ -77,7 +77,7 @@ def save_adapter(model: nn.Module, adapter: Adapter, targets: list[str], folder:
     if not state:
         raise ValidationError("adapter", adapter.family, "an adapter with trained parameters to save")
     restart = adapter.saved_start()
-    peft = adapter.peft_type is not None and restart is None
+    peft = adapter.peft_type is not None and restart is None and adapter.peft_loads(model, targets)
     meta = {"format": "peftlab-adapter", "version": 1, "adapter": adapter.name, "settings": adapter.saved_settings(),
             "layout": "peft" if peft else "peftlab", "base_model": base_model, **(extra or {})}
     if restart is not None:

@@ -90,6 +90,56 @@ def peft_lora_count(name: str, rank: int, targets: str) -> int | None:
     return model.get_nb_trainable_parameters()[0]
 
 
+def peft_method_count(name: str, adapter: Adapter) -> int | None:
+    """peft's count for the method ``adapter`` is saved as, configured by the adapter's own
+    ``peft_config`` on the architecture ``name`` (meta device), or ``None`` without peft or
+    where peft has no such method (or no layer for these targets)."""
+    if adapter.peft_type is None:
+        return None
+    try:
+        import peft
+    except ImportError:
+        return None
+    from peftlab.adapt.attach import attach
+
+    ours = meta_model(name)
+    report = attach(ours, adapter)
+    if not adapter.peft_loads(ours, report.targets):
+        return None
+    config = {k: v for k, v in adapter.peft_config(ours, report.targets).items() if k != "inference_mode"}
+    model = peft.get_peft_model(meta_model(name), peft.get_peft_config(config))
+    return model.get_nb_trainable_parameters()[0]
+
+
+def every_method_table(host: PluginHost, check_peer: bool) -> tuple[list[str], list[dict[str, Any]]]:
+    """(d): every registered adapter that keeps the base frozen, at its registered defaults, on
+    each architecture, next to peft's count for the same configuration where peft has the method."""
+    lines = ["## (d) Every adapter at its defaults, next to peft's count of the same configuration\n",
+             "| adapter | size | model | adapted modules | trainable | peft counts |", "|---|---|---|---|---|---|"]
+    rows = []
+    for spec in sorted(host.adapters, key=lambda s: s.name):
+        probe = host.adapters.build(spec.name)
+        if probe.trains_base:
+            continue
+        for name in ("GPT-2-Medium", "Llama-2-7B", "Llama-2-70B"):
+            adapter = host.adapters.build(spec.name)
+            size = f"{probe.size_setting}={probe.size}" if probe.size_setting else "-"
+            try:
+                c = architecture_counts(name, adapter)
+            except ValidationError as exc:
+                rows.append({"model": name, "adapter": spec.name, "section": "d", "refused": str(exc)})
+                lines.append(f"| {spec.name} | {size} | {name} | - | refused: {exc} | - |")
+                continue
+            ref = peft_method_count(name, host.adapters.build(spec.name)) if check_peer else None
+            rows.append({**c, "adapter": spec.name, "section": "d", "peer": ref})
+            agree = "-" if ref is None else ("equal" if ref == c["trainable"] else f"no ({ref:,})")
+            lines.append(f"| {spec.name} | {size} | {name} | {c['layers']} | {c['trainable']:,} | {agree} |")
+    lines.append("\n\\- in the last column: peftlab saves the method in its own layout only (the bottleneck adapters, "
+                 "LayerNorm tuning), or peft has no layer for these "
+                 "targets (peft's OFT does not wrap GPT-2's Conv1D), or the check was skipped (`--no-peft`).\n")
+    return lines, rows
+
+
 #: per adapter name, a peer that counts the same thing: (name, size, targets) -> count
 PEERS = {"lora": peft_lora_count}
 #: per adapter name, the LoRA paper's Table 3 trainable parameters for GPT-2 M/L at its settings
@@ -100,7 +150,8 @@ SIZES = (1, 8, 16, 512)
 def ranks_report(host: PluginHost, adapter: str = defaults.ADAPTER, check_peer: bool = True) -> tuple[str, list[dict]]:
     """The rank report for ``adapter`` (LoRA by default): (a) the lecture's 2 r sqrt(N) table,
     (b) real architectures' counts at several sizes (checked against a peer where one is
-    known), (c) the LoRA paper's Table 3 figures where it has them for this adapter."""
+    known), (c) the LoRA paper's Table 3 figures where it has them for this adapter, (d) every
+    adapter at its defaults next to peft's count of the same configuration."""
     probe = host.adapters.build(adapter)
     size_name = probe.size_setting
     sizes = SIZES if size_name else (None,)
@@ -158,6 +209,9 @@ def ranks_report(host: PluginHost, adapter: str = defaults.ADAPTER, check_peer: 
             rows.append({**c, "targets": "q/v", "paper": paper[name]})
             lines.append(f"| {name} | {c['trainable']:,} ({c['trainable'] / 1e6:.2f}M) | {paper[name]} |")
         lines.append(LORA_NOTE)
+    every, every_rows = every_method_table(host, check_peer)
+    lines += every
+    rows += every_rows
     lines.append((f"Ranks in (a): {', '.join(map(str, LECTURE_RANKS))}. " if lora_count else "") + "Architectures: "
                  + ", ".join(f"{k} ({v[0]})" for k, v in ARCHITECTURES.items()) + ".")
     return "\n".join(lines) + "\n", rows

@@ -48,7 +48,8 @@ ROWS = [
 #: methods the paper does not have, counted at their usual settings for comparison
 EXTRA = [("DoRA (r=4, c_attn)", "dora", {"r": 4, "target_modules": ["c_attn"]}),
          ("IA3 (peft's targets)", "ia3", {}),
-         ("VeRA (r=256, c_attn)", "vera", {"r": 256, "target_modules": ["c_attn"]})]
+         ("VeRA (r=256, c_attn)", "vera", {"r": 256, "target_modules": ["c_attn"]}),
+         ("OFT (block 32, c_attn)", "oft", {"block_size": 32, "target_modules": ["c_attn"]})]
 
 
 def millions(n: float) -> str:

@@ -274,6 +274,11 @@ class Adapter(Configurable, ABC):
                                       "does not implement _unload")
         unwrap_layers(model, self.layer_class)
 
+    def peft_loads(self, model: nn.Module, targets: list[str]) -> bool:
+        """Whether peft can load this adapter over ``targets`` (``peft_type`` set only): where it
+        cannot (peft's OFT has no Conv1D layer), the state is saved in peftlab's layout instead."""
+        return True
+
     def peft_config(self, model: nn.Module, targets: list[str]) -> dict[str, Any]:
         """peft's ``adapter_config.json`` for this adapter on ``model`` (``peft_type`` set only)."""
         raise NotImplementedError

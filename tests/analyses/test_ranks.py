@@ -79,7 +79,27 @@ def test_the_lecture_formula_is_shown_only_for_an_adapter_it_counts():
     assert "does not describe it" in ia3 and "| rank | Model 7B" not in ia3
     assert all(r.get("lecture_estimate") is None for r in rows)
     # on its own default targets: Llama's counted, Falcon's (no default for that model type) refused in its row
-    assert [r["model"] for r in rows if r.get("trainable", 0) > 0] == ["Llama-2-7B", "Llama-2-13B", "Llama-2-70B"]
+    assert [r["model"] for r in rows if r.get("trainable", 0) > 0 and r.get("section") != "d"] == [
+        "Llama-2-7B", "Llama-2-13B", "Llama-2-70B"]
     assert any("Falcon-180B" in line and "refused:" in line for line in ia3.splitlines())
     lora, rows = ranks_report(host, "lora", check_peer=False)
     assert "| rank | Model 7B" in lora and any(r["lecture_estimate"] for r in rows)
+
+
+def test_every_method_peft_has_is_counted_as_peft_counts_it():
+    """(d) of the report: each adapter saved as a peft method, at its defaults on Llama-2-7B (meta
+    device), trains exactly what peft trains when given the adapter's own peft config."""
+    from peftlab import load_host
+    from peftlab.analyses.ranks import peft_method_count
+
+    pytest.importorskip("peft")
+    host = load_host()
+    checked = []
+    for spec in host.adapters:
+        adapter = host.adapters.build(spec.name)
+        if adapter.peft_type is None or adapter.trains_base:
+            continue
+        ours = architecture_counts("Llama-2-7B", adapter)["trainable"]
+        assert peft_method_count("Llama-2-7B", host.adapters.build(spec.name)) == ours, spec.name
+        checked.append(spec.name)
+    assert {"lora", "dora", "ia3", "vera", "oft", "prefix"} <= set(checked)

@@ -1,4 +1,4 @@
-"""IA3, DoRA, VeRA and prefix tuning against peft's implementations of the same methods: equal trainable
+"""IA3, DoRA, VeRA, OFT and prefix tuning against peft's implementations of the same methods: equal trainable
 and total counts, and given the same (fresh random) weights equal logits, on tiny GPT-2 and Llama
 (with grouped KV heads) models; for the prefix also a greedy generation with the KV cache and left
 padding. Saved adapters cross over both ways (peftlab -> peft, peft -> peftlab)."""
@@ -54,8 +54,11 @@ PEFT_CONFIGS = {
     "vera": lambda arch: peft.VeraConfig(task_type="CAUSAL_LM", r=16, projection_prng_key=7, save_projection=False,
                                          target_modules=["c_attn"] if arch == "gpt2" else ["q_proj", "v_proj"],
                                          fan_in_fan_out=arch == "gpt2"),
+    "oft": lambda arch: peft.OFTConfig(task_type="CAUSAL_LM", r=0, oft_block_size=8,
+                                       target_modules=["c_attn"] if arch == "gpt2" else ["q_proj", "v_proj"]),
 }
-OURS = {"ia3": {}, "dora": {"r": 4, "alpha": 8}, "prefix": {"length": 5}, "vera": {"r": 16, "projection_seed": 7}}
+OURS = {"ia3": {}, "dora": {"r": 4, "alpha": 8}, "prefix": {"length": 5}, "vera": {"r": 16, "projection_seed": 7},
+        "oft": {"block_size": 8}}
 
 
 def pair(method: str, arch: str, seed: int):
@@ -83,8 +86,10 @@ def pair(method: str, arch: str, seed: int):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize("method", ["ia3", "dora", "vera", "prefix"])
+@pytest.mark.parametrize("method", ["ia3", "dora", "vera", "prefix", "oft"])
 def test_counts_and_logits_equal_peft(method, arch):
+    if (method, arch) == ("oft", "gpt2"):
+        pytest.skip("peft's OFT has no Conv1D layer (GPT-2); test_oft_over_conv1d_equals_oft_over_linear covers ours")
     seed = fresh_seed()
     ours, ref, _, report = pair(method, arch, seed)
     assert (report.trainable, report.total) == ref.get_nb_trainable_parameters()
@@ -96,7 +101,7 @@ def test_counts_and_logits_equal_peft(method, arch):
     torch.testing.assert_close(a[keep], b[keep], rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("method", ["ia3", "dora", "vera"])
+@pytest.mark.parametrize("method", ["ia3", "dora", "vera", "oft"])
 def test_initial_weights_equal_peft(method):
     """Before any change: IA3 vectors are ones, DoRA's magnitude is ||W0|| per row and VeRA's
     vectors are d_initial and zero over the projections its seed draws, as in peft."""
@@ -112,6 +117,98 @@ def test_initial_weights_equal_peft(method):
     if method == "vera":  # the shared projections, drawn from the same seed
         torch.testing.assert_close(ours.peftlab_vera.vera_A, ref.base_model.vera_A["default"], rtol=0, atol=0)
         torch.testing.assert_close(ours.peftlab_vera.vera_B, ref.base_model.vera_B["default"], rtol=0, atol=0)
+
+
+OFT_VARIANTS = [({"cayley_neumann": False}, {"use_cayley_neumann": False}),
+                ({"neumann_terms": 3}, {"num_cayley_neumann_terms": 3}),
+                ({"block_share": True}, {"block_share": True}),
+                ({"coft": True, "eps": 1e-2}, {"coft": True, "eps": 1e-2})]
+
+
+@pytest.mark.parametrize(("ours_extra", "peft_extra"), OFT_VARIANTS, ids=lambda v: ",".join(v))
+def test_oft_variants_equal_peft(ours_extra, peft_extra):
+    """The exact Cayley transform, a shorter Neumann series, one shared block and COFT's clipping
+    each equal peft's on fresh random rotations (COFT clips the weights in place in both)."""
+    seed = fresh_seed()
+    base = tiny("llama")
+    ours = copy.deepcopy(base)
+    report = attach(ours, HOST.adapters.build("oft", block_size=8, **ours_extra))
+    ref = peft.get_peft_model(copy.deepcopy(base), peft.OFTConfig(
+        task_type="CAUSAL_LM", r=0, oft_block_size=8, target_modules=["q_proj", "v_proj"], **peft_extra))
+    assert (report.trainable, report.total) == ref.get_nb_trainable_parameters()
+    gen = torch.Generator().manual_seed(seed)
+    theirs = {n.replace(".default", "").removeprefix("base_model.model."): p for n, p in ref.named_parameters()
+              if p.requires_grad}
+    with torch.no_grad():
+        for n, p in ours.named_parameters():
+            if p.requires_grad:
+                p.copy_(0.3 * torch.randn(p.shape, generator=gen))
+                theirs[n].copy_(p)
+    ids, mask = batch(torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        a = ours.eval()(input_ids=ids, attention_mask=mask).logits
+        b = ref.eval()(input_ids=ids, attention_mask=mask).logits
+    keep = mask.bool()
+    torch.testing.assert_close(a[keep], b[keep], rtol=1e-4, atol=1e-5)
+    for n, p in ours.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p, theirs[n], rtol=0, atol=0)
+
+
+def test_oft_exact_cayley_is_orthogonal_and_a_bad_block_size_names_the_layer():
+    from peftlab.plugin.errors import ValidationError
+
+    model = tiny("llama")
+    attach(model, HOST.adapters.build("oft", block_size=16, cayley_neumann=False))
+    layer = model.model.layers[0].self_attn.q_proj
+    with torch.no_grad():
+        layer.oft_R.weight.normal_(0, 0.5, generator=torch.Generator().manual_seed(fresh_seed()))
+    r = layer.matrix().double()
+    torch.testing.assert_close(r @ r.t(), torch.eye(64, dtype=torch.float64), rtol=0, atol=1e-5)
+    with pytest.raises(ValidationError, match=r"q_proj's 64 input features \(nearest: \[2, 4, 8\]\)"):
+        attach(tiny("llama"), HOST.adapters.build("oft", block_size=6))
+
+
+def test_oft_over_conv1d_equals_oft_over_linear(tmp_path):
+    """GPT-2's Conv1D (weights stored (in, out)) under OFT: equal to OFT over the same layers as
+    nn.Linear, merged too; saved in peftlab's layout (peft's OFT cannot wrap Conv1D) and reloaded."""
+    from transformers.pytorch_utils import Conv1D
+
+    seed = fresh_seed()
+    conv = tiny("gpt2")
+    lin = copy.deepcopy(conv)
+    for name, m in list(lin.named_modules()):
+        if isinstance(m, Conv1D) and name.endswith("c_attn"):
+            layer = torch.nn.Linear(m.weight.shape[0], m.weight.shape[1])
+            with torch.no_grad():
+                layer.weight.copy_(m.weight.t())
+                layer.bias.copy_(m.bias)
+            parent, _, child = name.rpartition(".")
+            setattr(lin.get_submodule(parent), child, layer)
+    adapter = HOST.adapters.build("oft", block_size=16)
+    report = attach(conv, adapter)
+    attach(lin, HOST.adapters.build("oft", block_size=16))
+    gen = torch.Generator().manual_seed(seed)
+    own = dict(lin.named_parameters())
+    with torch.no_grad():
+        for n, p in conv.named_parameters():
+            if p.requires_grad:
+                p.copy_(0.3 * torch.randn(p.shape, generator=gen))
+                own[n].copy_(p)
+    ids, mask = batch(torch.Generator().manual_seed(seed))
+    keep = mask.bool()
+    with torch.no_grad():
+        want = lin.eval()(input_ids=ids, attention_mask=mask).logits[keep]
+        torch.testing.assert_close(conv.eval()(input_ids=ids, attention_mask=mask).logits[keep], want,
+                                   rtol=1e-4, atol=1e-5)
+        folder = save_adapter(conv, adapter, report.targets, tmp_path / "a", base_model="tiny")
+        assert not (folder / "adapter_config.json").exists()  # peftlab's layout
+        back = tiny("gpt2")
+        load_adapter(back, folder, HOST)
+        torch.testing.assert_close(back.eval()(input_ids=ids, attention_mask=mask).logits[keep], want,
+                                   rtol=1e-4, atol=1e-5)
+        adapter.merge(conv)
+        torch.testing.assert_close(conv(input_ids=ids, attention_mask=mask).logits[keep], want, rtol=1e-4, atol=1e-4)
 
 
 def forward_greedy(model, ids: torch.Tensor, mask: torch.Tensor, n: int) -> torch.Tensor:
@@ -149,8 +246,10 @@ def test_prefix_generation_with_kv_cache_equals_peft(arch):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize("method", ["ia3", "dora", "vera"])
+@pytest.mark.parametrize("method", ["ia3", "dora", "vera", "oft"])
 def test_merge_equals_peft_merge_and_unmerge_restores(method, arch):
+    if (method, arch) == ("oft", "gpt2"):
+        pytest.skip("peft's OFT has no Conv1D layer (GPT-2); test_oft_over_conv1d_equals_oft_over_linear covers ours")
     seed = fresh_seed()
     ours, ref, adapter, _ = pair(method, arch, seed)
     ids, mask = batch(torch.Generator().manual_seed(seed))
@@ -170,8 +269,10 @@ def test_merge_equals_peft_merge_and_unmerge_restores(method, arch):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize("method", ["ia3", "dora", "vera", "prefix"])
+@pytest.mark.parametrize("method", ["ia3", "dora", "vera", "prefix", "oft"])
 def test_saved_adapter_loads_in_peft_and_back(method, arch, tmp_path):
+    if (method, arch) == ("oft", "gpt2"):
+        pytest.skip("peft's OFT has no Conv1D layer (GPT-2); test_oft_over_conv1d_equals_oft_over_linear covers ours")
     seed = fresh_seed()
     ours, ref, adapter, report = pair(method, arch, seed)
     ids, mask = batch(torch.Generator().manual_seed(seed))
