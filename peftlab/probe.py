@@ -127,8 +127,13 @@ def _probe(spec: ComponentSpec) -> str | None:
 
 def _probe_quantizer(q: Quantizer) -> str | None:
     shape = tuple(q.probe_shape)
-    w = torch.randn(shape, generator=torch.Generator().manual_seed(0)) * 0.02
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(shape, generator=gen) * 0.02
     try:
+        if q.calibration_batches():  # a calibrated quantizer: packed by random inputs of the weight's width
+            from peftlab.plugin.quantizer import Calibration
+
+            q = q.calibrated(Calibration.from_inputs(torch.randn(4 * shape[-1], shape[-1], generator=gen)))
         qw = q.quantize(w)
     except Exception as exc:
         return f"quantize() of a {shape} fp32 weight raised {_one_line(exc)}"

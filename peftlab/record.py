@@ -118,6 +118,12 @@ FIELDS: tuple[Field, ...] = (
     _f("quant.bytes_before", "int", "quantize", "those layers' weight bytes before", "bytes"),
     _f("quant.bytes_after", "int", "quantize", "their bytes as stored after (codes and constants)", "bytes"),
     _f("quant.while_loading", "bool", "quantize", "quantized as the checkpoint was read"),
+    _f("quant.calibration.batches", "int", "quantize", "training batches the calibration pass ran through the float "
+       "model before a calibrated quantizer (GPTQ) packed it (the first of the training stream; 0: no pass)"),
+    _f("quant.calibration.tokens", "int", "quantize", "tokens of those batches (padding left out)"),
+    _f("quant.calibration.seed", "int", "quantize", "the seed of the batches' order (train.seed)"),
+    _f("quant.calibration.seconds", "float", "quantize", "the pass's time", "s"),
+    _f("quant.calibration.layers", "int", "quantize", "layers whose inputs it recorded"),
     _f("start.from_weights", "bool", "quantize", "the adapter's start was computed from the weights (PiSSA, OLoRA, "
        "LoftQ) before the quantizer packed them"),
     _f("start.layers", "int", "quantize", "the adapter's target layers start.error averages over"),

@@ -22,7 +22,8 @@ Starts computed from the weights (:meth:`~peftlab.Adapter.start`):
 Saving in peft's format (adapters that peft also has):
     :func:`peft_target_names`, :func:`peft_fan_in_fan_out`
 Quantizers:
-    :func:`check_weight`, :func:`check_block_size`, and :mod:`blockwise` (format-neutral blockwise
+    :class:`Calibration` (what a calibrated quantizer sees of a layer's inputs, see
+    :meth:`~peftlab.Quantizer.calibration_batches`), :func:`check_weight`, :func:`check_block_size`, and :mod:`blockwise` (format-neutral blockwise
     quantize, dequantize and bit packing, byte-compatible with bitsandbytes' layouts)
 Metrics:
     :func:`ptb_tokenize`, :func:`ptb_backend`, :data:`COCO_PUNCTUATION` (the COCO caption code's
@@ -57,12 +58,12 @@ from peftlab.plugin.kv_prefix import (
 )
 from peftlab.plugin.layers import is_conv1d, is_linear_like, linear_dims, logical_parameter_count
 from peftlab.plugin.ptb import COCO_PUNCTUATION, ptb_backend, ptb_tokenize
-from peftlab.plugin.quantizer import check_block_size, check_weight
+from peftlab.plugin.quantizer import Calibration, check_block_size, check_weight
 from peftlab.plugin.settings import describe_schema
 from peftlab.plugin.starts import left_error, loftq, low_rank, olora, pissa
 
 __all__ = [
-    "ATTENTION_TARGETS", "COCO_PUNCTUATION", "AttachReport", "MissingDependency", "Started", "attention_geometry", "backbone_of", "block_sublayers", "blockwise",
+    "ATTENTION_TARGETS", "COCO_PUNCTUATION", "AttachReport", "Calibration", "MissingDependency", "Started", "attention_geometry", "backbone_of", "block_sublayers", "blockwise",
     "cache_argument", "check_block_size", "check_weight", "describe_schema", "insert_after", "install_kv_prefix",
     "is_conv1d", "is_linear_like", "left_error", "linear_dims", "linear_targets", "loftq", "logical_parameter_count",
     "low_rank", "match_modules", "norm_layers", "olora", "peft_fan_in_fan_out", "pissa", "peft_target_names", "ptb_backend", "ptb_tokenize", "quantized_layers",

@@ -25,7 +25,7 @@ from peftlab.plugin.starts import left_error
 
 #: what quantize_ and load_quantized call for each layer: (name, weight (out, in)) -> the weight to
 #: pack instead, or None
-Start = Callable[[str, torch.Tensor], "torch.Tensor | None"]
+Start = Callable[..., "torch.Tensor | None"]  # (name, weight (out, in), the quantizer packing it)
 
 
 @dataclass
@@ -47,12 +47,13 @@ def starter(adapter: Adapter, quantizer: Any, targets: list[str], log: StartLog)
     if not wanted or quantizer is None:
         return None
 
-    def start(name: str, weight: torch.Tensor) -> torch.Tensor | None:
+    def start(name: str, weight: torch.Tensor, packer: Any = None) -> torch.Tensor | None:
         if name not in wanted:
             return None
-        started = adapter.start(name, weight, quantizer) if adapter.starts_from_weights() else Started()
+        packer = packer if packer is not None else quantizer  # the layer's own (a calibrated quantizer's)
+        started = adapter.start(name, weight, packer) if adapter.starts_from_weights() else Started()
         base = started.base if started.base is not None else weight
-        packed = quantizer.dequantize(quantizer.quantize(base.contiguous()), torch.float32).to(weight.device)
+        packed = packer.dequantize(packer.quantize(base.contiguous()), torch.float32).to(weight.device)
         log.errors[name] = left_error(weight, packed, started.update)
         return started.base
 

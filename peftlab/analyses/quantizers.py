@@ -80,9 +80,12 @@ def quantizer_table(host: PluginHost, names: Iterable[str] | None = None, rows: 
     weights = test_weights(rows, cols, seed)
     w = weights["normal"]
     gb = w.numel() * 4 / 1e9
-    records = []
+    records, calibrated = [], []
     for name in names or host.quantizers.names():
         qz = host.quantizers.build(name)
+        if qz.calibration_batches():  # packs by a layer's activations, which a lone weight does not have
+            calibrated.append(name)
+            continue
         q = qz.quantize(w)
         records.append({
             "quantizer": name,
@@ -97,7 +100,9 @@ def quantizer_table(host: PluginHost, names: Iterable[str] | None = None, rows: 
             "quantize_gbps": gb / _best_time(lambda: qz.quantize(w), repeats),  # noqa: B023
             "dequantize_gbps": gb / _best_time(lambda: qz.dequantize(q), repeats),  # noqa: B023
         })
-    return pd.DataFrame.from_records(records, columns=list(COLUMNS)).astype(COLUMNS)
+    table = pd.DataFrame.from_records(records, columns=list(COLUMNS)).astype(COLUMNS)
+    table.attrs["calibrated"] = calibrated
+    return table
 
 
 def to_markdown(df: pd.DataFrame) -> str:
@@ -128,4 +133,6 @@ def report_markdown(df: pd.DataFrame, *, rows: int, cols: int, repeats: int, mod
         + (f" `rel_error_model` is over every linear weight of `{model}` but the output head, each "
            "matrix quantized on its own." if model else "")
         + "\n\n" + to_markdown(df) + "\n"
+        + (f"\nNot here: {', '.join(df.attrs['calibrated'])}, which pack a weight by the activations a "
+           "calibration pass records in a cell (GPTQ); a lone weight has none.\n" if df.attrs.get("calibrated") else "")
     )

@@ -128,6 +128,25 @@ def base_record(cfg: CellConfig) -> dict[str, Any]:
     return sections.settings(cfg)
 
 
+def calibration_pass(model, quantizer, examples: list, train_cfg, pad_id: int):
+    """The calibration pass a calibrated quantizer asks for: its number of training batches, the
+    first of the training stream (``train.seed``'s order, padded, ``train.batch_size`` each),
+    through the float model, recording the inputs of every layer the quantizer will pack."""
+    from itertools import islice
+
+    from peftlab.data.packing import batches
+    from peftlab.quantize.apply import select_layers
+    from peftlab.quantize.calibrate import calibrate
+
+    if not examples:
+        raise ValidationError("data", "no training examples", f"training examples for {type(quantizer).__name__}'s calibration "
+                              "pass (it runs training batches through the float model before packing)")
+    stream = batches(examples, train_cfg.batch_size, torch.Generator().manual_seed(train_cfg.seed), pad_id)
+    chosen = [b.inputs for b in islice(stream, quantizer.calibration_batches())]
+    device = next(model.parameters()).device
+    return calibrate(model, [n for n, _ in select_layers(model, None)], chosen, device)
+
+
 def run_cell(cfg: CellConfig, host: PluginHost, *, progress: bool = True,
              outputs: CellOutputs | None = None, on_step: Callable[..., bool] | None = None) -> dict[str, Any]:
     """Run one cell: load -> quantize -> attach -> train -> generate -> score, each stage adding its
@@ -180,13 +199,15 @@ def run_cell(cfg: CellConfig, host: PluginHost, *, progress: bool = True,
         # a saved adapter trained from a start over a quantized base: its start runs again, then its state loads
         restart = bool(cfg.adapter_from) and bool(read_adapter_info(cfg.adapter_from).get("start"))
         fresh = not cfg.adapter_from or restart
-        if quantizer is not None and fresh:  # a checkpoint quantized as it loads: starts on the way
+        # a calibrated quantizer (GPTQ) packs after a pass through the float model: never while loading
+        calibrated = quantizer is not None and quantizer.calibration_batches() > 0
+        if quantizer is not None and fresh and not calibrated:  # a checkpoint quantized as it loads: starts on the way
             skel = skeleton(cfg.model)
             streamed = starter(adapter, quantizer, adapter.start_targets(skel), starts) if skel is not None else None
-        loaded = load(cfg.model, seed=cfg.train.seed, quantizer=quantizer, compute_dtype=compute,
+        loaded = load(cfg.model, seed=cfg.train.seed, quantizer=None if calibrated else quantizer, compute_dtype=compute,
                       trains_base=bool(adapter.trains_base), start=streamed)
         model, tok = loaded.model, loaded.tokenizer
-        if cfg.train.steps == 0:  # evaluate only: no training set is encoded, and the record says none was used
+        if cfg.train.steps == 0 and not calibrated:  # evaluate only: no training set is encoded, and the record says none was used
             from types import SimpleNamespace
 
             train_rows, encoded = [], SimpleNamespace(examples=[], dropped=0, truncated=0)
@@ -194,8 +215,13 @@ def run_cell(cfg: CellConfig, host: PluginHost, *, progress: bool = True,
             encoded = encode_cached(train_rows, tok, cfg.data.max_length, encode)
         rec.update(sections.load(loaded, device, train_rows, encoded, eval_items, eval_info))
         if quantizer is not None:
+            calibration = None
+            if calibrated:
+                calibration = calibration_pass(model, quantizer, encoded.examples, cfg.train, tok.pad_token_id)
+                rec.update(calibration.fields(cfg.train.seed))
             qrep = loaded.quantized or quantize_(model, quantizer, compute_dtype=compute, start=starter(
-                adapter, quantizer, adapter.start_targets(model), starts) if fresh else None)
+                adapter, quantizer, adapter.start_targets(model), starts) if fresh else None,
+                calibration=calibration.layers if calibration else None)
             rec.update(sections.quantize(qrep, while_loading=loaded.quantized is not None))
         elif fresh:
             start_float(model, adapter)

@@ -5,11 +5,31 @@ import torch
 
 from peftlab.plugin.errors import ValidationError
 from peftlab.plugin.layers import QuantizedLinear
+from peftlab.plugin.quantizer import Calibration, check_weight
+
+
+class OnRandomInputs:
+    """A calibrated quantizer under the contract: each weight it packs is calibrated on random inputs
+    of the weight's width (what a cell's calibration pass would hand it); all else is the quantizer's."""
+
+    def __init__(self, quantizer, gen: torch.Generator):
+        self._quantizer, self._gen, self._seen = quantizer, gen, {}
+
+    def quantize(self, w):
+        check_weight(w)
+        width = w.shape[-1]
+        if width not in self._seen:  # one draw per width: quantizing a weight twice gives the same packing
+            self._seen[width] = Calibration.from_inputs(torch.randn(4 * width, width, generator=self._gen))
+        return self._quantizer.calibrated(self._seen[width]).quantize(w)
+
+    def __getattr__(self, name):
+        return getattr(self._quantizer, name)
 
 
 @pytest.fixture
-def quantizer(quantizer_name, contract_host):
-    return contract_host.quantizers.build(quantizer_name)
+def quantizer(quantizer_name, contract_host, contract_gen):
+    built = contract_host.quantizers.build(quantizer_name)
+    return OnRandomInputs(built, contract_gen) if built.calibration_batches() else built
 
 
 @pytest.mark.parametrize("shape", [(1,), (7,), (33, 65), (128, 64)], ids=str)

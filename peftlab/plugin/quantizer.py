@@ -8,6 +8,7 @@ its parameters.
 
 from __future__ import annotations
 
+import copy
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
@@ -94,6 +95,23 @@ def check_block_size(value: object, field_name: str = "block_size", *, allowed: 
     return value
 
 
+@dataclass(frozen=True, eq=False)
+class Calibration:
+    """What a calibration pass saw of one linear layer's inputs, for a quantizer that needs it
+    (GPTQ): ``hessian`` = (2/n)·Σ x·xᵀ over the n input rows (tokens, padding left out) that reached
+    the layer, an (in, in) fp32 matrix (the Hessian of the layer's squared output error), and
+    ``tokens`` = n."""
+
+    hessian: torch.Tensor
+    tokens: int
+
+    @classmethod
+    def from_inputs(cls, x: torch.Tensor) -> Calibration:
+        """From a layer's inputs ``x`` (``(..., in)``: every row one token)."""
+        rows = x.detach().reshape(-1, x.shape[-1]).float()
+        return cls(2 * rows.t() @ rows / max(rows.shape[0], 1), rows.shape[0])
+
+
 class Quantizer(Configurable, ABC):
     """Base class of every weight quantizer plugin.
 
@@ -118,10 +136,38 @@ class Quantizer(Configurable, ABC):
 
     #: the weight shape the load-time contract check quantizes and dequantizes
     probe_shape: ClassVar[tuple[int, int]] = (32, 128)
+    #: set on the per-layer copy :meth:`calibrated` makes; ``_quantize`` of a calibrated quantizer reads it
+    calibration: Calibration | None = None
+
+    def calibration_batches(self) -> int:
+        """Training batches a calibration pass must run through the float model before this
+        quantizer packs a layer (0: it needs none). A quantizer that needs them packs each layer
+        through :meth:`calibrated` with what the pass saw of that layer's inputs (a cell runs the
+        pass: seeded, recorded; ``peftlab.quantize.calibrate.calibrate`` runs it by hand)."""
+        return 0
+
+    def calibrated(self, calibration: Calibration) -> Quantizer:
+        """A copy of this quantizer that packs one layer with ``calibration`` (the layer keeps the
+        plain quantizer, which dequantizes alike)."""
+        if not isinstance(calibration, Calibration):
+            raise ValidationError("calibration", type(calibration).__name__, "a peftlab.toolkit.Calibration")
+        twin = copy.copy(self)
+        twin.calibration = calibration
+        return twin
 
     def quantize(self, w: torch.Tensor) -> QuantizedWeight:
-        """Check ``w`` (a finite floating tensor) and quantize it with :meth:`_quantize`."""
+        """Check ``w`` (a finite floating tensor) and quantize it with :meth:`_quantize`; a
+        quantizer that needs calibration must have it (:meth:`calibrated`), sized to ``w``'s inputs."""
         check_weight(w)
+        if self.calibration_batches():
+            if self.calibration is None:
+                raise ValidationError("calibration", None, f"what a calibration pass saw of this layer's inputs: "
+                                      f"{type(self).__name__} packs a weight by them (quantizer.calibrated(...); a "
+                                      "cell runs the pass itself)")
+            inputs = w.shape[-1]
+            if tuple(self.calibration.hessian.shape) != (inputs, inputs):
+                raise ValidationError("calibration.hessian", tuple(self.calibration.hessian.shape),
+                                      f"({inputs}, {inputs}): the weight's {inputs} input features")
         with torch.no_grad():
             return self._quantize(w.detach())
 

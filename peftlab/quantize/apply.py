@@ -12,7 +12,7 @@ from torch import nn
 from peftlab.plugin.adapter import replace_module
 from peftlab.plugin.errors import ValidationError
 from peftlab.plugin.layers import QuantizedLinear, is_conv1d, is_linear_like
-from peftlab.plugin.quantizer import Quantizer
+from peftlab.plugin.quantizer import Calibration, Quantizer
 
 
 @dataclass
@@ -67,7 +67,8 @@ def select_layers(model: nn.Module, filter: Filter) -> list[tuple[str, nn.Module
 
 
 def quantize_(model: nn.Module, quantizer: Quantizer, filter: Filter = None, *,
-              compute_dtype: torch.dtype = torch.bfloat16, start=None) -> QuantizeReport:
+              compute_dtype: torch.dtype = torch.bfloat16, start=None,
+              calibration: dict[str, Calibration] | None = None) -> QuantizeReport:
     """Replace the linear layers of ``model`` selected by ``filter`` with :class:`QuantizedLinear`,
     in place (torchao's ``quantize_`` verb).
 
@@ -77,8 +78,12 @@ def quantize_(model: nn.Module, quantizer: Quantizer, filter: Filter = None, *,
     layer names. A filter that selects nothing is an error listing the candidate names.
 
     ``start``: called with each selected layer's name and weight, as (out, in), before it is
-    packed; a tensor it returns is packed instead (an adapter's start from the weights,
-    :mod:`peftlab.adapt.starting`).
+    packed, and the quantizer that will pack it; a tensor it returns is packed instead (an
+    adapter's start from the weights, :mod:`peftlab.adapt.starting`).
+
+    ``calibration``: what a calibration pass saw of each selected layer's inputs
+    (:func:`peftlab.quantize.calibrate.calibrate`), which a quantizer that needs it
+    (``quantizer.calibration_batches() > 0``) packs each layer by; it must cover every selected layer.
 
     Each float weight is released as soon as its packed copy replaces it (unless something else
     holds it, such as a tied head), so memory never grows by more than one layer's quantization
@@ -89,16 +94,24 @@ def quantize_(model: nn.Module, quantizer: Quantizer, filter: Filter = None, *,
         raise ValidationError("quantizer", quantizer, "a peftlab.Quantizer instance" + hint)
     names = [name for name, _ in select_layers(model, filter)]  # names only: no reference keeps a layer alive
     report = QuantizeReport(getattr(quantizer, "name", None) or type(quantizer).__name__)
+    if quantizer.calibration_batches():
+        uncovered = [n for n in names if n not in (calibration or {})]
+        if uncovered:
+            raise ValidationError("calibration", f"{len(calibration or {})} layers",
+                                  f"what a calibration pass saw of every layer {report.quantizer} packs; "
+                                  f"missing {uncovered[:3]} (peftlab.quantize.calibrate.calibrate)")
     for full_name in names:
         layer = model.get_submodule(full_name)
+        packer = quantizer.calibrated(calibration[full_name]) if quantizer.calibration_batches() else quantizer
         if start is not None:
             conv = is_conv1d(layer)
             w = layer.weight.detach()
-            instead = start(full_name, w.t() if conv else w)
+            instead = start(full_name, w.t() if conv else w, packer)
             if instead is not None:
                 with torch.no_grad():
                     layer.weight.copy_(instead.t() if conv else instead)
-        new = QuantizedLinear.from_linear(layer, quantizer, compute_dtype)
+        new = QuantizedLinear.from_linear(layer, packer, compute_dtype)
+        new.quantizer = quantizer  # the plain one: the layer keeps no calibration alive
         replace_module(model, full_name, new)
         report.layers.append(full_name)
         report.params += layer.weight.numel()

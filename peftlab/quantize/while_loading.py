@@ -127,6 +127,10 @@ def load_quantized(folder: str | Path, quantizer: Quantizer, *, filter: Filter =
 
     if not isinstance(quantizer, Quantizer):
         raise ValidationError("quantizer", quantizer, "a peftlab.Quantizer instance")
+    if quantizer.calibration_batches():
+        raise ValidationError("quantizer", type(quantizer).__name__, "one that packs a weight alone: this one packs by "
+                              "the activations a calibration pass records through the float model, which a load "
+                              "that never holds the float model cannot run (load it, calibrate, then quantize_)")
     folder, device = Path(folder), torch.device(device)
     entries = checkpoint_entries(folder)
     if entries is None:
@@ -164,7 +168,7 @@ def load_quantized(folder: str | Path, quantizer: Quantizer, *, filter: Filter =
                     layer = model.get_submodule(layer_name)
                     w = value.t() if is_conv1d(layer) else value
                     if start is not None:
-                        instead = start(layer_name, w)
+                        instead = start(layer_name, w, quantizer)
                         w = instead if instead is not None else w
                     try:
                         qweight = quantizer.quantize(w.contiguous())

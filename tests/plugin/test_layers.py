@@ -141,7 +141,16 @@ def test_dtype_casts_of_the_model_leave_the_packed_weight_as_it_was(method, cast
     fp32 absmax scales to bf16 and the loss became NaN; casts now leave every packed buffer, and so
     the dequantized weight, bit for bit as they were, and still cast the float layers around them."""
     model = tiny_llama()
-    quantize_(model, HOST.quantizers.build(method))
+    quantizer = HOST.quantizers.build(method)
+    calibration = None
+    if quantizer.calibration_batches():  # GPTQ: a calibration pass over a random batch first
+        from peftlab.quantize.apply import select_layers
+        from peftlab.quantize.calibrate import calibrate
+
+        ids = torch.randint(1, 100, (2, 12), generator=gen)
+        calibration = calibrate(model, [n for n, _ in select_layers(model, None)],
+                                [{"input_ids": ids, "attention_mask": torch.ones_like(ids)}]).layers
+    quantize_(model, quantizer, calibration=calibration)
     layers = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
     before = [(dict(m.named_buffers()), m.dequantized_weight(torch.float32)) for m in layers]
     {"to-bf16": lambda: model.to(torch.bfloat16), "half": model.half, "float": model.float}[cast]()

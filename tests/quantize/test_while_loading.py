@@ -36,6 +36,10 @@ def reference(folder, quantizer, dtype):
 @pytest.mark.parametrize("name", HOST.quantizers.names())
 def test_equal_to_loading_then_quantizing(saved, name):
     quantizer = HOST.quantizers.build(name)
+    if quantizer.calibration_batches():  # GPTQ needs the float model's activations: refused before any read
+        with pytest.raises(ValidationError, match="calibration pass"):
+            load_quantized(saved, quantizer)
+        return
     ours, report = load_quantized(saved, quantizer)
     want, want_report = reference(saved, quantizer, torch.float32)
     assert report.layers == want_report.layers and report.bytes_after == want_report.bytes_after
