@@ -23,9 +23,10 @@ from peftlab.plugin.adapter import Adapter, Started
 from peftlab.plugin.layers import is_conv1d
 from peftlab.plugin.starts import left_error
 
-#: what quantize_ and load_quantized call for each layer: (name, weight (out, in)) -> the weight to
-#: pack instead, or None
-Start = Callable[..., "torch.Tensor | None"]  # (name, weight (out, in), the quantizer packing it)
+#: what quantize_ and load_quantized call for each layer: (name, weight (out, in), the quantizer
+#: packing it) -> the weight to pack instead, or None; where it has a ``packed(name, qweight,
+#: quantizer)`` method, they call that once the layer is packed
+Start = Callable[..., "torch.Tensor | None"]
 
 
 @dataclass
@@ -40,24 +41,40 @@ class StartLog:
                 "start.error": sum(values) / len(values), "start.error_max": max(values)}
 
 
-def starter(adapter: Adapter, quantizer: Any, targets: list[str], log: StartLog) -> Start | None:
+class LayerStarts:
+    """The per-layer call for a quantized base (see :data:`Start`): the adapter's start for its
+    target layers before each is packed, then, once packed (:meth:`packed`), the error base and
+    start leave from the float weight, read off the packed weight itself (no second quantization)."""
+
+    def __init__(self, adapter: Adapter, quantizer: Any, targets: set[str], log: StartLog):
+        self.adapter, self.quantizer, self.targets, self.log = adapter, quantizer, targets, log
+        self._pending: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
+
+    def __call__(self, name: str, weight: torch.Tensor, packer: Any = None) -> torch.Tensor | None:
+        if name not in self.targets:
+            return None
+        packer = packer if packer is not None else self.quantizer  # the layer's own (a calibrated quantizer's)
+        started = self.adapter.start(name, weight, packer) if self.adapter.starts_from_weights() else Started()
+        # the float weight, until its layer is packed (a copy where the base the start leaves overwrites it)
+        self._pending[name] = (weight if started.base is None else weight.detach().clone(), started.update)
+        return started.base
+
+    def packed(self, name: str, qweight: Any, packer: Any = None) -> None:
+        """Layer ``name`` is packed as ``qweight``: record the error its start leaves."""
+        if name not in self._pending:
+            return
+        weight, update = self._pending.pop(name)
+        back = (packer or self.quantizer).dequantize(qweight, torch.float32).to(weight.device)
+        self.log.errors[name] = left_error(weight, back, update)
+
+
+def starter(adapter: Adapter, quantizer: Any, targets: list[str], log: StartLog) -> LayerStarts | None:
     """The per-layer call for a quantized base: the adapter's start (where it has one) for its
     target layers, and the error each leaves; ``None`` when there is nothing to do."""
     wanted = set(targets)
     if not wanted or quantizer is None:
         return None
-
-    def start(name: str, weight: torch.Tensor, packer: Any = None) -> torch.Tensor | None:
-        if name not in wanted:
-            return None
-        packer = packer if packer is not None else quantizer  # the layer's own (a calibrated quantizer's)
-        started = adapter.start(name, weight, packer) if adapter.starts_from_weights() else Started()
-        base = started.base if started.base is not None else weight
-        packed = packer.dequantize(packer.quantize(base.contiguous()), torch.float32).to(weight.device)
-        log.errors[name] = left_error(weight, packed, started.update)
-        return started.base
-
-    return start
+    return LayerStarts(adapter, quantizer, wanted, log)
 
 
 def start_float(model: nn.Module, adapter: Adapter) -> None:

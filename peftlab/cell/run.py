@@ -197,7 +197,8 @@ def run_cell(cfg: CellConfig, host: PluginHost, *, progress: bool = True,
         compute = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
         starts, streamed = StartLog(), None
         # a saved adapter trained from a start over a quantized base: its start runs again, then its state loads
-        restart = bool(cfg.adapter_from) and bool(read_adapter_info(cfg.adapter_from).get("start"))
+        saved_info = read_adapter_info(cfg.adapter_from) if cfg.adapter_from else {}  # read once for the cell
+        restart = bool(saved_info.get("start"))
         fresh = not cfg.adapter_from or restart
         # a calibrated quantizer (GPTQ) packs after a pass through the float model: never while loading
         calibrated = quantizer is not None and quantizer.calibration_batches() > 0
@@ -236,7 +237,7 @@ def run_cell(cfg: CellConfig, host: PluginHost, *, progress: bool = True,
 
             adapter, report = load_adapter(model, cfg.adapter_from, host, adapter=adapter if restart else None)
             rec.update({"adapter": adapter.name, "adapter.from": str(cfg.adapter_from), **sections.adapter(adapter),
-                        **trained_over(cfg)})
+                        **trained_over(cfg, saved_info)})
         else:
             report = attach(model, adapter)
             if started and cfg.eval.forgetting != "none":
@@ -346,15 +347,13 @@ def measured_loss(cfg: CellConfig, model, examples, tok, device):
                          batch_size=cfg.train.batch_size)
 
 
-def trained_over(cfg: CellConfig) -> dict[str, Any]:
-    """The base a loaded adapter was trained over (``adapter.from_quantizer``), where its folder says
-    (peftlab writes it); a base quantized otherwise is legitimate (QLoRA's adapters serve a float
-    base), and said on stderr, since outputs then differ by the quantization error."""
+def trained_over(cfg: CellConfig, info: dict[str, Any]) -> dict[str, Any]:
+    """The base a loaded adapter was trained over (``adapter.from_quantizer``), where its folder's
+    ``info`` says (peftlab writes it); a base quantized otherwise is legitimate (QLoRA's adapters
+    serve a float base), and said on stderr, since outputs then differ by the quantization error."""
     import sys
 
-    from peftlab.adapt.persist import read_adapter_info
-
-    then = read_adapter_info(cfg.adapter_from).get("quantizer")
+    then = info.get("quantizer")
     if then is None:
         return {}
     now = cfg.quantizer_name or "none"

@@ -111,6 +111,8 @@ def quantize_(model: nn.Module, quantizer: Quantizer, filter: Filter = None, *,
                 with torch.no_grad():
                     layer.weight.copy_(instead.t() if conv else instead)
         new = QuantizedLinear.from_linear(layer, packer, compute_dtype)
+        if start is not None and hasattr(start, "packed"):
+            start.packed(full_name, new.qweight, packer)
         new.quantizer = quantizer  # the plain one: the layer keeps no calibration alive
         replace_module(model, full_name, new)
         report.layers.append(full_name)

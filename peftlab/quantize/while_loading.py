@@ -175,6 +175,8 @@ def load_quantized(folder: str | Path, quantizer: Quantizer, *, filter: Filter =
                     except ValidationError as exc:
                         raise ValidationError(f"layer {layer_name}", f"weight of shape {tuple(w.shape)}",
                                               f"a shape {report.quantizer} can quantize ({exc})") from None
+                    if start is not None and hasattr(start, "packed"):
+                        start.packed(layer_name, qweight, quantizer)
                     for key, t in qweight.tensors.items():  # a quantizer that keeps its input keeps a copy
                         if t.untyped_storage().data_ptr() == cast.untyped_storage().data_ptr():
                             qweight.tensors[key] = t.clone()

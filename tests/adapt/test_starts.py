@@ -105,6 +105,19 @@ def test_the_packed_base_is_the_one_the_start_was_fitted_to(init):
     assert fields["start.layers"] == 4 and fields["start.from_weights"] is (init != "gaussian")
 
 
+def test_a_start_error_is_read_off_the_packed_weight_each_layer_packed_once():
+    """Recording what plain QLoRA's start leaves costs no second quantization: each layer is
+    quantized once, and the error is read off the weight as packed."""
+    q = HOST.quantizers.build("nf4")
+    calls = []
+    real = q._quantize
+    q._quantize = lambda w: calls.append(tuple(w.shape)) or real(w)
+    model, log = tiny(), StartLog()
+    adapter = HOST.adapters.build("lora", r=4)
+    report = quantize_(model, q, compute_dtype=torch.float32, start=starter(adapter, q, adapter.start_targets(model), log))
+    assert len(calls) == len(report.layers) and len(log.errors) == 4
+
+
 def test_loftq_and_qpissa_leave_less_than_plain_qlora():
     errors = {}
     for init in ("gaussian", "loftq", "pissa"):
