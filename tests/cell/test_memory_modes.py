@@ -85,13 +85,14 @@ def peak_of(adapter: str, **params) -> tuple[int, int]:
 def test_full_fine_tuning_costs_the_optimizer_state_more_than_lora():
     full, trained = peak_of("full")
     lora, _ = peak_of("lora", r=8)
-    # Full fine-tuning keeps two AdamW moments of every weight all step, and a gradient of each
-    # after backward, when the activations are gone; LoRA keeps almost none. So its peak exceeds
-    # LoRA's by 2x the weights plus whatever of the gradient the activations do not already
-    # cover: about 2x to 3x. Seen: 2.49x-2.59x with peftlab.kernels.norm, 3.4x with transformers'
-    # RMSNorm (train.norm = "model"), which also keeps its fp32 output for the norm weights' gradient.
+    # Full fine-tuning keeps two AdamW moments of every weight all step (2x the trainable bytes)
+    # and a gradient of each (1x); LoRA keeps almost none. So its peak exceeds LoRA's by at least
+    # the moments (2x) and by about 3x plus what backward holds only when weights train (each
+    # layer's weight-gradient product, autocast's bf16 casts of weights that require grad), which
+    # the heap sampler's thread catches or not, by timing. Seen: 2.49x-2.59x on a 2-core AMD EPYC,
+    # 3.4x there with transformers' RMSNorm, 3.63x-3.70x on a slower 2-core Intel Xeon: below 4x.
     extra = full - lora
-    assert 2.0 * trained < extra < 3.6 * trained, (full, lora, trained)
+    assert 2.0 * trained < extra < 4.0 * trained, (full, lora, trained)
 
 
 def test_the_heap_reading_does_not_change():
