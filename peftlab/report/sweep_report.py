@@ -67,6 +67,16 @@ def base_bits(cells: pd.DataFrame) -> dict[str, float]:
     return out
 
 
+def md_head(head: list[str]) -> list[str]:
+    """A markdown table's header and rule lines."""
+    return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+
+
+def md_row(cells: list[str]) -> str:
+    """One markdown table row."""
+    return "| " + " | ".join(cells) + " |"
+
+
 def summary_markdown(summary: pd.DataFrame, cells: pd.DataFrame | None = None) -> str:
     """The summary table: one row per group; ``cells`` (the per-cell table) gives the base's bits
     per parameter."""
@@ -80,7 +90,7 @@ def summary_markdown(summary: pd.DataFrame, cells: pd.DataFrame | None = None) -
     started = "start.error" in summary and summary["start.error"].notna().any()
     if started:
         head.append("start error")
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines = md_head(head)
     for _, r in summary.iterrows():
         def g(col, digits=1, scale=1.0, r=r):
             v = r.get(col)
@@ -95,7 +105,7 @@ def summary_markdown(summary: pd.DataFrame, cells: pd.DataFrame | None = None) -
             cells_.append(g("forget.delta", 3))
         if started:
             cells_.append(g("start.error", 4))
-        lines.append("| " + " | ".join(cells_) + " |")
+        lines.append(md_row(cells_))
     return "\n".join(lines)
 
 
@@ -299,12 +309,12 @@ def budget_section(budget: dict[str, Any], summary: pd.DataFrame, df: pd.DataFra
     lines = [f"## At an equal budget: {target:,} trainable parameters\n",
              "Each adapter's declared size setting was set to the value whose exact trainable count (counted on "
              "the model's shapes) comes nearest the budget; a method without one keeps its own count.\n",
-             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+             *md_head(head)]
     for _, r in summary[summary["status"] == "ok"].iterrows():
         n = r.get("params.trainable")
         gap = f"{100 * (float(n) - target) / target:+.1f}%" if not pd.isna(n) else "-"
-        lines.append("| " + " | ".join([str(r["group"]), _size(r), _fmt(n, digits=0), gap,
-                                       *[_fmt(r.get(m), r.get(f"{m}.ci95")) for m in metrics]]) + " |")
+        lines.append(md_row([str(r["group"]), _size(r), _fmt(n, digits=0), gap,
+                             *[_fmt(r.get(m), r.get(f"{m}.ci95")) for m in metrics]]))
     return "\n".join(lines) + "\n"
 
 
@@ -338,16 +348,15 @@ def memory_budget_section(limit: int, summary: pd.DataFrame, df: pd.DataFrame | 
              "cell that does not fit at its smallest is skipped (below). Measured: the cells' own peak memory; "
              "estimated: the estimator's terms from each cell's record (its largest batch as it ran). MB = 10^6 "
              "bytes.\n",
-             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+             *md_head(head)]
     for _, r in summary[summary["status"] == "ok"].iterrows():
         peak = r.get("mem.peak_bytes")
         gap = f"{100 * (float(peak) - limit) / limit:+.1f}%" if not pd.isna(peak) else "-"
         est = estimated(r["group"])
-        lines.append("| " + " | ".join([str(r["group"]), _size(r), _fmt(peak / 1e6 if not pd.isna(peak) else None,
-                                                                           digits=0),
-                                       gap, _fmt(est / 1e6 if est is not None else None, digits=0),
-                                       _fmt(r.get("params.trainable"), digits=0),
-                                       *[_fmt(r.get(m), r.get(f"{m}.ci95")) for m in metrics]]) + " |")
+        lines.append(md_row([str(r["group"]), _size(r), _fmt(peak / 1e6 if not pd.isna(peak) else None, digits=0),
+                             gap, _fmt(est / 1e6 if est is not None else None, digits=0),
+                             _fmt(r.get("params.trainable"), digits=0),
+                             *[_fmt(r.get(m), r.get(f"{m}.ci95")) for m in metrics]]))
     if df is not None and "reason" in df:
         over = df[(df["status"] == "skipped") & df["reason"].astype(str).str.contains("peak-memory budget")]
         for _, r in over.iterrows():
