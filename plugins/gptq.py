@@ -44,11 +44,11 @@ def gptq(w: torch.Tensor, hessian: torch.Tensor, bits: int, group: int | None, s
     order, scales and zeros (out, groups), each column's group (in,), the order columns went in)."""
     rows, cols = w.shape
     group = group or cols
-    W, H = w.to(dtype).clone(), hessian.to(dtype).clone()
+    W, H = w.to(dtype).clone(), hessian.to(device=w.device, dtype=dtype).clone()
     dead = H.diagonal() == 0
     H[dead, dead] = 1
     W[:, dead] = 0
-    order = torch.argsort(H.diagonal(), descending=True) if act_order else torch.arange(cols)
+    order = torch.argsort(H.diagonal(), descending=True) if act_order else torch.arange(cols, device=W.device)
     W, H = W[:, order], H[order][:, order]
     H.diagonal().add_(damp * H.diagonal().mean())
     try:
@@ -57,13 +57,14 @@ def gptq(w: torch.Tensor, hessian: torch.Tensor, bits: int, group: int | None, s
         raise ValidationError("calibration.hessian", f"({cols}, {cols})", f"a matrix positive definite once damped by "
                               f"damp={damp} x its mean diagonal (raise damp, or calibrate on more tokens)") from None
     top = 2**bits - 1
-    codes = torch.empty(rows, cols, dtype=torch.uint8)
+    codes = torch.empty(rows, cols, dtype=torch.uint8, device=W.device)
     n_groups = -(-cols // group)
-    scales, zeros = torch.empty(rows, n_groups, dtype=dtype), torch.empty(rows, n_groups, dtype=dtype)
+    scales = torch.empty(rows, n_groups, dtype=dtype, device=W.device)
+    zeros = torch.empty_like(scales)
     scale = zero = None
     for i1 in range(0, cols, block):
         i2 = min(i1 + block, cols)
-        W1, err = W[:, i1:i2].clone(), torch.zeros(rows, i2 - i1, dtype=dtype)
+        W1, err = W[:, i1:i2].clone(), torch.zeros(rows, i2 - i1, dtype=dtype, device=W.device)
         for i in range(i2 - i1):
             j = i1 + i
             if j % group == 0:  # the group's weights as they stand now: this block's updates, and beyond it
@@ -81,7 +82,7 @@ def gptq(w: torch.Tensor, hessian: torch.Tensor, bits: int, group: int | None, s
             err[:, i] = e
         W[:, i2:] -= err @ U[i1:i2, i2:]
     back = torch.empty_like(order)
-    back[order] = torch.arange(cols)
+    back[order] = torch.arange(cols, device=W.device)
     return codes[:, back], scales, zeros, (back // group), order
 
 

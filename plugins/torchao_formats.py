@@ -41,7 +41,7 @@ CHUNK = 1 << 20  # values searched for their nearest level at once (16 distances
 
 def nearest_level(scaled: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
     """Index of the nearest level for each value (the first on a tie), in chunks."""
-    out = torch.empty(scaled.numel(), dtype=torch.uint8)
+    out = torch.empty(scaled.numel(), dtype=torch.uint8, device=scaled.device)
     for start in range(0, scaled.numel(), CHUNK):
         part = scaled[start:start + CHUNK].unsqueeze(-1)
         out[start:start + CHUNK] = (part - levels).abs().min(dim=-1).indices.to(torch.uint8)
@@ -68,7 +68,7 @@ class AONF4(Quantizer):
         blocks = fill(w.reshape(1, -1), self.block_size).reshape(-1, self.block_size)
         absmax = blocks.abs().amax(dim=1)
         safe = torch.where(absmax == 0, torch.ones_like(absmax), absmax)
-        codes = nearest_level((blocks / safe[:, None]).reshape(-1), torch.tensor(NF4_LEVELS, dtype=dtype))
+        codes = nearest_level((blocks / safe[:, None]).reshape(-1), torch.tensor(NF4_LEVELS, dtype=dtype, device=w.device))
         mean = absmax.mean()
         runs = fill((absmax - mean).reshape(1, -1), self.scaler_block_size).reshape(-1, self.scaler_block_size)
         run_max = runs.abs().amax(dim=1, keepdim=True)
