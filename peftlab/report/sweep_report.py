@@ -8,6 +8,7 @@ cell), ``summary.csv``/``.parquet`` (seeds aggregated), PNG plots and ``report.m
 from __future__ import annotations
 
 import importlib.util
+import re
 from collections import Counter
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -188,8 +189,15 @@ def environment(df: pd.DataFrame) -> str:
 
     versions = {c.removeprefix("version."): df[c].dropna().unique().tolist() for c in df.columns if c.startswith("version.")}
     devices = df["device"].dropna().unique().tolist()
-    return (f"- device: {', '.join(devices) or 'n/a'}\n"
-            f"- versions: " + ", ".join(f"{k} {'/'.join(map(str, v))}" for k, v in versions.items() if v) + "\n"
+    machines = df["machine.id"].dropna().nunique() if "machine.id" in df else 0
+    mixed = ""
+    kinds = {re.sub(r", \d+ threads\)$", ")", d) for d in devices}  # --jobs gives cells a share of the threads
+    if len(kinds) > 1 or machines > 1:  # resumed elsewhere (--reuse-foreign): speeds are not one machine's
+        mixed = (f"- **made on {max(machines, len(kinds))} machines**: quality and counts compare across them, "
+                 "but a method's speed and memory columns average whichever machines its cells ran on; "
+                 "`cells.csv` has each cell's `device` and `machine.id`\n")
+    return (f"- device: {', '.join(devices) or 'n/a'}\n" + mixed +
+            "- versions: " + ", ".join(f"{k} {'/'.join(map(str, v))}" for k, v in versions.items() if v) + "\n"
             f"- peftlab commit (rendering): {git_commit()}\n"
             f"- rendered: {datetime.now(UTC).strftime('%Y-%m-%d %H:%M UTC')}")
 
