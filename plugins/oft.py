@@ -179,7 +179,9 @@ class OFT(Adapter):
         for key, plain in {"bias": "none", "modules_to_save": None, "layers_to_transform": None,
                            "module_dropout": 0.0}.items():
             if config.get(key) not in (plain, None, []):
-                raise ValidationError(f"adapter_config.{key}", config[key], f"{plain!r}: peftlab's OFT does not have it")
+                why = " (peft 0.21 builds its block dropout but never applies it)" if key == "module_dropout" else ""
+                raise ValidationError(f"adapter_config.{key}", config[key],
+                                      f"{plain!r}: peftlab's OFT does not have it{why}")
         targets = peft_target_names(model, config.get("target_modules"))
         block = int(config.get("oft_block_size") or 0)
         if not block:  # saved by r (blocks per layer): the block size it implies must be one for all
