@@ -124,10 +124,13 @@ class GPTQ(Quantizer):
         rows = m["rows"]
         cols = q.numel // rows
         codes = blockwise.unpack_bits(t["codes"], m["bits"], q.numel).reshape(rows, cols).float()
-        group = t["group"].long() if "group" in t else torch.arange(cols, device=codes.device) // m["group_size"]
-        scale = t["scale"].reshape(rows, m["groups"])[:, group]
-        zero = t["zero"].reshape(rows, m["groups"]).float()[:, group]
-        return (scale * (codes - zero)).reshape(q.shape).to(dtype)
+        scale, zero = t["scale"].reshape(rows, m["groups"]), t["zero"].reshape(rows, m["groups"]).float()
+        size = m["group_size"]
+        if "group" not in t and cols == m["groups"] * size:  # groups are runs of columns: broadcast, no gather
+            out = scale[..., None] * (codes.reshape(rows, -1, size) - zero[..., None])
+            return out.reshape(q.shape).to(dtype)
+        group = t["group"].long() if "group" in t else torch.arange(cols, device=codes.device) // size
+        return (scale[:, group] * (codes - zero[:, group])).reshape(q.shape).to(dtype)
 
     def nominal_bits(self) -> float:
         return self.bits + (40 / self.group_size if self.group_size else 0)  # an fp32 scale and a uint8 zero

@@ -121,3 +121,14 @@ def test_act_order_keeps_each_columns_group(seed):
     assert torch.equal(packed.tensors["group"].long(), groups)
     assert torch.equal(groups[order], torch.arange(96) // 32)  # groups run in the order columns were quantized
     assert float((q.dequantize(packed) - w.float()).norm() / w.norm()) < 0.2
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+@pytest.mark.parametrize("cols", [96, 100])  # whole groups (broadcast), and a short last group (gathered)
+def test_the_packed_weight_dequantizes_to_its_codes_on_their_groups_grid(act_order, cols, seed):
+    w, h = problem(seed, cols=cols)
+    q = HOST.quantizers.build("gptq", bits=3, group_size=32, act_order=act_order)
+    packed = q.calibrated(Calibration(h.float(), 300)).quantize(w.float())
+    codes, scales, zeros, groups, _ = gptq_module.gptq(w.float(), h.float(), 3, 32, False, 0.01, 128, act_order)
+    want = scales[:, groups] * (codes.float() - zeros[:, groups])
+    assert torch.equal(q.dequantize(packed), want)
