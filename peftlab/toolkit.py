@@ -20,7 +20,7 @@ Starts computed from the weights (:meth:`~peftlab.Adapter.start`):
     :class:`Started` (what a start returns), :func:`pissa`, :func:`olora`, :func:`loftq`,
     :func:`low_rank`, :func:`left_error`
 Saving in peft's format (adapters that peft also has):
-    :func:`peft_target_names`, :func:`peft_fan_in_fan_out`
+    :func:`peft_target_names`, :func:`peft_fan_in_fan_out`, :func:`refuse_peft_fields`
 Quantizers:
     :class:`Calibration` (what a calibrated quantizer sees of a layer's inputs, see
     :meth:`~peftlab.Quantizer.calibration_batches`), :func:`check_weight`, :func:`check_block_size`, and :mod:`blockwise` (format-neutral blockwise
@@ -43,6 +43,7 @@ from peftlab.plugin.adapter import (
     peft_fan_in_fan_out,
     peft_target_names,
     quantized_layers,
+    refuse_peft_fields,
     replace_module,
     transformer_blocks,
     unwrap_layers,
@@ -67,5 +68,5 @@ __all__ = [
     "cache_argument", "check_block_size", "check_weight", "describe_schema", "insert_after", "install_kv_prefix",
     "is_conv1d", "is_linear_like", "left_error", "linear_dims", "linear_targets", "loftq", "logical_parameter_count",
     "low_rank", "match_modules", "norm_layers", "olora", "peft_fan_in_fan_out", "pissa", "peft_target_names", "ptb_backend", "ptb_tokenize", "quantized_layers",
-    "replace_module", "returned_cache", "transformer_blocks", "unwrap_layers",
+    "refuse_peft_fields", "replace_module", "returned_cache", "transformer_blocks", "unwrap_layers",
 ]

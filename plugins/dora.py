@@ -30,6 +30,7 @@ from peftlab.toolkit import (
     linear_targets,
     peft_fan_in_fan_out,
     peft_target_names,
+    refuse_peft_fields,
     replace_module,
 )
 
@@ -138,9 +139,8 @@ class DoRA(Adapter):
     def settings_from_peft(cls, config: dict[str, Any], model: nn.Module) -> dict[str, Any]:
         if not config.get("use_dora"):
             raise ValidationError("adapter_config.use_dora", config.get("use_dora"), "true for DoRA")
-        for key, plain in {"use_rslora": False, "bias": "none", "modules_to_save": None}.items():
-            if config.get(key) not in (plain, None, False, []):
-                raise ValidationError(f"adapter_config.{key}", config[key], f"{plain!r}: peftlab's DoRA does not have it")
+        refuse_peft_fields(config, {"use_rslora": False, "bias": "none", "modules_to_save": None}, "DoRA",
+                           absent=(None, False, []))
         return {"r": int(config["r"]), "alpha": float(config.get("lora_alpha", 8)),
                 "dropout": float(config.get("lora_dropout") or 0.0),
                 "target_modules": peft_target_names(model, config.get("target_modules"))}

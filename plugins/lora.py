@@ -41,6 +41,7 @@ from peftlab.toolkit import (
     peft_fan_in_fan_out,
     peft_target_names,
     pissa,
+    refuse_peft_fields,
     replace_module,
 )
 
@@ -242,9 +243,7 @@ class Lora(Adapter):
     def settings_from_peft(cls, config: dict[str, Any], model: nn.Module) -> dict[str, Any]:
         unsupported = {"use_dora": False, "bias": "none", "modules_to_save": None,
                        "rank_pattern": {}, "alpha_pattern": {}, "layers_to_transform": None}
-        for key, plain in unsupported.items():
-            if config.get(key) not in (plain, None, [], {}, False) and config.get(key) != plain:
-                raise ValidationError(f"adapter_config.{key}", config[key], f"{plain!r}: peftlab's LoRA does not have it")
+        refuse_peft_fields(config, unsupported, "LoRA", absent=(None, [], {}, False))
         return {"r": int(config["r"]), "alpha": config.get("lora_alpha", 8),
                 "dropout": float(config.get("lora_dropout") or 0.0), "rslora": bool(config.get("use_rslora")),
                 "target_modules": peft_target_names(model, config.get("target_modules"))}

@@ -29,6 +29,7 @@ from peftlab.toolkit import (
     linear_dims,
     linear_targets,
     peft_target_names,
+    refuse_peft_fields,
     replace_module,
 )
 
@@ -176,12 +177,9 @@ class OFT(Adapter):
 
     @classmethod
     def settings_from_peft(cls, config: dict[str, Any], model: nn.Module) -> dict[str, Any]:
-        for key, plain in {"bias": "none", "modules_to_save": None, "layers_to_transform": None,
-                           "module_dropout": 0.0}.items():
-            if config.get(key) not in (plain, None, []):
-                why = " (peft 0.21 builds its block dropout but never applies it)" if key == "module_dropout" else ""
-                raise ValidationError(f"adapter_config.{key}", config[key],
-                                      f"{plain!r}: peftlab's OFT does not have it{why}")
+        refuse_peft_fields(config, {"bias": "none", "modules_to_save": None, "layers_to_transform": None,
+                                    "module_dropout": 0.0}, "OFT",
+                           why={"module_dropout": " (peft 0.21 builds its block dropout but never applies it)"})
         targets = peft_target_names(model, config.get("target_modules"))
         block = int(config.get("oft_block_size") or 0)
         if not block:  # saved by r (blocks per layer): the block size it implies must be one for all

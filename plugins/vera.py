@@ -29,6 +29,7 @@ from peftlab.toolkit import (
     linear_targets,
     peft_fan_in_fan_out,
     peft_target_names,
+    refuse_peft_fields,
     replace_module,
 )
 
@@ -149,9 +150,7 @@ class Vera(Adapter):
 
     @classmethod
     def settings_from_peft(cls, config: dict[str, Any], model: nn.Module) -> dict[str, Any]:
-        for key, plain in {"bias": "none", "modules_to_save": None, "layers_to_transform": None}.items():
-            if config.get(key) not in (plain, None, []):
-                raise ValidationError(f"adapter_config.{key}", config[key], f"{plain!r}: peftlab's VeRA does not have it")
+        refuse_peft_fields(config, {"bias": "none", "modules_to_save": None, "layers_to_transform": None}, "VeRA")
         return {"r": int(config["r"]), "target_modules": peft_target_names(model, config.get("target_modules")),
                 "d_initial": float(config.get("d_initial", 0.1)), "dropout": float(config.get("vera_dropout") or 0.0),
                 "projection_seed": int(config.get("projection_prng_key") or 0)}

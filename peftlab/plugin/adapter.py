@@ -339,6 +339,17 @@ def peft_target_names(model: nn.Module, value: list[str] | str | None) -> list[s
     return list(value or [])
 
 
+def refuse_peft_fields(config: dict[str, Any], plain: dict[str, Any], method: str,
+                       absent: tuple[Any, ...] = (None, []), why: dict[str, str] | None = None) -> None:
+    """Refuse a peft ``adapter_config.json`` that sets a field ``method`` cannot represent: each key
+    of ``plain`` must hold its plain value there, or one of ``absent`` (how peft writes "unset");
+    anything else is a :class:`ValidationError` naming the field, with ``why[key]`` appended."""
+    for key, value in plain.items():
+        if config.get(key) not in (value, *absent):
+            raise ValidationError(f"adapter_config.{key}", config[key],
+                                  f"{value!r}: peftlab's {method} does not have it{(why or {}).get(key, '')}")
+
+
 #: the attention projections by ``config.model_type``: the default targets of the LoRA family (the
 #: LoRA paper's GPT-2 and GPT-3 runs adapt the query and value projections; GPT-2 and GPT-NeoX fuse
 #: q, k and v into one layer)
