@@ -119,6 +119,17 @@ def test_initial_weights_equal_peft(method):
         torch.testing.assert_close(ours.peftlab_vera.vera_B, ref.base_model.vera_B["default"], rtol=0, atol=0)
 
 
+def same_random_weights(model, mirror: dict, seed: int) -> None:
+    """Fresh random values (N(0, 0.3²)) for every trainable parameter of ``model``, copied into the
+    parameter of the same name in ``mirror``."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if p.requires_grad:
+                p.copy_(0.3 * torch.randn(p.shape, generator=gen))
+                mirror[n].copy_(p)
+
+
 OFT_VARIANTS = [({"cayley_neumann": False}, {"use_cayley_neumann": False}),
                 ({"neumann_terms": 3}, {"num_cayley_neumann_terms": 3}),
                 ({"block_share": True}, {"block_share": True}),
@@ -136,14 +147,9 @@ def test_oft_variants_equal_peft(ours_extra, peft_extra):
     ref = peft.get_peft_model(copy.deepcopy(base), peft.OFTConfig(
         task_type="CAUSAL_LM", r=0, oft_block_size=8, target_modules=["q_proj", "v_proj"], **peft_extra))
     assert (report.trainable, report.total) == ref.get_nb_trainable_parameters()
-    gen = torch.Generator().manual_seed(seed)
     theirs = {n.replace(".default", "").removeprefix("base_model.model."): p for n, p in ref.named_parameters()
               if p.requires_grad}
-    with torch.no_grad():
-        for n, p in ours.named_parameters():
-            if p.requires_grad:
-                p.copy_(0.3 * torch.randn(p.shape, generator=gen))
-                theirs[n].copy_(p)
+    same_random_weights(ours, theirs, seed)
     ids, mask = batch(torch.Generator().manual_seed(seed))
     with torch.no_grad():
         a = ours.eval()(input_ids=ids, attention_mask=mask).logits
@@ -188,13 +194,7 @@ def test_oft_over_conv1d_equals_oft_over_linear(tmp_path):
     adapter = HOST.adapters.build("oft", block_size=16)
     report = attach(conv, adapter)
     attach(lin, HOST.adapters.build("oft", block_size=16))
-    gen = torch.Generator().manual_seed(seed)
-    own = dict(lin.named_parameters())
-    with torch.no_grad():
-        for n, p in conv.named_parameters():
-            if p.requires_grad:
-                p.copy_(0.3 * torch.randn(p.shape, generator=gen))
-                own[n].copy_(p)
+    same_random_weights(conv, dict(lin.named_parameters()), seed)
     ids, mask = batch(torch.Generator().manual_seed(seed))
     keep = mask.bool()
     with torch.no_grad():
