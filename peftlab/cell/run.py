@@ -223,6 +223,7 @@ def run_cell(cfg: CellConfig, host: PluginHost, *, progress: bool = True,
             qrep = loaded.quantized or quantize_(model, quantizer, compute_dtype=compute, start=starter(
                 adapter, quantizer, adapter.start_targets(model), starts) if fresh else None,
                 calibration=calibration.layers if calibration else None)
+            calibration = None  # every layer's input Hessian (0.5 GB for SmolLM2): not kept through training
             rec.update(sections.quantize(qrep, while_loading=loaded.quantized is not None))
         elif fresh:
             start_float(model, adapter)
