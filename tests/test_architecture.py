@@ -102,6 +102,7 @@ def test_no_import_cycle_among_engine_modules():
 STAGES = [
     ("peftlab.plugin", "peftlab.toolkit"),
     ("peftlab.registry", "peftlab.cachedir", "peftlab.probe", "peftlab.host", "peftlab.defaults", "peftlab.atomic", "peftlab.readback",
+     "peftlab.intervals",
      "peftlab.hub", "peftlab.gitinfo",
      "peftlab.provenance", "peftlab.architectures", "peftlab.record"),
     ("peftlab.quantize", "peftlab.adapt", "peftlab.data", "peftlab.kernels", "peftlab.cache"),

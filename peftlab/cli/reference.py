@@ -162,7 +162,10 @@ def experiment_md() -> str:
             "(see [sweeps](../guide/sweeps.md#tuning));\n"
             "- `[budget]`: `trainable_params = N` sizes every adapter to the count nearest N, or "
             "`peak_memory = \"24 GB\"` to the largest size whose estimated training peak fits "
-            "(see [sweeps](../guide/sweeps.md#equal-budgets)).\n\n"
+            "(see [sweeps](../guide/sweeps.md#equal-budgets));\n"
+            "- `[seeds]`: `until` (a metric column), `half_width` and `max`: a row whose 95% interval of `until` is "
+            "wider than ±`half_width` gets another seed, up to `max` seeds (see "
+            "[sweeps](../guide/sweeps.md#seeds-until-the-interval-is-narrow)).\n\n"
             "| key | type | default | meaning |\n| --- | --- | --- | --- |\n" + "\n".join(rows + ex_rows + tune_rows) + "\n")
 
 

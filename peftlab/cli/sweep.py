@@ -63,6 +63,12 @@ def run_sweep(args: argparse.Namespace) -> int:
                   + ("  [its id changes with the tuned values]" if c.cell_id in tuned else ""))
         print(f"{len(cells)} cells" + (f", {len(tuned)} of them at settings tuning chooses" if tuned else ""),
               file=sys.stderr)
+        if exp.seeds is not None:
+            from peftlab.sweep.seeds import extra_cells, rows
+
+            print(f"and up to {len(extra_cells(rows(exp.seeds, cells)))} more: a row whose 95% interval of "
+                  f"{exp.seeds.until} is wider than +-{exp.seeds.half_width:g} gets another seed, up to "
+                  f"{exp.seeds.max} a row", file=sys.stderr)
         return 0
     out = Path(args.out or Path("results") / exp.name)
     command = " ".join(["peftlab", *args.argv])

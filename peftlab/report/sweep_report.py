@@ -251,6 +251,7 @@ def _render(store: ResultsStore, manifest: dict[str, Any]) -> Path:
         "a quantized one's embeddings and norms stay float); peak memory is " + peak_sentence(df["mem.peak_kind"].dropna())
         + "." + forgetting_sentence(df) + start_sentence(df) + "\n",
         summary_markdown(summary, df) + "\n",
+        *([seeds_paragraph(manifest["seeds"], summary)] if manifest.get("seeds") else []),
     ]
     if len(not_ok):
         parts.append("### Skipped and failed cells\n")
@@ -284,6 +285,28 @@ def _render(store: ResultsStore, manifest: dict[str, Any]) -> Path:
     if not drawing:
         parts.append("No plots: matplotlib is not installed where this report was rendered.\n")
     return write_text_atomic(store.artifact("report.md"), "\n".join(parts))
+
+
+def seeds_paragraph(rule: dict[str, Any], summary: pd.DataFrame) -> str:
+    """What the experiment's ``[seeds]`` rule did: the seeds each row got, and the rows still wider
+    than it asks."""
+    until, target, most = rule["until"], float(rule["half_width"]), int(rule["max"])
+    ok = summary[summary["status"] == "ok"]
+    counts = sorted(int(n) for n in ok["seeds"])
+    text = (f"Seeds: each row ran the grid's seeds, then one more at a time while the 95% interval of "
+            f"`{until}` was wider than ±{target:g}, up to {most} seeds a row")
+    if not len(ok):
+        return text + ".\n"
+    text += f"; rows ended with {counts[0]}" + (f" to {counts[-1]}" if counts[-1] != counts[0] else "") + " seeds"
+    col = f"{until}.ci95"
+    if col not in ok:
+        return text + f" (no row has `{until}`).\n"
+    wide = ok[~(ok[col] <= target)]
+    if not len(wide):
+        return text + f", every interval within ±{target:g}.\n"
+    return (text + ". Wider than asked: " + "; ".join(
+        f"{r['group']} ±{r[col]:.2f} over {int(r['seeds'])} finished seed(s)" for _, r in wide.iterrows())
+        + f" (a row stops at {most} seeds run, failed ones included; a sweep stopped early has not added them all).\n")
 
 
 def forgetting_sentence(df: pd.DataFrame) -> str:

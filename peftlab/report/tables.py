@@ -13,6 +13,7 @@ from typing import Any
 
 import pandas as pd
 
+from peftlab.intervals import t95
 from peftlab.record import pandas_dtype
 
 #: the fixed columns, in table order; their dtypes come from the record's declaration
@@ -27,10 +28,6 @@ PREFIX_DTYPES = [("metric.settings", "string"), ("metric.", "float64"), ("before
                  ("mem.", "float64"), ("version.", "string"), ("sample.", "string"), ("quant.", "Int64")]
 #: columns that say what a cell was (everything else is what it measured)
 KEYS = ("group", "model", "adapter", "quantizer", "data", "adapter.size_setting", "adapter.size")
-#: two-sided 95% Student t quantiles by degrees of freedom (1..30); larger samples use 1.96
-T95 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
-       2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048,
-       2.045, 2.042]
 
 
 def dtype_for(column: str, values: pd.Series) -> str:
@@ -61,10 +58,6 @@ def to_frame(records: list[dict[str, Any]]) -> pd.DataFrame:
             values = values.map(lambda v: None if v is None or (isinstance(v, float) and math.isnan(v)) else str(v))
         out[col] = values.astype(dtype) if len(values) else pd.Series(dtype=dtype)
     return out.sort_values(["group", "train.seed"], kind="stable", na_position="last").reset_index(drop=True)
-
-
-def t95(n: int) -> float:
-    return T95[n - 2] if 2 <= n <= 31 else (1.96 if n > 31 else float("nan"))
 
 
 def aggregate(df: pd.DataFrame) -> pd.DataFrame:

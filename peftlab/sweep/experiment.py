@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING, Any
 from peftlab.cell.config import CellConfig
 from peftlab.plugin.errors import ValidationError
 from peftlab.sweep.budget import Budget, parse_budget, sizer
+from peftlab.sweep.seed_rule import SeedRule, check_until, parse_seeds
 from peftlab.sweep.store import check_name
 from peftlab.sweep.tune_config import TuneConfig, parse_tune
 
@@ -85,6 +86,7 @@ class Experiment:
     executor: dict[str, Any] = field(default_factory=dict)  # the [executor] table (peftlab.sweep.executors)
     tune: TuneConfig | None = None  # the [tune] table: settings chosen per method before the grid runs
     budget: Budget | None = None  # the [budget] table: every adapter sized to one trainable count or peak memory
+    seeds: SeedRule | None = None  # the [seeds] table: seeds added to a row until its interval is narrow
 
     def cells(self, host: PluginHost) -> list[PlannedCell]:
         """Expand and validate every cell (cheap: no model is loaded)."""
@@ -126,6 +128,8 @@ class Experiment:
             raise ValidationError("grid", self.grids, "at least one cell (every axis needs at least one value)")
         self._check_best_by(planned.values())
         cells = list(planned.values())
+        if self.seeds is not None:
+            check_until(self.seeds, cells)
         if self.budget is not None:
             cells = list({c.cell_id: c for c in self._budgeted(cells, host)}.values())
         return cells
@@ -302,10 +306,10 @@ def load_experiment(path: str | Path, overrides: list[str] | tuple[str, ...] = (
         raise ValidationError("experiment", str(path), f"a TOML file of UTF-8 text ({exc.problem})") from None
     except tomllib.TOMLDecodeError as exc:
         raise ValidationError("experiment", str(path), f"valid TOML ({exc})") from None
-    unknown = sorted(set(raw) - {"experiment", "base", "grid", "executor", "tune", "budget"})
+    unknown = sorted(set(raw) - {"experiment", "base", "grid", "executor", "tune", "budget", "seeds"})
     if unknown:
         raise ValidationError(f"{path.name}: {unknown[0]}", raw[unknown[0]],
-                              "top-level tables experiment, base, grid, tune, budget and executor")
+                              "top-level tables experiment, base, grid, tune, budget, seeds and executor")
     for table in ("experiment", "base", "executor"):
         if not isinstance(raw.get(table, {}), dict):
             raise ValidationError(f"{path.name}: {table}", raw[table], f"a table ([{table}] with keys under it)")
@@ -321,7 +325,7 @@ def load_experiment(path: str | Path, overrides: list[str] | tuple[str, ...] = (
                      title=meta.get("title", ""), overrides=list(overrides),
                      save_adapters=meta.get("save_adapters", "none"), best_by=meta.get("best_by", "metric.bleu-e2e"),
                      executor=dict(raw.get("executor", {})), tune=parse_tune(raw.get("tune")),
-                     budget=parse_budget(raw.get("budget")))
+                     budget=parse_budget(raw.get("budget")), seeds=parse_seeds(raw.get("seeds")))
     for text in overrides:
         key, value = parse_override(text)
         if key == "name":

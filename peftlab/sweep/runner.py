@@ -24,6 +24,9 @@ from peftlab.sweep.executors.base import Executor, cell_identity, own_record
 from peftlab.sweep.executors.local import LocalProcessExecutor
 from peftlab.sweep.experiment import Experiment, PlannedCell
 from peftlab.sweep.resume import DONE, here, same_place
+from peftlab.sweep.seed_rule import SeedRule
+from peftlab.sweep.seeds import Row, extra_cells, next_cells, shortfall
+from peftlab.sweep.seeds import rows as seed_rows
 from peftlab.sweep.store import CellFiles, ResultsStore
 
 
@@ -48,29 +51,34 @@ def sweep(exp: Experiment, out: Path, *, host: PluginHost, executor: Executor | 
     store = ResultsStore(out)
     with store.locked():
         store.open(exp.name, exp.path, command, versions()["peftlab"],
-                   extra={"budget": exp.budget.to_dict()} if exp.budget else None)
+                   extra={**({"budget": exp.budget.to_dict()} if exp.budget else {}),
+                          **({"seeds": exp.seeds.to_dict()} if exp.seeds else {})})
         place = here(exp)
         if exp.tune is not None:
             cells = tuned_cells(exp, cells, store, host, executor, place, reuse_foreign, log, progress)
+        rows = seed_rows(exp.seeds, cells) if exp.seeds else []
         scan = store.scan()
         todo, done, foreign = [], 0, 0
         for c in cells:
             prior = scan.records.get(c.cell_id)
-            finished = prior is not None and prior["status"] in DONE and not force
-            if finished and (reuse_foreign or prior["status"] == "skipped" or same_place(prior, place)):
+            if counts(prior, place, reuse_foreign=reuse_foreign, force=force):
                 done += 1
             elif c.skip_reason:
                 _finish(host, store, own_record(c, "skipped", c.skip_reason), settings=c.settings, experiment=exp.name)
                 done += 1
             else:
-                foreign += finished
+                foreign += prior is not None and prior["status"] in DONE and not force
                 todo.append(c)
         log(header(exp, host, len(cells), done, len(todo)))
-        planned_files = {store.record_path(c.cell_id) for c in cells}
+        extra = extra_cells(rows)
+        if extra:
+            log(f"  up to {len(extra)} more cell(s): a row whose 95% interval of {exp.seeds.until} is wider than "
+                f"+-{exp.seeds.half_width:g} gets another seed, up to {exp.seeds.max} seeds a row")
+        planned_files = {store.record_path(c.cell_id) for c in [*cells, *extra]}
         for path, why in scan.damaged.items():
             log(f"  damaged record {path} ({why}): " + ("its cell runs again" if path in planned_files
                                                         else "not a cell of this experiment; left as it is"))
-        planned_ids = {c.cell_id for c in cells}
+        planned_ids = {c.cell_id for c in [*cells, *extra]}
         unplanned = sorted(cid for cid in scan.records if cid not in planned_ids)
         if unplanned:  # never averaged with this plan's cells of the same label; nothing deleted
             aside = [store.set_aside(cid) for cid in unplanned][0]
@@ -80,7 +88,7 @@ def sweep(exp: Experiment, out: Path, *, host: PluginHost, executor: Executor | 
         if foreign:
             log(f"  {foreign} finished cell(s) were made on another host, device or versions (committed "
                 "results, for one); running them here. --reuse-foreign keeps them instead.")
-        bar = tqdm(total=len(todo), desc=f"sweep {exp.name}", unit="cell", disable=not progress or not todo,
+        bar = tqdm(total=len(todo), desc=f"sweep {exp.name}", unit="cell", disable=not progress or not (todo or rows),
                    dynamic_ncols=True, position=0)
         settings = host.settings.to_dict()
 
@@ -99,12 +107,49 @@ def sweep(exp: Experiment, out: Path, *, host: PluginHost, executor: Executor | 
 
         try:
             executor.run_all(todo, files, on_record)
+            if rows:
+                added = more_seeds(exp.seeds, rows, store, executor, files, on_record, bar, log, tried={c.cell_id for c in todo},
+                                   counted=lambda rec: counts(rec, place, reuse_foreign=reuse_foreign, force=force))
+                cells = [*cells, *added]
         finally:
             bar.close()
         records = store.scan().records
         if exp.save_adapters == "best":
             keep_best_adapter(store, records, exp.best_by, log)
         return [records[c.cell_id] for c in cells if c.cell_id in records]
+
+
+def counts(prior: dict[str, Any] | None, place: dict[str, str], *, reuse_foreign: bool, force: bool) -> bool:
+    """Whether a cell's existing record stands for it (the cell does not run again)."""
+    finished = prior is not None and prior["status"] in DONE and not force
+    return finished and (reuse_foreign or prior["status"] == "skipped" or same_place(prior, place))
+
+
+def more_seeds(rule: SeedRule, rows: list[Row], store: ResultsStore, executor: Executor, files, on_record, bar,
+               log: Callable[[str], None], *, tried: set[str], counted: Callable[[dict[str, Any]], bool]) -> list[PlannedCell]:
+    """The ``[seeds]`` rule after the grid: every wide row's next seed, round by round, until no row
+    is wide or has seeds left (:mod:`peftlab.sweep.seeds`). Returns every extra-seed cell with a
+    record that counts or that ran here (the rows' cells beyond the grid's that the report shows)."""
+    ran: list[PlannedCell] = []
+    while True:
+        records = store.scan().records
+        batch = next_cells(rule, rows, records, counted, tried)
+        if not batch:
+            break
+        log(f"  another seed for {len(batch)} row(s) whose interval of {rule.until} is wider than "
+            f"+-{rule.half_width:g}: " + "; ".join(c.label for c in batch))
+        tried.update(c.cell_id for c in batch)
+        ran += batch
+        bar.total += len(batch)
+        bar.refresh()
+        executor.run_all(batch, files, on_record)
+    records = store.scan().records
+    left = shortfall(rule, rows, records, counted)
+    if left:
+        log(f"  {len(left)} row(s) had all {rule.max} seeds and are still wider than +-{rule.half_width:g}: "
+            + "; ".join(left))
+    extra = extra_cells(rows)
+    return [c for c in extra if c.cell_id in tried or (c.cell_id in records and counted(records[c.cell_id]))]
 
 
 def tuned_cells(exp: Experiment, cells: list[PlannedCell], store: ResultsStore, host: PluginHost, executor: Executor,
