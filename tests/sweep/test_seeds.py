@@ -3,6 +3,7 @@ the experiment's [seeds] rule allows gets another seed, one at a time, until it 
 has had its most; a quiet row gets none; a resumed sweep keeps the extra seeds' records and runs
 nothing again; a failed seed counts against the most; a bad [seeds] table is refused by name."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -163,3 +164,31 @@ def test_a_row_of_one_seed_has_no_interval_yet_and_gets_a_second(tmp_path):
     sweep(load_experiment(write(tmp_path, EXPERIMENT.replace('"train.seed" = [0, 1]', '"train.seed" = [0]'))),
           tmp_path / "out", host=HOST, executor=ex, progress=False)
     assert sorted(ex.ran) == sorted([(r, s) for r in SCORES for s in SCORES[r]])
+
+
+class ScriptedWithTrials(Scripted):
+    """Scripted, and a tuning trial's record says its validation loss: |log10(lr) + 2|."""
+
+    def run(self, cell, files):
+        import json
+        import math
+
+        if not any(k.startswith("trial.") for k in cell.axes):
+            return super().run(cell, files)
+        lr = cell.settings["train"]["lr"]
+        return {**own_record(cell, "ok", ""), **here(), "loss.eval": abs(math.log10(lr) + 2),
+                "tune.params": json.dumps({"train.lr": lr})}
+
+
+def test_with_tuning_the_extra_seeds_run_at_the_tuned_settings(tmp_path):
+    text = EXPERIMENT.replace("[[grid]]", '[tune]\ntrials = 3\npruner = "none"\neval_limit = 2\n[tune.space]\n'
+                              '"train.lr" = { low = 1e-4, high = 1e-1, log = true }\n\n[[grid]]')
+    ex = ScriptedWithTrials()
+    records = sweep(load_experiment(write(tmp_path, text)), tmp_path / "out", host=HOST, executor=ex, progress=False)
+    assert len(records) == 11  # the grid's 6 and the rule's 5, as without tuning
+    by_row: dict[int, set] = {}
+    for rec in records:
+        by_row.setdefault(json.loads(rec["axes"])["adapter"]["r"], set()).add(rec["train.lr"])
+    assert all(len(lrs) == 1 for lrs in by_row.values()), by_row  # every seed of a row at its one tuned rate
+    trials = json.loads((tmp_path / "out" / "tuning" / "summary.json").read_text())["groups"]
+    assert {g["chosen"]["train.lr"] for g in trials} == {lr for lrs in by_row.values() for lr in lrs}
