@@ -272,7 +272,7 @@ def _render(store: ResultsStore, manifest: dict[str, Any]) -> Path:
     front, _ = pareto.section(summary, quality, store.artifact, drawing)
     if front:
         parts.append(front)
-    tuned, _ = tuning.section(folder, store.artifact, drawing)
+    tuned, _ = tuning.section(folder, store.artifact, drawing, manifest)
     if tuned:
         parts.append(tuned)
     outputs = side_by_side(store, records)

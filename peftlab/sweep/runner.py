@@ -52,7 +52,8 @@ def sweep(exp: Experiment, out: Path, *, host: PluginHost, executor: Executor | 
     with store.locked():
         store.open(exp.name, exp.path, command, versions()["peftlab"],
                    extra={**({"budget": exp.budget.to_dict()} if exp.budget else {}),
-                          **({"seeds": exp.seeds.to_dict()} if exp.seeds else {})})
+                          **({"seeds": exp.seeds.to_dict()} if exp.seeds else {}),
+                          **({"tune": exp.tune.to_dict()} if exp.tune else {})})
         place = here(exp)
         if exp.tune is not None:
             cells = tuned_cells(exp, cells, store, host, executor, place, reuse_foreign, log, progress)

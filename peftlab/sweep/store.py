@@ -182,7 +182,7 @@ class ResultsStore:
         results schema is refused untouched; schema 1 (inputs beside the records) is upgraded."""
         manifest = self.check_schema(upgrade=True)
         manifest.update(schema=SCHEMA, experiment=experiment, file=file, peftlab=peftlab_version)
-        for key in ("budget", "seeds"):  # what the experiment asks now, not what it once asked
+        for key in ("budget", "seeds", "tune"):  # what the experiment asks now, not what it once asked
             manifest.pop(key, None)
         manifest.update(extra or {})
         if command:

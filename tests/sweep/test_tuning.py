@@ -100,6 +100,14 @@ def test_a_killed_tuning_resumes_without_rerunning_finished_trials(tmp_path, cap
         sweep(exp, out, host=HOST, executor=killed, progress=False, log=lambda s: None)
     first = trial_records(out)
     assert list(first) == killed.ran and len(first) == 1
+    from peftlab.report import tuning
+    from peftlab.report.sweep_report import render
+
+    manifest = json.loads((out / "manifest.json").read_text())
+    text, _ = tuning.section(out, lambda name: out / name, False, manifest)  # unfinished: the trials so far,
+    lr0 = json.loads(first[killed.ran[0]]["tune.params"])["train.lr"]  # the best of them not yet chosen
+    assert "**Unfinished**" in text and "1 trials so far" in text
+    assert f"| lora(r=2) | train.lr in [0.0001, 0.1] (log) | 1 | 1 | 0 | 0 | 0 | lr={lr0:.4g} |" in text
 
     again = WorkerInProcess()
     records = sweep(exp, out, host=HOST, executor=again, progress=False, log=lambda s: None)
@@ -123,10 +131,9 @@ def test_a_killed_tuning_resumes_without_rerunning_finished_trials(tmp_path, cap
     summary = json.loads((out / FOLDER / "summary.json").read_text())
     assert summary["groups"][0]["chosen"] == {"train.lr": lr}
 
-    from peftlab.report.sweep_report import render
-
     text = render(out).read_text()  # the report says what was searched, run and chosen
     assert "## Tuning" in text and f"| lora(r=2) | train.lr in [0.0001, 0.1] (log) | 3 | 3 | 0 | 0 | 0 | lr={lr:.4g} |" in text
+    assert "Unfinished" not in text
     assert (out / "tuning.png").stat().st_size > 1000
 
     # a third sweep runs nothing: tuning and grid are done
