@@ -218,7 +218,21 @@ def render(folder: str | Path) -> Path:
     """(Re)make the tables, plots and ``report.md`` of a results folder from its records alone."""
     store = ResultsStore(folder)
     with store.writing() as manifest:  # the folder's lock and schema, as a sweep holds them
+        if not store.scan().records and tuning.load(store.folder, manifest) is not None:
+            return _render_tuning(store, manifest)
         return _render(store, manifest)
+
+
+def _render_tuning(store: ResultsStore, manifest: dict[str, Any]) -> Path:
+    """The report of a sweep stopped (or still running) in its tuning: no grid cell yet, the trials so far."""
+    drawing = importlib.util.find_spec("matplotlib") is not None
+    tuned, _ = tuning.section(store.folder, store.artifact, drawing, manifest)
+    parts = [f"# {manifest.get('experiment', store.folder.name)}\n",
+             f"Made by `{manifest.get('command', 'peftlab sweep ' + str(manifest.get('file', '?')))}` from "
+             f"`{manifest.get('file', '?')}`; re-render with `peftlab report {store.folder}`.\n",
+             "No grid cell has run yet: the sweep is still tuning, or stopped while it was. Its trials so far:\n",
+             tuned]
+    return write_text_atomic(store.artifact("report.md"), "\n".join(parts))
 
 
 def _render(store: ResultsStore, manifest: dict[str, Any]) -> Path:

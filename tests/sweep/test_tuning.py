@@ -105,6 +105,7 @@ def test_a_killed_tuning_resumes_without_rerunning_finished_trials(tmp_path, cap
 
     manifest = json.loads((out / "manifest.json").read_text())
     text, _ = tuning.section(out, lambda name: out / name, False, manifest)  # unfinished: the trials so far,
+    assert text in render(out).read_text()  # a folder with no grid cell yet still gets its report
     lr0 = json.loads(first[killed.ran[0]]["tune.params"])["train.lr"]  # the best of them not yet chosen
     assert "**Unfinished**" in text and "1 trials so far" in text
     assert f"| lora(r=2) | train.lr in [0.0001, 0.1] (log) | 1 | 1 | 0 | 0 | 0 | lr={lr0:.4g} |" in text
