@@ -109,8 +109,10 @@ def sweep(exp: Experiment, out: Path, *, host: PluginHost, executor: Executor | 
         try:
             executor.run_all(todo, files, on_record)
             if rows:
-                added = more_seeds(exp.seeds, rows, store, executor, files, on_record, bar, log, tried={c.cell_id for c in todo},
-                                   counted=lambda rec: counts(rec, place, reuse_foreign=reuse_foreign, force=force))
+                tried = {c.cell_id for c in todo}  # grows as the rule runs cells: what ran here counts, --force or not
+                added = more_seeds(exp.seeds, rows, store, executor, files, on_record, bar, log, tried=tried,
+                                   counted=lambda rec: (rec.get("cell_id") in tried and rec["status"] in DONE)
+                                   or counts(rec, place, reuse_foreign=reuse_foreign, force=force))
                 cells = [*cells, *added]
         finally:
             bar.close()

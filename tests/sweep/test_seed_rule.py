@@ -192,3 +192,10 @@ def test_with_tuning_the_extra_seeds_run_at_the_tuned_settings(tmp_path):
     assert all(len(lrs) == 1 for lrs in by_row.values()), by_row  # every seed of a row at its one tuned rate
     trials = json.loads((tmp_path / "out" / "tuning" / "summary.json").read_text())["groups"]
     assert {g["chosen"]["train.lr"] for g in trials} == {lr for lrs in by_row.values() for lr in lrs}
+
+
+def test_with_force_the_rule_counts_what_this_sweep_ran(tmp_path):
+    sweep(load_experiment(write(tmp_path)), tmp_path / "out", host=HOST, executor=Scripted(), progress=False)
+    again = Scripted()
+    sweep(load_experiment(write(tmp_path)), tmp_path / "out", host=HOST, executor=again, progress=False, force=True)
+    assert sorted(again.ran) == sorted([(r, s) for r in SCORES for s in SCORES[r]])  # the same cells, not every row's six
