@@ -124,6 +124,8 @@ FIELDS: tuple[Field, ...] = (
     _f("quant.calibration.seed", "int", "quantize", "the seed of the batches' order (train.seed)"),
     _f("quant.calibration.seconds", "float", "quantize", "the pass's time", "s"),
     _f("quant.calibration.layers", "int", "quantize", "layers whose inputs it recorded"),
+    _f("quant.calibration.form", "str", "quantize", "sequential (each block calibrated on the packed blocks' "
+       "outputs, one block's sums at a time) or one-pass (every layer on the float model's activations)"),
     _f("start.from_weights", "bool", "quantize", "the adapter's start was computed from the weights (PiSSA, OLoRA, "
        "LoftQ) before the quantizer packed them"),
     _f("start.layers", "int", "quantize", "the adapter's target layers start.error averages over"),

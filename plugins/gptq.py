@@ -99,7 +99,7 @@ class GPTQ(Quantizer):
         act_order: bool = option(False, "quantize columns in order of decreasing Hessian diagonal")
         damp: float = option(0.01, "added to H's diagonal, as a share of its mean diagonal", gt=0)
         block_size: int = option(128, "columns whose updates are applied together (speed only)", gt=0)
-        batches: int = option(16, "training batches the calibration pass runs through the float model", gt=0)
+        batches: int = option(16, "training batches the calibration pass runs through the model", gt=0)
 
     def calibration_batches(self) -> int:
         return self.batches

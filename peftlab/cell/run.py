@@ -131,12 +131,14 @@ def base_record(cfg: CellConfig) -> dict[str, Any]:
 def calibration_pass(model, quantizer, examples: list, train_cfg, pad_id: int):
     """The calibration pass a calibrated quantizer asks for: its number of training batches, the
     first of the training stream (``train.seed``'s order, padded, ``train.batch_size`` each),
-    through the float model, recording the inputs of every layer the quantizer will pack."""
+    recording the inputs of every layer the quantizer will pack: sequential where the layers are in
+    the model's blocks (each block sees the packed blocks before it), else one pass through the float
+    model (:mod:`peftlab.quantize.calibrate`)."""
     from itertools import islice
 
     from peftlab.data.packing import batches
     from peftlab.quantize.apply import select_layers
-    from peftlab.quantize.calibrate import calibrate
+    from peftlab.quantize.calibrate import calibrate, sequential
 
     if not examples:
         raise ValidationError("data", "no training examples", f"training examples for {type(quantizer).__name__}'s calibration "
@@ -144,7 +146,8 @@ def calibration_pass(model, quantizer, examples: list, train_cfg, pad_id: int):
     stream = batches(examples, train_cfg.batch_size, torch.Generator().manual_seed(train_cfg.seed), pad_id)
     chosen = [b.inputs for b in islice(stream, quantizer.calibration_batches())]
     device = next(model.parameters()).device
-    return calibrate(model, [n for n, _ in select_layers(model, None)], chosen, device)
+    names = [n for n, _ in select_layers(model, None)]
+    return sequential(model, names, chosen, device) or calibrate(model, names, chosen, device)
 
 
 def run_cell(cfg: CellConfig, host: PluginHost, *, progress: bool = True,
@@ -219,11 +222,12 @@ def run_cell(cfg: CellConfig, host: PluginHost, *, progress: bool = True,
             calibration = None
             if calibrated:
                 calibration = calibration_pass(model, quantizer, encoded.examples, cfg.train, tok.pad_token_id)
-                rec.update(calibration.fields(cfg.train.seed))
             qrep = loaded.quantized or quantize_(model, quantizer, compute_dtype=compute, start=starter(
                 adapter, quantizer, adapter.start_targets(model), starts) if fresh else None,
                 calibration=calibration.layers if calibration else None)
-            calibration = None  # every layer's input Hessian (0.5 GB for SmolLM2): not kept through training
+            if calibration is not None:  # after packing: a sequential pass runs its blocks as quantize_ asks
+                rec.update(calibration.fields(cfg.train.seed))
+            calibration = None  # the layers' input sums and the blocks' inputs: not kept through training
             rec.update(sections.quantize(qrep, while_loading=loaded.quantized is not None))
         elif fresh:
             start_float(model, adapter)

@@ -140,10 +140,11 @@ class Quantizer(Configurable, ABC):
     calibration: Calibration | None = None
 
     def calibration_batches(self) -> int:
-        """Training batches a calibration pass must run through the float model before this
-        quantizer packs a layer (0: it needs none). A quantizer that needs them packs each layer
-        through :meth:`calibrated` with what the pass saw of that layer's inputs (a cell runs the
-        pass: seeded, recorded; ``peftlab.quantize.calibrate.calibrate`` runs it by hand)."""
+        """Training batches a calibration pass must run through the model before this quantizer
+        packs a layer (0: it needs none). A quantizer that needs them packs each layer through
+        :meth:`calibrated` with what the pass saw of that layer's inputs (a cell runs the pass:
+        seeded, recorded, sequential over the model's blocks where it can; by hand,
+        ``peftlab.quantize.calibrate.sequential`` or ``calibrate``)."""
         return 0
 
     def calibrated(self, calibration: Calibration) -> Quantizer:

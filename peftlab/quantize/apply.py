@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -68,7 +68,7 @@ def select_layers(model: nn.Module, filter: Filter) -> list[tuple[str, nn.Module
 
 def quantize_(model: nn.Module, quantizer: Quantizer, filter: Filter = None, *,
               compute_dtype: torch.dtype = torch.bfloat16, start=None,
-              calibration: dict[str, Calibration] | None = None) -> QuantizeReport:
+              calibration: Mapping[str, Calibration] | None = None) -> QuantizeReport:
     """Replace the linear layers of ``model`` selected by ``filter`` with :class:`QuantizedLinear`,
     in place (torchao's ``quantize_`` verb).
 

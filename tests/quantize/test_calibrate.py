@@ -62,6 +62,7 @@ def test_a_cell_calibrates_on_training_batches_then_packs_and_a_loftq_start_sees
     assert plain["status"] == "ok", plain.get("reason")
     assert plain["quant.calibration.batches"] == 3 and plain["quant.calibration.tokens"] > 0
     assert plain["quant.calibration.layers"] == plain["quant.layers"] and plain["quant.while_loading"] is False
+    assert plain["quant.calibration.form"] == "sequential"  # a decoder: each block on the packed blocks before it
     started = run_cell(cell(adapter="lora", adapter_params={"init": "loftq"}), HOST, progress=False)
     assert started["status"] == "ok", started.get("reason")
     assert started["quant.calibration.tokens"] == plain["quant.calibration.tokens"]  # the same seeded batches
