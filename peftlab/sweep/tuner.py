@@ -243,8 +243,11 @@ def place_key(place: dict[str, str]) -> str:
 
 def study_name(tune: TuneConfig, group: Group, place: dict[str, str]) -> str:
     """One study per group, search (space, judge, budget, sampler) and machine: a changed search
-    starts a study of its own (a trial whose cell already has a record here still reads it)."""
-    search = {k: v for k, v in tune.to_dict().items() if k != "trials"}  # a larger budget goes on with the study
+    starts a study of its own (a trial whose cell already has a record here still reads it). A
+    larger ``trials`` goes on with the study while the random start-up count it implies stays (it
+    is part of how the trials are drawn: 6 trials and 9 start TPE after 2 and 3)."""
+    search = {k: v for k, v in tune.to_dict().items() if k != "trials"}
+    search["startup_trials"] = tune.n_startup
     search["draws"] = DRAWS
     search = hashlib.sha256(json.dumps(search, sort_keys=True).encode()).hexdigest()[:8]
     return f"{group.key}-{search}@{place_key(place)}"
