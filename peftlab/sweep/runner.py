@@ -133,7 +133,6 @@ def more_seeds(rule: SeedRule, rows: list[Row], store: ResultsStore, executor: E
     """The ``[seeds]`` rule after the grid: every wide row's next seed, round by round, until no row
     is wide or has seeds left (:mod:`peftlab.sweep.seeds`). Returns every extra-seed cell with a
     record that counts or that ran here (the rows' cells beyond the grid's that the report shows)."""
-    ran: list[PlannedCell] = []
     while True:
         records = store.scan().records
         batch = next_cells(rule, rows, records, counted, tried)
@@ -142,7 +141,6 @@ def more_seeds(rule: SeedRule, rows: list[Row], store: ResultsStore, executor: E
         log(f"  another seed for {len(batch)} row(s) whose interval of {rule.until} is wider than "
             f"+-{rule.half_width:g}: " + "; ".join(c.label for c in batch))
         tried.update(c.cell_id for c in batch)
-        ran += batch
         bar.total += len(batch)
         bar.refresh()
         executor.run_all(batch, files, on_record)
