@@ -1,12 +1,15 @@
-"""Prints the BLEU table of NOTES.md from this folder's cells/*.json: python results/table3-cpu/table.py"""
+"""Prints the hand-tuned run's BLEU table of NOTES.md from its records, now set aside under
+superseded/cells/*.json by the tuned re-make: python results/table3-cpu/table.py superseded
+(with no argument it reads cells/, the tuned grid's records, with the hand-tuned rates' names)."""
 import glob
 import json
 import math
 import statistics
+import sys
 from pathlib import Path
 from collections import defaultdict
 rows = defaultdict(list)
-for f in glob.glob(str(Path(__file__).parent / "cells" / "*.json")):
+for f in glob.glob(str(Path(__file__).parent / (sys.argv[1] if len(sys.argv) > 1 else ".") / "cells" / "*.json")):
     r = json.load(open(f))
     if r["status"] == "ok":
         rows[(r["adapter"], r["quantizer"])].append(r)
