@@ -41,9 +41,83 @@ class CalibrationPass:
 
     def fields(self, seed: int) -> dict[str, object]:
         """The record's ``quant.calibration.*`` fields."""
-        return {"quant.calibration.batches": self.batches, "quant.calibration.tokens": self.tokens,
-                "quant.calibration.seed": seed, "quant.calibration.seconds": self.seconds,
-                "quant.calibration.layers": len(self.layers), "quant.calibration.form": self.form}
+        return record_fields(self, seed)
+
+
+def record_fields(done: CalibrationPass | SequentialCalibration, seed: int) -> dict[str, object]:
+    """The record's ``quant.calibration.*`` fields of either form of the pass."""
+    return {"quant.calibration.batches": done.batches, "quant.calibration.tokens": done.tokens,
+            "quant.calibration.seed": seed, "quant.calibration.seconds": done.seconds,
+            "quant.calibration.layers": len(done.layers), "quant.calibration.form": done.form}
+
+
+class _Sums:
+    """Σ x·xᵀ over the real tokens of each named layer's inputs, gathered by forward pre-hooks while
+    open (``keep``: the current batch's real-token mask, flattened, set before each batch)."""
+
+    def __init__(self, model: nn.Module, names: list[str]):
+        self.model, self.names = model, names
+        self.sums: dict[str, torch.Tensor] = {}
+        self.counts = dict.fromkeys(names, 0)
+        self.keep: torch.Tensor | None = None
+        self._handles: list = []
+
+    def __enter__(self) -> _Sums:
+        self._handles = [self.model.get_submodule(n).register_forward_pre_hook(self._hook(n), with_kwargs=True)
+                         for n in self.names]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def _hook(self, name: str):
+        def record(_module: nn.Module, args: tuple, _kwargs: dict) -> None:
+            rows = _rows(args[0], self.keep)
+            if name not in self.sums:
+                self.sums[name] = torch.zeros(rows.shape[1], rows.shape[1], device=rows.device)
+            self.sums[name].addmm_(rows.t(), rows)
+            self.counts[name] += rows.shape[0]
+        return record
+
+    def calibrations(self, where: str) -> dict[str, Calibration]:
+        """Each layer's :class:`Calibration`; a layer no input reached is an error naming it."""
+        missing = [n for n in self.names if self.counts[n] == 0]
+        if missing:
+            raise ValidationError("calibration", where, f"inputs reaching every layer to quantize; none reached "
+                                  f"{missing[:3]}")
+        return {n: Calibration(2 * self.sums[n] / self.counts[n], self.counts[n]) for n in self.names}
+
+
+def _rows(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    rows = x.detach().reshape(-1, x.shape[-1])
+    if mask is not None and mask.numel() == rows.shape[0]:
+        rows = rows[mask]
+    return rows.float()
+
+
+def _batch(batch: dict[str, torch.Tensor], device: torch.device | str | None
+           ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, int]:
+    """(input ids, attention mask, the real-token mask flattened, real tokens) of a batch on ``device``."""
+    ids = batch["input_ids"].to(device) if device is not None else batch["input_ids"]
+    mask = batch.get("attention_mask")
+    if mask is not None:
+        mask = mask.to(ids.device)
+    keep = mask.reshape(-1).bool() if mask is not None and mask.dim() == 2 else None
+    return ids, mask, keep, int(keep.sum()) if keep is not None else ids.numel()
+
+
+@contextlib.contextmanager
+def _evaluating(model: nn.Module) -> Iterator[None]:
+    """``model`` in eval mode without gradients, its mode restored afterwards."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        model.train(was_training)
 
 
 def calibrate(model: nn.Module, names: list[str], batches: Iterable[dict[str, torch.Tensor]],
@@ -52,49 +126,15 @@ def calibrate(model: nn.Module, names: list[str], batches: Iterable[dict[str, to
     ``model`` without gradients, and return what each of the layers ``names`` saw of its inputs."""
     if not names:
         raise ValidationError("names", names, "at least one layer to calibrate")
-    sums: dict[str, torch.Tensor] = {}
-    counts = dict.fromkeys(names, 0)
-    keep: list[torch.Tensor | None] = [None]  # the current batch's real-token mask, flattened
-
-    def hook(name: str):
-        def record(_module: nn.Module, args: tuple, _kwargs: dict) -> None:
-            x = args[0].detach()
-            rows = x.reshape(-1, x.shape[-1])
-            mask = keep[0]
-            if mask is not None and mask.numel() == rows.shape[0]:
-                rows = rows[mask]
-            rows = rows.float()
-            if name not in sums:
-                sums[name] = torch.zeros(rows.shape[1], rows.shape[1], device=rows.device)
-            sums[name].addmm_(rows.t(), rows)
-            counts[name] += rows.shape[0]
-        return record
-
-    handles = [model.get_submodule(n).register_forward_pre_hook(hook(n), with_kwargs=True) for n in names]
     result = CalibrationPass()
     start = time.perf_counter()
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            for batch in batches:
-                ids = batch["input_ids"].to(device) if device is not None else batch["input_ids"]
-                mask = batch.get("attention_mask")
-                if mask is not None:
-                    mask = mask.to(ids.device)
-                keep[0] = mask.reshape(-1).bool() if mask is not None and mask.dim() == 2 else None
-                model(input_ids=ids, attention_mask=mask)
-                result.batches += 1
-                result.tokens += int(keep[0].sum()) if keep[0] is not None else ids.numel()
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
-    missing = [n for n in names if counts[n] == 0]
-    if missing:
-        raise ValidationError("calibration", f"{result.batches} batches",
-                              f"inputs reaching every layer to quantize; none reached {missing[:3]}")
-    result.layers = {n: Calibration(2 * sums[n] / counts[n], counts[n]) for n in names}
+    with _Sums(model, names) as sums, _evaluating(model):
+        for batch in batches:
+            ids, mask, sums.keep, tokens = _batch(batch, device)
+            model(input_ids=ids, attention_mask=mask)
+            result.batches += 1
+            result.tokens += tokens
+    result.layers = sums.calibrations(f"{result.batches} batches")
     result.seconds = time.perf_counter() - start
     return result
 
@@ -117,13 +157,6 @@ def blocks_of(model: nn.Module, names: list[str]) -> tuple[list[nn.Module], dict
             return None
         parent, found[name] = hit[0], hit[1]
     return (list(lists[parent]), found) if parent is not None else None
-
-
-def _rows(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    rows = x.detach().reshape(-1, x.shape[-1])
-    if mask is not None and mask.numel() == rows.shape[0]:
-        rows = rows[mask]
-    return rows.float()
 
 
 class SequentialCalibration(Mapping):
@@ -172,9 +205,7 @@ class SequentialCalibration(Mapping):
 
     def fields(self, seed: int) -> dict[str, object]:
         """The record's ``quant.calibration.*`` fields (``seconds``: the blocks run so far included)."""
-        return {"quant.calibration.batches": self.batches, "quant.calibration.tokens": self.tokens,
-                "quant.calibration.seed": seed, "quant.calibration.seconds": self.seconds,
-                "quant.calibration.layers": len(self.names), "quant.calibration.form": self.form}
+        return record_fields(self, seed)
 
     def _call(self, block: int, hidden: torch.Tensor, others: dict[int, tuple[tuple, dict[str, Any]]]) -> torch.Tensor:
         args, kwargs = others[block]
@@ -192,33 +223,11 @@ class SequentialCalibration(Mapping):
         """Each of block ``i``'s layers' sums over its inputs, the previous block's let go."""
         mine = [n for n in self.names if self.block_of[n] == i]
         self._sums.clear()
-        sums: dict[str, torch.Tensor] = {}
-        counts = dict.fromkeys(mine, 0)
-        keep: list[torch.Tensor | None] = [None]
-
-        def hook(name: str):
-            def record(_module: nn.Module, args: tuple, _kwargs: dict) -> None:
-                rows = _rows(args[0], keep[0])
-                if name not in sums:
-                    sums[name] = torch.zeros(rows.shape[1], rows.shape[1], device=rows.device)
-                sums[name].addmm_(rows.t(), rows)
-                counts[name] += rows.shape[0]
-            return record
-
-        handles = [self.model.get_submodule(n).register_forward_pre_hook(hook(n), with_kwargs=True) for n in mine]
-        try:
-            with torch.no_grad():
-                for mask, hidden, others in self._inputs:
-                    keep[0] = mask
-                    self._call(i, hidden, others)
-        finally:
-            for h in handles:
-                h.remove()
-        missing = [n for n in mine if counts[n] == 0]
-        if missing:
-            raise ValidationError("calibration", f"block {i}", f"inputs reaching every layer to quantize; none reached "
-                                  f"{missing[:3]}")
-        self._sums = {n: Calibration(2 * sums[n] / counts[n], counts[n]) for n in mine}
+        with _Sums(self.model, mine) as sums, torch.no_grad():
+            for keep, hidden, others in self._inputs:
+                sums.keep = keep
+                self._call(i, hidden, others)
+        self._sums = sums.calibrations(f"block {i}")
         self._summed = i
 
 
@@ -248,28 +257,21 @@ def sequential(model: nn.Module, names: list[str], batches: Iterable[dict[str, t
 
     handles = [b.register_forward_pre_hook(catch(k), with_kwargs=True) for k, b in enumerate(blocks)]
     start, tokens = time.perf_counter(), 0
-    was_training = model.training
-    model.eval()
     try:
-        with torch.no_grad():
+        with _evaluating(model):
             for batch in batches:
-                ids = batch["input_ids"].to(device) if device is not None else batch["input_ids"]
-                mask = batch.get("attention_mask")
-                if mask is not None:
-                    mask = mask.to(ids.device)
+                ids, mask, keep, real = _batch(batch, device)
                 current.clear()
                 current["others"] = {}
                 with contextlib.suppress(_Stop):
                     model(input_ids=ids, attention_mask=mask, use_cache=False)
                 if "hidden" not in current or len(current["others"]) != len(blocks):
                     return None  # the blocks are not run in order, once each: the one-pass form instead
-                keep = mask.reshape(-1).bool() if mask is not None and mask.dim() == 2 else None
                 inputs.append((keep, current["hidden"], current["others"]))
-                tokens += int(keep.sum()) if keep is not None else ids.numel()
+                tokens += real
     finally:
         for h in handles:
             h.remove()
-        model.train(was_training)
     if not inputs:
         raise ValidationError("calibration", "0 batches", "at least one calibration batch")
     return SequentialCalibration(model, names, blocks, block_of, inputs, tokens, time.perf_counter() - start)

@@ -223,13 +223,18 @@ def render(folder: str | Path) -> Path:
         return _render(store, manifest)
 
 
+def heading(manifest: dict[str, Any], folder: Path) -> list[str]:
+    """The report's title and the command that made it."""
+    return [f"# {manifest.get('experiment', folder.name)}\n",
+            f"Made by `{manifest.get('command', 'peftlab sweep ' + str(manifest.get('file', '?')))}` from "
+            f"`{manifest.get('file', '?')}`; re-render with `peftlab report {folder}`.\n"]
+
+
 def _render_tuning(store: ResultsStore, manifest: dict[str, Any]) -> Path:
     """The report of a sweep stopped (or still running) in its tuning: no grid cell yet, the trials so far."""
     drawing = importlib.util.find_spec("matplotlib") is not None
     tuned, _ = tuning.section(store.folder, store.artifact, drawing, manifest)
-    parts = [f"# {manifest.get('experiment', store.folder.name)}\n",
-             f"Made by `{manifest.get('command', 'peftlab sweep ' + str(manifest.get('file', '?')))}` from "
-             f"`{manifest.get('file', '?')}`; re-render with `peftlab report {store.folder}`.\n",
+    parts = [*heading(manifest, store.folder),
              "No grid cell has run yet: the sweep is still tuning, or stopped while it was. Its trials so far:\n",
              tuned]
     return write_text_atomic(store.artifact("report.md"), "\n".join(parts))
@@ -252,9 +257,7 @@ def _render(store: ResultsStore, manifest: dict[str, Any]) -> Path:
     not_ok = df[df["status"] != "ok"]
     settings = next((s for s in df["metric.settings"].dropna()), "{}") if "metric.settings" in df else "{}"
     parts = [
-        f"# {manifest.get('experiment', folder.name)}\n",
-        f"Made by `{manifest.get('command', 'peftlab sweep ' + str(manifest.get('file', '?')))}` from "
-        f"`{manifest.get('file', '?')}`; re-render with `peftlab report {folder}`.\n",
+        *heading(manifest, folder),
         environment(df) + "\n",
         *(["What these numbers say, next to the papers': [NOTES.md](NOTES.md).\n"]
           if store.artifact("NOTES.md").exists() else []),

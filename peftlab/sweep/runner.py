@@ -68,7 +68,7 @@ def sweep(exp: Experiment, out: Path, *, host: PluginHost, executor: Executor | 
                 _finish(host, store, own_record(c, "skipped", c.skip_reason), settings=c.settings, experiment=exp.name)
                 done += 1
             else:
-                foreign += prior is not None and prior["status"] in DONE and not force
+                foreign += finished(prior, force)
                 todo.append(c)
         log(header(exp, host, len(cells), done, len(todo)))
         extra = extra_cells(rows)
@@ -122,10 +122,15 @@ def sweep(exp: Experiment, out: Path, *, host: PluginHost, executor: Executor | 
         return [records[c.cell_id] for c in cells if c.cell_id in records]
 
 
+def finished(prior: dict[str, Any] | None, force: bool) -> bool:
+    """Whether a cell's existing record says it finished (and ``--force`` does not run it anyway)."""
+    return prior is not None and prior["status"] in DONE and not force
+
+
 def counts(prior: dict[str, Any] | None, place: dict[str, str], *, reuse_foreign: bool, force: bool) -> bool:
-    """Whether a cell's existing record stands for it (the cell does not run again)."""
-    finished = prior is not None and prior["status"] in DONE and not force
-    return finished and (reuse_foreign or prior["status"] == "skipped" or same_place(prior, place))
+    """Whether a cell's existing record stands for it (the cell does not run again): finished, and
+    made here (or anywhere, with ``reuse_foreign``; a skipped cell anywhere)."""
+    return finished(prior, force) and (reuse_foreign or prior["status"] == "skipped" or same_place(prior, place))
 
 
 def more_seeds(rule: SeedRule, rows: list[Row], store: ResultsStore, executor: Executor, files, on_record, bar,
