@@ -214,7 +214,7 @@ class SequentialCalibration(Mapping):
 
     def _run_to(self, i: int) -> None:
         """Move the kept inputs from block ``_at`` to block ``i`` through the blocks between, as packed now."""
-        with torch.no_grad():
+        with _evaluating(self.model):
             while self._at < i:
                 self._inputs = [(mask, self._call(self._at, hidden, others), others) for mask, hidden, others in self._inputs]
                 self._at += 1
@@ -223,7 +223,7 @@ class SequentialCalibration(Mapping):
         """Each of block ``i``'s layers' sums over its inputs, the previous block's let go."""
         mine = [n for n in self.names if self.block_of[n] == i]
         self._sums.clear()
-        with _Sums(self.model, mine) as sums, torch.no_grad():
+        with _Sums(self.model, mine) as sums, _evaluating(self.model):
             for keep, hidden, others in self._inputs:
                 sums.keep = keep
                 self._call(i, hidden, others)

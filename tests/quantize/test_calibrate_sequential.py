@@ -98,3 +98,20 @@ def test_a_sequential_pass_cannot_go_back_a_block():
         seq["model.layers.0.self_attn.q_proj"]
     with pytest.raises(KeyError):
         seq["lm_head"]
+
+
+def test_the_blocks_run_without_dropout_whatever_mode_the_model_is_in(seed):
+    """GPT-2 has dropout (0.1); a model in training mode still calibrates as in eval mode, as the one
+    pass does, and is handed back in training mode."""
+    data = batches(seed)
+    gptq = HOST.quantizers.build("gptq", group_size=32)
+    ours, slow = tiny("gpt2").train(), tiny("gpt2")
+    names = [n for n, _ in select_layers(ours, None)]
+    quantize_(ours, gptq, calibration=sequential(ours, names, data))
+    assert ours.training
+    for i in range(3):
+        mine = [n for n in names if n.startswith(f"transformer.h.{i}.")]
+        quantize_(slow, gptq, lambda n, m, mine=mine: n in mine, calibration=calibrate(slow, mine, data).layers)
+    a, b = packed_weights(ours), packed_weights(slow)
+    for n in names:
+        torch.testing.assert_close(a[n], b[n], rtol=0, atol=0, msg=f"{n} (seed {seed})")
