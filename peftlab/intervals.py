@@ -25,3 +25,22 @@ def half_width(values: Iterable[float]) -> float:
     if len(vals) < 2:
         return float("nan")
     return t95(len(vals)) * statistics.stdev(vals) / math.sqrt(len(vals))
+
+
+def difference(a: Iterable[float], b: Iterable[float]) -> tuple[float, float]:
+    """``mean(a) - mean(b)`` and the half-width of its 95% Welch interval (two independent samples,
+    variances not assumed equal): t * sqrt(var_a / n_a + var_b / n_b), t at the Welch-Satterthwaite
+    degrees of freedom rounded down (a wider interval than the fractional degrees would give, never a
+    narrower one). The half-width is NaN when either side has fewer than two values, 0 when both
+    sides are constant."""
+    xs, ys = [float(v) for v in a], [float(v) for v in b]
+    if not xs or not ys:
+        return float("nan"), float("nan")
+    diff = statistics.mean(xs) - statistics.mean(ys)
+    if len(xs) < 2 or len(ys) < 2:
+        return diff, float("nan")
+    va, vb = statistics.variance(xs) / len(xs), statistics.variance(ys) / len(ys)
+    if va + vb == 0:
+        return diff, 0.0
+    dof = (va + vb) ** 2 / (va ** 2 / (len(xs) - 1) + vb ** 2 / (len(ys) - 1))
+    return diff, t95(max(1, math.floor(dof + 1e-9)) + 1) * math.sqrt(va + vb)

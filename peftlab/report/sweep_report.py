@@ -18,7 +18,7 @@ from typing import Any
 import pandas as pd
 
 from peftlab.atomic import atomic_path, write_text_atomic
-from peftlab.report import pareto, tuning
+from peftlab.report import crossing, pareto, tuning
 from peftlab.report.outputs import side_by_side
 from peftlab.report.tables import aggregate, to_frame
 from peftlab.sweep.store import ResultsStore
@@ -286,6 +286,9 @@ def _render(store: ResultsStore, manifest: dict[str, Any]) -> Path:
         parts.append(budget_section(manifest["budget"], summary, df))
     metrics = _metric_columns(summary)
     quality = "metric.bleu-e2e" if "metric.bleu-e2e" in metrics else (metrics[0] if metrics else None)
+    crossed = crossing.section(df, quality) if quality else ""
+    if crossed:
+        parts.append(crossed)
     front, _ = pareto.section(summary, quality, store.artifact, drawing)
     if front:
         parts.append(front)

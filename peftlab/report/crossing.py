@@ -1,0 +1,186 @@
+"""The crossing: every adapter of a sweep under every base it ran on, side by side.
+
+Where a sweep crosses adapters with quantizers (at least two bases each holding at least two of
+the same adapters), the report sets one quality metric out as a matrix, a row per base, a column
+per adapter, with each cell's start error (how far base and start leave the float weights before
+training) where it was recorded. One adapter is the reference (the one that ran on the most bases;
+among those, the one with the shortest description: plain LoRA before LoRA with a start setting),
+and every other is compared with it on the same base, and the reference on each quantized base
+with itself on the float base: a difference of means with its 95% Welch interval
+(:func:`peftlab.intervals.difference`). A paragraph computed from those says what each base cost
+and which adapter changed it beyond its interval. It answers the question of
+``experiments/quantized_starts.toml`` (does a quantization-aware start recover what quantizing
+took?) for any adapters and quantizers a sweep crosses.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import pandas as pd
+
+from peftlab.intervals import difference, half_width
+from peftlab.sweep.experiment import describe
+
+FLOAT = "none"  # the quantizer column of a cell on the float base
+
+
+@dataclass
+class Cell:
+    """One (base, adapter) entry: its metric per seed and its start errors."""
+
+    values: list[float] = field(default_factory=list)
+    errors: list[float] = field(default_factory=list)
+
+    def mean(self) -> str:
+        hw = half_width(self.values)
+        return f"{statistics.mean(self.values):.1f}" + ("" if math.isnan(hw) else f" ± {hw:.1f}") + f" (n={len(self.values)})"
+
+
+def _keys(row: pd.Series) -> tuple[str, str] | None:
+    """(base, adapter) of a finished cell from its grid axes; None when it has no adapter axis."""
+    try:
+        axes = json.loads(row["axes"])
+    except (TypeError, ValueError):
+        return None
+    if not isinstance(axes, dict) or not isinstance(axes.get("adapter"), dict):
+        return None
+    rest = {k: v for k, v in axes.items() if k not in ("adapter", "quantizer", "train.seed") and not k.startswith("tuned.")}
+    quant = describe({"quantizer": axes["quantizer"]}) if "quantizer" in axes else str(row["quantizer"])
+    return " ".join(p for p in (quant, describe(rest)) if p), describe({"adapter": axes["adapter"]})
+
+
+def matrix(df: pd.DataFrame, metric: str) -> dict[str, dict[str, Cell]]:
+    """base -> adapter -> Cell, from the finished cells that recorded ``metric``."""
+    out: dict[str, dict[str, Cell]] = defaultdict(dict)
+    if "axes" not in df or metric not in df:
+        return out
+    for _, row in df[(df["status"] == "ok") & df[metric].notna()].iterrows():
+        keys = _keys(row)
+        if keys is None:
+            continue
+        cell = out[keys[0]].setdefault(keys[1], Cell())
+        cell.values.append(float(row[metric]))
+        err = row.get("start.error")
+        if err is not None and not pd.isna(err):
+            cell.errors.append(float(err))
+    return out
+
+
+def crossed(m: dict[str, dict[str, Cell]]) -> bool:
+    """Whether two bases or more hold two or more of the same adapters."""
+    counts: dict[str, int] = defaultdict(int)
+    for adapters in m.values():
+        if len(adapters) >= 2:
+            for a in adapters:
+                counts[a] += 1
+    return sum(1 for n in counts.values() if n >= 2) >= 2
+
+
+def reference(m: dict[str, dict[str, Cell]]) -> str:
+    """The adapter that ran on the most bases; among those, the shortest description."""
+    counts: dict[str, int] = defaultdict(int)
+    for adapters in m.values():
+        for a in adapters:
+            counts[a] += 1
+    return min(counts, key=lambda a: (-counts[a], len(a), a))
+
+
+def short(adapter: str, ref: str) -> str:
+    """An adapter's column title: the settings where it differs from the reference (its whole
+    description where it is another method)."""
+    name, _, params = adapter.partition("(")
+    ref_name, _, ref_params = ref.partition("(")
+    if name != ref_name:
+        return adapter
+    mine = [p for p in params.rstrip(")").split(",") if p]
+    theirs = set(p for p in ref_params.rstrip(")").split(",") if p)
+    return ", ".join(p for p in mine if p not in theirs) or adapter
+
+
+def _base_error(cells: dict[str, Cell], ref: str) -> float:
+    errors = cells[ref].errors if ref in cells else []
+    return statistics.mean(errors) if errors else -1.0
+
+
+def _delta(d: float, hw: float) -> str:
+    if math.isnan(hw):
+        return f"{d:+.1f}"
+    beyond = abs(d) > hw
+    text = f"{d:+.1f} ± {hw:.1f}"
+    return f"**{text}**" if beyond else text
+
+
+def section(df: pd.DataFrame, metric: str) -> str:
+    """The crossing's markdown section ("" where the sweep crosses nothing)."""
+    m = matrix(df, metric)
+    if not crossed(m):
+        return ""
+    ref = reference(m)
+    adapters = [ref, *sorted({a for cells in m.values() for a in cells} - {ref})]
+    bases = sorted(m, key=lambda b: (b != FLOAT, _base_error(m[b], ref), b))
+    name = metric.removeprefix("metric.")
+    errors = any(c.errors for cells in m.values() for c in cells.values())
+    head = ["base", *(short(a, ref) if a != ref else a for a in adapters),
+            *(f"{short(a, ref)} − reference" for a in adapters[1:])]
+    if FLOAT in m and ref in m[FLOAT]:
+        head.append("reference − float base")
+    lines = [f"## Each adapter on each base: {name}\n",
+             f"Mean {name} over seeds ± its 95% interval (n seeds)"
+             + ("; in brackets the mean start error (||W - base - start|| / ||W|| before training)" if errors else "")
+             + f". The reference is `{ref}` (it ran on the most bases). Differences are of means on the same "
+             "base, ± their 95% Welch interval, **bold** where the interval excludes zero.\n",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for base in bases:
+        cells = m[base]
+        row = [base]
+        for a in adapters:
+            c = cells.get(a)
+            text = "-" if c is None else c.mean()
+            if c is not None and c.errors:
+                text += f" [{statistics.mean(c.errors):.3f}]"
+            row.append(text)
+        for a in adapters[1:]:
+            row.append(_delta(*difference(cells[a].values, cells[ref].values)) if a in cells and ref in cells else "-")
+        if FLOAT in m and ref in m[FLOAT]:
+            row.append(_delta(*difference(cells[ref].values, m[FLOAT][ref].values))
+                       if base != FLOAT and ref in cells else "-")
+        lines.append("| " + " | ".join(row) + " |")
+    lines.append("")
+    lines.append(verdict(m, ref, bases, name))
+    return "\n".join(lines) + "\n"
+
+
+def verdict(m: dict[str, dict[str, Cell]], ref: str, bases: list[str], name: str) -> str:
+    """What the matrix says, computed: per quantized base, what it cost the reference against the
+    float base and which adapters did better or worse beyond their intervals."""
+    said = []
+    for base in bases:
+        if base == FLOAT or ref not in m[base]:
+            continue
+        cells = m[base]
+        parts = []
+        if FLOAT in m and ref in m[FLOAT]:
+            d, hw = difference(cells[ref].values, m[FLOAT][ref].values)
+            where = "beyond" if abs(d) > hw else "within"
+            parts.append(f"the reference scores {d:+.1f} against the float base ({where} ±{hw:.1f})")
+        better = [short(a, ref) for a in cells if a != ref and _beyond(cells[a].values, cells[ref].values) > 0]
+        worse = [short(a, ref) for a in cells if a != ref and _beyond(cells[a].values, cells[ref].values) < 0]
+        parts.append("better than the reference beyond its interval: " + (", ".join(better) if better else "none")
+                     + ("; worse: " + ", ".join(worse) if worse else ""))
+        said.append(f"- **{base}**: " + "; ".join(parts) + ".")
+    if not said:
+        return ""
+    return f"What it says ({name}, computed from the cells above):\n\n" + "\n".join(said) + "\n"
+
+
+def _beyond(a: list[float], b: list[float]) -> int:
+    """+1 when mean(a) exceeds mean(b) beyond the 95% Welch interval, -1 when below it, else 0."""
+    d, hw = difference(a, b)
+    if math.isnan(hw) or abs(d) <= hw:
+        return 0
+    return 1 if d > 0 else -1
