@@ -71,14 +71,17 @@ def matrix(df: pd.DataFrame, metric: str) -> dict[str, dict[str, Cell]]:
     return out
 
 
-def crossed(m: dict[str, dict[str, Cell]]) -> bool:
-    """Whether two bases or more hold two or more of the same adapters."""
+def crossed_adapters(m: dict[str, dict[str, Cell]]) -> set[str]:
+    """The adapters that ran on two bases or more, where two bases or more hold two or more of
+    them (else none: nothing is crossed). Only these make the section's columns: an adapter of a
+    sweep that ran on one base alone is not part of the crossing."""
     counts: dict[str, int] = defaultdict(int)
     for adapters in m.values():
-        if len(adapters) >= 2:
-            for a in adapters:
-                counts[a] += 1
-    return sum(1 for n in counts.values() if n >= 2) >= 2
+        for a in adapters:
+            counts[a] += 1
+    many = {a for a, n in counts.items() if n >= 2}
+    bases = [b for b, adapters in m.items() if len(many & set(adapters)) >= 2]
+    return many if len(many) >= 2 and len(bases) >= 2 else set()
 
 
 def reference(m: dict[str, dict[str, Cell]]) -> str:
@@ -118,8 +121,11 @@ def _delta(d: float, hw: float) -> str:
 def section(df: pd.DataFrame, metric: str) -> str:
     """The crossing's markdown section ("" where the sweep crosses nothing)."""
     m = matrix(df, metric)
-    if not crossed(m):
+    crossing = crossed_adapters(m)
+    if len(crossing) < 2:
         return ""
+    m = {b: {a: c for a, c in cells.items() if a in crossing} for b, cells in m.items()
+         if sum(a in crossing for a in cells)}
     ref = reference(m)
     adapters = [ref, *sorted({a for cells in m.values() for a in cells} - {ref})]
     bases = sorted(m, key=lambda b: (b != FLOAT, _base_error(m[b], ref), b))
@@ -166,8 +172,9 @@ def verdict(m: dict[str, dict[str, Cell]], ref: str, bases: list[str], name: str
         parts = []
         if FLOAT in m and ref in m[FLOAT]:
             d, hw = difference(cells[ref].values, m[FLOAT][ref].values)
-            where = "beyond" if abs(d) > hw else "within"
-            parts.append(f"the reference scores {d:+.1f} against the float base ({where} ±{hw:.1f})")
+            where = ("one seed a side: no interval" if math.isnan(hw)
+                     else f"{'beyond' if abs(d) > hw else 'within'} ±{hw:.1f}")
+            parts.append(f"the reference scores {d:+.1f} against the float base ({where})")
         better = [short(a, ref) for a in cells if a != ref and _beyond(cells[a].values, cells[ref].values) > 0]
         worse = [short(a, ref) for a in cells if a != ref and _beyond(cells[a].values, cells[ref].values) < 0]
         parts.append("better than the reference beyond its interval: " + (", ".join(better) if better else "none")

@@ -124,7 +124,7 @@ def section(summary: pd.DataFrame, quality: str | None, out: Callable[[str], Pat
         cells = []
         for col, *_ in costs:
             by = fronts[col][1].get(name)
-            cells.append("-" if by is None else ("**front**" if not by else "dominated by " + ", ".join(by)))
+            cells.append("-" if by is None else ("**front**" if not by else dominated_by(by, fronts[col][0])))
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines.append("")
     pick = what_to_pick(summary, quality, costs)
@@ -134,6 +134,19 @@ def section(summary: pd.DataFrame, quality: str | None, out: Callable[[str], Pat
     for file, caption in figures:
         lines.append(f"![{caption}]({file})\n\n{caption}\n")
     return "\n".join(lines), figures
+
+
+#: how many dominating methods a table cell names (a large sweep's would fill a page)
+NAMED = 3
+
+
+def dominated_by(names: list[str], pts: list[Point]) -> str:
+    """A table cell for a dominated method: the best-quality methods that dominate it, at most
+    ``NAMED`` of them, and how many more."""
+    quality = {p.name: p.values[0] for p in pts}
+    best = sorted(names, key=lambda n: (-quality.get(n, float("-inf")), n))
+    text = "dominated by " + ", ".join(best[:NAMED])
+    return text + (f" and {len(best) - NAMED} more" if len(best) > NAMED else "")
 
 
 def plot(fronts, costs, q: str, out: Callable[[str], Path]) -> list[tuple[str, str]]:

@@ -7,7 +7,7 @@ import math
 import pytest
 
 from peftlab.intervals import difference, t95
-from peftlab.report.crossing import crossed, matrix, reference, section, short
+from peftlab.report.crossing import crossed_adapters, matrix, reference, section, short
 from peftlab.report.tables import to_frame
 
 PLAIN = {"name": "lora", "r": 8}
@@ -28,13 +28,15 @@ def cell(adapter, quantizer, seed, bleu, error=None, status="ok"):
 
 def sweep():
     """Float base: plain 70, 72, 74. int4: plain 60, 62, 64 (error 0.2), LoftQ 66, 68, 70 (error 0.1).
-    hqq-2bit: plain 30, 40, 50 (0.5), LoftQ 31, 41, 51 (0.3). A failed LoftQ cell on int4 is left out."""
+    hqq-2bit: plain 30, 40, 50 (0.5), LoftQ 31, 41, 51 (0.3). A failed LoftQ cell on int4 is left out, and
+    DoRA, which ran on the float base alone, is not part of the crossing."""
     rows = [cell(PLAIN, "none", s, 70 + 2 * s) for s in range(3)]
     rows += [cell(PLAIN, "int4", s, 60 + 2 * s, 0.2) for s in range(3)]
     rows += [cell(LOFTQ, "int4", s, 66 + 2 * s, 0.1) for s in range(3)]
     rows += [cell(LOFTQ, "int4", 9, 0.0, 0.1, status="failed")]
     rows += [cell(PLAIN, "hqq-2bit", s, 30 + 10 * s, 0.5) for s in range(3)]
     rows += [cell(LOFTQ, "hqq-2bit", s, 31 + 10 * s, 0.3) for s in range(3)]
+    rows += [cell({"name": "dora", "r": 8}, "none", s, 90.0) for s in range(3)]
     return to_frame(rows)
 
 
@@ -45,8 +47,10 @@ def test_the_matrix_the_reference_and_the_differences():
     assert set(m) == {"none", "int4", "hqq-2bit"}
     assert m["int4"][loftq].values == [66.0, 68.0, 70.0]  # the failed seed is not a value
     assert m["int4"][loftq].errors == [0.1] * 3
+    assert crossed_adapters(m) == {plain, loftq}  # not DoRA: one base
     assert reference(m) == plain and short(loftq, plain) == "init=loftq"
     text = section(df, "metric.bleu-e2e")
+    assert "dora" not in text
     lines = text.splitlines()
     rows = [line for line in lines if line.startswith("| ") and not line.startswith("| base")]
     assert [r.split(" | ")[0] for r in rows] == ["| none", "| int4", "| hqq-2bit"]  # float first, then by start error
@@ -70,9 +74,17 @@ def test_the_matrix_the_reference_and_the_differences():
 def test_no_section_where_nothing_is_crossed():
     one_base = to_frame([cell(PLAIN, "none", s, 70.0) for s in range(2)] + [cell(LOFTQ, "none", s, 71.0) for s in range(2)]
                         + [cell(PLAIN, "int4", s, 60.0) for s in range(2)])
-    assert not crossed(matrix(one_base, "metric.bleu-e2e"))
+    assert crossed_adapters(matrix(one_base, "metric.bleu-e2e")) == set()
     assert section(one_base, "metric.bleu-e2e") == ""
     assert section(to_frame([]), "metric.bleu-e2e") == ""
+
+
+def test_one_seed_a_side_has_no_interval():
+    one = to_frame([cell(PLAIN, q, 0, b) for q, b in (("none", 70.0), ("int4", 60.0), ("nf4", 65.0))]
+                   + [cell(LOFTQ, q, 0, b) for q, b in (("int4", 64.0), ("nf4", 66.0))])
+    text = section(one, "metric.bleu-e2e")
+    assert "the reference scores -10.0 against the float base (one seed a side: no interval)" in text
+    assert "nan" not in text and "| +4.0 |" in text
 
 
 def test_welch_interval_by_hand_and_its_edges():

@@ -39,3 +39,10 @@ def test_what_to_pick_names_the_best_and_the_cheapest_as_good():
     assert text.startswith("Best bleu: **full** (66.0 ± 2.0); within its interval: lora.")
     assert "Cheapest in peak memory among those: **lora** (1,100 MiB, against 2,600 MiB for full)." in text
     assert "ia3" not in text  # 51 < 64: not as good as the best within intervals
+
+
+def test_a_dominated_cell_names_its_three_best_dominators_and_counts_the_rest():
+    from peftlab.report.pareto import dominated_by
+    pts = [Point(n, (q, 1.0), (0.0, 0.0)) for n, q in (("a", 60.0), ("b", 70.0), ("c", 65.0), ("d", 80.0), ("e", 50.0))]
+    assert dominated_by(["a", "b", "c", "d", "e"], pts) == "dominated by d, b, c and 2 more"
+    assert dominated_by(["e", "a"], pts) == "dominated by a, e"
