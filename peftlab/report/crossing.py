@@ -170,12 +170,18 @@ def verdict(m: dict[str, dict[str, Cell]], ref: str, bases: list[str], name: str
             continue
         cells = m[base]
         parts = []
+        lost = 0.0  # what the base cost the reference, where beyond its interval
         if FLOAT in m and ref in m[FLOAT]:
             d, hw = difference(cells[ref].values, m[FLOAT][ref].values)
             where = ("one seed a side: no interval" if math.isnan(hw)
                      else f"{'beyond' if abs(d) > hw else 'within'} ±{hw:.1f}")
             parts.append(f"the reference scores {d:+.1f} against the float base ({where})")
-        better = [short(a, ref) for a in cells if a != ref and _beyond(cells[a].values, cells[ref].values) > 0]
+            lost = -d if _beyond(cells[ref].values, m[FLOAT][ref].values) < 0 else 0.0
+        better = []
+        for a in cells:
+            if a != ref and _beyond(cells[a].values, cells[ref].values) > 0:
+                gain = difference(cells[a].values, cells[ref].values)[0]
+                better.append(short(a, ref) + (f" (recovers {100 * gain / lost:.0f}% of that loss)" if lost else ""))
         worse = [short(a, ref) for a in cells if a != ref and _beyond(cells[a].values, cells[ref].values) < 0]
         parts.append("better than the reference beyond its interval: " + (", ".join(better) if better else "none")
                      + ("; worse: " + ", ".join(worse) if worse else ""))
