@@ -98,18 +98,20 @@ def check_block_size(value: object, field_name: str = "block_size", *, allowed: 
 @dataclass(frozen=True, eq=False)
 class Calibration:
     """What a calibration pass saw of one linear layer's inputs, for a quantizer that needs it
-    (GPTQ): ``hessian`` = (2/n)·Σ x·xᵀ over the n input rows (tokens, padding left out) that reached
-    the layer, an (in, in) fp32 matrix (the Hessian of the layer's squared output error), and
-    ``tokens`` = n."""
+    (GPTQ, AWQ): ``hessian`` = (2/n)·Σ x·xᵀ over the n input rows (tokens, padding left out) that
+    reached the layer, an (in, in) fp32 matrix (the Hessian of the layer's squared output error),
+    ``tokens`` = n, and ``abs_mean`` = (1/n)·Σ |x|, each input feature's mean magnitude, (in,) fp32
+    (AWQ's activation scale; None where whoever built it did not say)."""
 
     hessian: torch.Tensor
     tokens: int
+    abs_mean: torch.Tensor | None = None
 
     @classmethod
     def from_inputs(cls, x: torch.Tensor) -> Calibration:
         """From a layer's inputs ``x`` (``(..., in)``: every row one token)."""
         rows = x.detach().reshape(-1, x.shape[-1]).float()
-        return cls(2 * rows.t() @ rows / max(rows.shape[0], 1), rows.shape[0])
+        return cls(2 * rows.t() @ rows / max(rows.shape[0], 1), rows.shape[0], rows.abs().mean(0))
 
 
 class Quantizer(Configurable, ABC):
@@ -182,7 +184,8 @@ class Quantizer(Configurable, ABC):
 
     @abstractmethod
     def nominal_bits(self) -> float:
-        """Bits per parameter for a large tensor (the per-tensor constants amortised away)."""
+        """Bits per parameter for a large tensor: constants per tensor, per row or per column (AWQ's
+        input scales) amortised away; constants per block of values counted."""
 
     def settings(self) -> dict[str, Any]:
         """The settings that define this quantizer (shown in reports): the declared ones, or

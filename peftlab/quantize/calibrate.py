@@ -52,12 +52,14 @@ def record_fields(done: CalibrationPass | SequentialCalibration, seed: int) -> d
 
 
 class _Sums:
-    """Σ x·xᵀ over the real tokens of each named layer's inputs, gathered by forward pre-hooks while
-    open (``keep``: the current batch's real-token mask, flattened, set before each batch)."""
+    """Σ x·xᵀ and Σ |x| over the real tokens of each named layer's inputs, gathered by forward
+    pre-hooks while open (``keep``: the current batch's real-token mask, flattened, set before each
+    batch)."""
 
     def __init__(self, model: nn.Module, names: list[str]):
         self.model, self.names = model, names
         self.sums: dict[str, torch.Tensor] = {}
+        self.abs_sums: dict[str, torch.Tensor] = {}
         self.counts = dict.fromkeys(names, 0)
         self.keep: torch.Tensor | None = None
         self._handles: list = []
@@ -77,7 +79,9 @@ class _Sums:
             rows = _rows(args[0], self.keep)
             if name not in self.sums:
                 self.sums[name] = torch.zeros(rows.shape[1], rows.shape[1], device=rows.device)
+                self.abs_sums[name] = torch.zeros(rows.shape[1], device=rows.device)
             self.sums[name].addmm_(rows.t(), rows)
+            self.abs_sums[name] += rows.abs().sum(0)
             self.counts[name] += rows.shape[0]
         return record
 
@@ -87,7 +91,8 @@ class _Sums:
         if missing:
             raise ValidationError("calibration", where, f"inputs reaching every layer to quantize; none reached "
                                   f"{missing[:3]}")
-        return {n: Calibration(2 * self.sums[n] / self.counts[n], self.counts[n]) for n in self.names}
+        return {n: Calibration(2 * self.sums[n] / self.counts[n], self.counts[n], self.abs_sums[n] / self.counts[n])
+                for n in self.names}
 
 
 def _rows(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:

@@ -18,7 +18,7 @@ def tiny_llama():
     return transformers.LlamaForCausalLM(cfg).eval()
 
 
-def test_each_layer_gets_the_gram_matrix_of_its_inputs_over_real_tokens(seed):
+def test_each_layer_gets_the_gram_matrix_and_mean_magnitudes_of_its_inputs_over_real_tokens(seed):
     gen = torch.Generator().manual_seed(seed)
     model = tiny_llama()
     ids = torch.randint(1, 100, (3, 10), generator=gen)
@@ -40,6 +40,7 @@ def test_each_layer_gets_the_gram_matrix_of_its_inputs_over_real_tokens(seed):
         want = 2 * x.t() @ x / x.shape[0]
         assert got.layers[n].tokens == 21
         torch.testing.assert_close(got.layers[n].hessian.double(), want, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(got.layers[n].abs_mean.double(), x.abs().mean(0), rtol=1e-5, atol=1e-7)  # AWQ's
 
 
 def test_quantize_refuses_a_calibrated_quantizer_without_every_layers_calibration():
