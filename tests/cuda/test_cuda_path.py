@@ -103,7 +103,8 @@ def calibrated_on_both(quantizer, w):
     so one near-tie rounded the other way on the GPU (float32 products in another order) changes
     what follows: codes are not compared. What GPTQ minimises is: the layer's output error on the
     calibration inputs, tr((W - Q) H (W - Q)ᵀ), must come out as low on the GPU as on the CPU, within
-    5% (each flip is a tie between two choices of equal local cost)."""
+    5% (each flip is a tie between two choices of equal local cost). AWQ's choice of exponent is an
+    argmin over its candidates' output errors: the GPU can pick another only where two nearly tie."""
     from peftlab.toolkit import Calibration
 
     gen = torch.Generator().manual_seed(fresh_seed())
