@@ -20,7 +20,8 @@ quantized weights with torchao's AWQ observer over that config. Not done here: t
 code scales a block's layers that share an input (q, k and v) together and folds s into the norm
 before them, and searches a clipping range after; this is the per-layer variant torchao ships.
 Stored: the codes packed at ``bits``, per group an fp32 scale and an int8 zero, per input column
-the fp32 s the layer divides by.
+the fp32 s the layer divides by. Computed in fp32 whatever the weight's dtype (torchao computes in
+the weight's own: equal for fp32 weights, which is what the tests compare).
 """
 
 from __future__ import annotations
