@@ -182,10 +182,19 @@ def unpack_bits(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
         return packed[:n].long()
     if bits == 4:
         return unpack_nibbles(packed, n).long()
-    shifts = torch.arange(7, -1, -1, device=packed.device)
-    bitstream = ((packed.reshape(-1, 1).long() >> shifts) & 1).reshape(-1)[: n * bits]
-    place = 1 << torch.arange(bits - 1, -1, -1, device=packed.device)
-    return (bitstream.view(n, bits) * place).sum(1)
+    # every 8 codes fill exactly `bits` bytes: read each run of `bits` bytes as one big-endian word
+    # (at most 56 bits) and cut it into 8 codes, most significant first
+    words = -(-n // 8)
+    runs = packed[: words * bits]
+    if runs.numel() < words * bits:  # the stream's last byte ended mid-run
+        runs = torch.cat([runs, runs.new_zeros(words * bits - runs.numel())])
+    wide = torch.int32 if bits <= 3 else torch.int64  # 24 bits fit an int32, which shifts faster
+    runs = runs.reshape(words, bits).to(wide)
+    word = runs[:, 0]
+    for j in range(1, bits):
+        word = (word << 8) | runs[:, j]
+    shifts = bits * torch.arange(7, -1, -1, device=packed.device, dtype=wide)
+    return ((word[:, None] >> shifts) & ((1 << bits) - 1)).reshape(-1)[:n].long()
 
 
 def dynamic_map() -> torch.Tensor:
