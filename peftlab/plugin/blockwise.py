@@ -169,11 +169,17 @@ def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
     if bits == 4:
         c = codes.to(torch.uint8)
         return pack_nibbles(torch.cat([c, c.new_zeros(c.numel() % 2)]))
-    shifts = torch.arange(bits - 1, -1, -1, device=codes.device)
-    bitstream = ((codes.reshape(-1, 1).long() >> shifts) & 1).reshape(-1).to(torch.uint8)
-    bitstream = torch.cat([bitstream, bitstream.new_zeros(-bitstream.numel() % 8)])
-    weights = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8, device=codes.device)
-    return (bitstream.view(-1, 8) * weights).sum(1, dtype=torch.uint8)
+    # every 8 codes fill exactly `bits` bytes: join them into one big-endian word (at most 56 bits),
+    # most significant first, and cut it into bytes; the stream ends at the last byte a code reaches
+    wide = torch.int32 if bits <= 3 else torch.int64
+    flat = codes.reshape(-1).to(wide)
+    n = flat.numel()
+    flat = torch.cat([flat, flat.new_zeros(-n % 8)]).reshape(-1, 8)
+    word = flat[:, 0]
+    for i in range(1, 8):
+        word = (word << bits) | flat[:, i]
+    shifts = 8 * torch.arange(bits - 1, -1, -1, device=codes.device, dtype=wide)
+    return ((word[:, None] >> shifts) & 255).to(torch.uint8).reshape(-1)[: -(-n * bits // 8)]
 
 
 def unpack_bits(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
