@@ -268,6 +268,8 @@ def test_only_an_exactly_block_diagonal_mask_counts_as_packed(gen):
     assert _packed(padded) is None  # padded rows: their padding queries see nothing, not themselves
     mask = packed_mask(gen, 2, s)
     leaky = mask.clone()
-    r, i, j = torch.nonzero(~mask[:, 0] & torch.ones(s, s, dtype=torch.bool).tril())[0].tolist()
-    leaky[r, 0, i, j] = True  # one position that sees an earlier example
+    # one position that sees an earlier example, two or more back: seeing the position just before it would
+    # join two examples (a one-token example then joins the next, and the mask is again exactly packed)
+    r, i, j = torch.nonzero(~mask[:, 0] & torch.ones(s, s, dtype=torch.bool).tril(-2))[0].tolist()
+    leaky[r, 0, i, j] = True
     assert _packed(mask) is not None and _packed(leaky) is None
