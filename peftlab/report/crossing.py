@@ -176,13 +176,16 @@ def verdict(m: dict[str, dict[str, Cell]], ref: str, bases: list[str], name: str
             where = ("one seed a side: no interval" if math.isnan(hw)
                      else f"{'beyond' if abs(d) > hw else 'within'} ±{hw:.1f}")
             parts.append(f"the reference scores {d:+.1f} against the float base ({where})")
-            lost = -d if _beyond(cells[ref].values, m[FLOAT][ref].values) < 0 else 0.0
-        better = []
+            lost = -d if _beyond(d, hw) < 0 else 0.0
+        better, worse = [], []
         for a in cells:
-            if a != ref and _beyond(cells[a].values, cells[ref].values) > 0:
-                gain = difference(cells[a].values, cells[ref].values)[0]
+            if a == ref:
+                continue
+            gain, hw = difference(cells[a].values, cells[ref].values)
+            if _beyond(gain, hw) > 0:
                 better.append(short(a, ref) + (f" (recovers {100 * gain / lost:.0f}% of that loss)" if lost else ""))
-        worse = [short(a, ref) for a in cells if a != ref and _beyond(cells[a].values, cells[ref].values) < 0]
+            elif _beyond(gain, hw) < 0:
+                worse.append(short(a, ref))
         parts.append("better than the reference beyond its interval: " + (", ".join(better) if better else "none")
                      + ("; worse: " + ", ".join(worse) if worse else ""))
         said.append(f"- **{base}**: " + "; ".join(parts) + ".")
@@ -191,9 +194,8 @@ def verdict(m: dict[str, dict[str, Cell]], ref: str, bases: list[str], name: str
     return f"What it says ({name}, computed from the cells above):\n\n" + "\n".join(said) + "\n"
 
 
-def _beyond(a: list[float], b: list[float]) -> int:
-    """+1 when mean(a) exceeds mean(b) beyond the 95% Welch interval, -1 when below it, else 0."""
-    d, hw = difference(a, b)
+def _beyond(d: float, hw: float) -> int:
+    """+1 when a difference ``d`` is above zero beyond its half-width ``hw``, -1 when below, else 0."""
     if math.isnan(hw) or abs(d) <= hw:
         return 0
     return 1 if d > 0 else -1
