@@ -63,7 +63,7 @@ class TrainConfig:
     seed: int = 0
     attention: str = "auto"  # auto: peftlab-cpu on CPU (peftlab.kernels.attention), the model's own elsewhere
     norm: str = "auto"  # auto: RMSNorm keeping bf16 inputs for backward on CPU (peftlab.kernels.norm); model: its own
-    compile: str = "auto"  # auto: decoder layers compiled on CPU once the run is long enough to pay (peftlab.kernels.compiled)
+    compile: str = "auto"  # auto: decoder layers compiled on CPU where the run is big enough to pay (peftlab.kernels.compiled)
     packing: str = "auto"  # auto: a micro-batch's examples share rows where model and adapter keep them apart (peftlab.data.packing)
 
     def __post_init__(self) -> None:
@@ -315,8 +315,9 @@ def train(model, examples: list[tuple[list[int], list[int]]], cfg: TrainConfig, 
     gen = torch.Generator().manual_seed(cfg.seed)
     per_epoch = math.ceil(len(examples) / cfg.batch_size)
     micro = 0
-    decide, last_step_s = compiled.decide_after(device), 0.0
-    layout = compiled.layout_key(model, cfg.precision, device) if cfg.compile != "off" else None
+    last_step_s = 0.0
+    planned_tokens = total * cfg.batch_size * cfg.grad_accum * sum(len(ids) for ids, _ in examples) / max(len(examples), 1)
+    compile_auto = compiled.pays(cfg.compile, device, compiled.planned_work(model, round(planned_tokens)), cfg.precision)
     step_times: list[float] = []
     bar = tqdm(total=total, desc="train", unit="step", disable=not progress, dynamic_ncols=True)
     try:
@@ -328,9 +329,7 @@ def train(model, examples: list[tuple[list[int], list[int]]], cfg: TrainConfig, 
                 result.packing, width = packing(model, examples, cfg, device, packing_refusal, implementation)
             stream = batches(examples, cfg.batch_size, gen, pad_id, pack_width=width)
             for step in range(total):
-                if ((step == 0 and compile_from_start)
-                        or (step == decide and compiled.pays(cfg.compile, device, last_step_s, total - step,
-                                                         cfg.precision, cost_s=compiled.known_cost(layout)))):
+                if step == 0 and (compile_from_start or compile_auto):
                     result.compiled_layers = compiling.enter_context(compiled.compiled_layers(model))
                     result.compiled_from_step = step + 1 if result.compiled_layers else 0
                     if result.compiled_layers and result.bf16_matmul == "fp32-gemm":  # inductor's own bf16 products
@@ -369,8 +368,6 @@ def train(model, examples: list[tuple[list[int], list[int]]], cfg: TrainConfig, 
                 step_times.append(last_step_s)
                 if result.compiled_layers and len(step_times) == compiled.costed_after(result.compiled_from_step):
                     result.compile_s = compiled.compile_cost(step_times, result.compiled_from_step)
-                    if result.compile_s:
-                        compiled.remember_cost(layout, result.compile_s)
                 result.seconds += last_step_s
                 result.steps += 1
                 if step == 0:

@@ -14,14 +14,26 @@ lies between them (embeddings, masks, the chunked head and loss) stays eager. Th
 its own graph (its input needs no gradient), and a second batch length recompiles each graph with
 dynamic sizes, which then serve every length. That costs the process about 15 s on two cores with
 inductor's on-disk cache warm and 40-45 s cold (SmolLM2-135M): more than a 50-step quickstart cell
-saves (about 0.25 s a step). Hence ``train.compile = "auto"`` decides after the first step, which
-runs as the model is (two on CUDA, whose first step carries its setup): it compiles the rest only
-where inductor can build its kernels (a C++ compiler on the path for the CPU, triton for CUDA), and
-only when the steps left, at the last eager step's time, would take at least :data:`PAYS_AFTER_S`. ``layers`` compiles from the first step wherever asked (an error
-names what is missing); ``off`` never compiles. The compile's time counts in the cell's training
-time, and the record says how many layers ran compiled and from which step.
+saves (about 0.25 s a step).
 
-``auto`` never compiles where bf16 matrix products run as fp32 GEMMs
+Hence ``train.compile = "auto"`` compiles only a run big enough to pay, and judges its size, never
+its timing: a decision taken on a step's wall time or on what compiling cost last time changes with the machine's load and the state of its caches, and compiled layers
+compute in other rounding than eager ones, so the same cell trained under load came out another
+cell (SmolLM2-135M full fine-tuning, Table 3's seed 1: 69.15 BLEU compiled, 68.42 eager). ``auto``
+weighs the run's work, parameters times the tokens it plans to train on (:func:`planned_work`),
+against :data:`PAYS_FROM_PARAM_TOKENS` per two CPU threads (600 s of eager training at the rate
+measured on a 2-core Xeon, where the cold compile is then under 8% of the run and the fused step
+saves about 11%), scaled by the threads torch uses. So one config makes the same decision on every
+machine of one kind, under any load, in any cache state; on a CPU much faster per thread than that
+Xeon, ``auto`` compiles runs that only break even, and ``layers`` or ``off`` says what you want.
+It decides before the first step and compiles from it, and only where inductor can build its
+kernels (a C++ compiler on the path). ``layers`` compiles from the first step wherever asked (an
+error names what is missing); ``off`` never compiles. The compile's time counts in the cell's
+training time, and the record says how many layers ran compiled and from which step.
+
+``auto`` leaves CUDA training eager: no GPU run has yet timed compiled against eager layers here,
+so where it would pay is not known (``layers`` compiles there, with triton). And ``auto`` never
+compiles where bf16 matrix products run as fp32 GEMMs
 (:func:`peftlab.kernels.precision.bf16_matmul_kind` says ``fp32-gemm``: a CPU without native bf16
 instructions, AVX2 only). Compiled layers run inductor's own products, in bf16, and there oneDNN's
 bf16 GEMM is the slow reference path: on a 2-core AMD EPYC (AVX2) a 1024x1024 product took 3,059 ms
@@ -31,10 +43,7 @@ compiled against 13-22 s eager. ``layers`` still compiles there where asked.
 What a compile leaves is kept in peftlab's cache (``$PEFTLAB_CACHE/inductor``: inductor's FX
 graph and kernel caches, keyed by inductor itself by the graph, torch's version and its settings;
 ``TORCHINDUCTOR_CACHE_DIR`` set by the user wins), so a sweep's later cells and later sweeps build
-no kernel twice. And what compiling cost is remembered (``compile-costs.json`` beside it, per
-decoder layer class, parameter layout, precision, device type and torch version: what the graph
-depends on): ``auto`` weighs a warm compile's measured cost, not the cold one's, against the steps
-left, so once a layer has compiled on this machine, shorter runs compile too.
+no kernel twice: a warm cache makes compiling cheaper, never changes what is computed or whether.
 
 Only training compiles: evaluation and generation run the layers as they are.
 """
@@ -52,10 +61,11 @@ from torch import nn
 from peftlab.plugin.errors import ValidationError
 
 COMPILE_SETTINGS = ("auto", "layers", "off")
-#: eager training time left (s) from which ``auto`` compiles a layer never compiled here: the cold
-#: compile (about :data:`COLD_COMPILE_S`) is then under 8% of it and the fused step saves about 11%
-PAYS_AFTER_S = 600.0
-COLD_COMPILE_S = 45.0
+#: a run's work (parameters x tokens planned, :func:`planned_work`) from which ``auto`` compiles on
+#: a CPU, per two torch threads: 600 s of eager bf16 training at 2.2e10 parameter-tokens a second,
+#: what SmolLM2-135M cells trained at on a 2-core Xeon with AVX512-BF16 (Table 3's, 2026-12: LoRA
+#: 2.8e10, Adapter-H 2.7e10, full fine-tuning 1.9e10), where a cold compile takes about 45 s
+PAYS_FROM_PARAM_TOKENS = 600.0 * 2.2e10
 
 
 @functools.cache
@@ -103,24 +113,25 @@ def from_start(setting: str, device: torch.device) -> bool:
     return setting == "layers"
 
 
-def decide_after(device: torch.device) -> int:
-    """How many eager steps ``auto`` times before it decides: one on CPU; two on CUDA, whose first
-    step carries handle and workspace setup and kernel selection (the second is the one timed)."""
-    return 2 if device.type == "cuda" else 1
+def planned_work(model: nn.Module, tokens: int) -> float:
+    """A run's work as ``auto`` weighs it: every parameter of ``model`` (frozen ones too: the
+    forward and the backward pass through them) times the ``tokens`` it plans to train on."""
+    return float(sum(p.numel() for p in model.parameters())) * tokens
 
 
-def pays(setting: str, device: torch.device, step_s: float, steps_left: int, precision: str = "bf16",
-         cost_s: float | None = None) -> bool:
-    """Whether ``auto`` compiles, with ``steps_left`` to go at ``step_s`` each (the last eager step's
-    time): the same rule on CPU and CUDA, the time they would take against :data:`PAYS_AFTER_S`,
-    scaled by what compiling costs (``cost_s``, a remembered compile's: :func:`known_cost`; unknown:
-    :data:`COLD_COMPILE_S`); never where bf16 products run as fp32 GEMMs in eager (see the module's
-    docstring)."""
+def pays(setting: str, device: torch.device, work: float, precision: str = "bf16",
+         threads: int | None = None) -> bool:
+    """Whether ``auto`` compiles a run of ``work`` (:func:`planned_work`): on a CPU from
+    :data:`PAYS_FROM_PARAM_TOKENS` per two of its ``threads`` (torch's, by default) where inductor
+    can build kernels and bf16 products do not run as fp32 GEMMs; never on CUDA (see the module's
+    docstring). A rule on the run's size alone, so load and caches never change the decision."""
     from peftlab.kernels.precision import bf16_matmul_kind
 
-    cost = COLD_COMPILE_S if cost_s is None else min(max(cost_s, 1.0), COLD_COMPILE_S)
-    return (setting == "auto" and step_s * steps_left >= PAYS_AFTER_S * cost / COLD_COMPILE_S
-            and missing(device) is None and bf16_matmul_kind(precision, device) != "fp32-gemm")
+    if setting != "auto" or device.type != "cpu" or missing(device) is not None:
+        return False
+    threads = torch.get_num_threads() if threads is None else threads
+    return (work >= PAYS_FROM_PARAM_TOKENS * max(threads, 1) / 2
+            and bf16_matmul_kind(precision, device) != "fp32-gemm")
 
 
 def costed_after(compiled_from_step: int) -> int:
@@ -135,64 +146,6 @@ def compile_cost(step_times: list[float], compiled_from_step: int) -> float:
     first = compiled_from_step - 1
     other = first - 1 if first > 0 else 1
     return max(step_times[first] - step_times[other], 0.0)
-
-
-def layout_key(model: nn.Module, precision: str, device: torch.device) -> str | None:
-    """What a decoder layer's compiled graph depends on, hashed: its class, its parameters' names,
-    shapes, dtypes and whether they train, the precision, the device type and torch's version.
-    ``None`` for a model without decoder layers."""
-    from peftlab.cachedir import digest
-
-    layers = decoder_layers(model)
-    if not layers:
-        return None
-    layer = layers[0][2]
-    params = [(n, tuple(p.shape), str(p.dtype), p.requires_grad) for n, p in layer.named_parameters()]
-    return digest(type(layer).__qualname__, params, precision, device.type, torch.__version__)
-
-
-def _costs_file():
-    from peftlab.cachedir import cache_root
-
-    root = cache_root()
-    return None if root is None else root / "compile-costs.json"
-
-
-def known_cost(key: str | None) -> float | None:
-    """The seconds compiling ``key``'s layers last cost on this machine, where remembered."""
-    import json
-
-    path = _costs_file()
-    if key is None or path is None or not path.is_file():
-        return None
-    try:
-        value = json.loads(path.read_text()).get(key)
-    except (OSError, ValueError, AttributeError):
-        return None  # a damaged memory is no memory: auto falls back to the cold estimate
-    return float(value) if isinstance(value, (int, float)) else None
-
-
-def remember_cost(key: str | None, seconds: float) -> None:
-    """Keep what compiling ``key``'s layers cost (the first compiled step's time over an eager one's)."""
-    import json
-
-    from peftlab.atomic import write_text_atomic
-
-    path = _costs_file()
-    if key is None or path is None:
-        return
-    try:
-        known = json.loads(path.read_text()) if path.is_file() else {}
-        if not isinstance(known, dict):
-            known = {}
-    except (OSError, ValueError):
-        known = {}
-    known[key] = round(max(seconds, 0.0), 3)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(path, json.dumps(known, indent=1, sort_keys=True))
-    except OSError:
-        pass  # a cache that cannot be written costs the next run a cold estimate, nothing else
 
 
 @contextlib.contextmanager

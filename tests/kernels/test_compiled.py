@@ -2,6 +2,8 @@
 weights within bf16 rounding and leaves the model as it was; ``auto`` compiles only when the run
 left is long enough to pay; a setting the machine cannot run is refused before anything loads."""
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -50,8 +52,17 @@ def test_compiled_training_matches_eager(seed):
 @pytest.mark.parametrize("adapter,checkpointing", [("lora", False), ("full", False), ("lora", True)])
 def test_compiled_gradients_match_eager(adapter, checkpointing, seed):
     """One batch, the cell's loss under bf16 autocast (and with activation checkpointing, which
-    wraps each layer's call): the loss and every trainable parameter's gradient agree within bf16 tolerance (compared after one backward, not after optimizer steps,
-    where Adam turns a rounding-sized gradient of either sign into a full step)."""
+    wraps each layer's call): the loss and every trainable parameter's gradient agree with eager
+    autocast's within what bf16 autocast itself costs (compared after one backward, not after
+    optimizer steps, where Adam turns a rounding-sized gradient of either sign into a full step).
+
+    The bound is taken from fp32: compiled and eager training are two bf16 roundings of the same fp32
+    computation, each off it by bf16's error, so they differ by at most about twice eager's distance
+    from fp32. A fixed share of the gradient's own size is no bound: the q projection's gradient
+    passes the softmax's backward, which subtracts nearly equal terms, so its rounding error is a
+    share of those terms, and a gradient 200 times smaller than v's can be 7% off in both (layer
+    1's q_proj lora_A, seed 35). Over seeds 0-59 the compiled-eager distance reached 1.84 times
+    eager's distance from fp32 (and compiled's own distance from fp32 2.3 times eager's), so 3."""
     from peftlab.cell.train import response_loss
     from peftlab.data.prompts import pad_batch
     from peftlab.kernels.precision import autocast
@@ -71,55 +82,57 @@ def test_compiled_gradients_match_eager(adapter, checkpointing, seed):
     model.train()
     checkpointing_on(model, checkpointing)
 
-    def grads(on):
+    def grads(on, precision="bf16"):
         model.zero_grad(set_to_none=True)
-        with compiled.compiled_layers(model, on), autocast("bf16", CPU):
+        with compiled.compiled_layers(model, on), autocast(precision, CPU):
             loss = response_loss(model, batch)
         loss.backward()
         return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
-    (loss, got), (ref_loss, ref) = grads(True), grads(False)
+    (loss, got), (ref_loss, ref), (_, fp32) = grads(True), grads(False), grads(False, "fp32")
     assert loss == pytest.approx(ref_loss, rel=1e-2)
     assert got.keys() == ref.keys() and got
-    # Eager rounds every op's output to bf16; inductor keeps a fused group's intermediates in fp32,
-    # so the two differ by bf16 roundings compounded through the layers: within 2% of a gradient's
-    # largest element on AVX-512 CPUs, but 3.0% for layer 1's q_proj lora_A on a 2-core AVX2 EPYC
-    # (seed 518604484, also at 121852b), so 4%
     for name, g in ref.items():
-        scale = g.abs().max().item()
-        print(f"{name}: worst element {((got[name] - g).abs().max() / scale).item():.4f} of the largest")
-        torch.testing.assert_close(got[name], g, rtol=2e-2, atol=4e-2 * scale, msg=name)
+        apart, bf16_error = (got[name] - g).norm().item(), (g - fp32[name]).norm().item()
+        print(f"{name}: compiled-eager {apart:.3e}, eager-fp32 {bf16_error:.3e}, |fp32| {fp32[name].norm().item():.3e}")
+        assert apart <= 3 * bf16_error + 1e-3 * fp32[name].norm().item(), name
 
 
-def test_auto_compiles_only_when_the_run_left_pays(monkeypatch):
+def test_auto_compiles_a_cpu_run_by_its_size_per_two_threads(monkeypatch):
     import peftlab.kernels.precision as precision
 
     monkeypatch.setattr(compiled, "compiler", lambda: "/usr/bin/g++")
     monkeypatch.setattr(precision, "native_bf16_matmul", lambda: True)  # AMX, or AVX512-BF16
-    left = int(compiled.PAYS_AFTER_S) + 1
-    assert compiled.pays("auto", CPU, 1.0, left)
-    assert not compiled.pays("auto", CPU, 1.0, left - 2)  # 50 quickstart steps of about 2 s do not pay
-    assert not compiled.pays("off", CPU, 1.0, left) and not compiled.pays("layers", CPU, 1.0, left)
+    bar = compiled.PAYS_FROM_PARAM_TOKENS
+    assert compiled.pays("auto", CPU, bar, threads=2) and not compiled.pays("auto", CPU, 0.99 * bar, threads=2)
+    assert not compiled.pays("auto", CPU, 1.5 * bar, threads=4) and compiled.pays("auto", CPU, 2 * bar, threads=4)
+    # Table 3's cells (SmolLM2-135M, 50 steps of about 980 tokens) stay eager on two threads
+    assert not compiled.pays("auto", CPU, 134.5e6 * 50 * 980, threads=2)
+    assert not compiled.pays("off", CPU, 10 * bar, threads=2) and not compiled.pays("layers", CPU, 10 * bar, threads=2)
     monkeypatch.setattr(precision, "native_bf16_matmul", lambda: False)
-    assert not compiled.pays("auto", CPU, 1.0, 10 * left)  # AVX2 only: compiled bf16 products are the slow path
-    assert compiled.pays("auto", CPU, 1.0, left, "fp32")  # fp32 training compiles there
+    assert not compiled.pays("auto", CPU, 10 * bar, threads=2)  # AVX2 only: compiled bf16 products are the slow path
+    assert compiled.pays("auto", CPU, bar, "fp32", threads=2)  # fp32 training compiles there
     monkeypatch.setattr(precision, "native_bf16_matmul", lambda: True)
     monkeypatch.setattr(compiled, "compiler", lambda: None)
-    assert not compiled.pays("auto", CPU, 1.0, left)
+    assert not compiled.pays("auto", CPU, 10 * bar, threads=2)
 
 
-def test_auto_decides_on_cuda_by_the_same_rule_after_the_second_step(monkeypatch):
-    """CUDA's first step carries its setup (handles, workspaces, kernel selection), so the decision
-    waits for the second; the rule is the CPU's, and without triton nothing compiles."""
+def test_auto_leaves_cuda_eager_and_layers_needs_triton(monkeypatch):
+    """No GPU run has timed compiled against eager layers, so auto does not guess where it pays."""
     cuda = torch.device("cuda")
-    left = int(compiled.PAYS_AFTER_S) + 1
-    assert compiled.decide_after(cuda) == 2 and compiled.decide_after(CPU) == 1
     monkeypatch.setattr(compiled, "triton", lambda: True)
-    assert compiled.pays("auto", cuda, 1.0, left) and not compiled.pays("auto", cuda, 1.0, left - 2)
+    assert not compiled.pays("auto", cuda, 1e6 * compiled.PAYS_FROM_PARAM_TOKENS, threads=2)
     monkeypatch.setattr(compiled, "triton", lambda: False)
-    assert not compiled.pays("auto", cuda, 1.0, left)
     with pytest.raises(ValidationError, match="train.compile.*triton"):
         compiled.check("layers", cuda)
+
+
+def test_the_planned_work_counts_every_parameter(seed):
+    loaded = load(ModelConfig("tiny-llama"), seed=seed % 1000)
+    n = sum(p.numel() for p in loaded.model.parameters())
+    attach(loaded.model, HOST.adapters.build("lora", r=2))
+    grown = sum(p.numel() for p in loaded.model.parameters())
+    assert grown > n and compiled.planned_work(loaded.model, 300) == grown * 300
 
 
 def test_auto_leaves_a_short_run_eager(seed):
@@ -127,24 +140,26 @@ def test_auto_leaves_a_short_run_eager(seed):
     assert (result.compiled_layers, result.compiled_from_step) == (0, 0)
 
 
-def test_auto_compiles_from_the_second_step_when_it_pays(monkeypatch, seed):
-    """The decision is taken on the first step's time; the rest of the run trains compiled."""
-    monkeypatch.setattr(compiled, "pays", lambda setting, device, step_s, steps_left, precision="bf16", cost_s=None:
-                        step_s > 0)
-    entered = []
-    real = compiled.compiled_layers
+def test_auto_decides_before_the_first_step_and_load_cannot_change_it(monkeypatch, seed):
+    """The decision weighs the planned work, taken once before training; the steps' wall times,
+    however slow (a loaded machine), never enter it, and a run that pays trains compiled from step 1."""
+    seen = []
 
-    def counting(model, on=True):
-        entered.append(on)
-        return real(model, on=False)  # no compile: the decision and the record are what is tested
+    def pays(setting, device, work, precision="bf16", threads=None):
+        seen.append(work)
+        return True
 
-    monkeypatch.setattr(compiled, "compiled_layers", counting)
-    result, _ = fit("auto", seed % 1000, steps=3)
-    assert entered == [True] and (result.compiled_layers, result.compiled_from_step) == (0, 0)
-    monkeypatch.setattr(compiled, "compiled_layers", lambda model, on=True: real(model, on=True))
+    monkeypatch.setattr(compiled, "pays", pays)
     monkeypatch.setattr(torch, "compile", lambda module, **kw: module)  # a stand-in that compiles nothing
     result, model = fit("auto", seed % 1000, steps=3)
-    assert (result.compiled_layers, result.compiled_from_step) == (model.config.num_hidden_layers, 2)
+    assert (result.compiled_layers, result.compiled_from_step) == (model.config.num_hidden_layers, 1)
+    assert len(seen) == 1 and seen[0] > 0
+    clock = iter(range(0, 10**6, 1000))  # every step a thousand seconds long
+    monkeypatch.setattr("peftlab.cell.train.time", SimpleNamespace(perf_counter=lambda: float(next(clock))))
+    monkeypatch.setattr(compiled, "pays", lambda setting, device, work, precision="bf16", threads=None:
+                        seen.append(work) or False)
+    result, _ = fit("auto", seed % 1000, steps=3)
+    assert (result.compiled_layers, result.compiled_from_step) == (0, 0) and seen[1] == seen[0]
 
 
 def test_layers_without_a_compiler_is_refused_before_loading(monkeypatch, tmp_path):
@@ -172,40 +187,6 @@ def test_the_command_line_sets_it():
         build_parser().parse_args(["run", "--compile", "fused"])
 
 
-def test_a_remembered_compile_lowers_the_bar_auto_compiles_at(monkeypatch):
-    """With no compile remembered, auto weighs the cold cost; once one is, the measured cost: a run
-    as short as its share of the cold one's bar compiles, and no run shorter than a second's worth."""
-    import peftlab.kernels.precision as precision
-
-    monkeypatch.setattr(compiled, "compiler", lambda: "/usr/bin/g++")
-    monkeypatch.setattr(precision, "native_bf16_matmul", lambda: True)
-    bar = compiled.PAYS_AFTER_S
-    assert not compiled.pays("auto", CPU, 1.0, int(bar / 3))
-    warm = compiled.COLD_COMPILE_S / 3
-    assert compiled.pays("auto", CPU, 1.0, int(bar / 3) + 1, cost_s=warm)
-    assert not compiled.pays("auto", CPU, 1.0, int(bar / 3) - 2, cost_s=warm)
-    assert not compiled.pays("auto", CPU, 1.0, 5, cost_s=0.0)  # a cost floored at 1 s: 5 s left do not pay
-    assert not compiled.pays("auto", CPU, 1.0, int(bar) - 2, cost_s=10 * compiled.COLD_COMPILE_S)  # capped at cold
-
-
-def test_compile_costs_are_remembered_per_layer_layout(tmp_path, monkeypatch, seed):
-    monkeypatch.setenv("PEFTLAB_CACHE", str(tmp_path))
-    loaded = load(ModelConfig("tiny-llama"), seed=seed % 1000)
-    key = compiled.layout_key(loaded.model, "bf16", CPU)
-    assert key and key != compiled.layout_key(loaded.model, "fp32", CPU)
-    assert compiled.known_cost(key) is None
-    compiled.remember_cost(key, 12.5)
-    assert compiled.known_cost(key) == 12.5
-    attach(loaded.model, HOST.adapters.build("lora", r=2))  # other trainable parameters: another graph
-    assert compiled.layout_key(loaded.model, "bf16", CPU) != key
-    (tmp_path / "compile-costs.json").write_text("{damaged")
-    assert compiled.known_cost(key) is None  # a damaged memory is none: the cold estimate applies
-    compiled.remember_cost(key, 3.0)
-    assert compiled.known_cost(key) == 3.0
-    monkeypatch.setenv("PEFTLAB_CACHE", "off")
-    assert compiled.known_cost(key) is None
-
-
 def test_compiled_artefacts_go_to_peftlabs_cache_unless_the_user_chose(tmp_path, monkeypatch, seed):
     import os
 
@@ -229,9 +210,9 @@ def test_compiled_artefacts_go_to_peftlabs_cache_unless_the_user_chose(tmp_path,
 
 
 def test_the_compile_cost_is_the_first_compiled_step_over_an_uncompiled_one():
-    # auto compiled from step 2: its first compiled step over the eager first step
+    # compiled from step 2: its first compiled step over the eager first step
     assert compiled.costed_after(2) == 2 and compiled.compile_cost([5.0, 20.0, 6.0], 2) == 15.0
-    # layers, compiled from step 1: the first step over the second, a compiled one that did not compile
+    # compiled from step 1 (layers, or auto where it pays): the first step over the second, a compiled one that did not compile
     assert compiled.costed_after(1) == 2 and compiled.compile_cost([30.0, 2.0], 1) == 28.0
     assert compiled.compile_cost([5.0, 4.0], 2) == 0.0  # never negative
 
