@@ -332,8 +332,8 @@ def train(model, examples: list[tuple[list[int], list[int]]], cfg: TrainConfig, 
                 if step == 0 and (compile_from_start or compile_auto):
                     result.compiled_layers = compiling.enter_context(compiled.compiled_layers(model))
                     result.compiled_from_step = step + 1 if result.compiled_layers else 0
-                    if result.compiled_layers and result.bf16_matmul == "fp32-gemm":  # inductor's own bf16 products
-                        result.bf16_matmul = "fp32-gemm, then native (compiled layers)"
+                    if result.compiled_layers and result.bf16_matmul == "fp32-gemm":  # inductor's own bf16 products,
+                        result.bf16_matmul = "native (compiled layers)"  # and the rest outside bf16_matmuls
                 start = time.perf_counter()
                 step_loss = 0.0
                 for _ in range(cfg.grad_accum):

@@ -162,6 +162,20 @@ def test_auto_decides_before_the_first_step_and_load_cannot_change_it(monkeypatc
     assert (result.compiled_layers, result.compiled_from_step) == (0, 0) and seen[1] == seen[0]
 
 
+def test_compiled_layers_on_a_cpu_without_bf16_units_are_recorded_as_native_products(monkeypatch, seed):
+    """Where eager bf16 products run as fp32 GEMMs, compiled training (from its first step) runs
+    inductor's bf16 products instead, and the record says so rather than fp32-gemm."""
+    import peftlab.kernels.precision as precision
+
+    monkeypatch.setattr(precision, "native_bf16_matmul", lambda: False)
+    monkeypatch.setattr(compiled, "compiler", lambda: "/usr/bin/g++")
+    monkeypatch.setattr(torch, "compile", lambda module, **kw: module)  # a stand-in that compiles nothing
+    result, _ = fit("layers", seed % 1000, steps=1)
+    assert result.compiled_from_step == 1 and result.bf16_matmul == "native (compiled layers)"
+    result, _ = fit("off", seed % 1000, steps=1)
+    assert result.bf16_matmul == "fp32-gemm"
+
+
 def test_layers_without_a_compiler_is_refused_before_loading(monkeypatch, tmp_path):
     from peftlab.cell.config import CellConfig
     from peftlab.cell.run import run_cell
