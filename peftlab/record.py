@@ -162,8 +162,8 @@ FIELDS: tuple[Field, ...] = (
     _f("train.lean_norms", "int", "train", "RMSNorm modules that ran the lean forward"),
     _f("train.compiled_layers", "int", "train", "decoder layers that trained compiled"),
     _f("train.compiled_from_step", "int", "train", "the first step they ran compiled (0: none did)"),
-    _f("train.compile_s", "float", "train", "what compiling the layers cost: the first compiled step's time over an "
-       "eager one's (0: nothing compiled)", "s"),
+    _f("train.compile_s", "float", "train", "what compiling the layers cost: the first step's time (it compiled them) "
+       "over the second's (0: nothing compiled)", "s"),
     _f("train.packed", "str", "train", "whether micro-batches trained packed: on and how rows were formed, or off and why"),
     _f("train.pad_fraction", "float", "train", "the share of the positions trained on that were padding"),
     _f("train.pad_fraction_unpacked", "float", "train", "the share padding takes with each micro-batch padded to its "

@@ -138,7 +138,7 @@ class TrainResult:
     lean_norms: int = 0  # RMSNorm modules that ran peftlab.kernels.norm's forward
     compiled_layers: int = 0  # decoder layers that trained compiled (peftlab.kernels.compiled)
     compiled_from_step: int = 0  # the first step they ran compiled (1-based; 0: none did)
-    compile_s: float = 0.0  # what compiling cost: the first compiled step's time over an eager (or later) step's
+    compile_s: float = 0.0  # what compiling cost: the first step's time over the second's, both compiled
     stopped_at: int = 0  # the step after which on_step stopped training early (a pruned tuning trial); 0: it ran out
 
     @property
@@ -315,10 +315,8 @@ def train(model, examples: list[tuple[list[int], list[int]]], cfg: TrainConfig, 
     gen = torch.Generator().manual_seed(cfg.seed)
     per_epoch = math.ceil(len(examples) / cfg.batch_size)
     micro = 0
-    last_step_s = 0.0
     planned_tokens = total * cfg.batch_size * cfg.grad_accum * sum(len(ids) for ids, _ in examples) / max(len(examples), 1)
     compile_auto = compiled.pays(cfg.compile, device, compiled.planned_work(model, round(planned_tokens)), cfg.precision)
-    step_times: list[float] = []
     bar = tqdm(total=total, desc="train", unit="step", disable=not progress, dynamic_ncols=True)
     try:
         with (attention(model, resolve(cfg.attention, device)) as implementation,
@@ -365,9 +363,8 @@ def train(model, examples: list[tuple[list[int], list[int]]], cfg: TrainConfig, 
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
                 last_step_s = time.perf_counter() - start
-                step_times.append(last_step_s)
-                if result.compiled_layers and len(step_times) == compiled.costed_after(result.compiled_from_step):
-                    result.compile_s = compiled.compile_cost(step_times, result.compiled_from_step)
+                if result.compiled_layers and step == 1:
+                    result.compile_s = compiled.compile_cost(result.first_step_s, last_step_s)
                 result.seconds += last_step_s
                 result.steps += 1
                 if step == 0:

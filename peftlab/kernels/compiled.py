@@ -17,8 +17,9 @@ inductor's on-disk cache warm and 40-45 s cold (SmolLM2-135M): more than a 50-st
 saves (about 0.25 s a step).
 
 Hence ``train.compile = "auto"`` compiles only a run big enough to pay, and judges its size, never
-its timing: a decision taken on a step's wall time or on what compiling cost last time changes with the machine's load and the state of its caches, and compiled layers
-compute in other rounding than eager ones, so the same cell trained under load came out another
+its timing: a decision taken on a step's wall time or on what compiling cost last time changes
+with the machine's load and the state of its caches, and compiled layers compute in other
+rounding than eager ones, so the same cell trained under load came out another
 cell (SmolLM2-135M full fine-tuning, Table 3's seed 1: 69.15 BLEU compiled, 68.42 eager). ``auto``
 weighs the run's work, parameters times the tokens it plans to train on (:func:`planned_work`),
 against :data:`PAYS_FROM_PARAM_TOKENS` per two CPU threads (600 s of eager training at the rate
@@ -134,18 +135,11 @@ def pays(setting: str, device: torch.device, work: float, precision: str = "bf16
             and bf16_matmul_kind(precision, device) != "fp32-gemm")
 
 
-def costed_after(compiled_from_step: int) -> int:
-    """After how many steps :func:`compile_cost` can tell what compiling cost: the first compiled
-    one (1-based ``compiled_from_step``) after eager steps; the second when compiled from the first."""
-    return max(compiled_from_step, 2)
-
-
-def compile_cost(step_times: list[float], compiled_from_step: int) -> float:
-    """What compiling cost, from the steps' times: the first compiled step's time over the last eager
-    step's, or, compiled from the first step, over the second's (never below 0)."""
-    first = compiled_from_step - 1
-    other = first - 1 if first > 0 else 1
-    return max(step_times[first] - step_times[other], 0.0)
+def compile_cost(first_step_s: float, second_step_s: float) -> float:
+    """What compiling cost: the first step's time, which compiled the layers, over the second's,
+    which ran them compiled without compiling (never below 0). Layers compile from the first step
+    or not at all."""
+    return max(first_step_s - second_step_s, 0.0)
 
 
 @contextlib.contextmanager
