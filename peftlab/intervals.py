@@ -27,6 +27,16 @@ def half_width(values: Iterable[float]) -> float:
     return t95(len(vals)) * statistics.stdev(vals) / math.sqrt(len(vals))
 
 
+def mean_pm(values: Iterable[float], digits: int = 1) -> str:
+    """``values``' mean ± the half-width of its 95% interval, each to ``digits`` decimals, as reports
+    print it ("68.4 ± 2.2"); a single value has no interval and prints alone."""
+    vals = [float(v) for v in values]
+    if not vals:
+        raise ValueError("mean_pm needs at least one value")
+    hw = half_width(vals)
+    return f"{statistics.mean(vals):.{digits}f}" + ("" if math.isnan(hw) else f" ± {hw:.{digits}f}")
+
+
 def difference(a: Iterable[float], b: Iterable[float]) -> tuple[float, float]:
     """``mean(a) - mean(b)`` and the half-width of its 95% Welch interval (two independent samples,
     variances not assumed equal): t * sqrt(var_a / n_a + var_b / n_b), t at the Welch-Satterthwaite

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import pandas as pd
 
-from peftlab.intervals import difference, half_width
+from peftlab.intervals import difference, mean_pm
 from peftlab.sweep.experiment import describe
 
 FLOAT = "none"  # the quantizer column of a cell on the float base
@@ -37,8 +37,7 @@ class Cell:
     errors: list[float] = field(default_factory=list)
 
     def mean(self) -> str:
-        hw = half_width(self.values)
-        return f"{statistics.mean(self.values):.1f}" + ("" if math.isnan(hw) else f" ± {hw:.1f}") + f" (n={len(self.values)})"
+        return f"{mean_pm(self.values)} (n={len(self.values)})"
 
 
 def _keys(row: pd.Series) -> tuple[str, str] | None:

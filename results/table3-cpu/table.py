@@ -13,7 +13,7 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-from peftlab.intervals import half_width
+from peftlab.intervals import mean_pm
 
 HERE = Path(__file__).parent
 METHODS = {("full", "none"): "full fine-tuning", ("ft-top", "none"): "FT-Top2", ("adapter-l", "none"): "Adapter-L m=16",
@@ -34,10 +34,7 @@ def rows_of(folder: Path) -> dict:
 
 
 def mean_ci(values: list[float], digits: int = 1) -> str:
-    if not values:
-        return ""
-    hw = half_width(values)
-    return f"{statistics.mean(values):.{digits}f}" + ("" if hw != hw else f" ± {hw:.{digits}f}")
+    return mean_pm(values, digits) if values else "-"
 
 
 def bleu(rs: list[dict]) -> str:

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from peftlab.intervals import difference, t95
+from peftlab.intervals import difference, mean_pm, t95
 from peftlab.report.crossing import crossed_adapters, matrix, reference, section, short
 from peftlab.report.tables import to_frame
 
@@ -94,6 +94,14 @@ def test_welch_interval_by_hand_and_its_edges():
     assert d == -4 and hw == pytest.approx(4.303 * math.sqrt(5 / 3))
     assert math.isnan(difference([1.0], [2.0, 3.0])[1])
     assert difference([1.0, 1.0], [2.0, 2.0]) == (-1.0, 0.0)
+
+
+def test_mean_and_interval_as_printed():
+    # [1, 2, 3]: mean 2, sd 1, half-width t(2 dof) / sqrt(3) = 4.303 / 1.732 = 2.484
+    assert mean_pm([1, 2, 3]) == "2.0 ± 2.5" and mean_pm([1, 2, 3], digits=3) == "2.000 ± 2.484"
+    assert mean_pm([68.4]) == "68.4"  # one value: no interval, no "nan"
+    with pytest.raises(ValueError):
+        mean_pm([])
 
 
 def test_welch_interval_covers_the_true_difference(seed):
