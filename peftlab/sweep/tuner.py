@@ -438,7 +438,8 @@ def run_tuning(tune: TuneConfig, cells: list[PlannedCell], folder: Path, *, host
     records = store.scan().records
     found, failed, summary = {}, {}, []
     for g in gs:
-        ids = [t.user_attrs["cell_id"] for t in sorted(told(studies[g.key]), key=lambda t: t.number)]
+        mine = sorted(told(studies[g.key]), key=lambda t: t.number)
+        ids = [t.user_attrs["cell_id"] for t in mine]
         trials = [records[i] for i in ids if i in records]
         pick = best(trials, tune.metric)
         summary.append({"group": g.label, "key": g.key, "study": studies[g.key].study_name,
@@ -454,7 +455,7 @@ def run_tuning(tune: TuneConfig, cells: list[PlannedCell], folder: Path, *, host
         else:
             found[g.key] = chosen_values(pick)
             log(f"  {g.label}: {describe(found[g.key])} ({tune.metric} {outcome(pick, tune.metric)[1]:.4g}, "
-                f"trial {pick.get('tune.trial')})")
+                f"trial {mine[ids.index(pick['cell_id'])].number})")  # this study's number, not the record's own
     from peftlab.atomic import write_text_atomic
 
     write_text_atomic(folder / SUMMARY, json.dumps({"tune": tune.to_dict(), "groups": summary}, indent=2,

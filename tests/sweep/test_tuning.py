@@ -143,6 +143,34 @@ def test_a_killed_tuning_resumes_without_rerunning_finished_trials(tmp_path, cap
     assert idle.ran == []
 
 
+def test_trials_read_from_another_study_are_numbered_by_this_one(tmp_path, capsys):
+    """A folder's trial records copied where the same tuning is planned anew (another machine, with
+    --reuse-foreign) are read, not run, and the chosen trial is named by the new study's number, not
+    the one its record kept: killed and resumed, the first study numbered its trials 0, 2, 3 (1 was
+    the trial the dead sweep left running), the new one numbers them 0, 1, 2."""
+    import re
+    import shutil
+
+    exp = load_experiment(write(tmp_path))
+    first, copy = tmp_path / "first", tmp_path / "copy"
+    with pytest.raises(KeyboardInterrupt):
+        sweep(exp, first, host=HOST, executor=WorkerInProcess(stop_at=1), progress=False, log=lambda s: None)
+    sweep(exp, first, host=HOST, executor=WorkerInProcess(), progress=False, log=lambda s: None)
+    assert sorted(r["tune.trial"] for r in trial_records(first).values()) == [0, 2, 3]
+    for sub in ("cells", "inputs"):
+        shutil.copytree(first / FOLDER / sub, copy / FOLDER / sub)
+    capsys.readouterr()
+    lines, again = [], WorkerInProcess()
+    sweep(exp, copy, host=HOST, executor=again, progress=False, log=lines.append)
+    assert not set(again.ran) & set(trial_records(first))  # every trial read
+    said = capsys.readouterr().err
+    numbers = {lr: int(n) for n, lr in re.findall(r"lora\(r=2\) trial (\d+): lr=(\S+): complete \(record kept\)", said)}
+    assert sorted(numbers.values()) == [0, 1, 2], said
+    chosen = [re.search(r"lora\(r=2\): lr=(\S+) \(loss \S+, trial (\d+)\)", line) for line in lines]
+    (lr, n), = [m.groups() for m in chosen if m]
+    assert numbers[lr] == int(n)
+
+
 def test_a_resumed_study_draws_new_values_not_its_first_trials_again(tmp_path):
     """Killed while the second method's first trial ran, the first method's study resumes in the
     sampler's random start-up phase with one trial done: it must draw what an uninterrupted tuning
