@@ -53,11 +53,12 @@ def main() -> None:
         if not a and key not in FIXED:
             print(f"| {name} | not run yet |" + " |" * (len(head) - 2))
             continue
-        line = [name, *(describe(a) if a else (describe(o) if o else ["-"] * 6))]
+        shown = describe(a) if a else (describe(o) if o else ["-"] * 6)
+        line = [name, *shown]
         if a and o:
             d = describe(o)
             line.append(f"{d[0]}, {d[1]}, {d[3]}, {d[4]}")
-            if d[0] == describe(a)[0]:  # the budget's size is its own: the same cells, not a second sample
+            if d[0] == shown[0]:  # the budget's size is its own: the same cells, not a second sample
                 line.append("same size: these are table3-cpu's seeds " + ", ".join(str(x["train.seed"]) for x in a))
             else:
                 diff, hw = difference([x["metric.bleu-e2e"] for x in a], [x["metric.bleu-e2e"] for x in o])
