@@ -4,7 +4,10 @@ Each method at the budget (this folder's cells: its size set to the whole value 
 count comes nearest 460,800, LoRA r=8's, its rate tuned again at that size) beside the same method
 at Table 3's own size (`results/table3-cpu`'s tuned grid), and the difference of the two BLEU means
 with its 95% Welch interval (`peftlab.intervals.difference`). IA3 and full fine-tuning have no size
-setting: their only row is table3-cpu's. Intervals are the reports' 95% Student t intervals."""
+setting: their only row is table3-cpu's. Intervals are the reports' 95% Student t intervals.
+
+Below it, `results/table3-budget-rate-check`: Adapter-L at its budget size run at the rate tuned
+at its Table 3 size, against both rows above."""
 import glob
 import json
 from collections import defaultdict
@@ -14,6 +17,7 @@ from peftlab.intervals import difference, mean_pm
 
 HERE = Path(__file__).parent
 CPU = HERE.parent / "table3-cpu"
+CHECK = HERE.parent / "table3-budget-rate-check"
 BUDGET = 460_800
 METHODS = {"full": "full fine-tuning", "ft-top": "FT-Top", "adapter-l": "Adapter-L", "adapter-h": "Adapter-H",
            "prefix-mlp": "PreLayer (prefix-mlp)", "lora": "LoRA a=16", "dora": "DoRA a=16", "ia3": "IA3"}
@@ -66,6 +70,22 @@ def main() -> None:
         else:
             line += ["(no size setting: table3-cpu's row)" if o else "-", "-"]
         print("| " + " | ".join(line) + " |")
+    rate_check(at, own)
+
+
+def rate_check(at: dict, own: dict) -> None:
+    """Adapter-L at the budget with Table 3's rate: is its drop the size's or the rate search's?"""
+    check = rows_of(CHECK).get("adapter-l")
+    if not check:
+        return
+    bleu = {name: [x["metric.bleu-e2e"] for x in rs] for name, rs in
+            (("check", check), ("budget", at.get("adapter-l", [])), ("own", own.get("adapter-l", [])))}
+    d = describe(check)
+    print(f"\nAdapter-L at {d[0]} with rate {d[3]}: BLEU {d[4]}, forgetting {d[5]}")
+    for name, label in (("budget", "the budget's tuned rate"), ("own", "Table 3's size")):
+        if bleu[name]:
+            diff, hw = difference(bleu["check"], bleu[name])
+            print(f"  minus {label}: {diff:+.1f} ± {hw:.1f} (95% Welch)")
 
 
 if __name__ == "__main__":
