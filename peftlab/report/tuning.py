@@ -68,7 +68,10 @@ def section(folder: Path, out: Callable[[str], Path], drawing: bool,
         f"Before the grid, each method's searched settings were tuned by Optuna (TPE sampler, seed {tune['seed']}; "
         + ("successive halving over training steps, keeping the best 1/" + str(tune["reduction"]) + " at each rung"
            if tune["pruner"] == "successive-halving" or (tune["pruner"] == "auto" and metric == "loss") else "no pruning")
-        + f"), {tune['trials']} trials per method, judged by {judge} on split {', '.join(splits) or '?'} "
+        + f"), {tune['trials']} trials per method"
+        + ("; each method's first trials at " + " then ".join(tuner.describe(p) for p in tune["start"]) + " (`start`)"
+           if tune.get("start") else "")
+        + f", judged by {judge} on split {', '.join(splits) or '?'} "
         f"({tune['eval_limit']} inputs, never the grid's test inputs). The grid's cells "
         + ("will run" if unfinished else "then ran") + " at the chosen settings with every seed. Trials' records: `tuning/cells/`; the studies: `tuning/optuna.journal`.\n",
         *([f"**Unfinished**: the sweep stopped (or is still running) before every method had its {tune['trials']} "

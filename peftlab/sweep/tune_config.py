@@ -11,6 +11,7 @@ eval_limit = 50            # validation inputs a trial is judged on (a seeded sa
 pruner = "auto"            # auto: successive halving over steps when the metric is the loss; "none"
 min_steps = 0              # successive halving's first rung (0: a ninth of the steps)
 reduction = 3              # successive halving keeps the best 1/reduction at each rung
+start = [{ "train.lr" = 1e-2 }]  # points each method's search tries first (optional; they count as trials)
 
 [tune.space]               # a cell setting (section.field) for every method, or component.setting for one
 "train.lr" = { low = 1e-4, high = 3e-2, log = true }
@@ -21,14 +22,15 @@ reduction = 3              # successive halving keeps the best 1/reduction at ea
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from peftlab.plugin.errors import ValidationError
 
 SECTIONS = ("model", "data", "train", "eval")
 PRUNERS = ("auto", "successive-halving", "none")
-KEYS = ("metric", "trials", "seed", "split", "eval_limit", "pruner", "min_steps", "reduction", "startup_trials", "space")
+KEYS = ("metric", "trials", "seed", "split", "eval_limit", "pruner", "min_steps", "reduction", "startup_trials", "start",
+        "space")
 #: settings a search must never move: they define the data a method is judged on, or the judge
 FIXED = ("data.source", "data.eval_source", "data.eval_split", "data.eval_limit", "data.eval_sample", "data.splits",
          "eval.metrics", "eval.loss", "eval.generate", "train.seed")
@@ -107,6 +109,10 @@ class TuneConfig:
     min_steps: int = 0  # successive halving's first rung, in steps (0: a ninth of the steps)
     reduction: int = 3  # successive halving keeps the best 1/reduction of the trials at each rung
     startup_trials: int = 0  # random trials before TPE models the results (0: a third of the trials, at least 2)
+    # start: each point a tuple of (searched setting, value) pairs, tried in order (Optuna's
+    # enqueue_trial) before anything is drawn; a setting a point leaves out, or that does not apply to
+    # a method, is drawn as usual
+    start: tuple = ()  # points every method's search tries first, e.g. [{ "train.lr" = 1e-2 }] (a rate known to work, so a short search cannot miss it); they are trials, counted in trials and among the random start-up ones
 
     @property
     def minimise(self) -> bool:
@@ -119,6 +125,13 @@ class TuneConfig:
     @property
     def n_startup(self) -> int:
         return self.startup_trials or max(2, self.trials // 3)
+
+    def start_for(self, params: tuple[Param, ...]) -> list[dict[str, Any]]:
+        """The start points of a method whose searched settings are ``params``: each point's values
+        for those settings (a point naming none of them is left out)."""
+        keys = {p.key for p in params}
+        points = [{k: v for k, v in point if k in keys} for point in self.start]
+        return [p for p in points if p]
 
     def rungs(self, steps: int) -> list[int]:
         """The steps at which a trial reports its validation loss to the pruner: successive halving's
@@ -133,10 +146,13 @@ class TuneConfig:
         return out
 
     def to_dict(self) -> dict[str, Any]:
-        return {"metric": self.metric, "trials": self.trials, "seed": self.seed, "split": self.split,
-                "eval_limit": self.eval_limit, "pruner": self.pruner, "min_steps": self.min_steps,
-                "reduction": self.reduction, "startup_trials": self.startup_trials,
-                "space": [p.describe() for p in self.space]}
+        out = {"metric": self.metric, "trials": self.trials, "seed": self.seed, "split": self.split,
+               "eval_limit": self.eval_limit, "pruner": self.pruner, "min_steps": self.min_steps,
+               "reduction": self.reduction, "startup_trials": self.startup_trials,
+               "space": [p.describe() for p in self.space]}
+        if self.start:  # only when set: a search without start points keeps the study it had before they existed
+            out["start"] = [dict(point) for point in self.start]
+        return out
 
 
 def _whole(where: str, v: Any, low: int) -> int:
@@ -186,6 +202,43 @@ def parse_param(key: str, spec: Any) -> Param:
     return Param(key, float(low), float(high), log, float(step) if step is not None else None, integer)
 
 
+def parse_start(raw: Any, params: tuple[Param, ...], trials: int, name: str) -> tuple:
+    """``[tune] start``: a list of tables of searched settings, each value one the space allows,
+    held as the cells will hold it (a float rounded as a drawn one is)."""
+    if raw is None:
+        return ()
+    where = f"{name}.start"
+    if not isinstance(raw, list) or not raw or not all(isinstance(p, dict) and p for p in raw):
+        raise ValidationError(where, raw, 'a non-empty list of tables of searched settings, e.g. [{ "train.lr" = 1e-2 }]')
+    if len(raw) > trials:
+        raise ValidationError(where, raw, f"at most {name}.trials = {trials} points (each start point is a trial)")
+    by_key = {p.key: p for p in params}
+    out: list[tuple[tuple[str, Any], ...]] = []
+    for i, point in enumerate(raw):
+        values = []
+        for key, value in sorted(point.items()):
+            param, field = by_key.get(key), f"{where}[{i}].{key}"
+            if param is None:
+                raise ValidationError(field, value, "a setting of [tune.space]: " + ", ".join(by_key))
+            if param.choices:
+                if not any(value == c and type(value) is type(c) for c in param.choices):
+                    raise ValidationError(field, value, f"one of {list(param.choices)}")
+            elif (not _number(value) or not param.low <= value <= param.high
+                  or (param.integer and not isinstance(value, int))):
+                raise ValidationError(field, value, f"{'a whole number' if param.integer else 'a number'} in "
+                                      f"[{param.low:g}, {param.high:g}], the searched range")
+            elif param.step and not math.isclose((value - param.low) / param.step,
+                                                 round((value - param.low) / param.step)):
+                raise ValidationError(field, value, f"low + a whole number of steps of {param.step:g}")
+            if not param.choices:
+                value = int(value) if param.integer else rounded(float(value))
+            values.append((key, value))
+        if tuple(values) in out:
+            raise ValidationError(f"{where}[{i}]", point, "a point not given before it")
+        out.append(tuple(values))
+    return tuple(out)
+
+
 def parse_tune(raw: Any, name: str = "tune") -> TuneConfig | None:
     """The ``[tune]`` table of an experiment file (``None`` where it has none)."""
     if raw is None:
@@ -220,4 +273,5 @@ def parse_tune(raw: Any, name: str = "tune") -> TuneConfig | None:
                      min_steps=_whole(f"{name}.min_steps", raw.get("min_steps", 0), 0),
                      reduction=_whole(f"{name}.reduction", raw.get("reduction", 3), 2),
                      startup_trials=_whole(f"{name}.startup_trials", raw.get("startup_trials", 0), 0))
-    return cfg
+    start = parse_start(raw.get("start"), params, cfg.trials, name)
+    return replace(cfg, start=start) if start else cfg

@@ -297,9 +297,13 @@ def open_studies(tune: TuneConfig, gs: list[Group], folder: Path, place: dict[st
     for g in gs:
         sampler = sampler_for(tune, 0)
         pruner = make_pruner(tune.rungs(g.settings["train"]["steps"] or 0), tune.reduction)
-        studies[g.key] = optuna.create_study(study_name=study_name(tune, g, place), storage=storage,
-                                             sampler=sampler, pruner=pruner, load_if_exists=True,
-                                             direction="minimize" if tune.minimise else "maximize")
+        study = optuna.create_study(study_name=study_name(tune, g, place), storage=storage, sampler=sampler,
+                                    pruner=pruner, load_if_exists=True,
+                                    direction="minimize" if tune.minimise else "maximize")
+        if not study.get_trials(deepcopy=False):  # a new study: its start points first (queued once, in the journal)
+            for point in tune.start_for(g.params):
+                study.enqueue_trial(point)
+        studies[g.key] = study
     return studies
 
 

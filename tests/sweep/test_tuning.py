@@ -294,3 +294,58 @@ def test_trials_of_a_one_file_source_are_judged_on_tune_holdout(tmp_path):
     assert trial["data"]["eval_source"] is None and trial["eval"] == {**trial["eval"], "loss": True, "generate": False,
                                                                       "metrics": [], "forgetting": "none"}
     assert all(c.settings["data"].get("eval_split") in (None, HOLDOUT) for c in cells)  # the grid: holdout
+
+
+def test_start_points_are_each_methods_first_trials(tmp_path):
+    """``[tune] start``: every method's study tries the given points first (a rate known to work,
+    so a short search cannot miss it), then draws; the points are trials, counted in ``trials``;
+    a setting a point leaves out is drawn. Killed mid-way, the resumed tuning runs the same trials."""
+    text = EXPERIMENT.replace('pruner = "none"', 'pruner = "none"\nstart = [{ "train.lr" = 1e-2 }, { "train.lr" = 2e-4 }]')
+    text = text.replace('adapter = [{ name = "lora", r = 2 }]\n"train.seed" = [0, 1]',
+                        'adapter = [{ name = "lora", r = 2 }, { name = "ia3" }]')
+    exp = load_experiment(write(tmp_path, text))
+    assert exp.tune.to_dict()["start"] == [{"train.lr": 0.01}, {"train.lr": 0.0002}]
+    sweep(exp, tmp_path / "out", host=HOST, executor=WorkerInProcess(), progress=False, log=lambda s: None)
+    groups = json.loads((tmp_path / "out" / FOLDER / "summary.json").read_text())["groups"]
+    records = trial_records(tmp_path / "out")
+    for g in groups:
+        lrs = [json.loads(records[i]["tune.params"])["train.lr"] for i in g["trials"]]
+        assert lrs[:2] == [0.01, 0.0002] and len(lrs) == 3 and lrs[2] not in lrs[:2], (g["group"], lrs)
+    from peftlab.report.sweep_report import render
+
+    assert "each method's first trials at lr=0.01 then lr=0.0002 (`start`)" in render(tmp_path / "out").read_text()
+
+    one = load_experiment(write(tmp_path, text.replace(', { name = "ia3" }', "")))  # lora's trials alone
+    killed = WorkerInProcess(stop_at=1)  # dies as the second start point begins: it is asked again, after none
+    with pytest.raises(KeyboardInterrupt):
+        sweep(one, tmp_path / "again", host=HOST, executor=killed, progress=False, log=lambda s: None)
+    sweep(one, tmp_path / "again", host=HOST, executor=WorkerInProcess(), progress=False, log=lambda s: None)
+    lora = next(g for g in groups if g["group"].startswith("lora"))
+    assert set(trial_records(tmp_path / "again")) == set(lora["trials"])
+
+
+def test_a_search_without_start_points_keeps_its_study():
+    """The studies of experiments written before ``start`` existed go on: the search's description
+    (what a study's name hashes) has no ``start`` key unless points are given."""
+    raw = {"space": {"train.lr": {"low": 1e-4, "high": 1e-1, "log": True}}, "trials": 6}
+    assert "start" not in parse_tune(raw).to_dict()
+    assert parse_tune({**raw, "start": [{"train.lr": 0.0105}]}).to_dict()["start"] == [{"train.lr": 0.0105}]
+
+
+def test_bad_start_points_are_refused_naming_the_point():
+    space = {"train.lr": {"low": 1e-4, "high": 1e-1, "log": True}, "lora.alpha": {"choices": [8, 16]}}
+    cases = [
+        ([{"train.lr": 0.5}], "tune.start[0].train.lr"),  # outside the searched range
+        ([{"train.lr": 1e-2}, {"train.lr": "1e-3"}], "tune.start[1].train.lr"),
+        ([{"train.wd": 0.1}], "tune.start[0].train.wd"),  # not a searched setting
+        ([{"lora.alpha": 12}], "tune.start[0].lora.alpha"),  # not one of the choices
+        ([{"lora.alpha": True}], "tune.start[0].lora.alpha"),
+        ([{"train.lr": 1e-2}, {"train.lr": 0.01}], "tune.start[1]"),  # the same point twice
+        ([{"train.lr": 1e-2}, {"train.lr": 1e-3}, {"train.lr": 1e-4}], "tune.start"),  # more points than trials
+        ({"train.lr": 1e-2}, "tune.start"),
+        ([{}], "tune.start"),
+    ]
+    for start, field in cases:
+        with pytest.raises(ValidationError) as err:
+            parse_tune({"space": space, "trials": 2, "start": start})
+        assert err.value.field == field, (start, err.value)
