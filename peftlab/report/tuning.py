@@ -13,6 +13,7 @@ from typing import Any
 
 from peftlab.readback import read_json
 from peftlab.sweep import tuner
+from peftlab.sweep.experiment import describe
 from peftlab.sweep.store import ResultsStore
 from peftlab.sweep.tuner import COMPLETE, DIVERGED, FAILED, FOLDER, PRUNED, SUMMARY, outcome
 
@@ -69,7 +70,7 @@ def section(folder: Path, out: Callable[[str], Path], drawing: bool,
         + ("successive halving over training steps, keeping the best 1/" + str(tune["reduction"]) + " at each rung"
            if tune["pruner"] == "successive-halving" or (tune["pruner"] == "auto" and metric == "loss") else "no pruning")
         + f"), {tune['trials']} trials per method"
-        + ("; each method's first trials at " + " then ".join(tuner.describe(p) for p in tune["start"]) + " (`start`)"
+        + ("; each method's first trials at " + " then ".join(describe(p) for p in tune["start"]) + " (`start`)"
            if tune.get("start") else "")
         + f", judged by {judge} on split {', '.join(splits) or '?'} "
         f"({tune['eval_limit']} inputs, never the grid's test inputs). The grid's cells "
