@@ -7,7 +7,8 @@ with the inverse scale ``s = (2**bits - 1) / (max - min)`` (1 where max - min <=
 error, which tolerates the few large outliers a min/max scale is set by: at each step the codes
 are taken, the error ``W - dequantize`` is shrunk by the generalised soft-threshold for
 ``lp_norm`` at ``beta``, and z becomes the mean of ``codes - (W - shrunk error) * s`` over the
-group; the steps stop when the mean absolute error stops falling (and after ``iters``). This is
+group; the steps stop when the mean absolute error of the whole weight stops falling (and after
+``iters``), so a group's zero can depend on the other groups through that step count. This is
 the ``hqq`` package's default solver on CPU, in float32, whose codes and dequantized weights the
 tests compare with this plugin's bit for bit (the paper also anneals beta by kappa each step; the
 package's default solver does not, and neither does this).
