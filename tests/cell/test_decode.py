@@ -4,6 +4,7 @@ under the same attention, rows leaving the batch at their end without changing a
 
 import pytest
 import torch
+from bf16_models import bf16_lora
 
 from peftlab import load_host
 from peftlab.adapt.attach import attach
@@ -14,7 +15,7 @@ from peftlab.data.splits import load_splits
 from peftlab.evaluate.decode import decoding_cache, greedy, rows_round_alike
 from peftlab.evaluate.generate import left_padded, padded_width
 from peftlab.kernels.attention import NAME, attention
-from peftlab.kernels.precision import autocast, frozen_to_compute
+from peftlab.kernels.precision import autocast
 
 HOST = load_host()
 CPU = torch.device("cpu")
@@ -48,24 +49,6 @@ def test_the_same_tokens_as_generate(name, attn, seed):
         got = greedy(model, ids, mask, 20, eos)
     assert got == [until_eos(w, eos) for w in want]
     assert len(got[0]) == probe[0, width:].tolist().index(eos) + 1 <= 3
-
-
-def bf16_lora(name, seed):
-    """``name`` with weights of std 1/sqrt(fan-in) (the default init's outputs barely depend on the
-    prompt: every row repeats one token), a LoRA with B away from zero, frozen weights in bf16."""
-    torch.manual_seed(seed)
-    loaded = load(ModelConfig(name), seed=seed % 1000)
-    with torch.no_grad():
-        for p in loaded.model.parameters():
-            if p.dim() == 2:
-                p.normal_(0, p.shape[1] ** -0.5)
-    attach(loaded.model, HOST.adapters.build("lora", r=4))
-    with torch.no_grad():
-        for n, p in loaded.model.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.05)
-    frozen_to_compute(loaded.model, "bf16")
-    return loaded.model.eval(), loaded.tokenizer
 
 
 def spread_end_token(outputs: list[list[int]]) -> int:

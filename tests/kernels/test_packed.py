@@ -4,7 +4,7 @@ the block, and a weight shape whose packed product differs keeps the plain forwa
 
 import pytest
 import torch
-from test_decode import bf16_lora
+from bf16_models import bf16_lora
 
 import peftlab.kernels.packed as packed
 from peftlab.cell.models import ModelConfig, load
