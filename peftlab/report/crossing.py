@@ -8,7 +8,8 @@ among those, the one with the shortest description: plain LoRA before LoRA with 
 and every other is compared with it on the same base, and the reference on each quantized base
 with itself on the float base: a difference of means with its 95% Welch interval
 (:func:`peftlab.intervals.difference`). A paragraph computed from those says what each base cost
-and which adapter changed it beyond its interval. It answers the question of
+and which adapter changed it beyond its interval, and ``crossing.png`` draws both: the metric on
+each base per adapter, and the metric against the start error each cell began from. It answers the question of
 ``experiments/quantized_starts.toml`` (does a quantization-aware start recover what quantizing
 took?) for any adapters and quantizers a sweep crosses.
 """
@@ -19,11 +20,13 @@ import json
 import math
 import statistics
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pandas as pd
 
-from peftlab.intervals import difference, mean_pm
+from peftlab.intervals import difference, half_width, mean_pm
 from peftlab.sweep.experiment import describe
 
 FLOAT = "none"  # the quantizer column of a cell on the float base
@@ -117,8 +120,9 @@ def _delta(d: float, hw: float) -> str:
     return f"**{text}**" if beyond else text
 
 
-def section(df: pd.DataFrame, metric: str) -> str:
-    """The crossing's markdown section ("" where the sweep crosses nothing)."""
+def section(df: pd.DataFrame, metric: str, out: Callable[[str], Path] | None = None) -> str:
+    """The crossing's markdown section ("" where the sweep crosses nothing); with ``out`` (a file
+    name to a path in the results folder) it also draws ``crossing.png`` and shows it."""
     m = matrix(df, metric)
     crossing = crossed_adapters(m)
     if len(crossing) < 2:
@@ -157,7 +161,67 @@ def section(df: pd.DataFrame, metric: str) -> str:
         lines.append("| " + " | ".join(row) + " |")
     lines.append("")
     lines.append(verdict(m, ref, bases, name))
+    if out is not None:
+        for file, caption in plot(m, ref, adapters, bases, name, out):
+            lines.append(f"![{caption}]({file})\n\n{caption}\n")
     return "\n".join(lines) + "\n"
+
+
+def plot(m: dict[str, dict[str, Cell]], ref: str, adapters: list[str], bases: list[str], name: str,
+         out: Callable[[str], Path]) -> list[tuple[str, str]]:
+    """``crossing.png``: left, the metric on each base (in the table's order) per adapter, mean ± 95%
+    interval, the reference's float-base mean dashed; right, where start errors were recorded, each
+    (base, adapter) mean against its mean start error, a base's adapters joined by a line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    errors = any(c.errors for cells in m.values() for c in cells.values())
+    fig, axes = plt.subplots(1, 2 if errors else 1, figsize=(12 if errors else 6.5, 4.2), squeeze=False)
+    left = axes[0][0]
+    titles = {a: a if a == ref else short(a, ref) for a in adapters}
+    width = 0.8 / len(adapters)
+    for i, a in enumerate(adapters):
+        xs, ys, hws = [], [], []
+        for j, base in enumerate(bases):
+            c = m[base].get(a)
+            if c is None:
+                continue
+            hw = half_width(c.values)
+            xs.append(j + (i - (len(adapters) - 1) / 2) * width)
+            ys.append(statistics.mean(c.values))
+            hws.append(0.0 if math.isnan(hw) else hw)
+        left.errorbar(xs, ys, yerr=hws, fmt="o", capsize=3, color=f"C{i}", label=titles[a])
+    if FLOAT in m and ref in m[FLOAT]:
+        left.axhline(statistics.mean(m[FLOAT][ref].values), color="grey", ls="--", lw=1,
+                     label="reference on the float base")
+    left.set_xticks(range(len(bases)), ["float" if b == FLOAT else b for b in bases], rotation=20, fontsize=8)
+    left.set(ylabel=name, title=f"{name} on each base (mean ± 95% interval)")
+    left.grid(True, axis="y", alpha=0.3)
+    left.legend(fontsize=7)
+    if errors:
+        right = axes[0][1]
+        for i, a in enumerate(adapters):
+            pts = [(statistics.mean(c.errors), statistics.mean(c.values), half_width(c.values))
+                   for base in bases if (c := m[base].get(a)) is not None and c.errors]
+            for k, (x, y, hw) in enumerate(pts):
+                right.errorbar(x, y, yerr=0.0 if math.isnan(hw) else hw, fmt="o", capsize=3, color=f"C{i}",
+                               label=titles[a] if k == 0 else None)
+        for base in bases:
+            line = sorted((statistics.mean(c.errors), statistics.mean(c.values)) for c in m[base].values() if c.errors)
+            if line:
+                right.plot(*zip(*line), "-", color="grey", alpha=0.4)
+                right.annotate(base, line[-1], fontsize=7, xytext=(4, 4), textcoords="offset points")
+        right.set(xlabel="start error ||W - base - start|| / ||W|| before training", ylabel=name,
+                  title=f"{name} against the start error")
+        right.grid(True, alpha=0.3)
+        right.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out("crossing.png"), dpi=120)
+    plt.close(fig)
+    return [("crossing.png", f"{name} of each adapter on each base"
+             + (", and against the start error each began from (a base's adapters joined)." if errors else "."))]
 
 
 def verdict(m: dict[str, dict[str, Cell]], ref: str, bases: list[str], name: str) -> str:

@@ -286,7 +286,7 @@ def _render(store: ResultsStore, manifest: dict[str, Any]) -> Path:
         parts.append(budget_section(manifest["budget"], summary, df))
     metrics = _metric_columns(summary)
     quality = "metric.bleu-e2e" if "metric.bleu-e2e" in metrics else (metrics[0] if metrics else None)
-    crossed = crossing.section(df, quality) if quality else ""
+    crossed = crossing.section(df, quality, store.artifact if drawing else None) if quality else ""
     if crossed:
         parts.append(crossed)
     front, _ = pareto.section(summary, quality, store.artifact, drawing)

@@ -117,3 +117,21 @@ def test_welch_interval_covers_the_true_difference(seed):
         d, hw = difference(a, b)
         hits += abs(d - 1.0) <= hw
     assert hits / 4000 >= 0.935, hits / 4000
+
+
+def test_the_plot_is_drawn_where_asked_and_shown_in_the_section(tmp_path):
+    pytest.importorskip("matplotlib")
+    df = sweep()
+    text = section(df, "metric.bleu-e2e", lambda name: tmp_path / name)
+    assert (tmp_path / "crossing.png").stat().st_size > 1000
+    assert "![bleu-e2e of each adapter on each base, and against the start error" in text
+    assert "(crossing.png)" in text
+    # without a folder nothing is drawn, and the tables and verdict are the same
+    (tmp_path / "crossing.png").unlink()
+    plain = section(df, "metric.bleu-e2e")
+    assert "crossing.png" not in plain and not (tmp_path / "crossing.png").exists()
+    assert text.startswith(plain.rstrip("\n"))
+    # no start error recorded: one panel, and the caption does not speak of one
+    bare = to_frame([{k: v for k, v in r.items() if k != "start.error"} for r in df.to_dict("records")])
+    shown = section(bare, "metric.bleu-e2e", lambda name: tmp_path / name)
+    assert "(crossing.png)" in shown and "start error" not in shown.split("![")[1]
