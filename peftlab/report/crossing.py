@@ -178,7 +178,7 @@ def plot(m: dict[str, dict[str, Cell]], ref: str, adapters: list[str], bases: li
     import matplotlib.pyplot as plt
 
     errors = any(c.errors for cells in m.values() for c in cells.values())
-    fig, axes = plt.subplots(1, 2 if errors else 1, figsize=(12 if errors else 6.5, 4.2), squeeze=False)
+    fig, axes = plt.subplots(1, 2 if errors else 1, figsize=(12 if errors else 6.5, 5.2), squeeze=False)
     left = axes[0][0]
     titles = {a: a if a == ref else short(a, ref) for a in adapters}
     width = 0.8 / len(adapters)
@@ -199,7 +199,7 @@ def plot(m: dict[str, dict[str, Cell]], ref: str, adapters: list[str], bases: li
     left.set_xticks(range(len(bases)), ["float" if b == FLOAT else b for b in bases], rotation=20, fontsize=8)
     left.set(ylabel=name, title=f"{name} on each base (mean ± 95% interval)")
     left.grid(True, axis="y", alpha=0.3)
-    left.legend(fontsize=7)
+    left.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2)  # below: no point hidden
     if errors:
         right = axes[0][1]
         for i, a in enumerate(adapters):
@@ -216,7 +216,7 @@ def plot(m: dict[str, dict[str, Cell]], ref: str, adapters: list[str], bases: li
         right.set(xlabel="start error ||W - base - start|| / ||W|| before training", ylabel=name,
                   title=f"{name} against the start error")
         right.grid(True, alpha=0.3)
-        right.legend(fontsize=7)
+        right.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2)
     fig.tight_layout()
     fig.savefig(out("crossing.png"), dpi=120)
     plt.close(fig)
