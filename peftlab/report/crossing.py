@@ -112,6 +112,12 @@ def _base_error(cells: dict[str, Cell], ref: str) -> float:
     return statistics.mean(errors) if errors else -1.0
 
 
+def base_order(m: dict[str, dict[str, Cell]], ref: str) -> list[str]:
+    """The bases as the section lists them: the float base first, then by the reference's mean
+    start error (how far the base alone leaves the float weights)."""
+    return sorted(m, key=lambda b: (b != FLOAT, _base_error(m[b], ref), b))
+
+
 def _delta(d: float, hw: float) -> str:
     if math.isnan(hw):
         return f"{d:+.1f}"
@@ -131,7 +137,7 @@ def section(df: pd.DataFrame, metric: str, out: Callable[[str], Path] | None = N
          if sum(a in crossing for a in cells)}
     ref = reference(m)
     adapters = [ref, *sorted({a for cells in m.values() for a in cells} - {ref})]
-    bases = sorted(m, key=lambda b: (b != FLOAT, _base_error(m[b], ref), b))
+    bases = base_order(m, ref)
     name = metric.removeprefix("metric.")
     errors = any(c.errors for cells in m.values() for c in cells.values())
     head = ["base", *(short(a, ref) if a != ref else a for a in adapters),
@@ -162,22 +168,21 @@ def section(df: pd.DataFrame, metric: str, out: Callable[[str], Path] | None = N
     lines.append("")
     lines.append(verdict(m, ref, bases, name))
     if out is not None:
-        for file, caption in plot(m, ref, adapters, bases, name, out):
+        for file, caption in plot(m, ref, adapters, bases, name, errors, out):
             lines.append(f"![{caption}]({file})\n\n{caption}\n")
     return "\n".join(lines) + "\n"
 
 
 def plot(m: dict[str, dict[str, Cell]], ref: str, adapters: list[str], bases: list[str], name: str,
-         out: Callable[[str], Path]) -> list[tuple[str, str]]:
+         errors: bool, out: Callable[[str], Path]) -> list[tuple[str, str]]:
     """``crossing.png``: left, the metric on each base (in the table's order) per adapter, mean ± 95%
-    interval, the reference's float-base mean dashed; right, where start errors were recorded, each
+    interval, the reference's float-base mean dashed; right, where start errors were recorded (``errors``), each
     (base, adapter) mean against its mean start error, a base's adapters joined by a line."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    errors = any(c.errors for cells in m.values() for c in cells.values())
     fig, axes = plt.subplots(1, 2 if errors else 1, figsize=(12 if errors else 6.5, 5.2), squeeze=False)
     left = axes[0][0]
     titles = {a: a if a == ref else short(a, ref) for a in adapters}
