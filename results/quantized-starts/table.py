@@ -13,8 +13,9 @@ freedom; the report's Welch interval ignores the pairing and is wider wherever s
 method together. Cells are grouped and bases ordered as the report's section does (its ``matrix`` and
 ``base_order``).
 
-``--machines COMMIT`` prints instead, for each cell whose record at git commit COMMIT ran on another
-machine, its figures there and here: the same cell (same code, same id, same seed) on two CPUs."""
+``--machines COMMIT`` prints instead, for each cell whose record at git commit COMMIT was made
+elsewhere (:func:`peftlab.sweep.resume.same_place`, the test a resumed sweep applies), its figures
+there and here: the same cell (same code, same id, same seed) on two CPUs."""
 import json
 import math
 import statistics
@@ -25,6 +26,7 @@ from pathlib import Path
 from peftlab.intervals import difference, mean_pm
 from peftlab.report.crossing import FLOAT, base_order, matrix, reference, section, short
 from peftlab.report.tables import to_frame
+from peftlab.sweep.resume import SAME_PLACE, same_place
 
 HERE = Path(__file__).parent
 
@@ -81,15 +83,15 @@ def machines(commit: str) -> None:
     print(f"The same cells at {commit} and here: first loss, final loss, BLEU, ROUGE-L, start error\n")
     print("| cell | devices | first loss | final loss | bleu-e2e | rougeL-e2e | start error |")
     print("|---|---|---|---|---|---|---|")
-    for path in sorted((HERE / "cells").glob("*.json"), key=lambda q: json.loads(q.read_text())["label"]):
-        now = json.loads(path.read_text())
-        shown = subprocess.run(["git", "-C", str(HERE), "show", f"{commit}:./cells/{path.name}"],
+    records = (json.loads(path.read_text()) for path in (HERE / "cells").glob("*.json"))
+    for now in sorted(records, key=lambda r: r["label"]):
+        shown = subprocess.run(["git", "-C", str(HERE), "show", f"{commit}:./cells/{now['cell_id']}.json"],
                                capture_output=True, text=True)
         if shown.returncode != 0:
             continue  # not there at that commit
         then = json.loads(shown.stdout)
-        if (then["machine.id"], then["device"]) == (now["machine.id"], now["device"]):
-            continue  # the same place (hosts may share a name: the device tells them apart)
+        if same_place(then, {k: now.get(k) for k in SAME_PLACE}):
+            continue  # made where this one was: resume's own test (host, device, versions)
         pairs = [f"{then[k]:.{d}f} / {now[k]:.{d}f}" for k, d in
                  (("loss.first", 4), ("loss.final", 4), ("metric.bleu-e2e", 2), ("metric.rougeL-e2e", 2),
                   ("start.error", 5))]
